@@ -1,0 +1,201 @@
+"""The one typed configuration schema: dataclasses filled from YAML plus dotted overrides.
+
+    cfg = load_config("configs/quickstart.yaml", ["train.lr=3e-5", "data.dev.de=path/dev.tsv"])
+
+Unknown keys are rejected with the valid ones listed; values are checked against the field types.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration mistake; the message names the key (and file)."""
+
+
+@dataclass
+class RunConfig:
+    output_dir: str = "runs/default"
+    seed: int = 42
+    resume: str = "auto"  # "auto": newest complete checkpoint if any; "none"; or a step-N path
+    overwrite: bool = False  # allow writing into a folder that holds another run's config
+    # Checkpoint and exit after this many steps in one job (time-sliced scheduler allocations);
+    # the next job continues with resume=auto.
+    max_steps_per_job: int | None = None
+
+
+@dataclass
+class ModelConfig:
+    # A local folder, a hub name (users with internet), or a built-in alias:
+    # "multilingual-e5-small" (converted offline from PyPI packages) or "tiny-random" (tests).
+    encoder: str = "xlm-roberta-base"
+    variant: Literal["mlt", "cla", "span"] = "mlt"  # which heads are trained (SPEC "Variants")
+    dropout: float = 0.1
+    freeze_word_embeddings: bool = False
+
+
+@dataclass
+class DataConfig:
+    train: dict[str, str] = field(default_factory=dict)  # labeled source: language -> path
+    dev: dict[str, str] = field(default_factory=dict)
+    test: dict[str, str] = field(default_factory=dict)
+    source_language: str = "en"
+    max_length: int = 128  # subwords per window, special tokens included
+    train_fraction: float = 1.0  # stage 1 sees this fraction of the labeled source (SPEC Fig. 3)
+    max_train_sentences: int | None = None
+    max_eval_sentences: int | None = None  # per language, for quick runs
+
+
+@dataclass
+class TrainConfig:
+    global_batch_size: int = 128  # sentences per optimizer step, whatever the world size
+    micro_batch_size: int = 32  # sentences per rank per forward pass
+    lr: float = 2e-5
+    weight_decay: float = 0.01
+    warmup_steps: int = 300
+    epochs: int = 8
+    max_steps: int | None = None  # overrides epochs when set
+    eval_every: int = 250
+    save_every: int | None = None  # default: eval_every
+    log_every: int = 10
+    keep_last: int = 2  # complete step-N checkpoints kept (the best one is always kept too)
+    bucket_multiplier: int = 50  # length buckets are formed within pools of this many micro batches
+
+
+@dataclass
+class EvalConfig:
+    select_on: Literal["average", "source"] = "average"
+    head: Literal["span", "seq"] = "span"
+    batch_size: int = 64
+
+
+@dataclass
+class DeepSpeedConfig:
+    config: str = "ds_configs/zero2.json"
+
+
+@dataclass
+class LoggingConfig:
+    tensorboard: bool = True
+    progress_bar: bool = True
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+def _check_value(value: Any, annotation: Any, key: str) -> Any:
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(annotation)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _check_value(value, option, key)
+            except ConfigError as error:
+                errors.append(str(error))
+        raise ConfigError(errors[0])
+    if origin is Literal:
+        allowed = typing.get_args(annotation)
+        if value not in allowed:
+            raise ConfigError(f"{key}: {value!r} is not one of {list(allowed)}")
+        return value
+    if origin is dict:
+        key_type, value_type = typing.get_args(annotation)
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__} {value!r}")
+        return {_check_value(k, key_type, f"{key}.{k}"): _check_value(v, value_type, f"{key}.{k}")
+                for k, v in value.items()}
+    if origin is list:
+        (item_type,) = typing.get_args(annotation)
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
+        return [_check_value(item, item_type, f"{key}[{i}]") for i, item in enumerate(value)]
+    if annotation is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if annotation is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)  # a language code or path that YAML read as a number
+    if annotation in (int, float, str, bool) and not isinstance(value, annotation) or (
+            annotation is int and isinstance(value, bool)):
+        raise ConfigError(f"{key}: expected {annotation.__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _build(cls: type, values: dict, prefix: str) -> Any:
+    if not isinstance(values, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {values!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = [key for key in values if key not in names]
+    if unknown:
+        where = f"{prefix}." if prefix else ""
+        raise ConfigError(f"unknown config key '{where}{unknown[0]}'; valid keys under "
+                          f"'{prefix or '<top>'}': {', '.join(names)}")
+    kwargs = {}
+    for name, value in values.items():
+        key = f"{prefix}.{name}" if prefix else name
+        if dataclasses.is_dataclass(hints[name]):
+            kwargs[name] = _build(hints[name], value or {}, key)
+        else:
+            kwargs[name] = _check_value(value, hints[name], key)
+    return cls(**kwargs)
+
+
+def _apply_override(tree: dict, override: str) -> None:
+    if "=" not in override:
+        raise ConfigError(f"override {override!r} must look like section.key=value")
+    dotted, raw = override.split("=", 1)
+    parts = dotted.strip().split(".")
+    node = tree
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {override!r}: '{part}' is not a section")
+    node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    tree: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            tree = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as error:
+            raise ConfigError(f"{path}: not valid YAML: {error}") from error
+    for override in overrides:
+        _apply_override(tree, override)
+    try:
+        return _build(Config, tree, "")
+    except ConfigError as error:
+        raise ConfigError(f"{path}: {error}" if path else str(error)) from None
+
+
+def config_to_dict(config: Any) -> dict:
+    return dataclasses.asdict(config)
+
+
+def save_config(config: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False), encoding="utf-8")

@@ -1,0 +1,136 @@
+"""Sentences -> model inputs: subword tokenization, first-subword alignment, windows, collation.
+
+Every encoded row is one window of one sentence. `word_index[p]` is the sentence-level index of the
+word whose *first* subword sits at position p, or -1 (special tokens, continuation subwords); all
+word-level labels and predictions go through it, so stage 2 can place pseudo labels the same way.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import datasets
+import numpy as np
+import torch
+
+from dualner.data.conll import Sentence
+from dualner.labels import LabelSet, extract_span
+
+IGNORE_INDEX = -100
+
+
+def sentences_to_dataset(sentences: Sequence[Sentence]) -> datasets.Dataset:
+    return datasets.Dataset.from_dict({
+        "sentence_id": list(range(len(sentences))),
+        "language": [s.language for s in sentences],
+        "words": [s.words for s in sentences],
+        "tags": [s.tags or [] for s in sentences],
+    })
+
+
+def split_into_windows(pieces_per_word: Sequence[Sequence[int]], budget: int) -> list[tuple[int, int]]:
+    """Greedy word-aligned windows of at most `budget` subwords: [(first_word, end_word), ...].
+
+    Windows never split a word; a single word longer than the budget gets a window of its own and is
+    truncated (its first subword, which carries its label, is kept)."""
+    windows, first, used = [], 0, 0
+    for index, pieces in enumerate(pieces_per_word):
+        size = min(len(pieces), budget)
+        if used + size > budget and index > first:
+            windows.append((first, index))
+            first, used = index, 0
+        used += size
+    if pieces_per_word:
+        windows.append((first, len(pieces_per_word)))
+    return windows
+
+
+class SentenceEncoder:
+    """Tokenizes sentences into windows; labels (when present) become word-level id lists."""
+
+    def __init__(self, tokenizer, label_set: LabelSet, max_length: int):
+        if max_length < 3:
+            raise ValueError(f"data.max_length must leave room for a word between two special "
+                             f"tokens, got {max_length}")
+        self.tokenizer = tokenizer
+        self.label_set = label_set
+        self.max_length = max_length
+        self.cls_id = tokenizer.cls_token_id if tokenizer.cls_token_id is not None else tokenizer.bos_token_id
+        self.sep_id = tokenizer.sep_token_id if tokenizer.sep_token_id is not None else tokenizer.eos_token_id
+        self.unk_id = tokenizer.unk_token_id
+
+    def encode_batch(self, batch: dict) -> dict:
+        encoded = self.tokenizer(batch["words"], is_split_into_words=True, add_special_tokens=False,
+                                 verbose=False)  # long sentences are windowed below
+        rows: dict[str, list] = {"input_ids": [], "word_index": [], "sentence_id": [], "window": [],
+                                 "language": [], "num_words": [], "tag_ids": [], "start_ids": [],
+                                 "end_ids": []}
+        for row, words in enumerate(batch["words"]):
+            pieces_per_word: list[list[int]] = [[] for _ in words]
+            for token_id, word in zip(encoded["input_ids"][row], encoded.word_ids(row)):
+                if word is not None:
+                    pieces_per_word[word].append(token_id)
+            # Words the tokenizer maps to nothing (e.g. zero-width characters) still get a position,
+            # so no word is silently dropped from training or prediction.
+            for pieces in pieces_per_word:
+                if not pieces:
+                    pieces.append(self.unk_id)
+            tags = batch["tags"][row]
+            if tags:
+                tag_ids = [self.label_set.tag_id(tag) for tag in tags]
+                start_ids, end_ids = extract_span(tags, self.label_set)
+            else:
+                tag_ids, start_ids, end_ids = [], [], []
+            budget = self.max_length - 2
+            for window, (first, end) in enumerate(split_into_windows(pieces_per_word, budget)):
+                input_ids, word_index = [self.cls_id], [-1]
+                for word in range(first, end):
+                    pieces = pieces_per_word[word][:budget]
+                    input_ids += pieces
+                    word_index += [word] + [-1] * (len(pieces) - 1)
+                input_ids.append(self.sep_id)
+                word_index.append(-1)
+                rows["input_ids"].append(input_ids)
+                rows["word_index"].append(word_index)
+                rows["sentence_id"].append(batch["sentence_id"][row])
+                rows["window"].append(window)
+                rows["language"].append(batch["language"][row])
+                rows["num_words"].append(len(words))
+                rows["tag_ids"].append(tag_ids)
+                rows["start_ids"].append(start_ids)
+                rows["end_ids"].append(end_ids)
+        return rows
+
+    def encode(self, sentences: Sequence[Sentence]) -> datasets.Dataset:
+        """Encode in memory (stage 1 and evaluation sets are small; stage 2 streams)."""
+        dataset = sentences_to_dataset(sentences)
+        return dataset.map(self.encode_batch, batched=True, remove_columns=["words", "tags"],
+                           load_from_cache_file=False, keep_in_memory=True)
+
+
+def collate(rows: Sequence[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    """Pad a micro batch to its longest row and place word-level labels on first subwords."""
+    width = max(len(row["input_ids"]) for row in rows)
+    input_ids = np.full((len(rows), width), pad_id, dtype=np.int64)
+    attention_mask = np.zeros((len(rows), width), dtype=np.int64)
+    word_index = np.full((len(rows), width), -1, dtype=np.int64)
+    labeled = all(len(row["tag_ids"]) > 0 for row in rows)
+    labels = {name: np.full((len(rows), width), IGNORE_INDEX, dtype=np.int64)
+              for name in ("seq_labels", "start_labels", "end_labels")} if labeled else {}
+    for i, row in enumerate(rows):
+        length = len(row["input_ids"])
+        input_ids[i, :length] = row["input_ids"]
+        attention_mask[i, :length] = 1
+        positions = np.asarray(row["word_index"], dtype=np.int64)
+        word_index[i, :length] = positions
+        if labeled:
+            first_subwords = np.nonzero(positions >= 0)[0]
+            words = positions[first_subwords]
+            for name, column in (("seq_labels", "tag_ids"), ("start_labels", "start_ids"),
+                                 ("end_labels", "end_ids")):
+                labels[name][i, first_subwords] = np.asarray(row[column], dtype=np.int64)[words]
+    batch = {"input_ids": torch.from_numpy(input_ids),
+             "attention_mask": torch.from_numpy(attention_mask),
+             "word_index": torch.from_numpy(word_index)}
+    batch.update({name: torch.from_numpy(value) for name, value in labels.items()})
+    return batch

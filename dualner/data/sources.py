@@ -1,0 +1,46 @@
+"""Labeled data sets named in the config: reading, the source fraction split, label-set checks."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+from dualner.data.conll import DataFormatError, Sentence, read_conll
+from dualner.labels import LabelSet
+
+
+def read_labeled(paths: dict[str, str], key: str, max_sentences: int | None = None) -> list[Sentence]:
+    """All sentences of `{language: path}`; `key` (e.g. "data.train") names the config entry."""
+    sentences: list[Sentence] = []
+    for language, path in paths.items():
+        try:
+            sentences += read_conll(path, language, labeled=True, max_sentences=max_sentences)
+        except FileNotFoundError as error:
+            raise FileNotFoundError(f"{key}.{language}: {error}") from None
+    return sentences
+
+
+def split_source_fraction(sentences: Sequence[Sentence], fraction: float,
+                          seed: int) -> tuple[list[Sentence], list[Sentence]]:
+    """(labeled part, remainder) for SPEC's source fraction p; the remainder joins stage 2 unlabeled.
+
+    The split depends only on the seed, so stage 1 and stage 2 agree on it."""
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"data.train_fraction must be in (0, 1], got {fraction}")
+    order = np.random.default_rng(seed).permutation(len(sentences))
+    keep = max(1, round(fraction * len(sentences)))
+    kept = sorted(order[:keep].tolist())
+    rest = sorted(order[keep:].tolist())
+    return [sentences[i] for i in kept], [sentences[i] for i in rest]
+
+
+def check_entity_types(sentences: Sequence[Sentence], label_set: LabelSet, key: str) -> None:
+    """Evaluation data must use the model's entity types; name the first offending sentence."""
+    known = set(label_set.entity_types)
+    for sentence in sentences:
+        for tag in sentence.tags or []:
+            if tag != "O" and tag[2:] not in known:
+                raise DataFormatError(
+                    f"{key}: {sentence.source}: entity type {tag[2:]!r} is not one of the model's "
+                    f"types {sorted(known)}")

@@ -1,0 +1,106 @@
+"""Distributed word-level prediction and seqeval F1 per language.
+
+Sentences are sharded by id, so all windows of one sentence are predicted on one rank and the
+gathered predictions hold every sentence exactly once (no padded-sampler duplicates). Every rank runs
+the same number of forward passes, which ZeRO-3's parameter gathering requires.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from seqeval.metrics import f1_score
+
+from dualner.data.conll import Sentence
+from dualner.data.encoding import collate
+from dualner.distributed import all_gather_objects, all_reduce_max, current
+from dualner.labels import LabelSet, decode_spans, sequential
+from dualner.model import HeadOutputs
+
+Forward = Callable[[torch.Tensor, torch.Tensor], HeadOutputs]
+
+
+@dataclass
+class EvalSet:
+    language: str
+    sentences: list[Sentence]
+    rows: list[dict]  # encoded windows (see dualner.data.encoding)
+
+
+def _word_predictions(outputs: HeadOutputs, head: str) -> tuple[np.ndarray, ...]:
+    if head == "span":
+        return (outputs.start_logits.argmax(-1).cpu().numpy(), outputs.end_logits.argmax(-1).cpu().numpy())
+    return (outputs.seq_logits.argmax(-1).cpu().numpy(),)
+
+
+@torch.no_grad()
+def predict_tags(forward: Forward, rows: Sequence[dict], label_set: LabelSet, head: str,
+                 batch_size: int, pad_id: int, device: torch.device) -> dict[int, list[str]]:
+    """sentence id -> predicted BIO tags for every sentence of `rows`, on every rank."""
+    info = current()
+    sentence_ids = np.asarray([row["sentence_id"] for row in rows])
+    mine = np.nonzero(sentence_ids % info.world_size == info.rank)[0]
+    lengths = np.asarray([len(row["input_ids"]) for row in rows])
+    mine = mine[np.argsort(lengths[mine], kind="stable")]  # similar lengths together: less padding
+    batches = [mine[i:i + batch_size].tolist() for i in range(0, len(mine), batch_size)]
+    rounds = all_reduce_max(len(batches))
+    per_sentence: dict[int, list[np.ndarray]] = {}
+    for round_index in range(rounds):
+        # A rank with fewer batches repeats a batch and discards it, keeping forward passes equal.
+        indices = batches[round_index] if round_index < len(batches) else [0]
+        batch_rows = [rows[i] for i in indices]
+        batch = collate(batch_rows, pad_id)
+        outputs = forward(batch["input_ids"].to(device), batch["attention_mask"].to(device))
+        if round_index >= len(batches):
+            continue
+        predictions = _word_predictions(outputs, head)
+        word_index = batch["word_index"].numpy()
+        for row_number, row in enumerate(batch_rows):
+            store = per_sentence.setdefault(
+                row["sentence_id"], [np.zeros(row["num_words"], dtype=np.int64) for _ in predictions])
+            positions = np.nonzero(word_index[row_number] >= 0)[0]
+            words = word_index[row_number, positions]
+            for target, predicted in zip(store, predictions):
+                target[words] = predicted[row_number, positions]
+    tags = {sentence_id: _decode(values, label_set, head) for sentence_id, values in per_sentence.items()}
+    merged: dict[int, list[str]] = {}
+    for part in all_gather_objects(tags):
+        merged.update(part)
+    return merged
+
+
+def _decode(values: list[np.ndarray], label_set: LabelSet, head: str) -> list[str]:
+    if head == "span":
+        starts, ends = values
+        return sequential(decode_spans(starts.tolist(), ends.tolist(), label_set), len(starts))
+    names = label_set.bio_tags
+    return [names[i] for i in values[0].tolist()]
+
+
+def f1_percent(gold: Sequence[Sequence[str]], predicted: Sequence[Sequence[str]]) -> float:
+    return 100.0 * float(f1_score(list(map(list, gold)), list(map(list, predicted))))
+
+
+def evaluate_sets(forward: Forward, eval_sets: Sequence[EvalSet], label_set: LabelSet, head: str,
+                  batch_size: int, pad_id: int, device: torch.device) -> dict:
+    """{"per_language": {lang: F1}, "average": unweighted mean} (F1 in percent)."""
+    per_language = {}
+    for eval_set in eval_sets:
+        predicted = predict_tags(forward, eval_set.rows, label_set, head, batch_size, pad_id, device)
+        if len(predicted) != len(eval_set.sentences):
+            raise RuntimeError(f"{eval_set.language}: gathered {len(predicted)} predictions for "
+                               f"{len(eval_set.sentences)} sentences")
+        gold = [sentence.tags for sentence in eval_set.sentences]
+        per_language[eval_set.language] = f1_percent(gold, [predicted[i] for i in range(len(gold))])
+    average = float(np.mean(list(per_language.values()))) if per_language else 0.0
+    return {"per_language": per_language, "average": average}
+
+
+def format_table(results: dict, title: str = "F1") -> str:
+    lines = [f"| language | {title} |", "|---|---|"]
+    lines += [f"| {language} | {score:.2f} |" for language, score in results["per_language"].items()]
+    lines.append(f"| **average** | **{results['average']:.2f}** |")
+    return "\n".join(lines)

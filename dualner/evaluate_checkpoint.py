@@ -1,0 +1,34 @@
+"""Evaluate a saved model on labeled files, on one or many ranks (the evaluate launcher's body)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from dualner.checkpoint import write_json_atomic
+from dualner.data.encoding import SentenceEncoder
+from dualner.distributed import init_distributed
+from dualner.evaluate import evaluate_sets, format_table
+from dualner.inference import load_trained_model
+from dualner.logging import get_logger
+from dualner.stage1 import load_eval_sets
+
+
+def evaluate_checkpoint(checkpoint: str | Path, data: dict[str, str], output: str | Path | None,
+                        head: str = "span", batch_size: int = 64) -> dict:
+    info = init_distributed()
+    log = get_logger()
+    device = torch.device("cuda", info.local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    loaded = load_trained_model(checkpoint)
+    model = loaded.model.to(device)
+    encoder = SentenceEncoder(loaded.tokenizer, loaded.label_set, loaded.max_length)
+    eval_sets = load_eval_sets(data, "--data", encoder, loaded.label_set, None)
+    results = evaluate_sets(model, eval_sets, loaded.label_set, head, batch_size,
+                            loaded.tokenizer.pad_token_id, device)
+    if info.is_main:
+        log.info("%s (%s head):\n%s", loaded.checkpoint, head, format_table(results, "F1"))
+        if output:
+            Path(output).parent.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(Path(output), results)
+    return results

@@ -1,0 +1,46 @@
+"""One rank-0 logger and one rank-0 TensorBoard writer; other ranks stay quiet."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+from dualner.distributed import is_main_process
+
+_LOGGER_NAME = "dualner"
+
+
+def get_logger() -> logging.Logger:
+    logger = logging.getLogger(_LOGGER_NAME)
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter("%(asctime)s dualner %(levelname)s %(message)s",
+                                               "%H:%M:%S"))
+        logger.addHandler(handler)
+        logger.propagate = False
+    logger.setLevel(logging.INFO if is_main_process() else logging.WARNING)
+    return logger
+
+
+class ScalarWriter:
+    """TensorBoard scalars from rank 0; a no-op elsewhere or when disabled."""
+
+    def __init__(self, log_dir: Path, enabled: bool = True):
+        self._writer = None
+        if enabled and is_main_process():
+            from torch.utils.tensorboard import SummaryWriter
+            self._writer = SummaryWriter(log_dir=str(log_dir))
+
+    def scalars(self, values: dict[str, float], step: int) -> None:
+        if self._writer is not None:
+            for name, value in values.items():
+                self._writer.add_scalar(name, value, step)
+
+    def flush(self) -> None:
+        if self._writer is not None:
+            self._writer.flush()
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()

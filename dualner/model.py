@@ -1,0 +1,64 @@
+"""The dual-head NER model: any Hugging Face encoder + a BIO head + start/end span heads.
+
+Knows nothing of DeepSpeed or of the data pipeline (nanoGPT's rule), so it can be used, exported
+and tested as a plain `torch.nn.Module`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModel, PretrainedConfig
+
+
+@dataclass
+class HeadOutputs:
+    seq_logits: torch.Tensor  # (batch, length, 2|E|+1)
+    start_logits: torch.Tensor  # (batch, length, |E|+1)
+    end_logits: torch.Tensor  # (batch, length, |E|+1)
+    hidden_states: torch.Tensor  # (batch, length, hidden): the encoder's last layer
+
+
+class DualNERModel(nn.Module):
+    def __init__(self, encoder: nn.Module, num_entity_types: int, dropout: float = 0.1):
+        super().__init__()
+        self.encoder = encoder
+        hidden = encoder.config.hidden_size
+        self.dropout = nn.Dropout(dropout)
+        self.seq_head = nn.Linear(hidden, 2 * num_entity_types + 1)
+        self.start_head = nn.Linear(hidden, num_entity_types + 1)
+        self.end_head = nn.Linear(hidden, num_entity_types + 1)
+        for head in (self.seq_head, self.start_head, self.end_head):
+            nn.init.normal_(head.weight, std=0.02)
+            nn.init.zeros_(head.bias)
+
+    @classmethod
+    def from_encoder_config(cls, encoder_config: PretrainedConfig, num_entity_types: int,
+                            dropout: float = 0.1) -> "DualNERModel":
+        """Random weights; used before loading a checkpoint's state dict."""
+        return cls(AutoModel.from_config(encoder_config, add_pooling_layer=False)
+                   if _accepts_pooling_flag(encoder_config) else AutoModel.from_config(encoder_config),
+                   num_entity_types, dropout)
+
+    @classmethod
+    def from_pretrained_encoder(cls, name_or_path: str, num_entity_types: int,
+                                dropout: float = 0.1) -> "DualNERModel":
+        config = AutoConfig.from_pretrained(name_or_path)
+        kwargs = {"add_pooling_layer": False} if _accepts_pooling_flag(config) else {}
+        return cls(AutoModel.from_pretrained(name_or_path, **kwargs), num_entity_types, dropout)
+
+    def freeze_word_embeddings(self) -> None:
+        self.encoder.get_input_embeddings().weight.requires_grad_(False)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> HeadOutputs:
+        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        features = self.dropout(hidden)
+        return HeadOutputs(self.seq_head(features), self.start_head(features),
+                           self.end_head(features), hidden)
+
+
+def _accepts_pooling_flag(config: PretrainedConfig) -> bool:
+    # BERT-family encoders carry an unused pooler; leaving it out avoids parameters with no gradient.
+    return config.model_type in {"bert", "roberta", "xlm-roberta", "camembert"}
