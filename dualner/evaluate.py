@@ -62,7 +62,7 @@ def predict_tags(forward: Forward, rows: Sequence[dict], label_set: LabelSet, he
             store = per_sentence.setdefault(
                 row["sentence_id"], [np.zeros(row["num_words"], dtype=np.int64) for _ in predictions])
             positions = np.nonzero(word_index[row_number] >= 0)[0]
-            words = word_index[row_number, positions]
+            words = word_index[row_number, positions] + row["word_offset"]
             for target, predicted in zip(store, predictions):
                 target[words] = predicted[row_number, positions]
     tags = {sentence_id: _decode(values, label_set, head) for sentence_id, values in per_sentence.items()}

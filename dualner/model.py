@@ -6,15 +6,15 @@ and tested as a plain `torch.nn.Module`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import nn
 from transformers import AutoConfig, AutoModel, PretrainedConfig
 
 
-@dataclass
-class HeadOutputs:
+class HeadOutputs(NamedTuple):
+    # A NamedTuple, not a dataclass: ZeRO-3's hooks find tensors inside tuples only.
     seq_logits: torch.Tensor  # (batch, length, 2|E|+1)
     start_logits: torch.Tensor  # (batch, length, |E|+1)
     end_logits: torch.Tensor  # (batch, length, |E|+1)

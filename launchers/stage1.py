@@ -5,6 +5,11 @@
     python launchers/stage1.py --config configs/tiny.yaml train.max_steps=20
 """
 
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a clone without installing
+
 from dualner.cli import parse_training_args
 from dualner.stage1 import run_stage1
 

@@ -1,8 +1,9 @@
 """Sentences -> model inputs: subword tokenization, first-subword alignment, windows, collation.
 
-Every encoded row is one window of one sentence. `word_index[p]` is the sentence-level index of the
-word whose *first* subword sits at position p, or -1 (special tokens, continuation subwords); all
-word-level labels and predictions go through it, so stage 2 can place pseudo labels the same way.
+Every encoded row is one window of one sentence. `word_index[p]` is the index (within the window) of
+the word whose *first* subword sits at position p, or -1 (special tokens, continuation subwords); the
+window's words are the sentence's words from `word_offset` on. All word-level labels and predictions
+go through it, so stage 2 can place pseudo labels the same way.
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ class SentenceEncoder:
     def encode_batch(self, batch: dict) -> dict:
         encoded = self.tokenizer(batch["words"], is_split_into_words=True, add_special_tokens=False,
                                  verbose=False)  # long sentences are windowed below
-        rows: dict[str, list] = {"input_ids": [], "word_index": [], "sentence_id": [], "window": [],
+        rows: dict[str, list] = {"input_ids": [], "word_index": [], "sentence_id": [], "word_offset": [],
                                  "language": [], "num_words": [], "tag_ids": [], "start_ids": [],
                                  "end_ids": []}
         for row, words in enumerate(batch["words"]):
@@ -82,23 +83,23 @@ class SentenceEncoder:
             else:
                 tag_ids, start_ids, end_ids = [], [], []
             budget = self.max_length - 2
-            for window, (first, end) in enumerate(split_into_windows(pieces_per_word, budget)):
+            for first, end in split_into_windows(pieces_per_word, budget):
                 input_ids, word_index = [self.cls_id], [-1]
                 for word in range(first, end):
                     pieces = pieces_per_word[word][:budget]
                     input_ids += pieces
-                    word_index += [word] + [-1] * (len(pieces) - 1)
+                    word_index += [word - first] + [-1] * (len(pieces) - 1)
                 input_ids.append(self.sep_id)
                 word_index.append(-1)
                 rows["input_ids"].append(input_ids)
                 rows["word_index"].append(word_index)
                 rows["sentence_id"].append(batch["sentence_id"][row])
-                rows["window"].append(window)
+                rows["word_offset"].append(first)
                 rows["language"].append(batch["language"][row])
                 rows["num_words"].append(len(words))
-                rows["tag_ids"].append(tag_ids)
-                rows["start_ids"].append(start_ids)
-                rows["end_ids"].append(end_ids)
+                rows["tag_ids"].append(tag_ids[first:end])
+                rows["start_ids"].append(start_ids[first:end])
+                rows["end_ids"].append(end_ids[first:end])
         return rows
 
     def encode(self, sentences: Sequence[Sentence]) -> datasets.Dataset:

@@ -1,0 +1,48 @@
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLE = REPO / "data" / "panx-sample"
+
+
+@pytest.fixture(scope="session")
+def tiny_encoder() -> str:
+    from dualner.encoders import resolve_encoder
+    return resolve_encoder("tiny-random")
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tiny_encoder):
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(tiny_encoder)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def launch(script: str, args: list[str], nproc: int = 1, timeout: int = 600,
+           cwd: Path = REPO) -> subprocess.CompletedProcess:
+    """Run a real launcher: torchrun with `nproc` ranks (gloo on CPU), or plain python for one."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1",
+           "TORCH_EXTENSIONS_DIR": os.environ.get(
+               "TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "torch_extensions"))}
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    if nproc > 1:
+        command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+                   f"--master_port={free_port()}", str(REPO / script), *args]
+    else:
+        command = [sys.executable, str(REPO / script), *args]
+    result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    if result.returncode != 0:
+        raise AssertionError(f"{' '.join(command)} failed ({result.returncode}):\n"
+                             f"{result.stdout[-4000:]}\n{result.stderr[-6000:]}")
+    return result

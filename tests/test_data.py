@@ -1,0 +1,102 @@
+import pytest
+
+from dualner.data.batching import BatchPlan, bucketed_micro_batches
+from dualner.data.conll import DataFormatError, Sentence, read_conll
+from dualner.data.encoding import IGNORE_INDEX, SentenceEncoder, collate, split_into_windows
+from dualner.labels import LabelSet
+
+LABELS = LabelSet(("LOC", "ORG", "PER"))
+
+
+def write(tmp_path, text, name="data.tsv", encoding="utf-8"):
+    path = tmp_path / name
+    path.write_bytes(text.encode(encoding))
+    return path
+
+
+def test_reader_strips_language_prefix_and_splits_sentences(tmp_path):
+    path = write(tmp_path, "en:Paris\tB-LOC\nen:is\tO\n\nen:Bob\tB-PER\n")
+    sentences = read_conll(path, "en")
+    assert [s.words for s in sentences] == [["Paris", "is"], ["Bob"]]
+    assert sentences[1].tags == ["B-PER"] and sentences[1].source.endswith("data.tsv:4")
+
+
+@pytest.mark.parametrize("text, message", [
+    ("Paris B-LOC\n", "data.tsv:1: expected `token<TAB>label`, found 1"),
+    ("a\tO\nParis\tB-LOC\textra\n", "data.tsv:2: expected `token<TAB>label`, found 3"),
+    ("a\tO\nb\tB-FOO-\n\nc\tX-LOC\n", "data.tsv:4: unknown tag 'X-LOC'"),
+    ("", "file is empty"),
+])
+def test_reader_names_file_and_line(tmp_path, text, message):
+    with pytest.raises(DataFormatError, match=message.replace("`", ".").replace("(", r"\(")):
+        read_conll(write(tmp_path, text))
+
+
+def test_reader_refuses_non_utf8(tmp_path):
+    with pytest.raises(DataFormatError, match="not UTF-8"):
+        read_conll(write(tmp_path, "Zürich\tB-LOC\n", encoding="latin-1"))
+
+
+def test_reader_missing_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="missing.tsv"):
+        read_conll(tmp_path / "missing.tsv")
+
+
+def test_windows_never_split_words():
+    pieces = [[1, 2], [3], [4, 5, 6], [7]]
+    assert split_into_windows(pieces, 3) == [(0, 2), (2, 3), (3, 4)]
+    assert split_into_windows([[1] * 10], 4) == [(0, 1)]  # one long word: its own (truncated) window
+    assert split_into_windows([], 4) == []
+
+
+def test_alignment_labels_first_subword_only(tiny_tokenizer):
+    encoder = SentenceEncoder(tiny_tokenizer, LABELS, max_length=64)
+    sentence = Sentence(["Zuccalmaglio", "lived", "in", "Paris"], ["B-PER", "O", "O", "B-LOC"], "en")
+    rows = encoder.encode([sentence]).to_list()
+    assert len(rows) == 1
+    row = rows[0]
+    first_subwords = [w for w in row["word_index"] if w >= 0]
+    assert first_subwords == [0, 1, 2, 3]
+    assert row["word_index"][0] == -1 and row["word_index"][-1] == -1  # special tokens
+    batch = collate(rows, tiny_tokenizer.pad_token_id)
+    labeled = batch["seq_labels"][0][batch["seq_labels"][0] != IGNORE_INDEX].tolist()
+    assert labeled == [LABELS.tag_id(t) for t in sentence.tags]
+    assert batch["start_labels"][0][batch["word_index"][0] == 3].item() == LABELS.span_class("LOC")
+
+
+def test_long_sentence_is_windowed_without_losing_words(tiny_tokenizer):
+    words = [f"word{i}" for i in range(10_000)]
+    encoder = SentenceEncoder(tiny_tokenizer, LABELS, max_length=32)
+    rows = encoder.encode([Sentence(words, ["O"] * len(words), "en")]).to_list()
+    assert len(rows) > 1 and all(len(r["input_ids"]) <= 32 for r in rows)
+    covered = [r["word_offset"] + w for r in rows for w in r["word_index"] if w >= 0]
+    assert covered == list(range(len(words)))
+
+
+def test_word_with_no_subword_keeps_a_position(tiny_tokenizer):
+    encoder = SentenceEncoder(tiny_tokenizer, LABELS, max_length=32)
+    rows = encoder.encode([Sentence(["a", "\u200b", "b"], ["O", "O", "O"], "en")]).to_list()
+    assert [w for w in rows[0]["word_index"] if w >= 0] == [0, 1, 2]
+
+
+def test_bucketing_reduces_padding_and_is_deterministic():
+    import random
+    lengths = [random.Random(i).randint(5, 120) for i in range(2000)]
+    batches = bucketed_micro_batches(lengths, 16, seed=1, epoch=0, pool_batches=50)
+    assert batches == bucketed_micro_batches(lengths, 16, seed=1, epoch=0, pool_batches=50)
+    assert sorted(i for b in batches for i in b) == list(range(2000))
+
+    def padded(batch_list):
+        return sum(max(lengths[i] for i in b) * len(b) for b in batch_list)
+    unbucketed = bucketed_micro_batches(lengths, 16, seed=1, epoch=0, pool_batches=0)
+    assert padded(batches) < 0.7 * padded(unbucketed)
+
+
+def test_plan_shards_steps_disjointly_across_ranks():
+    plan = BatchPlan(list(range(100)), micro_batch_size=4, accumulation_steps=2, world_size=3, seed=0)
+    assert plan.steps_per_epoch() == 25 // 6
+    for step in range(plan.steps_per_epoch()):
+        parts = [plan.rank_step(0, step, rank) for rank in range(3)]
+        assert all(len(p) == 2 for p in parts)
+        seen = [i for p in parts for b in p for i in b]
+        assert len(seen) == len(set(seen))
