@@ -1,0 +1,47 @@
+"""The README's main command, run as a new user would: in a fresh copy of the repository."""
+
+import json
+import os
+import re
+import shutil
+import subprocess
+
+from tests.conftest import REPO
+
+# Shortened so the suite stays within its budget; the full-length run is measured in bench/RESULTS.md.
+SHORT = ["train.max_steps=4", "train.eval_every=4", "train.warmup_steps=2",
+         "data.max_train_sentences=256", "data.max_eval_sentences=24"]
+
+
+def readme_command(kind: str) -> str:
+    text = (REPO / "README.md").read_text()
+    match = re.search(rf"<!-- {kind} -->\s*```(?:bash|sh)?\n(.+?)\n```", text, re.S)
+    assert match, f"README has no {kind} command block"
+    return match.group(1).strip()
+
+
+def test_readme_has_two_setup_commands():
+    assert readme_command("main-command") == "bash scripts/quickstart.sh"
+    assert readme_command("test-command") == "bash scripts/test.sh"
+    ci = (REPO / ".ci" / "run").read_text()
+    assert "bash scripts/test.sh" in ci
+
+
+def test_main_command_in_a_fresh_directory(tmp_path):
+    fresh = tmp_path / "clone"
+    tracked = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True,
+                             check=True).stdout.split()
+    for name in tracked:
+        if (REPO / name).is_file():
+            (fresh / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, fresh / name)
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "RANK", "WORLD_SIZE")}
+    result = subprocess.run(readme_command("main-command").split() + SHORT, cwd=fresh, env=env,
+                            capture_output=True, text=True, timeout=1200)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-6000:]
+    for language in ("en", "de", "es", "fr", "ru", "ar", "zh"):
+        assert re.search(rf"\| {language} \| \d+\.\d\d \|", output), language
+    results = json.loads((fresh / "runs" / "quickstart" / "results.json").read_text())
+    assert set(results["test"]["per_language"]) == {"en", "de", "es", "fr", "ru", "ar", "zh"}
+    assert (fresh / "runs" / "quickstart" / "checkpoints" / "best.json").is_file()
