@@ -300,9 +300,8 @@ class Stage1Trainer:
             self.log.info("best dev F1 (step %d):\n%s", best["step"], format_table(summary["dev"], "dev F1"))
         if self.test_sets:
             if best is not None:  # report test F1 of the selected model, not the last one
-                self.engine.load_checkpoint(str(self.checkpoints), tag=best["path"],
-                                            load_module_only=True, load_optimizer_states=False,
-                                            load_lr_scheduler_states=False)
+                # A full load: DeepSpeed's load_module_only ignores the tag under ZeRO-3.
+                ckpt.load_checkpoint(self.engine, self.checkpoints / best["path"])
             summary["test"] = self.evaluate(self.test_sets)
             self.log.info("test F1:\n%s", format_table(summary["test"], "test F1"))
         if self.info.is_main:

@@ -100,3 +100,17 @@ def test_plan_shards_steps_disjointly_across_ranks():
         assert all(len(p) == 2 for p in parts)
         seen = [i for p in parts for b in p for i in b]
         assert len(seen) == len(set(seen))
+
+
+def test_bare_boundary_piece_is_not_the_labeled_one():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    vocab = {"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3, "▁": 4, "北": 5, "京": 6, "▁Paris": 7}
+    backend = Tokenizer(models.Unigram([(token, -1.0) for token in vocab], unk_id=3))
+    backend.pre_tokenizer = pre_tokenizers.Metaspace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, cls_token="<s>", sep_token="</s>",
+                                        pad_token="<pad>", unk_token="<unk>")
+    row = SentenceEncoder(tokenizer, LABELS, 16).encode(
+        [Sentence(["北", "京", "Paris"], ["B-LOC", "I-LOC", "B-LOC"], "zh")]).to_list()[0]
+    assert row["input_ids"] == [0, 4, 5, 4, 6, 7, 2]
+    assert row["word_index"] == [-1, -1, 0, -1, 1, 2, -1]

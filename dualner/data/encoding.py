@@ -59,6 +59,11 @@ class SentenceEncoder:
         self.cls_id = tokenizer.cls_token_id if tokenizer.cls_token_id is not None else tokenizer.bos_token_id
         self.sep_id = tokenizer.sep_token_id if tokenizer.sep_token_id is not None else tokenizer.eos_token_id
         self.unk_id = tokenizer.unk_token_id
+        # SentencePiece writes a pre-split CJK character as a bare word-boundary piece "▁" followed by
+        # the character. The bare piece is the same for every such word, so the label goes on the
+        # first piece with content instead (else zh/ja predictions see only "▁").
+        self.bare_boundary_ids = {token_id for token, token_id in tokenizer.get_vocab().items()
+                                  if token in ("▁", "Ġ")}
 
     def encode_batch(self, batch: dict) -> dict:
         encoded = self.tokenizer(batch["words"], is_split_into_words=True, add_special_tokens=False,
@@ -87,8 +92,9 @@ class SentenceEncoder:
                 input_ids, word_index = [self.cls_id], [-1]
                 for word in range(first, end):
                     pieces = pieces_per_word[word][:budget]
+                    labeled = 1 if len(pieces) > 1 and pieces[0] in self.bare_boundary_ids else 0
                     input_ids += pieces
-                    word_index += [word - first] + [-1] * (len(pieces) - 1)
+                    word_index += [-1] * labeled + [word - first] + [-1] * (len(pieces) - 1 - labeled)
                 input_ids.append(self.sep_id)
                 word_index.append(-1)
                 rows["input_ids"].append(input_ids)
