@@ -12,7 +12,7 @@ from dualner.distributed import init_distributed
 from dualner.evaluate import evaluate_sets, format_table
 from dualner.inference import load_trained_model
 from dualner.logging import get_logger
-from dualner.stage1 import load_eval_sets
+from dualner.trainer import load_eval_sets
 
 
 def evaluate_checkpoint(checkpoint: str | Path, data: dict[str, str], output: str | Path | None,

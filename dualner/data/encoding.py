@@ -68,9 +68,11 @@ class SentenceEncoder:
     def encode_batch(self, batch: dict) -> dict:
         encoded = self.tokenizer(batch["words"], is_split_into_words=True, add_special_tokens=False,
                                  verbose=False)  # long sentences are windowed below
-        rows: dict[str, list] = {"input_ids": [], "word_index": [], "sentence_id": [], "word_offset": [],
-                                 "language": [], "num_words": [], "tag_ids": [], "start_ids": [],
-                                 "end_ids": []}
+        # Every other column (sentence id, language, ...) is carried over to each window of its row.
+        passthrough = [name for name in batch if name not in ("words", "tags")]
+        rows: dict[str, list] = {name: [] for name in (
+            "input_ids", "word_index", "word_offset", "num_words", "tag_ids", "start_ids", "end_ids",
+            *passthrough)}
         for row, words in enumerate(batch["words"]):
             pieces_per_word: list[list[int]] = [[] for _ in words]
             for token_id, word in zip(encoded["input_ids"][row], encoded.word_ids(row)):
@@ -92,16 +94,16 @@ class SentenceEncoder:
                 input_ids, word_index = [self.cls_id], [-1]
                 for word in range(first, end):
                     pieces = pieces_per_word[word][:budget]
-                    labeled = 1 if len(pieces) > 1 and pieces[0] in self.bare_boundary_ids else 0
+                    skip = 1 if len(pieces) > 1 and pieces[0] in self.bare_boundary_ids else 0
                     input_ids += pieces
-                    word_index += [-1] * labeled + [word - first] + [-1] * (len(pieces) - 1 - labeled)
+                    word_index += [-1] * skip + [word - first] + [-1] * (len(pieces) - 1 - skip)
                 input_ids.append(self.sep_id)
                 word_index.append(-1)
                 rows["input_ids"].append(input_ids)
                 rows["word_index"].append(word_index)
-                rows["sentence_id"].append(batch["sentence_id"][row])
+                for name in passthrough:
+                    rows[name].append(batch[name][row])
                 rows["word_offset"].append(first)
-                rows["language"].append(batch["language"][row])
                 rows["num_words"].append(len(words))
                 rows["tag_ids"].append(tag_ids[first:end])
                 rows["start_ids"].append(start_ids[first:end])
@@ -116,21 +118,23 @@ class SentenceEncoder:
 
 
 def collate(rows: Sequence[dict], pad_id: int) -> dict[str, torch.Tensor]:
-    """Pad a micro batch to its longest row and place word-level labels on first subwords."""
+    """Pad a micro batch to its longest row and place word-level labels on first subwords.
+
+    Gold label tensors are present when any row is labeled; unlabeled rows are all IGNORE_INDEX."""
     width = max(len(row["input_ids"]) for row in rows)
     input_ids = np.full((len(rows), width), pad_id, dtype=np.int64)
     attention_mask = np.zeros((len(rows), width), dtype=np.int64)
     word_index = np.full((len(rows), width), -1, dtype=np.int64)
-    labeled = all(len(row["tag_ids"]) > 0 for row in rows)
     labels = {name: np.full((len(rows), width), IGNORE_INDEX, dtype=np.int64)
-              for name in ("seq_labels", "start_labels", "end_labels")} if labeled else {}
+              for name in ("seq_labels", "start_labels", "end_labels")
+              } if any(len(row["tag_ids"]) > 0 for row in rows) else {}
     for i, row in enumerate(rows):
         length = len(row["input_ids"])
         input_ids[i, :length] = row["input_ids"]
         attention_mask[i, :length] = 1
         positions = np.asarray(row["word_index"], dtype=np.int64)
         word_index[i, :length] = positions
-        if labeled:
+        if labels and len(row["tag_ids"]) > 0:
             first_subwords = np.nonzero(positions >= 0)[0]
             words = positions[first_subwords]
             for name, column in (("seq_labels", "tag_ids"), ("start_labels", "start_ids"),

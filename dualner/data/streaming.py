@@ -1,0 +1,128 @@
+"""The stage-2 streaming loader: local files and globs (CoNLL, plain pre-tokenized text, JSONL) as
+`datasets.IterableDataset`s, sharded by rank and by loader worker, mixed with configured weights,
+tokenized on the fly, and resumable to the exact sentence.
+
+Sharding. Every file is cut into `parts` line-strided virtual shards (file, offset, stride) so that
+there are at least ranks x workers shards even when a corpus has fewer files than that. Rank r takes
+shards r, r + world, ...; `datasets` hands a rank's shards to its loader workers. A reader of a
+strided shard reads the whole file but keeps only its own sentences, so nothing is tokenized twice
+and the ranks and workers together cover every sentence exactly once per pass.
+
+Position. `datasets` keeps the state of every iterable (shard, example, repeat count, mixing RNG) and
+`torchdata`'s StatefulDataLoader keeps the workers' states and the order in which they were read;
+their `state_dict()` is saved in every checkpoint, so a resumed run neither repeats nor skips.
+Nothing is ever loaded whole: memory holds one tokenization pool per worker plus the prefetch queue.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import datasets
+from datasets import IterableDataset
+
+from dualner.data.conll import DataFormatError, iter_conll
+
+KIND_SOURCE, KIND_TARGET, KIND_TRANSLATION = "source", "target", "translation"
+_CONLL_SUFFIXES = {".tsv", ".conll", ".iob", ".bio"}
+_JSONL_SUFFIXES = {".jsonl", ".json"}
+_TEXT_SUFFIXES = {".txt", ".text"}
+
+
+@dataclass(frozen=True)
+class Shard:
+    path: str
+    offset: int  # keep sentences whose index in the file is offset (mod stride)
+    stride: int
+    language: str
+    kind: str
+
+
+def expand_files(pattern: str, key: str) -> list[str]:
+    """A path or glob -> sorted files; an error naming the config key when nothing matches."""
+    files = sorted(glob.glob(pattern, recursive=True)) if glob.has_magic(pattern) else [pattern]
+    files = [f for f in files if Path(f).is_file()]
+    if not files:
+        raise FileNotFoundError(f"{key}: {pattern!r} matches no file")
+    return files
+
+
+def make_shards(files: Sequence[str], language: str, kind: str, world_size: int,
+                workers: int) -> list[Shard]:
+    wanted = world_size * max(1, workers)
+    parts = max(1, -(-wanted // len(files)))  # at least ranks x workers shards in all
+    return [Shard(path, offset, parts, language, kind) for path in files for offset in range(parts)]
+
+
+def rank_shards(shards: Sequence[Shard], rank: int, world_size: int) -> list[Shard]:
+    return list(shards[rank::world_size])
+
+
+def _iter_sentences(shard: Shard) -> Iterator[dict]:
+    path = Path(shard.path)
+    suffix = path.suffix.lower()
+    if suffix in _JSONL_SUFFIXES:
+        reader = _iter_jsonl(path, shard.language)
+    elif suffix in _TEXT_SUFFIXES:
+        reader = _iter_text(path, shard.language)
+    elif suffix in _CONLL_SUFFIXES:
+        labeled = shard.kind == KIND_SOURCE
+        reader = ({"words": s.words, "tags": s.tags or [], "language": shard.language,
+                   "src_id": "", "sample_id": s.source} for s in iter_conll(path, shard.language, labeled))
+    else:
+        raise DataFormatError(f"{path}: unknown corpus format {suffix!r} (expected one of "
+                              f"{sorted(_CONLL_SUFFIXES | _JSONL_SUFFIXES | _TEXT_SUFFIXES)})")
+    for index, sentence in enumerate(reader):
+        if index % shard.stride == shard.offset:
+            yield sentence
+
+
+def _iter_text(path: Path, language: str) -> Iterator[dict]:
+    with path.open(encoding="utf-8") as handle:
+        for line_number, line in enumerate(handle, start=1):
+            words = line.split()
+            if words:
+                yield {"words": words, "tags": [], "language": language, "src_id": "",
+                       "sample_id": f"{path}:{line_number}"}
+
+
+def _iter_jsonl(path: Path, language: str) -> Iterator[dict]:
+    with path.open(encoding="utf-8") as handle:
+        for line_number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                words = record["tokens"]
+            except (json.JSONDecodeError, KeyError, TypeError) as error:
+                raise DataFormatError(f"{path}:{line_number}: expected a JSON object with a "
+                                      f"'tokens' list ({error})") from None
+            if not isinstance(words, list) or not all(isinstance(w, str) and w for w in words):
+                raise DataFormatError(f"{path}:{line_number}: 'tokens' must be a list of non-empty strings")
+            if words:
+                yield {"words": words, "tags": [], "language": record.get("lang", language),
+                       "src_id": str(record.get("src_id", "")), "sample_id": f"{path}:{line_number}"}
+
+
+def _generate(shards: list[Shard]) -> Iterator[dict]:
+    # `shards` is a list in gen_kwargs, which is how `datasets` splits work across loader workers.
+    for shard in shards:
+        for sentence in _iter_sentences(shard):
+            yield {**sentence, "kind": shard.kind}
+
+
+_FEATURES = datasets.Features({
+    "words": datasets.Sequence(datasets.Value("string")),
+    "tags": datasets.Sequence(datasets.Value("string")),
+    "language": datasets.Value("string"), "src_id": datasets.Value("string"),
+    "sample_id": datasets.Value("string"), "kind": datasets.Value("string"),
+})
+
+
+def shard_stream(shards: list[Shard], repeat: bool) -> IterableDataset:
+    stream = IterableDataset.from_generator(_generate, gen_kwargs={"shards": shards}, features=_FEATURES)
+    return stream.repeat(None) if repeat else stream
