@@ -78,6 +78,24 @@ class EvalConfig:
 
 
 @dataclass
+class Stage2Config:
+    """Dual teaching (SPEC "Stage 2"). Mixing weights are relative sampling rates of the streams."""
+    init_from: str = ""  # the stage-1 run folder or step-N checkpoint: first teacher and student
+    target: dict[str, str] = field(default_factory=dict)  # language -> file/glob of unlabeled text (TRGGold)
+    translations: dict[str, str] = field(default_factory=dict)  # language -> JSONL file/glob (TRGTrans)
+    source_weight: float = 1.0
+    target_weight: float = 1.0
+    translation_weight: float = 1.0
+    teaching: Literal["dual", "self_kl"] = "dual"  # self_kl: the w/ selfKL ablation
+    mse: Literal["centroid", "parallel"] = "centroid"
+    mse_weight: float = 0.5  # lambda; 0 is the w/o MSE ablation
+    confidence_threshold: float | None = None  # mask pseudo labels below this teacher probability
+    loader_workers: int = 0  # DataLoader worker processes per rank (tokenization off the main thread)
+    bucket_pool: int = 512  # sentences sorted by length together (less padding); 0 keeps stream order
+    sample_log: bool = False  # write every consumed sample id per rank (data audits, resume tests)
+
+
+@dataclass
 class DeepSpeedConfig:
     config: str = "ds_configs/zero2.json"
 
@@ -95,6 +113,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    stage2: Stage2Config = field(default_factory=Stage2Config)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
@@ -134,6 +153,11 @@ def _check_value(value: Any, annotation: Any, key: str) -> Any:
         return [_check_value(item, item_type, f"{key}[{i}]") for i, item in enumerate(value)]
     if annotation is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if annotation is float and isinstance(value, str):
+        try:  # YAML 1.1 reads `5e-3` (no dot) as a string
+            return float(value)
+        except ValueError:
+            raise ConfigError(f"{key}: expected float, got str {value!r}") from None
     if annotation is str and isinstance(value, (int, float)) and not isinstance(value, bool):
         return str(value)  # a language code or path that YAML read as a number
     if annotation in (int, float, str, bool) and not isinstance(value, annotation) or (

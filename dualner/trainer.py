@@ -96,6 +96,7 @@ class Trainer:
     `train_step`; they may extend the client state and react to a new best model."""
 
     stage_name = "train"
+    evaluate_initial_model = False
 
     def __init__(self, cfg: Config):
         self.cfg = cfg
@@ -251,6 +252,11 @@ class Trainer:
         steps_this_job = 0
         progress = _progress(self.info.is_main and self.cfg.logging.progress_bar, self.total_steps,
                              self.state.step, self.stage_name)
+        if self.evaluate_initial_model and self.state.step == 0 and self.dev_sets:
+            # The model we start from is the one to beat (stage 2: the teacher).
+            self._evaluate_dev()
+            self._save()
+            ckpt.mark_best(self.checkpoints, 0, self.state.history[-1])
         started = time.perf_counter()
         self.engine.train()
         while self.state.step < self.total_steps:

@@ -9,7 +9,9 @@ from tests.conftest import REPO
 def test_yaml_and_dotted_overrides(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("train:\n  lr: 3.0e-5\ndata:\n  train:\n    en: a.tsv\n")
-    cfg = load_config(path, ["train.epochs=2", "data.dev.de=d.tsv", "model.variant=span"])
+    cfg = load_config(path, ["train.epochs=2", "data.dev.de=d.tsv", "model.variant=span",
+                             "train.weight_decay=1e-3"])
+    assert cfg.train.weight_decay == 1e-3  # YAML reads 1e-3 as a string; a float field takes it
     assert cfg.train.lr == 3e-5 and cfg.train.epochs == 2 and cfg.model.variant == "span"
     assert cfg.data.train == {"en": "a.tsv"} and cfg.data.dev == {"de": "d.tsv"}
     assert cfg.train.global_batch_size == 128 and cfg.train.warmup_steps == 300  # SPEC defaults
@@ -29,6 +31,7 @@ def test_unknown_key_lists_valid_ones(tmp_path):
 @pytest.mark.parametrize("override, message", [
     ("train.epochs=abc", "train.epochs: expected int"),
     ("train.lr=[1]", "train.lr: expected float"),
+    ("train.lr=fast", "train.lr: expected float"),
     ("model.variant=both", r"model.variant: 'both' is not one of"),
     ("logging.tensorboard=3", "logging.tensorboard: expected bool"),
 ])

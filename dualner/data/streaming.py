@@ -18,14 +18,18 @@ from __future__ import annotations
 
 import glob
 import json
+from functools import partial
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
 
 import datasets
+import torch
 from datasets import IterableDataset
 
 from dualner.data.conll import DataFormatError, iter_conll
+from dualner.data.encoding import SentenceEncoder, collate
+from dualner.labels import is_valid_tag
 
 KIND_SOURCE, KIND_TARGET, KIND_TRANSLATION = "source", "target", "translation"
 _CONLL_SUFFIXES = {".tsv", ".conll", ".iob", ".bio"}
@@ -78,6 +82,8 @@ def _iter_sentences(shard: Shard) -> Iterator[dict]:
                               f"{sorted(_CONLL_SUFFIXES | _JSONL_SUFFIXES | _TEXT_SUFFIXES)})")
     for index, sentence in enumerate(reader):
         if index % shard.stride == shard.offset:
+            if shard.kind != KIND_SOURCE:
+                sentence["tags"] = []  # unlabeled text: any label column is ignored
             yield sentence
 
 
@@ -103,8 +109,12 @@ def _iter_jsonl(path: Path, language: str) -> Iterator[dict]:
                                       f"'tokens' list ({error})") from None
             if not isinstance(words, list) or not all(isinstance(w, str) and w for w in words):
                 raise DataFormatError(f"{path}:{line_number}: 'tokens' must be a list of non-empty strings")
+            tags = record.get("tags") or []
+            if tags and (len(tags) != len(words) or not all(map(is_valid_tag, tags))):
+                raise DataFormatError(f"{path}:{line_number}: 'tags' must be one valid BIO tag per token")
             if words:
-                yield {"words": words, "tags": [], "language": record.get("lang", language),
+                yield {"words": words, "tags": record.get("tags") or [],
+                       "language": record.get("lang", language),
                        "src_id": str(record.get("src_id", "")), "sample_id": f"{path}:{line_number}"}
 
 
@@ -126,3 +136,60 @@ _FEATURES = datasets.Features({
 def shard_stream(shards: list[Shard], repeat: bool) -> IterableDataset:
     stream = IterableDataset.from_generator(_generate, gen_kwargs={"shards": shards}, features=_FEATURES)
     return stream.repeat(None) if repeat else stream
+
+
+def collate_stream(rows: Sequence[dict], pad_id: int) -> dict:
+    batch = collate(rows, pad_id)
+    batch["meta"] = {name: [row[name] for row in rows] for name in ("language", "kind", "sample_id", "src_id")}
+    return batch
+
+
+class Stage2Stream:
+    """One rank's mixed, tokenized, length-pooled stream of stage-2 micro batches, resumable."""
+
+    def __init__(self, sources: Sequence[tuple[list[Shard], float]], encoder: SentenceEncoder,
+                 micro_batch_size: int, seed: int, rank: int, pool: int = 512, workers: int = 0,
+                 repeat: bool = True):
+        weighted = [(shards, weight) for shards, weight in sources if weight > 0 and shards]
+        if not weighted:
+            raise ValueError("stage 2 has no data to read (every stream is empty or has weight 0)")
+        # Training repeats every stream forever (steps, not passes, end stage 2); one pass is for audits.
+        streams = [shard_stream(shards, repeat=repeat) for shards, _ in weighted]
+        total = sum(weight for _, weight in weighted)
+        mixed = streams[0] if len(streams) == 1 else datasets.interleave_datasets(
+            streams, probabilities=[weight / total for _, weight in weighted], seed=seed + rank,
+            stopping_strategy="all_exhausted")
+        self.encoder = encoder
+        self.sort_pools = pool > 0
+        encoded = mixed.map(self._encode_pool, batched=True, batch_size=pool if pool > 0 else 64,
+                            remove_columns=["words", "tags"])
+        from torchdata.stateful_dataloader import StatefulDataLoader
+        # A generator of its own: creating an iterator draws a base seed, and drawing it from the
+        # global RNG would shift the dropout masks of a resumed run.
+        self.loader = StatefulDataLoader(
+            encoded, batch_size=micro_batch_size, num_workers=workers,
+            generator=torch.Generator().manual_seed(seed + rank),
+            collate_fn=partial(collate_stream, pad_id=encoder.tokenizer.pad_token_id))
+        self._iterator = None
+
+    def _encode_pool(self, batch: dict) -> dict:
+        rows = self.encoder.encode_batch(batch)
+        if not self.sort_pools:
+            return rows
+        order = sorted(range(len(rows["input_ids"])), key=lambda i: len(rows["input_ids"][i]))
+        return {name: [values[i] for i in order] for name, values in rows.items()}
+
+    def __iter__(self):
+        return iter(self.loader)
+
+    def next_batch(self) -> dict:
+        if self._iterator is None:
+            self._iterator = iter(self.loader)
+        return next(self._iterator)
+
+    def state_dict(self) -> dict:
+        return self.loader.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.loader.load_state_dict(state)
+        self._iterator = None

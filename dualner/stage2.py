@@ -1,0 +1,248 @@
+"""Stage 2 (SPEC "Stage 2: dual teaching"): a student trained on labeled source plus streamed
+unlabeled target text and translations; a frozen teacher, run on the fly in every step, supplies
+cross-head pseudo labels; the entity-aware MSE term pulls entity representations together; a better
+student replaces the teacher."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from dualner import checkpoint as ckpt
+from dualner.config import Config, ConfigError
+from dualner.data.encoding import SentenceEncoder
+from dualner.data.sources import read_labeled, split_source_fraction
+from dualner.data.streaming import (KIND_SOURCE, KIND_TARGET, KIND_TRANSLATION, Stage2Stream,
+                                    expand_files, make_shards, rank_shards)
+from dualner.distributed import all_gather_objects, all_reduce_sum, barrier
+from dualner.engine import zero_stage
+from dualner.inference import load_trained_model, save_model_assets
+from dualner.losses import (centroid_mse, entity_representations, parallel_mse, self_kl,
+                            supervised_losses)
+from dualner.model import DualNERModel
+from dualner.teacher import build_pseudo_labels
+from dualner.trainer import Trainer
+
+_TERMS = ("seq", "start", "end")
+
+
+def build_teacher_engine(model: DualNERModel, ds_config: dict):
+    """The teacher under DeepSpeed with the student's ZeRO stage and precision, without optimizer:
+    under ZeRO-3 its parameters are partitioned and gathered for each forward like the student's."""
+    import deepspeed
+    teacher_config = {key: value for key, value in ds_config.items()
+                      if key not in ("gradient_clipping", "optimizer", "scheduler")}
+    if zero_stage(ds_config) < 3:
+        # ZeRO 1-2 partition optimizer state and gradients, which a teacher has none of; its
+        # parameters are whole on every rank either way.
+        teacher_config["zero_optimization"] = {"stage": 0}
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    engine, *_ = deepspeed.initialize(model=model, config=teacher_config)
+    engine.eval()
+    return engine
+
+
+def _copy_weights(student: torch.nn.Module, teacher: torch.nn.Module) -> None:
+    """Student -> teacher, shard by shard: under ZeRO-3 both hold the same partition on a rank."""
+    with torch.no_grad():
+        for (name, source), (_, target) in zip(student.named_parameters(), teacher.named_parameters()):
+            if hasattr(source, "ds_tensor"):
+                target.ds_tensor.copy_(source.ds_tensor)
+            else:
+                target.data.copy_(source.data)
+
+
+class Stage2Trainer(Trainer):
+    stage_name = "stage 2"
+    evaluate_initial_model = True
+
+    def __init__(self, cfg: Config):
+        stage2 = cfg.stage2
+        if not stage2.init_from:
+            raise ConfigError("stage2.init_from: name the stage-1 run folder or step-N checkpoint")
+        if cfg.train.max_steps is None:
+            raise ConfigError("train.max_steps: stage 2 streams corpora of unknown length; set the "
+                              "number of optimizer steps")
+        if cfg.model.variant != "mlt":
+            raise ConfigError(f"model.variant={cfg.model.variant}: dual teaching needs both heads (mlt)")
+        super().__init__(cfg)
+        initial = load_trained_model(stage2.init_from)
+        self.tokenizer, self.label_set = initial.tokenizer, initial.label_set
+        self.encoder = SentenceEncoder(self.tokenizer, self.label_set, cfg.data.max_length)
+        self.load_eval_data()
+        self.total_steps = cfg.train.max_steps
+        self.languages = sorted({cfg.data.source_language, *stage2.target, *stage2.translations})
+        if self.info.is_main:
+            save_model_assets(self.run_dir / ckpt.MODEL_ASSETS, self.tokenizer, initial.model.encoder.config,
+                              self.label_set, cfg.model.variant, cfg.data.max_length)
+        self.stream = self._build_stream()
+
+        student = initial.model
+        student.dropout.p = cfg.model.dropout
+        if cfg.model.freeze_word_embeddings:
+            student.freeze_word_embeddings()
+        teacher = DualNERModel.from_encoder_config(student.encoder.config, len(self.label_set.entity_types))
+        best = ckpt.read_best(self.checkpoints) if cfg.run.resume != "none" else None
+        teacher_source = self.checkpoints / best["path"] if best else initial.checkpoint
+        teacher.load_state_dict(ckpt.load_model_state(teacher_source))
+        self.log.info("stage 2: student from %s, teacher from %s", initial.checkpoint, teacher_source)
+        self.wrap_model(student)
+        self.teacher = build_teacher_engine(teacher, self.ds_config)
+        self.teacher_refreshes = 0
+        self._stats = torch.zeros(3 + len(self.languages), dtype=torch.float64)
+        self._sample_log = (self.run_dir / f"samples_rank{self.info.rank}.jsonl"
+                            if stage2.sample_log else None)
+
+    # -- data ------------------------------------------------------------------------------------
+    def _source_files(self) -> tuple[Path, Path | None]:
+        """The labeled source as JSONL in the run folder (with each sentence's index in the source
+        file as `src_id`); with train_fraction < 1 the remainder goes to a second, unlabeled file."""
+        cfg = self.cfg
+        folder = self.run_dir / "stage2_data"
+        labeled, remainder = folder / "source_labeled.jsonl", folder / "source_remainder.jsonl"
+        if self.info.is_main:
+            folder.mkdir(parents=True, exist_ok=True)
+            sentences = read_labeled(cfg.data.train, "data.train", cfg.data.max_train_sentences)
+            for index, sentence in enumerate(sentences):
+                sentence.source = str(index)
+            kept, rest = split_source_fraction(sentences, cfg.data.train_fraction, cfg.run.seed)
+            for path, part, with_tags in ((labeled, kept, True), (remainder, rest, False)):
+                temporary = path.with_suffix(".tmp")
+                with temporary.open("w", encoding="utf-8") as handle:
+                    for sentence in part:
+                        handle.write(json.dumps({"tokens": sentence.words, "lang": sentence.language,
+                                                 "src_id": sentence.source,
+                                                 **({"tags": sentence.tags} if with_tags else {})},
+                                                ensure_ascii=False) + "\n")
+                temporary.replace(path)
+        barrier()
+        return labeled, (remainder if remainder.stat().st_size > 0 else None)
+
+    def _build_stream(self) -> Stage2Stream:
+        cfg, stage2 = self.cfg, self.cfg.stage2
+        world, rank, workers = self.info.world_size, self.info.rank, stage2.loader_workers
+        labeled, remainder = self._source_files() if cfg.data.train else (None, None)
+        target_shards = []
+        for language, pattern in stage2.target.items():
+            target_shards += make_shards(expand_files(pattern, f"stage2.target.{language}"), language,
+                                         KIND_TARGET, world, workers)
+        if remainder is not None:
+            target_shards += make_shards([str(remainder)], cfg.data.source_language, KIND_TARGET,
+                                         world, workers)
+        translation_shards = []
+        for language, pattern in stage2.translations.items():
+            translation_shards += make_shards(expand_files(pattern, f"stage2.translations.{language}"),
+                                              language, KIND_TRANSLATION, world, workers)
+        source_shards = (make_shards([str(labeled)], cfg.data.source_language, KIND_SOURCE, world, workers)
+                         if labeled else [])
+        sources = [(rank_shards(source_shards, rank, world), stage2.source_weight),
+                   (rank_shards(target_shards, rank, world), stage2.target_weight),
+                   (rank_shards(translation_shards, rank, world), stage2.translation_weight)]
+        self.log.info("stage 2 streams: %d source, %d target, %d translation shard(s) over %d rank(s) "
+                      "x %d worker(s), weights %s", len(source_shards), len(target_shards),
+                      len(translation_shards), world, max(1, workers),
+                      [stage2.source_weight, stage2.target_weight, stage2.translation_weight])
+        return Stage2Stream(sources, self.encoder, self.layout.micro_batch_size, cfg.run.seed, rank,
+                            pool=stage2.bucket_pool, workers=workers)
+
+    # -- the step --------------------------------------------------------------------------------
+    def loss_names(self) -> tuple[str, ...]:
+        return ("total", *(f"gold_{t}" for t in _TERMS), *(f"pseudo_{t}" for t in _TERMS), "mse")
+
+    def train_step(self) -> None:
+        stage2 = self.cfg.stage2
+        for _ in range(self.layout.accumulation_steps):
+            waited = time.perf_counter()
+            batch = self.stream.next_batch()
+            self._stats[2] += time.perf_counter() - waited
+            meta = batch.pop("meta")
+            if self._sample_log is not None:
+                with self._sample_log.open("a", encoding="utf-8") as handle:
+                    handle.write(json.dumps({"step": self.state.step + 1, "samples": meta["sample_id"]}) + "\n")
+            tokens = int(batch["attention_mask"].sum())
+            batch = {name: tensor.to(self.device, non_blocking=True) for name, tensor in batch.items()}
+            # Every rank runs exactly one teacher and one student forward per micro batch, which
+            # ZeRO-3's parameter gathering needs to stay in step across ranks.
+            with torch.no_grad():
+                teacher_out = self.teacher(batch["input_ids"], batch["attention_mask"])
+            student_out = self.engine(batch["input_ids"], batch["attention_mask"])
+            pseudo = build_pseudo_labels(teacher_out, batch["word_index"], self.label_set,
+                                         stage2.confidence_threshold)
+            terms: dict[str, torch.Tensor] = {}
+            if "seq_labels" in batch:
+                for name, value in supervised_losses(student_out, batch).items():
+                    terms[f"gold_{name}"] = value
+            if stage2.teaching == "dual":
+                pseudo_terms = supervised_losses(student_out, {"seq_labels": pseudo.seq_labels,
+                                                               "start_labels": pseudo.start_labels,
+                                                               "end_labels": pseudo.end_labels})
+            else:
+                pseudo_terms = self_kl(student_out, teacher_out, batch["word_index"])
+                pseudo_terms["total"] = sum(pseudo_terms.values())
+            for name in _TERMS:
+                terms[f"pseudo_{name}"] = pseudo_terms[name]
+            if stage2.mse_weight > 0:
+                terms["mse"] = self._mse(student_out, batch, pseudo, meta)
+            total = terms.get("gold_total", 0) + pseudo_terms["total"] + stage2.mse_weight * terms.get("mse", 0)
+            terms.pop("gold_total", None)
+            terms["total"] = total
+            self.engine.backward(total)
+            self.engine.step()
+            self.accumulate(terms, tokens)
+            self._stats[0] += pseudo.agreement_words
+            self._stats[1] += pseudo.words
+            for language, entities in zip(meta["language"], pseudo.entities_per_row):
+                self._stats[3 + self.languages.index(language)] += entities
+
+    def _mse(self, student_out, batch, pseudo, meta) -> torch.Tensor:
+        # Entities come from gold labels where a row has them, else from pseudo labels.
+        labels = pseudo.start_labels
+        if "start_labels" in batch:
+            gold_rows = (batch["start_labels"] != -100).any(1)
+            labels = torch.where(gold_rows[:, None], batch["start_labels"], labels)
+        representations, present = entity_representations(student_out, labels, batch["word_index"])
+        if self.cfg.stage2.mse == "parallel":
+            sources = {src: row for row, (kind, src) in enumerate(zip(meta["kind"], meta["src_id"]))
+                       if kind == KIND_SOURCE and src}
+            pairs = [(row, sources[src]) for row, (kind, src) in enumerate(zip(meta["kind"], meta["src_id"]))
+                     if kind == KIND_TRANSLATION and src in sources]
+            return parallel_mse(representations, present, pairs)
+        return centroid_mse(representations, present)
+
+    def extra_scalars(self) -> dict[str, float]:
+        stats = all_reduce_sum(self._stats.clone())
+        self._stats.zero_()
+        scalars = {"teacher/agreement": float(stats[0]) / max(1.0, float(stats[1])),
+                   "data/wait_seconds": float(stats[2]) / self.info.world_size,
+                   "teacher/refreshes": float(self.teacher_refreshes)}
+        for index, language in enumerate(self.languages):
+            scalars[f"pseudo_entities/{language}"] = float(stats[3 + index])
+        return scalars
+
+    # -- teacher and state -----------------------------------------------------------------------
+    def on_new_best(self) -> None:
+        _copy_weights(self.engine.module, self.teacher.module)
+        self.teacher_refreshes += 1
+        self.log.info("step %d: the student becomes the teacher (refresh %d)", self.state.step,
+                      self.teacher_refreshes)
+
+    def client_state(self) -> dict:
+        return {"stream": all_gather_objects(self.stream.state_dict()),
+                "teacher_refreshes": self.teacher_refreshes}
+
+    def restore_client_state(self, client_state: dict) -> None:
+        streams = client_state["stream"]
+        if len(streams) != self.info.world_size:
+            raise ConfigError(f"the checkpoint's data position was written by {len(streams)} rank(s); "
+                              f"stage 2 resumes its streams on the same number of ranks only "
+                              f"(now {self.info.world_size})")
+        self.stream.load_state_dict(streams[self.info.rank])
+        self.teacher_refreshes = client_state["teacher_refreshes"]
+
+
+def run_stage2(cfg: Config) -> dict:
+    return Stage2Trainer(cfg).train()

@@ -1,0 +1,86 @@
+import json
+
+import pytest
+
+from dualner.data.conll import DataFormatError
+from dualner.data.encoding import SentenceEncoder
+from dualner.data.streaming import (KIND_TARGET, Stage2Stream, expand_files, make_shards, rank_shards,
+                                    shard_stream)
+from dualner.labels import LabelSet
+
+LABELS = LabelSet(("LOC", "ORG", "PER"))
+
+
+def write_text_corpus(folder, files, sentences_per_file):
+    folder.mkdir(parents=True, exist_ok=True)
+    expected = set()
+    for f in range(files):
+        path = folder / f"part{f}.txt"
+        lines = [f"file{f} sentence {i} words" for i in range(sentences_per_file)]
+        path.write_text("\n".join(lines) + "\n")
+        expected |= {f"{path}:{i + 1}" for i in range(sentences_per_file)}
+    return expected
+
+
+def one_pass_sample_ids(tokenizer, pattern, world, workers):
+    """What each of `world` ranks reads in one pass, each through `workers` loader processes."""
+    encoder = SentenceEncoder(tokenizer, LABELS, 32)
+    shards = make_shards(expand_files(pattern, "stage2.target.xx"), "xx", KIND_TARGET, world, workers)
+    per_rank = []
+    for rank in range(world):
+        stream = Stage2Stream([(rank_shards(shards, rank, world), 1.0)], encoder, micro_batch_size=4,
+                              seed=0, rank=rank, pool=16, workers=workers, repeat=False)
+        per_rank.append([sample for batch in stream for sample in batch["meta"]["sample_id"]])
+    return per_rank
+
+
+@pytest.mark.parametrize("files, workers", [(6, 2), (1, 2), (3, 2)],
+                         ids=["more-files-than-ranks-x-workers", "one-file", "fewer-files"])
+def test_ranks_and_workers_cover_the_corpus_once(tmp_path, tiny_tokenizer, files, workers):
+    expected = write_text_corpus(tmp_path / "corpus", files, 23)
+    per_rank = one_pass_sample_ids(tiny_tokenizer, str(tmp_path / "corpus" / "*.txt"), 2, workers)
+    everything = per_rank[0] + per_rank[1]
+    assert len(everything) == len(set(everything))  # no sentence twice, within or across ranks
+    assert set(everything) == expected  # and none left out
+    assert not set(per_rank[0]) & set(per_rank[1])
+    assert min(len(r) for r in per_rank) > 0.3 * len(expected)  # both ranks share the work
+
+
+def test_resume_mid_stream_with_workers(tmp_path, tiny_tokenizer):
+    write_text_corpus(tmp_path / "c", 2, 40)
+    encoder = SentenceEncoder(tiny_tokenizer, LABELS, 32)
+    shards = make_shards(expand_files(str(tmp_path / "c" / "*.txt"), "k"), "xx", KIND_TARGET, 1, 2)
+
+    def stream():
+        return Stage2Stream([(shards, 1.0)], encoder, 4, seed=0, rank=0, pool=8, workers=2)
+    first = stream()
+    before = [first.next_batch()["meta"]["sample_id"] for _ in range(7)]
+    state = first.state_dict()
+    after = [first.next_batch()["meta"]["sample_id"] for _ in range(9)]
+    resumed = stream()
+    resumed.load_state_dict(state)
+    assert [resumed.next_batch()["meta"]["sample_id"] for _ in range(9)] == after
+    assert not set(sum(before, [])) & set(sum(after[:3], []))
+
+
+def test_formats_and_labels(tmp_path, tiny_tokenizer):
+    (tmp_path / "t.jsonl").write_text(
+        json.dumps({"tokens": ["Paris", "est"], "lang": "fr", "src_id": "7"}) + "\n\n"
+        + json.dumps({"tokens": ["Bob"], "tags": ["B-PER"]}) + "\n")
+    (tmp_path / "t.tsv").write_text("Berlin\tB-LOC\nist\n\nda\tO\n")
+    rows = list(shard_stream(make_shards([str(tmp_path / "t.jsonl")], "xx", KIND_TARGET, 1, 1), False))
+    assert [r["words"] for r in rows] == [["Paris", "est"], ["Bob"]]
+    assert rows[0]["language"] == "fr" and rows[0]["src_id"] == "7"
+    assert rows[1]["tags"] == []  # target text is unlabeled whatever the file says
+    source = list(shard_stream(make_shards([str(tmp_path / "t.jsonl")], "en", "source", 1, 1), False))
+    assert source[1]["tags"] == ["B-PER"]
+    conll = list(shard_stream(make_shards([str(tmp_path / "t.tsv")], "de", KIND_TARGET, 1, 1), False))
+    assert [r["words"] for r in conll] == [["Berlin", "ist"], ["da"]] and conll[0]["language"] == "de"
+
+
+def test_bad_corpora_name_the_file_line_or_key(tmp_path):
+    (tmp_path / "bad.jsonl").write_text('{"tokens": ["a"]}\n{"words": ["b"]}\n')
+    with pytest.raises(DataFormatError, match=r"bad.jsonl:2: expected a JSON object with a 'tokens'"):
+        list(shard_stream(make_shards([str(tmp_path / "bad.jsonl")], "xx", KIND_TARGET, 1, 1), False))
+    with pytest.raises(FileNotFoundError, match=r"stage2.target.de: .*matches no file"):
+        expand_files(str(tmp_path / "nothing-*.txt"), "stage2.target.de")
