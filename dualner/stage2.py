@@ -123,29 +123,32 @@ class Stage2Trainer(Trainer):
         return labeled, (remainder if remainder.stat().st_size > 0 else None)
 
     def _build_stream(self) -> Stage2Stream:
+        """One stream per (kind, language), so languages mix evenly: the labeled source carries
+        `source_weight`, and `target_weight` / `translation_weight` are shared equally by the target
+        languages (the unlabeled source remainder counts as one) and by the translation languages."""
         cfg, stage2 = self.cfg, self.cfg.stage2
         world, rank, workers = self.info.world_size, self.info.rank, stage2.loader_workers
         labeled, remainder = self._source_files() if cfg.data.train else (None, None)
-        target_shards = []
-        for language, pattern in stage2.target.items():
-            target_shards += make_shards(expand_files(pattern, f"stage2.target.{language}"), language,
-                                         KIND_TARGET, world, workers)
+        targets = {language: expand_files(pattern, f"stage2.target.{language}")
+                   for language, pattern in stage2.target.items()}
         if remainder is not None:
-            target_shards += make_shards([str(remainder)], cfg.data.source_language, KIND_TARGET,
-                                         world, workers)
-        translation_shards = []
-        for language, pattern in stage2.translations.items():
-            translation_shards += make_shards(expand_files(pattern, f"stage2.translations.{language}"),
-                                              language, KIND_TRANSLATION, world, workers)
-        source_shards = (make_shards([str(labeled)], cfg.data.source_language, KIND_SOURCE, world, workers)
-                         if labeled else [])
-        sources = [(rank_shards(source_shards, rank, world), stage2.source_weight),
-                   (rank_shards(target_shards, rank, world), stage2.target_weight),
-                   (rank_shards(translation_shards, rank, world), stage2.translation_weight)]
-        self.log.info("stage 2 streams: %d source, %d target, %d translation shard(s) over %d rank(s) "
-                      "x %d worker(s), weights %s", len(source_shards), len(target_shards),
-                      len(translation_shards), world, max(1, workers),
-                      [stage2.source_weight, stage2.target_weight, stage2.translation_weight])
+            targets[f"{cfg.data.source_language}-remainder"] = [str(remainder)]
+        translations = {language: expand_files(pattern, f"stage2.translations.{language}")
+                        for language, pattern in stage2.translations.items()}
+        streams = []
+        if labeled is not None:
+            streams.append((KIND_SOURCE, cfg.data.source_language, [str(labeled)], stage2.source_weight))
+        for kind, group, weight in ((KIND_TARGET, targets, stage2.target_weight),
+                                    (KIND_TRANSLATION, translations, stage2.translation_weight)):
+            streams += [(kind, language, files, weight / len(group)) for language, files in group.items()]
+        sources = []
+        for kind, language, files, weight in streams:
+            language = language.removesuffix("-remainder")
+            shards = make_shards(files, language, kind, world, workers)
+            sources.append((rank_shards(shards, rank, world), weight))
+        self.log.info("stage 2 streams over %d rank(s) x %d worker(s): %s", world, max(1, workers),
+                      ", ".join(f"{kind}/{language} ({len(files)} file(s), weight {weight:.3g})"
+                                for kind, language, files, weight in streams))
         return Stage2Stream(sources, self.encoder, self.layout.micro_batch_size, cfg.run.seed, rank,
                             pool=stage2.bucket_pool, workers=workers)
 

@@ -40,8 +40,11 @@ def test_main_command_in_a_fresh_directory(tmp_path):
                             capture_output=True, text=True, timeout=1200)
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-6000:]
+    table = output[output.index("Test F1 per language"):]
+    assert "| test F1 | quickstart | quickstart_stage2 |" in table
     for language in ("en", "de", "es", "fr", "ru", "ar", "zh"):
-        assert re.search(rf"\| {language} \| \d+\.\d\d \|", output), language
-    results = json.loads((fresh / "runs" / "quickstart" / "results.json").read_text())
-    assert set(results["test"]["per_language"]) == {"en", "de", "es", "fr", "ru", "ar", "zh"}
-    assert (fresh / "runs" / "quickstart" / "checkpoints" / "best.json").is_file()
+        assert re.search(rf"\| {language} \| \d+\.\d\d \| \d+\.\d\d \|", table), language
+    for run in ("quickstart", "quickstart_stage2"):
+        results = json.loads((fresh / "runs" / run / "results.json").read_text())
+        assert set(results["test"]["per_language"]) == {"en", "de", "es", "fr", "ru", "ar", "zh"}
+        assert (fresh / "runs" / run / "checkpoints" / "best.json").is_file()

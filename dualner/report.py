@@ -1,0 +1,44 @@
+"""Side-by-side F1 tables of finished runs (their results.json).
+
+    python -m dualner.report runs/quickstart runs/quickstart_stage2 [--split test]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def side_by_side(runs: dict[str, dict], split: str) -> str:
+    languages: list[str] = []
+    for results in runs.values():
+        for language in results.get(split, {}).get("per_language", {}):
+            if language not in languages:
+                languages.append(language)
+    names = list(runs)
+    lines = [f"| {split} F1 | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    for language in languages:
+        cells = [runs[n].get(split, {}).get("per_language", {}).get(language) for n in names]
+        lines.append(f"| {language} | " + " | ".join("-" if c is None else f"{c:.2f}" for c in cells) + " |")
+    averages = [runs[n].get(split, {}).get("average") for n in names]
+    lines.append("| **average** | " + " | ".join("-" if a is None else f"**{a:.2f}**" for a in averages) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("runs", nargs="+", type=Path)
+    parser.add_argument("--split", choices=["dev", "test"], default="test")
+    args = parser.parse_args(argv)
+    runs = {}
+    for run in args.runs:
+        path = run / "results.json"
+        if not path.is_file():
+            raise SystemExit(f"{path}: no results (has the run finished?)")
+        runs[run.name] = json.loads(path.read_text(encoding="utf-8"))
+    print(side_by_side(runs, args.split))
+
+
+if __name__ == "__main__":
+    main()
