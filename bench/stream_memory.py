@@ -73,7 +73,7 @@ def main() -> None:
         marks = {int(args.sentences * f / 10) for f in range(1, 11)}
         for batch in stream:
             before = samples
-            samples += len(set(batch["meta"]["sample_id"]))  # windows of one sentence count once
+            samples += batch["meta"]["word_offset"].count(0)  # a sentence's first window
             if any(before < m <= samples for m in marks):
                 checkpoints.append({"sentences": samples, "rss_mb": round(rss_mb(), 1),
                                     "seconds": round(time.perf_counter() - started, 1)})

@@ -140,7 +140,8 @@ def shard_stream(shards: list[Shard], repeat: bool) -> IterableDataset:
 
 def collate_stream(rows: Sequence[dict], pad_id: int) -> dict:
     batch = collate(rows, pad_id)
-    batch["meta"] = {name: [row[name] for row in rows] for name in ("language", "kind", "sample_id", "src_id")}
+    batch["meta"] = {name: [row[name] for row in rows]
+                     for name in ("language", "kind", "sample_id", "src_id", "word_offset")}
     return batch
 
 
