@@ -142,15 +142,19 @@ class Stage2Trainer(Trainer):
                                     (KIND_TRANSLATION, translations, stage2.translation_weight)):
             streams += [(kind, language, files, weight / len(group)) for language, files in group.items()]
         sources = []
+        pair_with = str(labeled) if stage2.mse == "parallel" and labeled is not None else ""
         for kind, language, files, weight in streams:
             language = language.removesuffix("-remainder")
-            shards = make_shards(files, language, kind, world, workers)
+            shards = make_shards(files, language, kind, world, workers,
+                                 pair_with if kind == KIND_TRANSLATION else "")
             sources.append((rank_shards(shards, rank, world), weight))
         self.log.info("stage 2 streams over %d rank(s) x %d worker(s): %s", world, max(1, workers),
                       ", ".join(f"{kind}/{language} ({len(files)} file(s), weight {weight:.3g})"
                                 for kind, language, files, weight in streams))
+        # Sorting by length would pull a translation away from its source sentence.
+        pool = 0 if pair_with else stage2.bucket_pool
         return Stage2Stream(sources, self.encoder, self.layout.micro_batch_size, cfg.run.seed, rank,
-                            pool=stage2.bucket_pool, workers=workers)
+                            pool=pool, workers=workers)
 
     # -- the step --------------------------------------------------------------------------------
     def loss_names(self) -> tuple[str, ...]:

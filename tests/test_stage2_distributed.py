@@ -21,7 +21,9 @@ def stage1_run(tmp_path_factory, tiny_encoder):
     launch("launchers/stage1.py", ["--config", str(REPO / "configs" / "tiny.yaml"), f"run.output_dir={run}",
                                    "train.lr=3.0e-3", "train.max_steps=40", "train.eval_every=20",
                                    "data.max_train_sentences=3000", "train.global_batch_size=32",
-                                   "train.micro_batch_size=32", "eval.head=seq"])
+                                   "train.micro_batch_size=32", "eval.head=seq",
+                                   # ZeRO-0: stage 2 then reads a plain (non-partitioned) checkpoint
+                                   f"deepspeed.config={REPO / 'ds_configs' / 'zero0_fp32.json'}"])
     return run
 
 
@@ -85,3 +87,40 @@ def test_zero3_with_teacher_completes(stage1_run, tmp_path):
 def test_zero3_teacher_refresh_copies_the_student(tiny_encoder):
     output = launch("tests/zero3_refresh_check.py", [], nproc=2)
     assert output.stdout.count("teacher equals student after refresh") == 2
+
+
+@pytest.mark.parametrize("variant", [
+    ["stage2.teaching=self_kl"],
+    ["stage2.mse_weight=0", "stage2.target_weight=0"],
+    ["stage2.mse=parallel", "stage2.confidence_threshold=0.6", "stage2.target_weight=0.5"],
+    ["data.train_fraction=0.5", "stage2.loader_workers=2"],
+], ids=["self-kl", "no-mse-no-trg", "trgtrans-parallel", "source-fraction"])
+def test_variants_run_from_config_alone(stage1_run, tmp_path, variant):
+    translations = tmp_path / "fr.jsonl"
+    # stand-in "translations": the first English training sentences reversed, tied by src_id
+    from dualner.data.conll import read_conll
+    english = read_conll(REPO / "data" / "panx-sample" / "en" / "train.tsv", "en", max_sentences=200)
+    translations.write_text("".join(json.dumps({"tokens": s.words[::-1], "lang": "fr", "src_id": str(i)})
+                                    + "\n" for i, s in enumerate(english)))
+    run = tmp_path / "run"
+    launch("launchers/stage2.py", ["--config", str(REPO / "configs" / "tiny_stage2.yaml"),
+                                   f"run.output_dir={run}", f"stage2.init_from={stage1_run}",
+                                   "train.max_steps=3", "train.eval_every=3", "train.log_every=1",
+                                   "data.max_eval_sentences=20", f"stage2.translations.fr={translations}",
+                                   "stage2.sample_log=true",
+                                   *variant])
+    log = read_log(run)
+    assert sorted(log) == [1, 2, 3] and all(map(lambda e: e["loss/total"] > 0, log.values()))
+    if "stage2.mse_weight=0" in variant:
+        assert all(e["loss/mse"] == 0 for e in log.values())
+    if "stage2.mse=parallel" in variant:
+        # each translation is followed by its English source: the pairs meet in a micro batch
+        together = [sample.rsplit(":", 1)[1] for step in samples_by_step(run, 0).values()
+                    for sample in step if "fr.jsonl" in sample]
+        sources = {sample.rsplit(":", 1)[1] for step in samples_by_step(run, 0).values()
+                   for sample in step if "source_labeled" in sample}
+        assert together and set(together) <= sources
+    if "data.train_fraction=0.5" in variant:
+        remainder = (run / "stage2_data" / "source_remainder.jsonl").read_text().splitlines()
+        labeled = (run / "stage2_data" / "source_labeled.jsonl").read_text().splitlines()
+        assert abs(len(remainder) - len(labeled)) <= 1 and '"tags"' not in remainder[0]

@@ -84,3 +84,31 @@ def test_bad_corpora_name_the_file_line_or_key(tmp_path):
         list(shard_stream(make_shards([str(tmp_path / "bad.jsonl")], "xx", KIND_TARGET, 1, 1), False))
     with pytest.raises(FileNotFoundError, match=r"stage2.target.de: .*matches no file"):
         expand_files(str(tmp_path / "nothing-*.txt"), "stage2.target.de")
+
+
+def test_datasets_name_is_streamed_and_sharded(tmp_path):
+    """`hf:NAME@SPLIT` goes through datasets.load_dataset(streaming=True), the same call as a hub
+    name; here NAME is a local folder, so no network is needed."""
+    folder = tmp_path / "hubby"
+    folder.mkdir()
+    (folder / "train.jsonl").write_text("".join(
+        json.dumps({"tokens": [f"w{i}", "x"], "lang": "sw"}) + "\n" for i in range(10)))
+    spec = f"hf:{folder}@train"
+    assert expand_files(spec, "k") == [spec]
+    shards = make_shards([spec], "sw", KIND_TARGET, 2, 1)
+    parts = [[r["words"][0] for r in shard_stream(rank_shards(shards, rank, 2), False)] for rank in (0, 1)]
+    assert sorted(parts[0] + parts[1]) == sorted(f"w{i}" for i in range(10))
+    assert not set(parts[0]) & set(parts[1])
+
+
+def test_parallel_pairs_a_translation_with_its_source(tmp_path):
+    source = tmp_path / "source.jsonl"
+    source.write_text(json.dumps({"tokens": ["Paris"], "tags": ["B-LOC"], "src_id": "3"}) + "\n")
+    translations = tmp_path / "fr.jsonl"
+    translations.write_text(json.dumps({"tokens": ["Paris", "!"], "src_id": "3"}) + "\n"
+                            + json.dumps({"tokens": ["rien"], "src_id": "99"}) + "\n")
+    shards = make_shards([str(translations)], "fr", "translation", 1, 1, pair_with=str(source))
+    rows = list(shard_stream(shards, False))
+    assert [(r["kind"], r["words"], r["src_id"]) for r in rows] == [
+        ("translation", ["Paris", "!"], "3"), ("source", ["Paris"], "3"), ("translation", ["rien"], "99")]
+    assert rows[1]["tags"] == ["B-LOC"] and rows[0]["tags"] == []

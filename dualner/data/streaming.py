@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import glob
 import json
-from functools import partial
+from functools import lru_cache, partial
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -44,10 +44,21 @@ class Shard:
     stride: int
     language: str
     kind: str
+    # For translations under the "parallel" MSE: the labeled source JSONL whose sentence with the
+    # translation's src_id is emitted right after it, so the pair meets in one micro batch.
+    pair_with: str = ""
+
+
+HUB_PREFIX = "hf:"
 
 
 def expand_files(pattern: str, key: str) -> list[str]:
-    """A path or glob -> sorted files; an error naming the config key when nothing matches."""
+    """A path or glob -> sorted files; an error naming the config key when nothing matches.
+
+    `hf:NAME[:CONFIG]@SPLIT` names a `datasets` dataset (a hub name, or a local folder) with a
+    `tokens` column, streamed rather than downloaded whole."""
+    if pattern.startswith(HUB_PREFIX):
+        return [pattern]
     files = sorted(glob.glob(pattern, recursive=True)) if glob.has_magic(pattern) else [pattern]
     files = [f for f in files if Path(f).is_file()]
     if not files:
@@ -56,10 +67,37 @@ def expand_files(pattern: str, key: str) -> list[str]:
 
 
 def make_shards(files: Sequence[str], language: str, kind: str, world_size: int,
-                workers: int) -> list[Shard]:
+                workers: int, pair_with: str = "") -> list[Shard]:
     wanted = world_size * max(1, workers)
     parts = max(1, -(-wanted // len(files)))  # at least ranks x workers shards in all
-    return [Shard(path, offset, parts, language, kind) for path in files for offset in range(parts)]
+    return [Shard(path, offset, parts, language, kind, pair_with)
+            for path in files for offset in range(parts)]
+
+
+def _iter_hub(shard: Shard) -> Iterator[dict]:
+    spec, _, split = shard.path[len(HUB_PREFIX):].rpartition("@")
+    if not spec:
+        raise DataFormatError(f"{shard.path}: expected hf:NAME[:CONFIG]@SPLIT")
+    name, _, config = spec.partition(":") if not Path(spec).exists() else (spec, "", "")
+    stream = datasets.load_dataset(name, config or None, split=split, streaming=True)
+    if stream.num_shards >= shard.stride:  # the dataset's own files split the work
+        stream, stride, offset = stream.shard(num_shards=shard.stride, index=shard.offset), 1, 0
+    else:
+        stride, offset = shard.stride, shard.offset
+    for index, record in enumerate(stream):
+        if index % stride != offset:
+            continue
+        if "tokens" not in record:
+            raise DataFormatError(f"{shard.path}: record {index} has no 'tokens' column "
+                                  f"(columns: {sorted(record)})")
+        yield {"words": list(record["tokens"]), "tags": [], "language": record.get("lang") or shard.language,
+               "src_id": str(record.get("src_id", "")), "sample_id": f"{shard.path}#{index}"}
+
+
+@lru_cache(maxsize=4)
+def _source_by_id(path: str) -> dict[str, dict]:
+    # The labeled source is small (it was labeled by hand); one dict per loader process.
+    return {sentence["src_id"]: sentence for sentence in _iter_jsonl(Path(path), "")}
 
 
 def rank_shards(shards: Sequence[Shard], rank: int, world_size: int) -> list[Shard]:
@@ -67,6 +105,9 @@ def rank_shards(shards: Sequence[Shard], rank: int, world_size: int) -> list[Sha
 
 
 def _iter_sentences(shard: Shard) -> Iterator[dict]:
+    if shard.path.startswith(HUB_PREFIX):
+        yield from _iter_hub(shard)
+        return
     path = Path(shard.path)
     suffix = path.suffix.lower()
     if suffix in _JSONL_SUFFIXES:
@@ -85,6 +126,10 @@ def _iter_sentences(shard: Shard) -> Iterator[dict]:
             if shard.kind != KIND_SOURCE:
                 sentence["tags"] = []  # unlabeled text: any label column is ignored
             yield sentence
+            if shard.pair_with and sentence["src_id"]:
+                source = _source_by_id(shard.pair_with).get(sentence["src_id"])
+                if source is not None:
+                    yield {**source, "kind": KIND_SOURCE}
 
 
 def _iter_text(path: Path, language: str) -> Iterator[dict]:
@@ -122,7 +167,7 @@ def _generate(shards: list[Shard]) -> Iterator[dict]:
     # `shards` is a list in gen_kwargs, which is how `datasets` splits work across loader workers.
     for shard in shards:
         for sentence in _iter_sentences(shard):
-            yield {**sentence, "kind": shard.kind}
+            yield {"kind": shard.kind, **sentence}
 
 
 _FEATURES = datasets.Features({
