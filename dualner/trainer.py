@@ -15,10 +15,12 @@ import torch
 import yaml
 
 from dualner import checkpoint as ckpt
+from dualner import faults
 from dualner.config import Config, ConfigError, config_to_dict, save_config
 from dualner.data.encoding import SentenceEncoder
 from dualner.data.sources import check_entity_types, read_labeled
-from dualner.distributed import DistInfo, all_gather_objects, all_reduce_sum, barrier, init_distributed
+from dualner.distributed import (DistInfo, all_gather_objects, all_reduce_max, all_reduce_sum, barrier,
+                                 init_distributed)
 from dualner.engine import BatchLayout, build_engine, derive_batch_layout, load_deepspeed_config, zero_stage
 from dualner.evaluate import EvalSet, evaluate_sets, format_table
 from dualner.labels import LabelSet
@@ -28,16 +30,21 @@ from dualner.logging import ScalarWriter, get_logger
 _RUN_IDENTITY = ("model", "data", "stage2")
 
 
+class NonFiniteLossError(FloatingPointError):
+    pass
+
+
 @dataclass
 class TrainerState:
     step: int = 0
     best_score: float = float("-inf")
     best_step: int = -1
     history: list = field(default_factory=list)  # dev results of every evaluation
+    skipped_micro_batches: int = 0  # non-finite losses skipped (train.nonfinite_loss=skip)
 
     def as_dict(self) -> dict:
         return {"step": self.step, "best_score": self.best_score, "best_step": self.best_step,
-                "history": self.history}
+                "history": self.history, "skipped_micro_batches": self.skipped_micro_batches}
 
 
 def rng_state() -> dict:
@@ -104,18 +111,26 @@ class Trainer:
         self.log = get_logger()
         if cfg.eval.select_on == "source" and cfg.data.source_language not in cfg.data.dev:
             raise ConfigError(f"eval.select_on=source needs data.dev.{cfg.data.source_language}")
-        self.run_dir = prepare_run_dir(cfg, self.info)
+        # Nothing is written before the subclass has read and checked its inputs (open_run_dir).
+        self.run_dir = Path(cfg.run.output_dir)
         self.checkpoints = self.run_dir / "checkpoints"
         seed_everything(cfg.run.seed, self.info.rank)
         self.layout: BatchLayout = derive_batch_layout(cfg.train, self.info.world_size)
         self.ds_config = load_deepspeed_config(cfg.deepspeed.config, self.layout)
+        if cfg.train.nonfinite_loss == "skip" and zero_stage(self.ds_config) == 3:
+            raise ConfigError("train.nonfinite_loss=skip works with ZeRO stages 0-2 (a skipped micro "
+                              "batch needs whole parameters for its zero gradient); use stop under ZeRO-3")
         self.state = TrainerState()
-        self.writer = ScalarWriter(self.run_dir / "tensorboard", cfg.logging.tensorboard)
         self._window: dict[str, torch.Tensor] = {}
         self._window_tokens = 0.0
         self._window_micro_batches = 0.0
 
-    # -- set-up helpers for subclasses ------------------------------------------------------------
+    # -- set-up helpers for subclasses -------------------------------------------------------------
+    def open_run_dir(self) -> None:
+        """Refuse a folder holding another run, save the config, start TensorBoard."""
+        prepare_run_dir(self.cfg, self.info)
+        self.writer = ScalarWriter(self.run_dir / "tensorboard", self.cfg.logging.tensorboard)
+
     def load_eval_data(self) -> None:
         cfg = self.cfg
         self.dev_sets = load_eval_sets(cfg.data.dev, "data.dev", self.encoder, self.label_set,
@@ -146,8 +161,43 @@ class Trainer:
     def on_new_best(self) -> None:
         pass
 
+    def on_train_start(self) -> None:
+        """Called once the run is resumed (or fresh), before the first step of this job."""
+
     def loss_names(self) -> tuple[str, ...]:
         raise NotImplementedError
+
+    # -- the backward pass, guarded ----------------------------------------------------------------
+    def backward(self, loss: torch.Tensor, micro_batch: int, samples: list) -> bool:
+        """Backward and step unless some rank's loss is not finite; then every rank, together,
+        stops or skips the micro batch (train.nonfinite_loss). Returns whether it was trained on.
+
+        The check costs one small all-reduce (and a host sync) per micro batch: the price of
+        every rank deciding the same thing at the same moment."""
+        if faults.nan_if_due(self.info.rank, self.state.step + 1):
+            loss = loss * float("nan")
+        nonfinite = all_reduce_max(int(not torch.isfinite(loss.detach()).item()))
+        if nonfinite:
+            where = (f"step {self.state.step + 1}, micro batch {micro_batch} "
+                     f"(rank {self.info.rank} samples {samples[:4]}{' ...' if len(samples) > 4 else ''})")
+            if self.cfg.train.nonfinite_loss == "stop":
+                newest = ckpt.latest_complete(self.checkpoints)
+                raise NonFiniteLossError(
+                    f"non-finite loss at {where}; stopped (train.nonfinite_loss=stop). The newest "
+                    f"complete checkpoint, where resume=auto restarts, is {newest or 'none yet'}; "
+                    f"lower train.lr or set train.nonfinite_loss=skip")
+            self.state.skipped_micro_batches += 1
+            self.log.warning("non-finite loss at %s: skipped on every rank (%d so far)", where,
+                             self.state.skipped_micro_batches)
+            # An exact zero gradient for every trainable parameter keeps DeepSpeed's accumulation,
+            # reductions and optimizer step in lockstep across ranks, without the NaN's graph.
+            zero = sum((p * 0.0).sum() for p in self.engine.module.parameters() if p.requires_grad)
+            self.engine.backward(zero)
+            self.engine.step()
+            return False
+        self.engine.backward(loss)
+        self.engine.step()
+        return True
 
     # -- accounting ---------------------------------------------------------------------------------
     def accumulate(self, values: dict[str, torch.Tensor], tokens: int) -> None:
@@ -230,13 +280,10 @@ class Trainer:
         self._window, self._window_tokens, self._window_micro_batches = {}, 0.0, 0.0
         micro_batches = max(1.0, float(totals[-1]))
         losses = {f"loss/{name}": float(totals[i]) / micro_batches for i, name in enumerate(names)}
-        if not np.isfinite(losses["loss/total"]):
-            raise FloatingPointError(
-                f"non-finite training loss in the steps up to {self.state.step}; the last complete "
-                f"checkpoint in {self.checkpoints} is intact")
         elapsed = max(time.perf_counter() - started, 1e-9)
         scalars = losses | self.extra_scalars() | {
-            "lr": self.engine.get_lr()[0], "throughput/tokens_per_s": float(totals[-2]) / elapsed}
+            "lr": self.engine.get_lr()[0], "throughput/tokens_per_s": float(totals[-2]) / elapsed,
+            "nonfinite/skipped_micro_batches": float(self.state.skipped_micro_batches)}
         self.writer.scalars(scalars, self.state.step)
         self.log.info("step %d/%d loss %.4f lr %.2e %.0f tokens/s", self.state.step, self.total_steps,
                       losses["loss/total"], scalars["lr"], scalars["throughput/tokens_per_s"])
@@ -247,6 +294,7 @@ class Trainer:
     # -- the loop -----------------------------------------------------------------------------------
     def train(self) -> dict:
         self._resume()
+        self.on_train_start()
         cfg = self.cfg.train
         save_every = cfg.save_every or cfg.eval_every
         steps_this_job = 0
@@ -260,6 +308,7 @@ class Trainer:
         started = time.perf_counter()
         self.engine.train()
         while self.state.step < self.total_steps:
+            faults.kill_if_due("kill", self.info.rank, self.state.step + 1)
             self.train_step()
             self.state.step += 1
             steps_this_job += 1

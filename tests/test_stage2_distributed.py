@@ -42,6 +42,8 @@ def samples_by_step(run_dir, rank):
     steps = defaultdict(list)
     for line in (run_dir / f"samples_rank{rank}.jsonl").read_text().splitlines():
         entry = json.loads(line)
+        if "job_starts_after_step" in entry:
+            continue
         # the labeled source is streamed from the run folder: compare runs without their folder
         steps[entry["step"]] += [sample.replace(str(run_dir), "RUN") for sample in entry["samples"]]
     return dict(steps)

@@ -1,0 +1,116 @@
+"""The catalogue of bad inputs: each is refused with an error naming the file and line, the key or
+the path, and leaves existing outputs untouched. (Reader-level cases: tests/test_data.py; config
+and DeepSpeed JSON: tests/test_config.py; corpora: tests/test_streaming.py.)"""
+
+import hashlib
+import json
+
+import pytest
+
+from dualner.checkpoint import CheckpointError
+from dualner.config import ConfigError, load_config
+from dualner.data.conll import DataFormatError, read_conll
+from dualner.stage1 import Stage1Trainer
+from dualner.stage2 import Stage2Trainer
+from tests.conftest import REPO
+
+TINY = ["train.max_steps=2", "data.max_train_sentences=64", "data.max_eval_sentences=8",
+        f"deepspeed.config={REPO / 'ds_configs' / 'zero0_fp32.json'}"]
+
+
+def snapshot(folder):
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()} if folder.exists() else {}
+
+
+def config(output, *overrides, file="tiny.yaml"):
+    return load_config(REPO / "configs" / file, [f"run.output_dir={output}", *TINY, *overrides])
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, tiny_encoder):
+    output = tmp_path_factory.mktemp("bad") / "run"
+    Stage1Trainer(config(output)).train()
+    return output
+
+
+def test_output_dir_holding_another_run_is_refused_untouched(finished_run):
+    before = snapshot(finished_run)
+    with pytest.raises(ConfigError, match=r"holds another run .* section\(s\) model"):
+        Stage1Trainer(config(finished_run, "model.dropout=0.3"))
+    assert snapshot(finished_run) == before
+
+
+def test_eval_data_with_other_entity_types(tmp_path, tiny_encoder):
+    dev = tmp_path / "dev.tsv"
+    dev.write_text("Bob\tB-PER\n\nIBM\tB-ORG\nWatson\tI-MISC\n")
+    with pytest.raises(DataFormatError, match=r"data.dev.xx: .*dev.tsv:3: entity type 'MISC' is not one"):
+        Stage1Trainer(config(tmp_path / "run", f"data.dev.xx={dev}"))
+    assert not (tmp_path / "run").exists()  # refused before anything was written
+
+
+def test_missing_model_path_names_the_key(tmp_path):
+    with pytest.raises(FileNotFoundError, match="model.encoder: no such folder ./no/such/model"):
+        Stage1Trainer(config(tmp_path / "run", "model.encoder=./no/such/model"))
+
+
+def test_tokenizer_that_does_not_match_the_model(tmp_path, tiny_encoder):
+    from dualner.encoders.tiny import build_tokenizer
+    build_tokenizer(vocab_size=6000).save_pretrained(tmp_path / "big-tokenizer")
+    with pytest.raises(ConfigError, match=r"model.tokenizer: .*big-tokenizer has \d+ tokens but the encoder"):
+        Stage1Trainer(config(tmp_path / "run", f"model.tokenizer={tmp_path / 'big-tokenizer'}"))
+
+
+def test_missing_training_file_names_the_key(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"data.train.en: data file not found: .*missing.tsv"):
+        Stage1Trainer(config(tmp_path / "run", f"data.train.en={tmp_path / 'missing.tsv'}"))
+
+
+def test_batch_sizes_that_do_not_divide(tmp_path):
+    with pytest.raises(ConfigError, match=r"train.micro_batch_size=6 does not divide the 16 sentences"):
+        Stage1Trainer(config(tmp_path / "run", "train.micro_batch_size=6"))
+
+
+@pytest.mark.parametrize("init_from, message", [
+    ("nowhere", "checkpoint not found: nowhere"),
+    ("EMPTY", "holds no complete step-N checkpoint"),
+])
+def test_stage2_needs_a_stage1_model(tmp_path, init_from, message):
+    if init_from == "EMPTY":
+        (tmp_path / "empty").mkdir()
+        init_from = str(tmp_path / "empty")
+    with pytest.raises((FileNotFoundError, CheckpointError), match=message):
+        Stage2Trainer(config(tmp_path / "run", f"stage2.init_from={init_from}", file="tiny_stage2.yaml"))
+    assert not (tmp_path / "run").exists()
+
+
+def test_stage2_on_a_folder_without_model_assets(finished_run, tmp_path):
+    import shutil
+    copy = tmp_path / "not-dualner"
+    shutil.copytree(finished_run / "checkpoints", copy / "checkpoints")
+    with pytest.raises(CheckpointError, match=r"step-2: no model assets at .*\(not a DualNER run folder\)"):
+        Stage2Trainer(config(tmp_path / "run", f"stage2.init_from={copy}", file="tiny_stage2.yaml"))
+
+
+def test_stage2_corpus_glob_that_matches_nothing(finished_run, tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"stage2.target.de: .*nothing-\*.txt' matches no file"):
+        Stage2Trainer(config(tmp_path / "run", f"stage2.init_from={finished_run}",
+                             f"stage2.target.de={tmp_path}/nothing-*.txt", file="tiny_stage2.yaml"))
+    assert not (tmp_path / "run").exists()
+
+
+def test_empty_sentences_are_skipped_not_errors(tmp_path):
+    path = tmp_path / "gaps.tsv"
+    path.write_text("\n\nParis\tB-LOC\n\n\n\nBob\tB-PER\n\n")
+    assert [s.words for s in read_conll(path)] == [["Paris"], ["Bob"]]
+
+
+def test_stage2_without_max_steps(tmp_path):
+    with pytest.raises(ConfigError, match="train.max_steps: stage 2 streams corpora of unknown length"):
+        Stage2Trainer(load_config(REPO / "configs" / "tiny_stage2.yaml",
+                                  [f"run.output_dir={tmp_path}", "train.max_steps=null"]))
+
+
+def test_results_of_a_finished_run_are_complete(finished_run):
+    results = json.loads((finished_run / "results.json").read_text())
+    assert results["steps"] == 2 and (finished_run / "checkpoints" / "best.json").is_file()
