@@ -17,7 +17,7 @@ from dualner.data.encoding import SentenceEncoder
 from dualner.data.sources import read_labeled, split_source_fraction
 from dualner.data.streaming import (KIND_SOURCE, KIND_TARGET, KIND_TRANSLATION, Stage2Stream,
                                     expand_files, make_shards, rank_shards)
-from dualner.distributed import all_gather_objects, all_reduce_sum, barrier
+from dualner.distributed import all_reduce_sum, barrier
 from dualner.engine import zero_stage
 from dualner.inference import load_trained_model, save_model_assets
 from dualner.losses import (centroid_mse, entity_representations, parallel_mse, self_kl,
@@ -250,16 +250,17 @@ class Stage2Trainer(Trainer):
                       self.teacher_refreshes)
 
     def client_state(self) -> dict:
-        return {"stream": all_gather_objects(self.stream.state_dict()),
-                "teacher_refreshes": self.teacher_refreshes}
+        return {"teacher_refreshes": self.teacher_refreshes}
 
-    def restore_client_state(self, client_state: dict) -> None:
-        streams = client_state["stream"]
-        if len(streams) != self.info.world_size:
-            raise ConfigError(f"the checkpoint's data position was written by {len(streams)} rank(s); "
-                              f"stage 2 resumes its streams on the same number of ranks only "
-                              f"(now {self.info.world_size})")
-        self.stream.load_state_dict(streams[self.info.rank])
+    def rank_state(self) -> dict:
+        return {"stream": self.stream.state_dict()}
+
+    def restore_client_state(self, client_state: dict, rank_state: dict | None) -> None:
+        if rank_state is None:
+            raise ConfigError(f"the checkpoint's stream positions were written by "
+                              f"{len(client_state['ranks'])} rank(s); stage 2 resumes its streams on "
+                              f"the same number of ranks only (now {self.info.world_size})")
+        self.stream.load_state_dict(rank_state["stream"])
         self.teacher_refreshes = client_state["teacher_refreshes"]
 
 

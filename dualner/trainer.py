@@ -153,10 +153,15 @@ class Trainer:
         raise NotImplementedError
 
     def client_state(self) -> dict:
+        """State shared by all ranks, saved in DeepSpeed's client state."""
         return {}
 
-    def restore_client_state(self, client_state: dict) -> None:
-        pass
+    def rank_state(self) -> dict:
+        """This rank's own state (e.g. its stream position); gathered from every rank at a save."""
+        return {}
+
+    def restore_client_state(self, client_state: dict, rank_state: dict | None) -> None:
+        """`rank_state` is None when the checkpoint was written by another number of ranks."""
 
     def on_new_best(self) -> None:
         pass
@@ -181,10 +186,14 @@ class Trainer:
             where = (f"step {self.state.step + 1}, micro batch {micro_batch} "
                      f"(rank {self.info.rank} samples {samples[:4]}{' ...' if len(samples) > 4 else ''})")
             if self.cfg.train.nonfinite_loss == "stop":
-                newest = ckpt.latest_complete(self.checkpoints)
+                # Parameters and optimizer still hold the previous step (this step's gradients are
+                # never applied), so they are checkpointed with the data position and RNG state
+                # taken when the step began.
+                if not ckpt.is_complete(self.checkpoints / f"step-{self.state.step}"):
+                    self._save(snapshot=self._step_start)
                 raise NonFiniteLossError(
-                    f"non-finite loss at {where}; stopped (train.nonfinite_loss=stop). The newest "
-                    f"complete checkpoint, where resume=auto restarts, is {newest or 'none yet'}; "
+                    f"non-finite loss at {where}; stopped (train.nonfinite_loss=stop) with checkpoint "
+                    f"{self.checkpoints / f'step-{self.state.step}'}, where resume=auto restarts; "
                     f"lower train.lr or set train.nonfinite_loss=skip")
             self.state.skipped_micro_batches += 1
             self.log.warning("non-finite loss at %s: skipped on every rank (%d so far)", where,
@@ -224,19 +233,26 @@ class Trainer:
             return
         client_state = ckpt.load_checkpoint(self.engine, path)
         self.state = TrainerState(**client_state["trainer"])
-        rng_states = client_state["rng"]
-        if len(rng_states) == self.info.world_size:
-            set_rng_state(rng_states[self.info.rank])
+        ranks = client_state["ranks"]
+        mine = ranks[self.info.rank] if len(ranks) == self.info.world_size else None
+        if mine is not None:
+            set_rng_state(mine["rng"])
         else:
             self.log.warning("checkpoint written by %d ranks, resuming on %d: dropout draws differ "
-                             "from the uninterrupted run", len(rng_states), self.info.world_size)
+                             "from the uninterrupted run", len(ranks), self.info.world_size)
             seed_everything(self.cfg.run.seed + self.state.step, self.info.rank)
-        self.restore_client_state(client_state)
+        self.restore_client_state(client_state, mine)
         self.log.info("resumed from %s at step %d", path, self.state.step)
 
-    def _save(self) -> None:
-        client_state = {"trainer": self.state.as_dict(), "rng": all_gather_objects(rng_state()),
-                        **self.client_state()}
+    def _snapshot(self) -> tuple[dict, dict]:
+        """(this rank's state with its RNG, the shared state): local copies, no collective."""
+        return {"rng": rng_state(), **self.rank_state()}, self.client_state()
+
+    def _save(self, snapshot: tuple[dict, dict] | None = None) -> None:
+        """Checkpoint the current step; with `snapshot` (taken when the step began), checkpoint
+        the state before the step in progress."""
+        mine, shared = snapshot if snapshot is not None else self._snapshot()
+        client_state = {"trainer": self.state.as_dict(), "ranks": all_gather_objects(mine), **shared}
         ckpt.save_checkpoint(self.engine, self.checkpoints, self.state.step, client_state)
         ckpt.prune(self.checkpoints, self.cfg.train.keep_last)
 
@@ -309,6 +325,8 @@ class Trainer:
         self.engine.train()
         while self.state.step < self.total_steps:
             faults.kill_if_due("kill", self.info.rank, self.state.step + 1)
+            # What a checkpoint of the state before this step needs, should the step be abandoned.
+            self._step_start = self._snapshot()
             self.train_step()
             self.state.step += 1
             steps_this_job += 1

@@ -28,14 +28,22 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+DISTRIBUTED_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT",
+                         "DUALNER_FAULT")
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    """The environment of a launched job: without this process's rendezvous variables (an
+    in-process test may have set them, and their port is taken)."""
+    env = {key: value for key, value in os.environ.items() if key not in DISTRIBUTED_VARIABLES}
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "torch_extensions"))
+    return {**env, "OMP_NUM_THREADS": "1", **extra}
+
+
 def launch(script: str, args: list[str], nproc: int = 1, timeout: int = 600,
            cwd: Path = REPO) -> subprocess.CompletedProcess:
     """Run a real launcher: torchrun with `nproc` ranks (gloo on CPU), or plain python for one."""
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1",
-           "TORCH_EXTENSIONS_DIR": os.environ.get(
-               "TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "torch_extensions"))}
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
+    env = child_env(PYTHONPATH=str(REPO))
     if nproc > 1:
         command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
                    f"--master_port={free_port()}", str(REPO / script), *args]

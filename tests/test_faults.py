@@ -3,14 +3,13 @@ stage 2, a crash in the middle of a checkpoint save, non-finite losses. After `r
 losses equal the uninterrupted run's and the streamed samples have no repeat and no gap."""
 
 import json
-import os
 import random
 import subprocess
 import sys
 
 import pytest
 
-from tests.conftest import REPO, free_port, launch
+from tests.conftest import REPO, child_env, free_port
 
 STEPS = 8
 COMMON = [f"train.max_steps={STEPS}", "train.eval_every=4", "train.save_every=2", "train.log_every=1",
@@ -22,11 +21,7 @@ KILL_POINTS = sorted(random.Random(2026).sample(range(2, STEPS + 1), 3))
 
 
 def run(script, config, output, *extra, fault=None, check=True):
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "DUALNER_FAULT"):
-        env.pop(key, None)
-    if fault:
-        env["DUALNER_FAULT"] = fault
+    env = child_env(PYTHONPATH=str(REPO), **({"DUALNER_FAULT": fault} if fault else {}))
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
                f"--master_port={free_port()}", str(REPO / script), "--config",
                str(REPO / "configs" / config), f"run.output_dir={output}", *COMMON, *extra]
@@ -137,8 +132,27 @@ def test_nonfinite_loss_is_detected_on_every_rank(tmp_path, tiny_encoder, policy
         # both ranks stopped at the same point: rank 0, whose loss was finite, raised too
         assert log.count("NonFiniteLossError: non-finite loss at step 3") == 2
         assert (output / "checkpoints" / "step-2" / "COMPLETE").is_file()
+        assert "stopped (train.nonfinite_loss=stop) with checkpoint" in log
     else:
         assert result.returncode == 0, log[-3000:]
         entries = last_entry_per_step(output / "losses.jsonl")
         assert entries[3]["nonfinite/skipped_micro_batches"] >= 1
         assert all(entry["loss/total"] == entry["loss/total"] for entry in entries.values())  # no NaN
+
+
+def test_nonfinite_stop_writes_the_checkpoint_before_the_step(tmp_path, stage1_reference):
+    """Stage 2, NaN in step 3 (no checkpoint at step 2 yet: save_every=4): the stop writes step-2
+    from the state before step 3, and resuming from it repeats the uninterrupted run."""
+    output = tmp_path / "run"
+    stopped = run("launchers/stage2.py", "tiny_stage2.yaml", output, f"stage2.init_from={stage1_reference}",
+                  "train.save_every=4", fault="nan:rank=0:step=3", check=False)
+    assert stopped.returncode != 0
+    assert (output / "checkpoints" / "step-2" / "COMPLETE").is_file()
+    run("launchers/stage2.py", "tiny_stage2.yaml", output, f"stage2.init_from={stage1_reference}",
+        "train.save_every=4")
+    reference = tmp_path / "reference"
+    run("launchers/stage2.py", "tiny_stage2.yaml", reference, f"stage2.init_from={stage1_reference}",
+        "train.save_every=4")
+    assert_same_losses(reference, output)
+    for rank in (0, 1):
+        assert stream_log(output, rank) == stream_log(reference, rank)

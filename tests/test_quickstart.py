@@ -1,12 +1,11 @@
 """The README's main command, run as a new user would: in a fresh copy of the repository."""
 
 import json
-import os
 import re
 import shutil
 import subprocess
 
-from tests.conftest import REPO
+from tests.conftest import REPO, child_env
 
 # Shortened so the suite stays within its budget; the full-length run is measured in bench/RESULTS.md.
 SHORT = ["train.max_steps=4", "train.eval_every=4", "train.warmup_steps=2",
@@ -35,7 +34,8 @@ def test_main_command_in_a_fresh_directory(tmp_path):
         if (REPO / name).is_file():
             (fresh / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(REPO / name, fresh / name)
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "RANK", "WORLD_SIZE")}
+    env = child_env()
+    env.pop("PYTHONPATH", None)  # the scripts set up their own
     result = subprocess.run(readme_command("main-command").split() + SHORT, cwd=fresh, env=env,
                             capture_output=True, text=True, timeout=1200)
     output = result.stdout + result.stderr
