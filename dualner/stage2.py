@@ -49,7 +49,7 @@ def build_teacher_engine(model: DualNERModel, ds_config: dict):
 def _copy_weights(student: torch.nn.Module, teacher: torch.nn.Module) -> None:
     """Student -> teacher, shard by shard: under ZeRO-3 both hold the same partition on a rank."""
     with torch.no_grad():
-        for (name, source), (_, target) in zip(student.named_parameters(), teacher.named_parameters()):
+        for source, target in zip(student.parameters(), teacher.parameters()):
             if hasattr(source, "ds_tensor"):
                 target.ds_tensor.copy_(source.ds_tensor)
             else:

@@ -4,13 +4,11 @@
     torchrun --nproc_per_node 2 launchers/evaluate.py ...   (predictions gathered across ranks)
 """
 
+import argparse
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a clone without installing
-
-import argparse
-import sys
 
 from dualner.evaluate_checkpoint import evaluate_checkpoint
 
