@@ -1,0 +1,120 @@
+"""Batched prediction: plain text, CoNLL or JSONL in; entities with word offsets, type and score out.
+
+Each output line: {"tokens": [...], "entities": [{"start": 3, "end": 5, "type": "PER",
+"score": 0.97, "text": "Ada Lovelace"}]} with `end` exclusive (word offsets). Span head by default:
+the score is the geometric mean of the start probability at the first word and the end probability
+at the last; with the BIO head, the mean probability of the entity's tags.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from dualner.data.conll import iter_conll
+from dualner.data.encoding import SentenceEncoder, collate
+from dualner.export import load_any
+from dualner.labels import Entity, decode_spans, extract_entities
+
+_BATCH_SENTENCES = 256  # sentences read, encoded and predicted together
+
+
+def read_input(path: Path) -> Iterator[list[str]]:
+    suffix = path.suffix.lower()
+    if suffix in (".jsonl", ".json"):
+        with path.open(encoding="utf-8") as handle:
+            for line_number, line in enumerate(handle, start=1):
+                if line.strip():
+                    record = json.loads(line)
+                    if not isinstance(record.get("tokens"), list):
+                        raise ValueError(f"{path}:{line_number}: expected a JSON object with 'tokens'")
+                    yield record["tokens"]
+    elif suffix in (".tsv", ".conll", ".iob", ".bio"):
+        for sentence in iter_conll(path, labeled=False):
+            yield sentence.words
+    else:  # plain text: one pre-tokenized sentence per line
+        with path.open(encoding="utf-8") as handle:
+            for line in handle:
+                if line.split():
+                    yield line.split()
+
+
+class Predictor:
+    def __init__(self, model_path: str | Path, head: str = "span", batch_size: int = 64,
+                 device: str | None = None):
+        loaded = load_any(model_path)
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.model = loaded.model.to(self.device).eval()
+        self.label_set = loaded.label_set
+        self.encoder = SentenceEncoder(loaded.tokenizer, loaded.label_set, loaded.max_length)
+        self.pad_id = loaded.tokenizer.pad_token_id
+        self.head, self.batch_size = head, batch_size
+
+    @torch.no_grad()
+    def predict(self, sentences: list[list[str]]) -> list[list[dict]]:
+        from dualner.data.conll import Sentence
+        rows = self.encoder.encode([Sentence(words, None) for words in sentences]).to_list()
+        # word-level class probabilities per sentence, stitched from its windows
+        probabilities: dict[int, list[np.ndarray]] = {}
+        order = sorted(range(len(rows)), key=lambda i: len(rows[i]["input_ids"]))
+        for start in range(0, len(order), self.batch_size):
+            batch_rows = [rows[i] for i in order[start:start + self.batch_size]]
+            batch = collate(batch_rows, self.pad_id)
+            outputs = self.model(batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device))
+            heads = ((outputs.start_logits, outputs.end_logits) if self.head == "span"
+                     else (outputs.seq_logits,))
+            heads = [logits.float().softmax(-1).cpu().numpy() for logits in heads]
+            word_index = batch["word_index"].numpy()
+            for row_number, row in enumerate(batch_rows):
+                store = probabilities.setdefault(row["sentence_id"], [
+                    np.zeros((row["num_words"], h.shape[-1]), dtype=np.float32) for h in heads])
+                positions = np.nonzero(word_index[row_number] >= 0)[0]
+                words = word_index[row_number, positions] + row["word_offset"]
+                for target, values in zip(store, heads):
+                    target[words] = values[row_number, positions]
+        return [self._entities(sentences[i], probabilities[i]) for i in range(len(sentences))]
+
+    def _entities(self, words: list[str], probabilities: list[np.ndarray]) -> list[dict]:
+        if self.head == "span":
+            starts, ends = probabilities
+            entities = decode_spans(starts.argmax(-1).tolist(), ends.argmax(-1).tolist(), self.label_set)
+            scores = [float(np.sqrt(starts[e.first_word, self.label_set.span_class(e.entity_type)]
+                                    * ends[e.last_word, self.label_set.span_class(e.entity_type)]))
+                      for e in entities]
+        else:
+            (tags,) = probabilities
+            names = self.label_set.bio_tags
+            entities = extract_entities([names[i] for i in tags.argmax(-1).tolist()])
+            scores = [float(tags[e.first_word:e.last_word + 1].max(-1).mean()) for e in entities]
+        return [_entity_record(words, entity, score) for entity, score in zip(entities, scores)]
+
+
+def _entity_record(words: list[str], entity: Entity, score: float) -> dict:
+    return {"start": entity.first_word, "end": entity.last_word + 1, "type": entity.entity_type,
+            "score": round(score, 6), "text": " ".join(words[entity.first_word:entity.last_word + 1])}
+
+
+def predict_file(model: str | Path, input_path: str | Path, output_path: str | Path,
+                 head: str = "span", batch_size: int = 64, device: str | None = None) -> int:
+    """Stream `input_path` through the model into `output_path` (written whole, then renamed)."""
+    predictor = Predictor(model, head, batch_size, device)
+    output_path = Path(output_path)
+    temporary = output_path.with_name(f".{output_path.name}.partial")
+    count = 0
+    with temporary.open("w", encoding="utf-8") as handle:
+        pending: list[list[str]] = []
+        for words in [*read_input(Path(input_path)), None]:
+            if words is not None:
+                pending.append(words)
+            if pending and (words is None or len(pending) == _BATCH_SENTENCES):
+                for sentence, entities in zip(pending, predictor.predict(pending)):
+                    handle.write(json.dumps({"tokens": sentence, "entities": entities},
+                                            ensure_ascii=False) + "\n")
+                count += len(pending)
+                pending = []
+    temporary.replace(output_path)
+    return count
