@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import random
+import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +33,28 @@ _RUN_IDENTITY = ("model", "data", "stage2")
 
 class NonFiniteLossError(FloatingPointError):
     pass
+
+
+class PreemptionSignal:
+    """SIGTERM / SIGUSR1 (what Slurm and other schedulers send before preempting or at the time
+    limit) ask for a checkpoint at the end of the current step. The ranks agree on the step through
+    one small all-reduce per step, since the signal reaches them at different moments."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self):
+        self.signal_name = ""
+        for number in self.SIGNALS:
+            signal.signal(number, self._handle)
+
+    def _handle(self, number, _frame) -> None:
+        self.signal_name = signal.Signals(number).name
+
+    def requested_on_any_rank(self) -> bool:
+        requested = all_reduce_max(int(bool(self.signal_name))) > 0
+        if requested and not self.signal_name:
+            self.signal_name = "on another rank"
+        return requested
 
 
 @dataclass
@@ -323,6 +346,7 @@ class Trainer:
             ckpt.mark_best(self.checkpoints, 0, self.state.history[-1])
         started = time.perf_counter()
         self.engine.train()
+        self.preemption = PreemptionSignal()
         while self.state.step < self.total_steps:
             faults.kill_if_due("kill", self.info.rank, self.state.step + 1)
             # What a checkpoint of the state before this step needs, should the step be abandoned.
@@ -333,8 +357,9 @@ class Trainer:
             progress.update(1)
             step = self.state.step
             last = step == self.total_steps
-            job_done = (self.cfg.run.max_steps_per_job is not None
-                        and steps_this_job >= self.cfg.run.max_steps_per_job)
+            preempted = self.preemption.requested_on_any_rank()
+            job_done = preempted or (self.cfg.run.max_steps_per_job is not None
+                                     and steps_this_job >= self.cfg.run.max_steps_per_job)
             if step % cfg.log_every == 0 or last or job_done:
                 self._log_window(started)
                 started = time.perf_counter()
@@ -347,11 +372,13 @@ class Trainer:
             if improved:
                 self.on_new_best()
             if job_done and not last:
-                self.log.info("stopping after %d steps in this job (run.max_steps_per_job); run again "
-                              "with run.resume=auto to continue from step %d", steps_this_job, step)
+                reason = (f"signal {self.preemption.signal_name} (preemption or time limit)" if preempted
+                          else "run.max_steps_per_job")
+                self.log.info("stopping after %d steps in this job (%s) with checkpoint step-%d; run "
+                              "again with run.resume=auto to continue", steps_this_job, reason, step)
                 progress.close()
                 self.writer.close()
-                return {"steps": step, "stopped_early": True}
+                return {"steps": step, "stopped_early": True, "preempted": preempted}
         progress.close()
         return self._finish()
 

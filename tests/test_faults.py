@@ -156,3 +156,39 @@ def test_nonfinite_stop_writes_the_checkpoint_before_the_step(tmp_path, stage1_r
     assert_same_losses(reference, output)
     for rank in (0, 1):
         assert stream_log(output, rank) == stream_log(reference, rank)
+
+
+def test_preemption_signal_checkpoints_and_resumes(tmp_path, tiny_encoder):
+    """SIGTERM to the launcher (what a scheduler sends before preempting): the ranks agree on a
+    step, checkpoint it and exit; resume=auto then finishes with the uninterrupted run's losses."""
+    import signal
+    import time
+    steps = 30
+    extra = [f"train.max_steps={steps}", "train.save_every=100", "train.eval_every=100"]
+    reference = tmp_path / "reference"
+    run("launchers/stage1.py", "tiny.yaml", reference, *extra)
+    output = tmp_path / "run"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+               f"--master_port={free_port()}", str(REPO / "launchers" / "stage1.py"), "--config",
+               str(REPO / "configs" / "tiny.yaml"), f"run.output_dir={output}", *COMMON, *extra]
+    process = subprocess.Popen(command, cwd=REPO, env=child_env(PYTHONPATH=str(REPO)),
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        losses = output / "losses.jsonl"
+        if losses.exists() and len(losses.read_text().splitlines()) >= 4:
+            break
+        time.sleep(0.2)
+    process.send_signal(signal.SIGTERM)
+    log = process.communicate(timeout=300)[0]
+    assert "stopping after" in log and "signal SIGTERM" in log, log[-3000:]
+    saved = sorted(int(p.name.split("-")[1]) for p in (output / "checkpoints").glob("step-*")
+                   if (p / "COMPLETE").is_file())
+    assert saved and 4 <= saved[-1] < steps
+    assert last_entry_per_step(output / "losses.jsonl").keys() == set(range(1, saved[-1] + 1))
+    run("launchers/stage1.py", "tiny.yaml", output, *extra)
+    expected = last_entry_per_step(reference / "losses.jsonl")
+    actual = last_entry_per_step(output / "losses.jsonl")
+    assert sorted(actual) == sorted(expected) == list(range(1, steps + 1))
+    for step in expected:
+        assert actual[step]["loss/total"] == pytest.approx(expected[step]["loss/total"], abs=1e-6), step
