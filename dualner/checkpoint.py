@@ -103,9 +103,52 @@ def remove_incomplete(root: Path) -> None:
     barrier()
 
 
-def load_checkpoint(engine, path: Path) -> dict:
+UNIVERSAL = "universal"
+
+
+def written_by_ranks(path: Path) -> int | None:
+    """How many data-parallel ranks wrote a ZeRO (1-3) checkpoint; None for ZeRO-0 (whole states)."""
+    optimizer_files = list(path.glob("*zero_pp_rank_*_optim_states.pt"))
+    return len(optimizer_files) or None
+
+
+def to_universal(path: Path) -> Path:
+    """DeepSpeed's universal checkpoint (optimizer state included) of `path`, made once, inside it:
+    what a run resumed on another number of ranks loads."""
+    target = path / UNIVERSAL
+    if is_main_process() and not (target / COMPLETE_MARKER).is_file():
+        shutil.rmtree(target, ignore_errors=True)
+        import subprocess
+        import sys
+        # our client state lacks Megatron's universal_checkpoint_info: DeepSpeed injects a default
+        command = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
+                   str(path), "--output_folder", str(target), "--num_extract_workers", "1",
+                   "--num_merge_workers", "1", "--inject_missing_state"]
+        result = subprocess.run(command, capture_output=True, text=True)
+        if result.returncode != 0:
+            raise CheckpointError(f"{path}: cannot convert to a universal checkpoint for a resume on "
+                                  f"another number of ranks:\n{result.stderr[-2000:]}")
+        write_json_atomic(target / COMPLETE_MARKER, {"from": path.name})
+    barrier()
+    return target
+
+
+def load_checkpoint(engine, path: Path, world_size: int | None = None) -> dict:
+    """Load `path` into the engine; on another number of ranks than wrote it, through DeepSpeed's
+    universal checkpoint format (model and optimizer states re-partitioned)."""
     if not is_complete(path):
         raise CheckpointError(f"{path}: not a complete checkpoint (no {COMPLETE_MARKER} marker)")
+    writers = written_by_ranks(path)
+    if world_size is not None and writers is not None and writers != world_size:
+        universal = to_universal(path)
+        engine._config.load_universal_checkpoint = True  # read by load_checkpoint; no public setter
+        try:
+            load_path, client_state = engine.load_checkpoint(str(path), tag=universal.name)
+        finally:
+            engine._config.load_universal_checkpoint = False
+        if load_path is None:
+            raise CheckpointError(f"{universal}: DeepSpeed could not load this universal checkpoint")
+        return client_state
     load_path, client_state = engine.load_checkpoint(str(path.parent), tag=path.name)
     if load_path is None:
         raise CheckpointError(f"{path}: DeepSpeed could not load this checkpoint")

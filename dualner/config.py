@@ -39,7 +39,8 @@ class ModelConfig:
     encoder: str = "xlm-roberta-base"
     tokenizer: str = ""  # default: the encoder's own; a folder or hub name otherwise
     variant: Literal["mlt", "cla", "span"] = "mlt"  # which heads are trained (SPEC "Variants")
-    dropout: float = 0.1
+    dropout: float = 0.1  # before the heads
+    encoder_dropout: float | None = None  # default: the encoder config's own
     freeze_word_embeddings: bool = False
 
 

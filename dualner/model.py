@@ -43,11 +43,16 @@ class DualNERModel(nn.Module):
                    num_entity_types, dropout)
 
     @classmethod
-    def from_pretrained_encoder(cls, name_or_path: str, num_entity_types: int,
-                                dropout: float = 0.1) -> "DualNERModel":
+    def from_pretrained_encoder(cls, name_or_path: str, num_entity_types: int, dropout: float = 0.1,
+                                encoder_dropout: float | None = None) -> "DualNERModel":
         config = AutoConfig.from_pretrained(name_or_path)
+        if encoder_dropout is not None:  # the names differ between model families
+            for name in _DROPOUT_NAMES:
+                if hasattr(config, name):
+                    setattr(config, name, encoder_dropout)
         kwargs = {"add_pooling_layer": False} if _accepts_pooling_flag(config) else {}
-        return cls(AutoModel.from_pretrained(name_or_path, **kwargs), num_entity_types, dropout)
+        return cls(AutoModel.from_pretrained(name_or_path, config=config, **kwargs), num_entity_types,
+                   dropout)
 
     def freeze_word_embeddings(self) -> None:
         self.encoder.get_input_embeddings().weight.requires_grad_(False)
@@ -57,6 +62,9 @@ class DualNERModel(nn.Module):
         features = self.dropout(hidden)
         return HeadOutputs(self.seq_head(features), self.start_head(features),
                            self.end_head(features), hidden)
+
+
+_DROPOUT_NAMES = ("hidden_dropout_prob", "attention_probs_dropout_prob", "dropout", "attention_dropout")
 
 
 def _accepts_pooling_flag(config: PretrainedConfig) -> bool:

@@ -49,7 +49,7 @@ class Stage1Trainer(Trainer):
 
         self.open_run_dir()
         model = DualNERModel.from_pretrained_encoder(encoder_path, len(self.label_set.entity_types),
-                                                     cfg.model.dropout)
+                                                     cfg.model.dropout, cfg.model.encoder_dropout)
         if cfg.model.freeze_word_embeddings:
             model.freeze_word_embeddings()
         if self.info.is_main:

@@ -44,8 +44,12 @@ class PreemptionSignal:
 
     def __init__(self):
         self.signal_name = ""
-        for number in self.SIGNALS:
-            signal.signal(number, self._handle)
+        self._previous = {number: signal.signal(number, self._handle) for number in self.SIGNALS}
+
+    def restore(self) -> None:
+        """Outside the training loop a signal ends the process as usual."""
+        for number, handler in self._previous.items():
+            signal.signal(number, handler)
 
     def _handle(self, number, _frame) -> None:
         self.signal_name = signal.Signals(number).name
@@ -254,7 +258,7 @@ class Trainer:
         path = ckpt.latest_complete(self.checkpoints) if resume == "auto" else Path(resume)
         if path is None:
             return
-        client_state = ckpt.load_checkpoint(self.engine, path)
+        client_state = ckpt.load_checkpoint(self.engine, path, self.info.world_size)
         self.state = TrainerState(**client_state["trainer"])
         ranks = client_state["ranks"]
         mine = ranks[self.info.rank] if len(ranks) == self.info.world_size else None
@@ -378,8 +382,10 @@ class Trainer:
                               "again with run.resume=auto to continue", steps_this_job, reason, step)
                 progress.close()
                 self.writer.close()
+                self.preemption.restore()
                 return {"steps": step, "stopped_early": True, "preempted": preempted}
         progress.close()
+        self.preemption.restore()
         return self._finish()
 
     def _finish(self) -> dict:
@@ -390,8 +396,9 @@ class Trainer:
             summary["dev"] = {"per_language": best["per_language"], "average": best["average"]}
             self.log.info("best dev F1 (step %d):\n%s", best["step"], format_table(summary["dev"], "dev F1"))
         if self.test_sets:
-            if best is not None:  # report test F1 of the selected model, not the last one
-                # A full load: DeepSpeed's load_module_only ignores the tag under ZeRO-3.
+            if best is not None and best["step"] != self.state.step:
+                # Test F1 of the selected model, not the last one. A full load: DeepSpeed's
+                # load_module_only ignores the tag under ZeRO-3.
                 ckpt.load_checkpoint(self.engine, self.checkpoints / best["path"])
             summary["test"] = self.evaluate(self.test_sets)
             self.log.info("test F1:\n%s", format_table(summary["test"], "test F1"))
