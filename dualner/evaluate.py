@@ -56,20 +56,26 @@ def predict_tags(forward: Forward, rows: Sequence[dict], label_set: LabelSet, he
         outputs = forward(batch["input_ids"].to(device), batch["attention_mask"].to(device))
         if round_index >= len(batches):
             continue
-        predictions = _word_predictions(outputs, head)
-        word_index = batch["word_index"].numpy()
-        for row_number, row in enumerate(batch_rows):
-            store = per_sentence.setdefault(
-                row["sentence_id"], [np.zeros(row["num_words"], dtype=np.int64) for _ in predictions])
-            positions = np.nonzero(word_index[row_number] >= 0)[0]
-            words = word_index[row_number, positions] + row["word_offset"]
-            for target, predicted in zip(store, predictions):
-                target[words] = predicted[row_number, positions]
+        scatter_to_words(per_sentence, batch_rows, batch["word_index"].numpy(),
+                         _word_predictions(outputs, head))
     tags = {sentence_id: _decode(values, label_set, head) for sentence_id, values in per_sentence.items()}
     merged: dict[int, list[str]] = {}
     for part in all_gather_objects(tags):
         merged.update(part)
     return merged
+
+
+def scatter_to_words(per_sentence: dict[int, list[np.ndarray]], batch_rows: Sequence[dict],
+                     word_index: np.ndarray, per_position: Sequence[np.ndarray]) -> None:
+    """Copy each row's values at first-subword positions into its sentence's word-level arrays;
+    the windows of a long sentence land side by side through their `word_offset`."""
+    for row_number, row in enumerate(batch_rows):
+        targets = per_sentence.setdefault(row["sentence_id"], [
+            np.zeros((row["num_words"], *values.shape[2:]), dtype=values.dtype) for values in per_position])
+        positions = np.nonzero(word_index[row_number] >= 0)[0]
+        words = word_index[row_number, positions] + row["word_offset"]
+        for target, values in zip(targets, per_position):
+            target[words] = values[row_number, positions]
 
 
 def _decode(values: list[np.ndarray], label_set: LabelSet, head: str) -> list[str]:

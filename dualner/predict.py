@@ -17,6 +17,7 @@ import torch
 
 from dualner.data.conll import iter_conll
 from dualner.data.encoding import SentenceEncoder, collate
+from dualner.evaluate import scatter_to_words
 from dualner.export import load_any
 from dualner.labels import Entity, decode_spans, extract_entities
 
@@ -67,15 +68,8 @@ class Predictor:
             outputs = self.model(batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device))
             heads = ((outputs.start_logits, outputs.end_logits) if self.head == "span"
                      else (outputs.seq_logits,))
-            heads = [logits.float().softmax(-1).cpu().numpy() for logits in heads]
-            word_index = batch["word_index"].numpy()
-            for row_number, row in enumerate(batch_rows):
-                store = probabilities.setdefault(row["sentence_id"], [
-                    np.zeros((row["num_words"], h.shape[-1]), dtype=np.float32) for h in heads])
-                positions = np.nonzero(word_index[row_number] >= 0)[0]
-                words = word_index[row_number, positions] + row["word_offset"]
-                for target, values in zip(store, heads):
-                    target[words] = values[row_number, positions]
+            scatter_to_words(probabilities, batch_rows, batch["word_index"].numpy(),
+                             [logits.float().softmax(-1).cpu().numpy() for logits in heads])
         return [self._entities(sentences[i], probabilities[i]) for i in range(len(sentences))]
 
     def _entities(self, words: list[str], probabilities: list[np.ndarray]) -> list[dict]:
