@@ -16,14 +16,14 @@ from dualner.trainer import load_eval_sets
 
 
 def evaluate_checkpoint(checkpoint: str | Path, data: dict[str, str], output: str | Path | None,
-                        head: str = "span", batch_size: int = 64) -> dict:
+                        head: str = "span", batch_size: int = 64, max_sentences: int | None = None) -> dict:
     info = init_distributed()
     log = get_logger()
     device = torch.device("cuda", info.local_rank) if torch.cuda.is_available() else torch.device("cpu")
     loaded = load_trained_model(checkpoint)
     model = loaded.model.to(device)
     encoder = SentenceEncoder(loaded.tokenizer, loaded.label_set, loaded.max_length)
-    eval_sets = load_eval_sets(data, "--data", encoder, loaded.label_set, None)
+    eval_sets = load_eval_sets(data, "--data", encoder, loaded.label_set, max_sentences)
     results = evaluate_sets(model, eval_sets, loaded.label_set, head, batch_size,
                             loaded.tokenizer.pad_token_id, device)
     if info.is_main:

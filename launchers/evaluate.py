@@ -21,6 +21,7 @@ def main() -> None:
     parser.add_argument("--output", help="JSON file for {per_language, average}")
     parser.add_argument("--head", choices=["span", "seq"], default="span")
     parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--max-sentences", type=int, default=None, help="first N sentences per file")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     data = {}
@@ -29,7 +30,7 @@ def main() -> None:
         if not separator or not language or not path:
             sys.exit(f"--data {item!r}: expected LANG=PATH")
         data[language] = path
-    evaluate_checkpoint(args.checkpoint, data, args.output, args.head, args.batch_size)
+    evaluate_checkpoint(args.checkpoint, data, args.output, args.head, args.batch_size, args.max_sentences)
 
 
 if __name__ == "__main__":
