@@ -228,3 +228,33 @@ def config_to_dict(config: Any) -> dict:
 
 def save_config(config: Config, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False), encoding="utf-8")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Check a config and print it resolved (or one key): what job scripts use to find the run folder.
+
+        python -m dualner.config --config configs/tiny.yaml train.lr=3e-4 [--get run.output_dir]
+    """
+    import argparse
+    import sys
+    parser = argparse.ArgumentParser(description=main.__doc__.splitlines()[0])
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--get", metavar="KEY", help="print only this dotted key")
+    parser.add_argument("overrides", nargs="*")
+    args = parser.parse_args(argv)
+    try:
+        tree: Any = config_to_dict(load_config(args.config, args.overrides))
+        for part in (args.get.split(".") if args.get else []):
+            if not isinstance(tree, dict) or part not in tree:
+                raise ConfigError(f"--get {args.get}: no key '{part}'")
+            tree = tree[part]
+    except ConfigError as error:
+        sys.exit(f"config error: {error}")
+    if isinstance(tree, (dict, list)):
+        print(yaml.safe_dump(tree, sort_keys=False), end="")
+    else:
+        print(tree)
+
+
+if __name__ == "__main__":
+    main()
