@@ -21,7 +21,7 @@ from dualner.config import Config, ConfigError, config_to_dict, save_config
 from dualner.data.encoding import SentenceEncoder
 from dualner.data.sources import check_entity_types, read_labeled
 from dualner.distributed import (DistInfo, all_gather_objects, all_reduce_max, all_reduce_sum, barrier,
-                                 init_distributed)
+                                 broadcast_object, init_distributed)
 from dualner.engine import BatchLayout, build_engine, derive_batch_layout, load_deepspeed_config, zero_stage
 from dualner.evaluate import EvalSet, evaluate_sets, format_table
 from dualner.labels import LabelSet
@@ -259,6 +259,9 @@ class Trainer:
         if path is None:
             return
         client_state = ckpt.load_checkpoint(self.engine, path, self.info.world_size)
+        if "trainer" not in client_state or "ranks" not in client_state:
+            raise ConfigError(f"{path}: not a DualNER checkpoint of this version (no trainer/rank state); "
+                              f"start a new run.output_dir or set run.resume=none")
         self.state = TrainerState(**client_state["trainer"])
         ranks = client_state["ranks"]
         mine = ranks[self.info.rank] if len(ranks) == self.info.world_size else None
@@ -324,8 +327,11 @@ class Trainer:
         micro_batches = max(1.0, float(totals[-1]))
         losses = {f"loss/{name}": float(totals[i]) / micro_batches for i, name in enumerate(names)}
         elapsed = max(time.perf_counter() - started, 1e-9)
+        steps = max(1, self.state.step - self._last_logged_step)
+        self._last_logged_step = self.state.step
         scalars = losses | self.extra_scalars() | {
             "lr": self.engine.get_lr()[0], "throughput/tokens_per_s": float(totals[-2]) / elapsed,
+            "throughput/step_seconds": elapsed / steps, "throughput/tokens_per_step": float(totals[-2]) / steps,
             "nonfinite/skipped_micro_batches": float(self.state.skipped_micro_batches)}
         self.writer.scalars(scalars, self.state.step)
         self.log.info("step %d/%d loss %.4f lr %.2e %.0f tokens/s", self.state.step, self.total_steps,
@@ -341,6 +347,7 @@ class Trainer:
         cfg = self.cfg.train
         save_every = cfg.save_every or cfg.eval_every
         steps_this_job = 0
+        self._last_logged_step = self.state.step
         progress = _progress(self.info.is_main and self.cfg.logging.progress_bar, self.total_steps,
                              self.state.step, self.stage_name)
         if self.evaluate_initial_model and self.state.step == 0 and self.dev_sets:
@@ -367,14 +374,19 @@ class Trainer:
             if step % cfg.log_every == 0 or last or job_done:
                 self._log_window(started)
                 started = time.perf_counter()
+            paused = time.perf_counter()  # evaluation and saving stay out of the throughput window
             improved = bool(self.dev_sets) and (step % cfg.eval_every == 0 or last) and self._evaluate_dev()
             if improved or step % save_every == 0 or last or job_done:
                 self._save()
                 if improved:
                     ckpt.mark_best(self.checkpoints, step, self.state.history[-1])
                     ckpt.prune(self.checkpoints, cfg.keep_last)
+                    # Rank 0 rewrites best.json and deletes old checkpoints; no rank may read the
+                    # old best.json (or load a pruned checkpoint) in the meantime.
+                    barrier()
             if improved:
                 self.on_new_best()
+            started += time.perf_counter() - paused
             if job_done and not last:
                 reason = (f"signal {self.preemption.signal_name} (preemption or time limit)" if preempted
                           else "run.max_steps_per_job")
@@ -391,7 +403,7 @@ class Trainer:
     def _finish(self) -> dict:
         summary: dict = {"steps": self.state.step, "best_step": self.state.best_step,
                          "best_score": self.state.best_score}
-        best = ckpt.read_best(self.checkpoints)
+        best = broadcast_object(ckpt.read_best(self.checkpoints))  # one answer for every rank
         if best is not None:
             summary["dev"] = {"per_language": best["per_language"], "average": best["average"]}
             self.log.info("best dev F1 (step %d):\n%s", best["step"], format_table(summary["dev"], "dev F1"))
