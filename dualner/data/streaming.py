@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import glob
 import json
+import random
 from functools import lru_cache, partial
 from dataclasses import dataclass
 from pathlib import Path
@@ -207,6 +208,8 @@ class Stage2Stream:
             stopping_strategy="all_exhausted")
         self.encoder = encoder
         self.sort_pools = pool > 0
+        self.micro_batch_size = micro_batch_size
+        self.seed = seed
         encoded = mixed.map(self._encode_pool, batched=True, batch_size=pool if pool > 0 else 64,
                             remove_columns=["words", "tags"])
         from torchdata.stateful_dataloader import StatefulDataLoader
@@ -223,6 +226,13 @@ class Stage2Stream:
         if not self.sort_pools:
             return rows
         order = sorted(range(len(rows["input_ids"])), key=lambda i: len(rows["input_ids"][i]))
+        # Rows of similar length stay together, but the pool's micro batches are shuffled so the
+        # stream does not run short-to-long within every pool. The shuffle is a function of the
+        # pool's content, so a resumed stream repeats it exactly.
+        size = self.micro_batch_size
+        chunks = [order[start:start + size] for start in range(0, len(order), size)]
+        random.Random(f"{self.seed}:{rows['sample_id'][0]}:{len(order)}").shuffle(chunks)
+        order = [index for chunk in chunks for index in chunk]
         return {name: [values[i] for i in order] for name, values in rows.items()}
 
     def __iter__(self):

@@ -1,0 +1,119 @@
+"""Where a stage-1 step's time goes on CPU, with e5-small's 96M-row embedding table trained or frozen.
+
+    python bench/profile_stage1.py             # multilingual-e5-small, 32 real English sentences per step
+    python bench/profile_stage1.py --smoke     # tiny random encoder (CI)
+
+The model and DeepSpeed engine are built as the stage-1 launcher builds them (fp32 ZeRO-0 by
+default; --ds-config for bf16). Each step is timed by phase (collate on the host, forward + losses,
+backward, optimizer step) with a device synchronisation between phases, and one step is recorded
+with torch.profiler (the most expensive operators by self time). Tokenizing the training sentences
+happens once per run, before training; its cost per sentence is measured too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+def profile(args, freeze: bool) -> dict:
+    import torch
+    from transformers import AutoTokenizer
+    from dualner.config import TrainConfig
+    from dualner.data.batching import bucketed_micro_batches
+    from dualner.data.conll import read_conll
+    from dualner.data.encoding import SentenceEncoder, collate
+    from dualner.encoders import resolve_encoder
+    from dualner.engine import build_engine, derive_batch_layout, load_deepspeed_config
+    from dualner.labels import LabelSet
+    from dualner.losses import supervised_losses
+    from dualner.model import DualNERModel
+
+    torch.manual_seed(0)
+    folder = resolve_encoder(args.encoder)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    sentences = read_conll(Path(args.data), "en", max_sentences=args.batch * (args.steps + 2))
+    label_set = LabelSet.from_tags([tag for s in sentences for tag in s.tags])
+    started = time.perf_counter()
+    rows = SentenceEncoder(tokenizer, label_set, 128).encode(sentences).to_list()
+    tokenize_seconds = time.perf_counter() - started
+    lengths = [len(row["input_ids"]) for row in rows]
+    batches = bucketed_micro_batches(lengths, args.batch, seed=0, epoch=0, pool_batches=50)
+
+    model = DualNERModel.from_pretrained_encoder(folder, len(label_set.entity_types))
+    if freeze:
+        model.freeze_word_embeddings()
+    train = TrainConfig(global_batch_size=args.batch, micro_batch_size=args.batch, lr=1e-4, warmup_steps=0)
+    engine = build_engine(model, load_deepspeed_config(REPO / args.ds_config, derive_batch_layout(train, 1)),
+                          train, total_steps=100)
+    phases = {"collate": 0.0, "forward_and_losses": 0.0, "backward": 0.0, "optimizer_step": 0.0}
+
+    def step(batch_indices, timed: bool) -> None:
+        marks = [time.perf_counter()]
+        batch = collate([rows[i] for i in batch_indices], tokenizer.pad_token_id)
+        marks.append(time.perf_counter())
+        loss = supervised_losses(engine(batch["input_ids"], batch["attention_mask"]), batch)["total"]
+        loss.item()  # the forward is done (a CPU tensor: no device to wait for)
+        marks.append(time.perf_counter())
+        engine.backward(loss)
+        marks.append(time.perf_counter())
+        engine.step()
+        marks.append(time.perf_counter())
+        if timed:
+            for name, begin, end in zip(phases, marks, marks[1:]):
+                phases[name] += end - begin
+
+    step(batches[0], timed=False)  # warm-up: first-call allocations
+    for indices in batches[1:args.steps + 1]:
+        step(indices, timed=True)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profiler:
+        step(batches[args.steps + 1 if len(batches) > args.steps + 1 else 1], timed=False)
+    table = profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=12)
+    top = [{"op": event.key, "self_cpu_ms": event.self_cpu_time_total / 1000, "calls": event.count}
+           for event in sorted(profiler.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)[:12]]
+    total = sum(phases.values())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return {"frozen_word_embeddings": freeze, "trainable_parameters": trainable,
+            "seconds_per_step": total / args.steps,
+            "phase_seconds_per_step": {name: value / args.steps for name, value in phases.items()},
+            "phase_share": {name: value / total for name, value in phases.items()},
+            "tokenize_ms_per_sentence": 1000 * tokenize_seconds / len(sentences),
+            "top_ops_one_step": top, "profiler_table": table}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--encoder", default="multilingual-e5-small")
+    parser.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "panx" / "en" / "train.tsv"))
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--ds-config", default="ds_configs/zero0_fp32.json")
+    parser.add_argument("--output", default=str(REPO / "bench" / "results" / "profile_stage1.json"))
+    parser.add_argument("--smoke", action="store_true")
+    args = parser.parse_args()
+    if args.smoke:
+        args.encoder, args.steps, args.batch = "tiny-random", 2, 8
+        args.data = str(REPO / "data" / "panx-sample" / "en" / "train.tsv")
+    from dualner.distributed import init_distributed
+    init_distributed()  # a world of one, as `python launchers/stage1.py` makes
+    runs = [profile(args, freeze) for freeze in (False, True)]
+    result = {"command": "python bench/profile_stage1.py " + " ".join(sys.argv[1:]), "date": time.strftime("%Y-%m-%d"),
+              "encoder": args.encoder, "batch": args.batch, "ds_config": args.ds_config, "runs": runs,
+              "frozen_speedup": runs[0]["seconds_per_step"] / runs[1]["seconds_per_step"]}
+    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.output).write_text(json.dumps(result, indent=1) + "\n")
+    for run in runs:
+        shares = ", ".join(f"{name} {share:.0%}" for name, share in run["phase_share"].items())
+        print(f"frozen={run['frozen_word_embeddings']}: {run['seconds_per_step']:.3f} s/step ({shares}); "
+              f"tokenizing {run['tokenize_ms_per_sentence']:.3f} ms/sentence once")
+        print(run["profiler_table"])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,75 @@
+"""The benchmarks under bench/ run end to end at a tiny size and write complete result files.
+Their numbers are measured by the real commands in bench/RESULTS.md; here only that they run and
+report what they claim to report (no speed is asserted)."""
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import REPO, child_env
+
+
+def run_bench(script: str, output, *extra: str) -> dict:
+    command = [sys.executable, f"bench/{script}", "--output", str(output), *extra]
+    result = subprocess.run(command, cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return json.loads(output.read_text())
+
+
+def positive(value) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
+
+
+def test_throughput_against_hf_trainer(tmp_path, tiny_encoder):
+    result = run_bench("throughput_vs_hf.py", tmp_path / "out.json", "--smoke")
+    for side in ("ours", "hf_trainer"):
+        assert result[side]["steps"] == result["timed_steps"] == 4
+        assert positive(result[side]["tokens"]) and positive(result[side]["seconds"])
+    # the same sentences, one pass: the real tokens of the timed steps are of the same size
+    assert 0.5 < result["ours"]["tokens"] / result["hf_trainer"]["tokens"] < 2
+    assert result["speedup"] == pytest.approx(result["ours"]["tokens_per_s"] / result["hf_trainer"]["tokens_per_s"])
+
+
+def test_stage2_costs(tmp_path, tiny_encoder):
+    result = run_bench("stage2_costs.py", tmp_path / "out.json", "--smoke")
+    for part in ("stage1", "stage2_same_sentences", "stage2_trggold"):
+        assert result[part]["steps"] == 4 and positive(result[part]["step_seconds"])
+    assert positive(result["step_ratio"]) and positive(result["loader_over_consumption"])
+    assert len(result["loader"]["languages"]) == 7  # en + the six sample targets
+
+
+def test_zero_memory(tmp_path, tiny_encoder):
+    result = run_bench("zero_memory.py", tmp_path / "out.json", "--smoke")
+    assert set(result["stages"]) == {"zero0", "zero2", "zero3"}
+    for stage in result["stages"].values():
+        assert [rank["rank"] for rank in stage["ranks"]] == [0, 1]
+        assert all(positive(rank["live_tensor_bytes"]) for rank in stage["ranks"])
+    zero0, zero3 = (result["stages"][name]["ranks"][0] for name in ("zero0", "zero3"))
+    # ZeRO-3 holds half of the parameters on each of 2 ranks (measured, not configured)
+    assert zero3["parameter_bytes"] < 0.6 * zero0["parameter_bytes"]
+
+
+def test_padding_efficiency(tmp_path, tiny_encoder):
+    result = run_bench("padding.py", tmp_path / "out.json", "--smoke")
+    stage1 = result["stage1_english_epoch"]
+    assert stage1["bucketed"]["real_tokens"] == stage1["random"]["real_tokens"]  # the same epoch
+    assert stage1["bucketed"]["efficiency"] > stage1["random"]["efficiency"]
+    assert all(0 < part["efficiency"] <= 1 for part in (*stage1.values(), result["stage2_stream"]["pooled"]))
+
+
+def test_profile_stage1(tmp_path, tiny_encoder):
+    result = run_bench("profile_stage1.py", tmp_path / "out.json", "--smoke")
+    frozen, trainable = result["runs"][1], result["runs"][0]
+    assert frozen["trainable_parameters"] < trainable["trainable_parameters"]
+    for run in result["runs"]:
+        assert sum(run["phase_share"].values()) == pytest.approx(1.0)
+        assert run["top_ops_one_step"] and positive(run["seconds_per_step"])
+
+
+def test_stream_memory(tmp_path, tiny_encoder):
+    result = run_bench("stream_memory.py", tmp_path / "out.json", "--sentences", "3000", "--files", "2")
+    assert result["sentences"] == 3000 and len(result["trace"]) == 10
+    assert positive(result["sentences_per_s"]) and positive(result["end_over_first_tenth"])
