@@ -13,7 +13,6 @@ against no pooling. A micro batch computes rows x its longest row.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -21,7 +20,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.stage2_costs import TARGETS  # noqa: E402
+from bench.stage2_costs import mixed_stream, write_result  # noqa: E402
 
 
 def efficiency(batches_lengths: list[list[int]]) -> dict:
@@ -47,7 +46,6 @@ def main() -> None:
     from dualner.data.batching import bucketed_micro_batches
     from dualner.data.conll import read_conll
     from dualner.data.encoding import SentenceEncoder
-    from dualner.data.streaming import KIND_SOURCE, KIND_TARGET, Stage2Stream, make_shards
     from dualner.encoders import resolve_encoder
     from dualner.labels import LabelSet
 
@@ -61,20 +59,15 @@ def main() -> None:
         batches = bucketed_micro_batches(lengths, args.batch, seed=0, epoch=0, pool_batches=pool_batches)
         stage1[name] = efficiency([[lengths[i] for i in batch] for batch in batches])
 
-    targets = [lang for lang in TARGETS if (root / lang / "train.tsv").is_file()]
     stage2 = {}
     for name, pool in (("pooled", 512), ("unpooled", 0)):
-        sources = [(make_shards([str(root / "en" / "train.tsv")], "en", KIND_SOURCE, 1, 0), 1.0)]
-        sources += [(make_shards([str(root / lang / "train.tsv")], lang, KIND_TARGET, 1, 0), 1.0 / len(targets))
-                    for lang in targets]
-        stream = Stage2Stream(sources, encoder, args.batch, seed=0, rank=0, pool=pool, workers=0)
+        languages, stream = mixed_stream(root, encoder, args.batch, pool)
         stage2[name] = efficiency([stream.next_batch()["attention_mask"].sum(1).tolist()
                                    for _ in range(args.stream_batches)])
     result = {"command": "python bench/padding.py " + " ".join(sys.argv[1:]), "date": time.strftime("%Y-%m-%d"),
               "encoder": args.encoder, "batch": args.batch, "stage1_english_epoch": stage1,
-              "stage2_stream": {**stage2, "languages": ["en", *targets]}}
-    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.output).write_text(json.dumps(result, indent=1) + "\n")
+              "stage2_stream": {**stage2, "languages": languages}}
+    write_result(args.output, result)
     print(f"stage 1: bucketed {stage1['bucketed']['efficiency']:.3f} vs random {stage1['random']['efficiency']:.3f}; "
           f"stage 2: pooled {stage2['pooled']['efficiency']:.3f} vs unpooled {stage2['unpooled']['efficiency']:.3f}")
 

@@ -13,13 +13,14 @@ happens once per run, before training; its cost per sentence is measured too.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from bench.stage2_costs import write_result  # noqa: E402
 
 
 def profile(args, freeze: bool) -> dict:
@@ -106,8 +107,7 @@ def main() -> None:
     result = {"command": "python bench/profile_stage1.py " + " ".join(sys.argv[1:]), "date": time.strftime("%Y-%m-%d"),
               "encoder": args.encoder, "batch": args.batch, "ds_config": args.ds_config, "runs": runs,
               "frozen_speedup": runs[0]["seconds_per_step"] / runs[1]["seconds_per_step"]}
-    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.output).write_text(json.dumps(result, indent=1) + "\n")
+    write_result(args.output, result)
     for run in runs:
         shares = ", ".join(f"{name} {share:.0%}" for name, share in run["phase_share"].items())
         print(f"frozen={run['frozen_word_embeddings']}: {run['seconds_per_step']:.3f} s/step ({shares}); "

@@ -53,27 +53,36 @@ def launch(stage: int, args, output: Path, *overrides: str) -> None:
         raise SystemExit(f"{' '.join(command)} failed:\n{result.stdout[-2000:]}\n{result.stderr[-4000:]}")
 
 
+def mixed_stream(root: Path, encoder, batch: int, pool: int):
+    """The stage-2 loader over labeled English and every target language's train text, weighted as
+    stage 2 weights them (source 1, the targets sharing 1)."""
+    from dualner.data.streaming import KIND_SOURCE, KIND_TARGET, Stage2Stream, make_shards
+    targets = [lang for lang in TARGETS if (root / lang / "train.tsv").is_file()]
+    sources = [(make_shards([str(root / "en" / "train.tsv")], "en", KIND_SOURCE, 1, 0), 1.0)]
+    sources += [(make_shards([str(root / lang / "train.tsv")], lang, KIND_TARGET, 1, 0), 1.0 / len(targets))
+                for lang in targets]
+    return ["en", *targets], Stage2Stream(sources, encoder, batch, seed=0, rank=0, pool=pool, workers=0)
+
+
+def write_result(path: str, result: dict) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(result, indent=1) + "\n")
+
+
 def loader_rate(args, batches: int) -> dict:
     from transformers import AutoTokenizer
     from dualner.data.encoding import SentenceEncoder
-    from dualner.data.streaming import KIND_SOURCE, KIND_TARGET, Stage2Stream, make_shards
     from dualner.encoders import resolve_encoder
     from dualner.labels import LabelSet
     tokenizer = AutoTokenizer.from_pretrained(resolve_encoder(args.encoder))
     encoder = SentenceEncoder(tokenizer, LabelSet(("LOC", "ORG", "PER")), 128)
-    root = Path(args.data_root)
-    targets = [lang for lang in TARGETS if (root / lang / "train.tsv").is_file()]
-    # As stage 2 mixes them: labeled source at weight 1, the targets sharing weight 1.
-    sources = [(make_shards([str(root / "en" / "train.tsv")], "en", KIND_SOURCE, 1, 0), 1.0)]
-    sources += [(make_shards([str(root / lang / "train.tsv")], lang, KIND_TARGET, 1, 0), 1.0 / len(targets))
-                for lang in targets]
-    stream = Stage2Stream(sources, encoder, args.batch, seed=0, rank=0, pool=512, workers=0)
+    languages, stream = mixed_stream(Path(args.data_root), encoder, args.batch, pool=512)
     stream.next_batch()  # opens files and fills the first pool
     sentences, started = 0, time.perf_counter()
     for _ in range(batches):
         sentences += stream.next_batch()["meta"]["word_offset"].count(0)
     elapsed = time.perf_counter() - started
-    return {"languages": ["en", *targets], "sentences": sentences, "seconds": elapsed,
+    return {"languages": languages, "sentences": sentences, "seconds": elapsed,
             "sentences_per_s": sentences / elapsed}
 
 
@@ -110,8 +119,7 @@ def main() -> None:
               "per_token_ratio": stage2["seconds_per_1k_tokens"] / stage1["seconds_per_1k_tokens"],
               "loader": loader, "training_consumes_sentences_per_s": consumed,
               "loader_over_consumption": loader["sentences_per_s"] / consumed}
-    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.output).write_text(json.dumps(result, indent=1) + "\n")
+    write_result(args.output, result)
     print(f"stage 2 / stage 1 step time {result['step_ratio']:.2f}x (per token {result['per_token_ratio']:.2f}x); "
           f"loader {loader['sentences_per_s']:.0f} sentences/s vs {consumed:.1f} consumed: "
           f"{result['loader_over_consumption']:.0f}x -> {args.output}")

@@ -24,6 +24,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.stage2_costs import write_result  # noqa: E402
+
 
 def english(args) -> tuple[list[list[str]], list[list[str]]]:
     from dualner.data.conll import read_conll
@@ -141,8 +143,7 @@ def main() -> None:
               "hf_trainer": {"tokens": hf["tokens"], "seconds": hf["seconds"], "steps": hf["steps"],
                              "tokens_per_s": hf["tokens"] / hf["seconds"]}}
     result["speedup"] = result["ours"]["tokens_per_s"] / result["hf_trainer"]["tokens_per_s"]
-    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.output).write_text(json.dumps(result, indent=1) + "\n")
+    write_result(args.output, result)
     print(f"ours {result['ours']['tokens_per_s']:.0f} tokens/s, HF Trainer {result['hf_trainer']['tokens_per_s']:.0f} "
           f"tokens/s: {result['speedup']:.2f}x -> {args.output}")
 

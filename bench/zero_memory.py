@@ -26,6 +26,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.stage2_costs import write_result  # noqa: E402
+
 STAGES = {0: "ds_configs/zero0_fp32.json", 2: "ds_configs/zero2_fp32.json", 3: "ds_configs/zero3_fp32.json"}
 
 
@@ -133,8 +135,7 @@ def main() -> None:
     result = {"command": "python bench/zero_memory.py " + " ".join(sys.argv[1:]), "date": time.strftime("%Y-%m-%d"),
               "encoder": args.encoder, "world_size": 2, "precision": "fp32", "stages": per_stage,
               "ratio_to_zero0": {name: stage["max_live_tensor_mb"] / base for name, stage in per_stage.items()}}
-    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.output).write_text(json.dumps(result, indent=1) + "\n")
+    write_result(args.output, result)
     for name, stage in per_stage.items():
         print(f"{name}: {stage['max_live_tensor_mb']:.0f} MB of tensors per rank "
               f"({result['ratio_to_zero0'][name]:.2f}x ZeRO-0), RSS {stage['max_rss_mb']:.0f} MB")

@@ -5,7 +5,6 @@ nothing (systems with results are skipped)."""
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import yaml
 
