@@ -6,7 +6,7 @@
 Stage 1: one epoch of the English training windows cut into micro batches by the trainer's
 BatchPlan, with bucketing (sorted within pools of 50 micro batches, the default) and without (pools
 of one micro batch: random batches, what a plain shuffled DataLoader gives). Stage 2: the streaming
-loader's micro batches over English + the target languages, length pools of 512 sentences (default)
+loader's micro batches over English + the target languages, length pools of 2,048 sentences (default)
 against no pooling. A micro batch computes rows x its longest row.
 """
 
@@ -43,6 +43,7 @@ def main() -> None:
         args.encoder, args.data_root, args.stream_batches = "tiny-random", str(REPO / "data" / "panx-sample"), 20
 
     from transformers import AutoTokenizer
+    from dualner.config import Stage2Config
     from dualner.data.batching import bucketed_micro_batches
     from dualner.data.conll import read_conll
     from dualner.data.encoding import SentenceEncoder
@@ -60,7 +61,7 @@ def main() -> None:
         stage1[name] = efficiency([[lengths[i] for i in batch] for batch in batches])
 
     stage2 = {}
-    for name, pool in (("pooled", 512), ("unpooled", 0)):
+    for name, pool in (("pooled", Stage2Config().bucket_pool), ("unpooled", 0)):
         languages, stream = mixed_stream(root, encoder, args.batch, pool)
         stage2[name] = efficiency([stream.next_batch()["attention_mask"].sum(1).tolist()
                                    for _ in range(args.stream_batches)])

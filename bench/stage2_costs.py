@@ -71,12 +71,13 @@ def write_result(path: str, result: dict) -> None:
 
 def loader_rate(args, batches: int) -> dict:
     from transformers import AutoTokenizer
+    from dualner.config import Stage2Config
     from dualner.data.encoding import SentenceEncoder
     from dualner.encoders import resolve_encoder
     from dualner.labels import LabelSet
     tokenizer = AutoTokenizer.from_pretrained(resolve_encoder(args.encoder))
     encoder = SentenceEncoder(tokenizer, LabelSet(("LOC", "ORG", "PER")), 128)
-    languages, stream = mixed_stream(Path(args.data_root), encoder, args.batch, pool=512)
+    languages, stream = mixed_stream(Path(args.data_root), encoder, args.batch, pool=Stage2Config().bucket_pool)
     stream.next_batch()  # opens files and fills the first pool
     sentences, started = 0, time.perf_counter()
     for _ in range(batches):

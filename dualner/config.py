@@ -96,7 +96,7 @@ class Stage2Config:
     mse_weight: float = 0.5  # lambda; 0 is the w/o MSE ablation
     confidence_threshold: float | None = None  # mask pseudo labels below this teacher probability
     loader_workers: int = 0  # DataLoader worker processes per rank (tokenization off the main thread)
-    bucket_pool: int = 512  # sentences sorted by length together (less padding); 0 keeps stream order
+    bucket_pool: int = 2048  # sentences sorted by length together (less padding); 0 keeps stream order
     sample_log: bool = False  # write every consumed sample id per rank (data audits, resume tests)
 
 

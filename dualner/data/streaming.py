@@ -19,6 +19,7 @@ from __future__ import annotations
 import glob
 import json
 import random
+import zlib
 from functools import lru_cache, partial
 from dataclasses import dataclass
 from pathlib import Path
@@ -184,6 +185,12 @@ def shard_stream(shards: list[Shard], repeat: bool) -> IterableDataset:
     return stream.repeat(None) if repeat else stream
 
 
+def collate_micro_batch(columns: dict, pad_id: int) -> dict:
+    """One element of the pooled stream (columns of one micro batch) into model tensors + meta."""
+    names = list(columns)
+    return collate_stream([dict(zip(names, values)) for values in zip(*columns.values())], pad_id)
+
+
 def collate_stream(rows: Sequence[dict], pad_id: int) -> dict:
     batch = collate(rows, pad_id)
     batch["meta"] = {name: [row[name] for row in rows]
@@ -195,7 +202,7 @@ class Stage2Stream:
     """One rank's mixed, tokenized, length-pooled stream of stage-2 micro batches, resumable."""
 
     def __init__(self, sources: Sequence[tuple[list[Shard], float]], encoder: SentenceEncoder,
-                 micro_batch_size: int, seed: int, rank: int, pool: int = 512, workers: int = 0,
+                 micro_batch_size: int, seed: int, rank: int, pool: int = 2048, workers: int = 0,
                  repeat: bool = True):
         weighted = [(shards, weight) for shards, weight in sources if weight > 0 and shards]
         if not weighted:
@@ -210,30 +217,37 @@ class Stage2Stream:
         self.sort_pools = pool > 0
         self.micro_batch_size = micro_batch_size
         self.seed = seed
-        encoded = mixed.map(self._encode_pool, batched=True, batch_size=pool if pool > 0 else 64,
-                            remove_columns=["words", "tags"])
+        # Each element of `encoded` is one whole micro batch, cut inside its pool: rows of similar
+        # length share a batch, and a batch never straddles two pools.
+        encoded = mixed.map(self._micro_batches_of_pool, batched=True,
+                            batch_size=pool if pool > 0 else micro_batch_size,
+                            remove_columns=list(_FEATURES))
         from torchdata.stateful_dataloader import StatefulDataLoader
         # A generator of its own: creating an iterator draws a base seed, and drawing it from the
         # global RNG would shift the dropout masks of a resumed run.
         self.loader = StatefulDataLoader(
-            encoded, batch_size=micro_batch_size, num_workers=workers,
+            encoded, batch_size=None, num_workers=workers,
             generator=torch.Generator().manual_seed(seed + rank),
-            collate_fn=partial(collate_stream, pad_id=encoder.tokenizer.pad_token_id))
+            collate_fn=partial(collate_micro_batch, pad_id=encoder.tokenizer.pad_token_id))
         self._iterator = None
 
-    def _encode_pool(self, batch: dict) -> dict:
+    def _micro_batches_of_pool(self, batch: dict) -> dict:
+        """Tokenize a pool and cut it into micro batches (one output element each). Sorted by
+        length, then the pool's micro batches are shuffled so the stream does not run short-to-long
+        within every pool; the shuffle is a function of the pool's content, so a resumed stream
+        repeats it exactly. Unsorted (pool=0, parallel MSE) keeps the stream order. The last
+        micro batch of a pool may be smaller."""
         rows = self.encoder.encode_batch(batch)
-        if not self.sort_pools:
-            return rows
-        order = sorted(range(len(rows["input_ids"])), key=lambda i: len(rows["input_ids"][i]))
-        # Rows of similar length stay together, but the pool's micro batches are shuffled so the
-        # stream does not run short-to-long within every pool. The shuffle is a function of the
-        # pool's content, so a resumed stream repeats it exactly.
+        order = list(range(len(rows["input_ids"])))
         size = self.micro_batch_size
+        if self.sort_pools:
+            order.sort(key=lambda i: len(rows["input_ids"][i]))
         chunks = [order[start:start + size] for start in range(0, len(order), size)]
-        random.Random(f"{self.seed}:{rows['sample_id'][0]}:{len(order)}").shuffle(chunks)
-        order = [index for chunk in chunks for index in chunk]
-        return {name: [values[i] for i in order] for name, values in rows.items()}
+        if self.sort_pools:
+            # Seeded by the pool's tokens, not its sample ids: those name the run folder.
+            content = zlib.crc32(repr((rows["input_ids"][0], rows["input_ids"][-1], len(order))).encode())
+            random.Random(self.seed * 2**32 + content).shuffle(chunks)
+        return {name: [[values[i] for i in chunk] for chunk in chunks] for name, values in rows.items()}
 
     def __iter__(self):
         return iter(self.loader)
