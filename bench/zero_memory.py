@@ -1,11 +1,13 @@
 """Training-state memory per rank at 2 ranks under ZeRO-0, ZeRO-2 and ZeRO-3.
 
-    python bench/zero_memory.py                 # multilingual-e5-small, every parameter trained, fp32
+    python bench/zero_memory.py                 # multilingual-e5-small, every parameter trained, bf16
+    python bench/zero_memory.py --precision fp32
     python bench/zero_memory.py --smoke         # tiny random encoder (CI)
 
 For each ZeRO stage, 2 ranks (torchrun, gloo) build the dual-head model and the DeepSpeed engine
-exactly as the launchers do (dualner.engine.build_engine), run two optimizer steps, free the batch,
-and then measure on each rank the bytes of every tensor still alive in the process (found through
+exactly as the launchers do (dualner.engine.build_engine), run two optimizer steps and the forward
+and backward of a third, free the batch and activations, and then measure on each rank, with the
+third step's gradients in place, the bytes of every tensor alive in the process (found through
 the garbage collector, each storage counted once): parameters, gradients and optimizer state, with
 DeepSpeed's flat buffers and partitions, whatever holds them. Reported alongside: the parameter
 bytes that rank holds and the optimizer.state bytes, and the process's resident memory.
@@ -28,7 +30,9 @@ sys.path.insert(0, str(REPO))
 
 from bench.stage2_costs import write_result  # noqa: E402
 
-STAGES = {0: "ds_configs/zero0_fp32.json", 2: "ds_configs/zero2_fp32.json", 3: "ds_configs/zero3_fp32.json"}
+CONFIGS = {"bf16": {0: "ds_configs/zero0.json", 2: "ds_configs/zero2.json", 3: "ds_configs/zero3.json"},
+           "fp32": {0: "ds_configs/zero0_fp32.json", 2: "ds_configs/zero2_fp32.json", 3: "ds_configs/zero3_fp32.json"}}
+STAGES = (0, 2, 3)
 
 
 def live_tensor_bytes() -> int:
@@ -74,11 +78,11 @@ def worker(args) -> None:
     info = init_distributed()
     torch.manual_seed(0)
     train = TrainConfig(global_batch_size=2 * args.batch, micro_batch_size=args.batch, lr=1e-4, warmup_steps=0)
-    ds_config = load_deepspeed_config(REPO / STAGES[args.stage], derive_batch_layout(train, info.world_size))
+    ds_config = load_deepspeed_config(REPO / CONFIGS[args.precision][args.stage], derive_batch_layout(train, info.world_size))
     model = DualNERModel.from_pretrained_encoder(resolve_encoder(args.encoder), 3)
     engine = build_engine(model, ds_config, train, total_steps=10)
     generator = torch.Generator().manual_seed(info.rank)
-    for _ in range(2):
+    for step in range(3):
         ids = torch.randint(5, 200, (args.batch, 48), generator=generator)
         mask = torch.ones_like(ids)
         labels = torch.randint(0, 7, ids.shape, generator=generator)
@@ -86,6 +90,8 @@ def worker(args) -> None:
         outputs = engine(ids, mask)
         loss = supervised_losses(outputs, {"seq_labels": labels, "start_labels": spans, "end_labels": spans})["total"]
         engine.backward(loss)
+        if step == 2:
+            break  # measured with this step's gradients in place and the optimizer state of two steps
         engine.step()
     del ids, mask, labels, spans, outputs, loss
     parameters = sum((p.ds_tensor if hasattr(p, "ds_tensor") else p.data).numel() * p.element_size()
@@ -98,12 +104,16 @@ def worker(args) -> None:
     everyone = all_gather_objects(mine)
     if info.is_main:
         Path(args.worker_output).write_text(json.dumps(everyone))
+    # An explicit, collective shutdown: left to interpreter exit, gloo's threads can abort a rank.
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--encoder", default="multilingual-e5-small")
     parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--precision", choices=sorted(CONFIGS), default="bf16")
     parser.add_argument("--output", default=str(REPO / "bench" / "results" / "zero_memory.json"))
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--stage", type=int, help=argparse.SUPPRESS)
@@ -122,6 +132,7 @@ def main() -> None:
         output = Path(args.output).with_suffix(f".stage{stage}.tmp")
         command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
                    __file__, "--encoder", args.encoder, "--batch", str(args.batch), "--stage", str(stage),
+                   "--precision", args.precision,
                    "--worker-output", str(output)]
         result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=1800)
         if result.returncode != 0:
@@ -133,7 +144,8 @@ def main() -> None:
                                      "max_rss_mb": max(r["rss_bytes"] for r in ranks) / 2**20}
     base = per_stage["zero0"]["max_live_tensor_mb"]
     result = {"command": "python bench/zero_memory.py " + " ".join(sys.argv[1:]), "date": time.strftime("%Y-%m-%d"),
-              "encoder": args.encoder, "world_size": 2, "precision": "fp32", "stages": per_stage,
+              "encoder": args.encoder, "world_size": 2, "precision": args.precision,
+              "ds_configs": CONFIGS[args.precision], "stages": per_stage,
               "ratio_to_zero0": {name: stage["max_live_tensor_mb"] / base for name, stage in per_stage.items()}}
     write_result(args.output, result)
     for name, stage in per_stage.items():
