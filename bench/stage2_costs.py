@@ -31,13 +31,15 @@ TARGETS = ["ar", "de", "es", "et", "fa", "fi", "fr", "he", "hi", "id", "it", "ja
 
 
 def timed_windows(run_dir: Path, warmup: int) -> dict:
+    """Steps, seconds and real tokens a launcher logged after its first window (the warm-up; the
+    runs log every `warmup` steps), from its losses.jsonl."""
     windows = [json.loads(line) for line in (run_dir / "losses.jsonl").read_text().splitlines()]
     timed = [w for w in windows if w["step"] > warmup]
-    steps = sum(warmup for _ in timed)
+    steps = warmup * len(timed)
     seconds = sum(w["throughput/step_seconds"] * warmup for w in timed)
     tokens = sum(w["throughput/tokens_per_step"] * warmup for w in timed)
-    return {"steps": steps, "step_seconds": seconds / steps, "tokens_per_step": tokens / steps,
-            "seconds_per_1k_tokens": 1000 * seconds / tokens}
+    return {"steps": steps, "seconds": seconds, "tokens": tokens, "step_seconds": seconds / steps,
+            "tokens_per_step": tokens / steps, "seconds_per_1k_tokens": 1000 * seconds / tokens}
 
 
 def launch(stage: int, args, output: Path, *overrides: str) -> None:

@@ -24,7 +24,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.stage2_costs import write_result  # noqa: E402
+from bench.stage2_costs import timed_windows, write_result  # noqa: E402
 
 
 def english(args) -> tuple[list[list[str]], list[list[str]]]:
@@ -101,11 +101,8 @@ def run_ours(args) -> dict:
                    "train.warmup_steps=0", f"train.eval_every={args.steps}", f"deepspeed.config={config}",
                    "logging.tensorboard=false"]
         subprocess.run(command, cwd=REPO, check=True, capture_output=not args.verbose)
-        windows = [json.loads(line) for line in Path(output, "run", "losses.jsonl").read_text().splitlines()]
-    timed = [w for w in windows if w["step"] > args.warmup]
-    steps = args.steps - args.warmup
-    return {"tokens": sum(w["throughput/tokens_per_step"] * args.warmup for w in timed),
-            "seconds": sum(w["throughput/step_seconds"] * args.warmup for w in timed), "steps": steps}
+        timed = timed_windows(Path(output, "run"), args.warmup)
+    return {"tokens": timed["tokens"], "seconds": timed["seconds"], "steps": timed["steps"]}
 
 
 def main() -> None:
