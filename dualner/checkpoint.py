@@ -20,17 +20,14 @@ from pathlib import Path
 import torch
 
 from dualner import faults
-from dualner.distributed import barrier, current, is_main_process
+from dualner.backend.comm import barrier, current, is_main_process
+from dualner.backend.deepspeed_engine import CheckpointError, consolidated_state_dict
 
 COMPLETE_MARKER = "COMPLETE"
 BEST_POINTER = "best.json"
 MODEL_ASSETS = "model"
 ASSETS_FILE = "dualner.json"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
-
-
-class CheckpointError(RuntimeError):
-    pass
 
 
 def write_json_atomic(path: Path, value) -> None:
@@ -68,7 +65,7 @@ def save_checkpoint(engine, root: Path, step: int, client_state: dict) -> Path:
     if is_main_process() and path.exists():  # a half-written leftover of a crashed run
         shutil.rmtree(path)
     barrier()
-    engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=False)
+    engine.save(root, tag, client_state)
     faults.kill_if_due("kill_in_save", current().rank, step)
     barrier()
     if is_main_process():
@@ -103,56 +100,11 @@ def remove_incomplete(root: Path) -> None:
     barrier()
 
 
-UNIVERSAL = "universal"
-
-
-def written_by_ranks(path: Path) -> int | None:
-    """How many data-parallel ranks wrote a ZeRO (1-3) checkpoint; None for ZeRO-0 (whole states)."""
-    optimizer_files = list(path.glob("*zero_pp_rank_*_optim_states.pt"))
-    return len(optimizer_files) or None
-
-
-def to_universal(path: Path) -> Path:
-    """DeepSpeed's universal checkpoint (optimizer state included) of `path`, made once, inside it:
-    what a run resumed on another number of ranks loads."""
-    target = path / UNIVERSAL
-    if is_main_process() and not (target / COMPLETE_MARKER).is_file():
-        shutil.rmtree(target, ignore_errors=True)
-        import subprocess
-        import sys
-        # our client state lacks Megatron's universal_checkpoint_info: DeepSpeed injects a default
-        command = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
-                   str(path), "--output_folder", str(target), "--num_extract_workers", "1",
-                   "--num_merge_workers", "1", "--inject_missing_state"]
-        result = subprocess.run(command, capture_output=True, text=True)
-        if result.returncode != 0:
-            raise CheckpointError(f"{path}: cannot convert to a universal checkpoint for a resume on "
-                                  f"another number of ranks:\n{result.stderr[-2000:]}")
-        write_json_atomic(target / COMPLETE_MARKER, {"from": path.name})
-    barrier()
-    return target
-
-
 def load_checkpoint(engine, path: Path, world_size: int | None = None) -> dict:
-    """Load `path` into the engine; on another number of ranks than wrote it, through DeepSpeed's
-    universal checkpoint format (model and optimizer states re-partitioned)."""
+    """Load a complete `path` into the engine (on another number of ranks than wrote it too)."""
     if not is_complete(path):
         raise CheckpointError(f"{path}: not a complete checkpoint (no {COMPLETE_MARKER} marker)")
-    writers = written_by_ranks(path)
-    if world_size is not None and writers is not None and writers != world_size:
-        universal = to_universal(path)
-        engine._config.load_universal_checkpoint = True  # read by load_checkpoint; no public setter
-        try:
-            load_path, client_state = engine.load_checkpoint(str(path), tag=universal.name)
-        finally:
-            engine._config.load_universal_checkpoint = False
-        if load_path is None:
-            raise CheckpointError(f"{universal}: DeepSpeed could not load this universal checkpoint")
-        return client_state
-    load_path, client_state = engine.load_checkpoint(str(path.parent), tag=path.name)
-    if load_path is None:
-        raise CheckpointError(f"{path}: DeepSpeed could not load this checkpoint")
-    return client_state
+    return engine.load(path, world_size)
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -181,13 +133,4 @@ def model_assets_dir(checkpoint: Path) -> Path:
 
 def load_model_state(checkpoint: Path) -> dict[str, torch.Tensor]:
     """Consolidated fp32 weights from a checkpoint of any ZeRO stage, in one process."""
-    if list(checkpoint.glob("*zero_pp_rank_*optim_states.pt")) or list(
-            checkpoint.glob("zero_pp_rank_*model_states.pt")):
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-        state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint.parent), tag=checkpoint.name)
-    else:  # ZeRO-0: the module's own state dict sits in the model-states file
-        files = sorted(checkpoint.glob("mp_rank_*_model_states.pt"))
-        if not files:
-            raise CheckpointError(f"{checkpoint}: no DeepSpeed model states file")
-        state = torch.load(files[0], map_location="cpu", weights_only=False)["module"]
-    return {name: tensor.float() for name, tensor in state.items()}
+    return consolidated_state_dict(checkpoint)

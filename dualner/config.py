@@ -42,6 +42,11 @@ class ModelConfig:
     dropout: float = 0.1  # before the heads
     encoder_dropout: float | None = None  # default: the encoder config's own
     freeze_word_embeddings: bool = False
+    # Attention over packed rows (dualner.attention): "auto" uses variable-length FlashAttention where
+    # no attention dropout is needed (evaluation, the teacher) and CUDA has it, else SDPA with a
+    # block-diagonal mask; "sdpa" / "varlen" force one (varlen has no attention dropout).
+    attention: Literal["auto", "sdpa", "varlen"] = "auto"
+    compile: bool = False  # torch.compile the encoder (ZeRO 0-2)
 
 
 @dataclass
@@ -54,12 +59,23 @@ class DataConfig:
     train_fraction: float = 1.0  # stage 1 sees this fraction of the labeled source (SPEC Fig. 3)
     max_train_sentences: int | None = None
     max_eval_sentences: int | None = None  # per language, for quick runs
+    # Pack windows into rows of `pack_length` tokens (default: max_length) with block-diagonal
+    # attention and per-window positions: no padding computed, same results as unpacked. Encoder
+    # families whose position ids are unknown are trained unpacked whatever this says.
+    packing: bool = True
+    pack_length: int | None = None
+    # Loader worker processes per rank (tokenizing, packing, pinning off the training thread);
+    # default: 0 on CPU, up to 4 per GPU as the node's cores allow.
+    loader_workers: int | None = None
 
 
 @dataclass
 class TrainConfig:
     global_batch_size: int = 128  # sentences per optimizer step, whatever the world size
     micro_batch_size: int = 32  # sentences per rank per forward pass
+    # "sentences" (windows, the paper's unit) or "tokens": both batch sizes then count tokens, and a
+    # micro batch is a fixed shape of micro_batch_size / pack_length packed rows.
+    batch_unit: Literal["sentences", "tokens"] = "sentences"
     lr: float = 2e-5
     weight_decay: float = 0.01
     warmup_steps: int = 300
@@ -69,7 +85,7 @@ class TrainConfig:
     save_every: int | None = None  # default: eval_every
     log_every: int = 10
     keep_last: int = 2  # complete step-N checkpoints kept (the best one is always kept too)
-    bucket_multiplier: int = 50  # length buckets are formed within pools of this many micro batches
+    bucket_multiplier: int = 50  # unpacked only: length buckets within pools of this many micro batches
     # A non-finite loss on any rank: "stop" (raise naming the step and batch; resume restarts from
     # the newest complete checkpoint) or "skip" (every rank skips that micro batch; counted).
     nonfinite_loss: Literal["stop", "skip"] = "stop"
@@ -95,8 +111,9 @@ class Stage2Config:
     mse: Literal["centroid", "parallel"] = "centroid"
     mse_weight: float = 0.5  # lambda; 0 is the w/o MSE ablation
     confidence_threshold: float | None = None  # mask pseudo labels below this teacher probability
-    loader_workers: int = 0  # DataLoader worker processes per rank (tokenization off the main thread)
-    bucket_pool: int = 2048  # sentences sorted by length together (less padding); 0 keeps stream order
+    # Sentences read, tokenized and cut into micro batches together (sorted by length first when
+    # unpacked, for less padding); 0 keeps stream order.
+    bucket_pool: int = 2048
     sample_log: bool = False  # write every consumed sample id per rank (data audits, resume tests)
 
 

@@ -14,13 +14,14 @@ import numpy as np
 import torch
 from seqeval.metrics import f1_score
 
+from dualner.backend.comm import all_gather_objects, all_reduce_max, current
+from dualner.backend.placement import to_device
 from dualner.data.conll import Sentence
-from dualner.data.encoding import collate
-from dualner.distributed import all_gather_objects, all_reduce_max, current
+from dualner.data.packing import Collator, model_inputs
 from dualner.labels import LabelSet, decode_spans, sequential
 from dualner.model import HeadOutputs
 
-Forward = Callable[[torch.Tensor, torch.Tensor], HeadOutputs]
+Forward = Callable[..., HeadOutputs]  # DualNERModel.forward's keywords (dualner.data.packing.model_inputs)
 
 
 @dataclass
@@ -31,14 +32,17 @@ class EvalSet:
 
 
 def _word_predictions(outputs: HeadOutputs, head: str) -> tuple[np.ndarray, ...]:
+    """Argmax classes per token, copied to the host in one transfer."""
     if head == "span":
-        return (outputs.start_logits.argmax(-1).cpu().numpy(), outputs.end_logits.argmax(-1).cpu().numpy())
-    return (outputs.seq_logits.argmax(-1).cpu().numpy(),)
+        classes = torch.stack([outputs.start_logits.argmax(-1), outputs.end_logits.argmax(-1)])
+    else:
+        classes = outputs.seq_logits.argmax(-1)[None]
+    return tuple(classes.cpu().numpy())
 
 
 @torch.no_grad()
 def predict_tags(forward: Forward, rows: Sequence[dict], label_set: LabelSet, head: str,
-                 batch_size: int, pad_id: int, device: torch.device) -> dict[int, list[str]]:
+                 batch_size: int, collate: Collator, device: torch.device) -> dict[int, list[str]]:
     """sentence id -> predicted BIO tags for every sentence of `rows`, on every rank."""
     info = current()
     sentence_ids = np.asarray([row["sentence_id"] for row in rows])
@@ -51,13 +55,11 @@ def predict_tags(forward: Forward, rows: Sequence[dict], label_set: LabelSet, he
     for round_index in range(rounds):
         # A rank with fewer batches repeats a batch and discards it, keeping forward passes equal.
         indices = batches[round_index] if round_index < len(batches) else [0]
-        batch_rows = [rows[i] for i in indices]
-        batch = collate(batch_rows, pad_id)
-        outputs = forward(batch["input_ids"].to(device), batch["attention_mask"].to(device))
+        batch = collate([rows[i] for i in indices])
+        outputs = forward(**model_inputs(to_device(batch, device)))
         if round_index >= len(batches):
             continue
-        scatter_to_words(per_sentence, batch_rows, batch["word_index"].numpy(),
-                         _word_predictions(outputs, head))
+        scatter_to_words(per_sentence, batch, _word_predictions(outputs, head))
     tags = {sentence_id: _decode(values, label_set, head) for sentence_id, values in per_sentence.items()}
     merged: dict[int, list[str]] = {}
     for part in all_gather_objects(tags):
@@ -65,17 +67,23 @@ def predict_tags(forward: Forward, rows: Sequence[dict], label_set: LabelSet, he
     return merged
 
 
-def scatter_to_words(per_sentence: dict[int, list[np.ndarray]], batch_rows: Sequence[dict],
-                     word_index: np.ndarray, per_position: Sequence[np.ndarray]) -> None:
-    """Copy each row's values at first-subword positions into its sentence's word-level arrays;
-    the windows of a long sentence land side by side through their `word_offset`."""
-    for row_number, row in enumerate(batch_rows):
-        targets = per_sentence.setdefault(row["sentence_id"], [
-            np.zeros((row["num_words"], *values.shape[2:]), dtype=values.dtype) for values in per_position])
-        positions = np.nonzero(word_index[row_number] >= 0)[0]
-        words = word_index[row_number, positions] + row["word_offset"]
-        for target, values in zip(targets, per_position):
-            target[words] = values[row_number, positions]
+def scatter_to_words(per_sentence: dict[int, list[np.ndarray]], batch: dict,
+                     per_token: Sequence[np.ndarray]) -> None:
+    """Copy the values at first-subword tokens into each sentence's word-level arrays; the windows
+    of a long sentence land side by side through their `word_offset`. Either batch layout."""
+    meta = batch["meta"]
+    word_index = batch["word_index"].numpy().reshape(-1)
+    segment = batch["segment_ids"].numpy().reshape(-1)
+    tokens = np.nonzero(word_index >= 0)[0]
+    flat = [values.reshape(-1, *values.shape[2:]) for values in per_token]
+    for window in range(batch["num_segments"]):
+        sentence = meta["sentence_id"][window]
+        targets = per_sentence.setdefault(sentence, [
+            np.zeros((meta["num_words"][window], *values.shape[1:]), dtype=values.dtype) for values in flat])
+        positions = tokens[segment[tokens] == window]
+        words = word_index[positions] + meta["word_offset"][window]
+        for target, values in zip(targets, flat):
+            target[words] = values[positions]
 
 
 def _decode(values: list[np.ndarray], label_set: LabelSet, head: str) -> list[str]:
@@ -91,11 +99,11 @@ def f1_percent(gold: Sequence[Sequence[str]], predicted: Sequence[Sequence[str]]
 
 
 def evaluate_sets(forward: Forward, eval_sets: Sequence[EvalSet], label_set: LabelSet, head: str,
-                  batch_size: int, pad_id: int, device: torch.device) -> dict:
+                  batch_size: int, collate: Collator, device: torch.device) -> dict:
     """{"per_language": {lang: F1}, "average": unweighted mean} (F1 in percent)."""
     per_language = {}
     for eval_set in eval_sets:
-        predicted = predict_tags(forward, eval_set.rows, label_set, head, batch_size, pad_id, device)
+        predicted = predict_tags(forward, eval_set.rows, label_set, head, batch_size, collate, device)
         if len(predicted) != len(eval_set.sentences):
             raise RuntimeError(f"{eval_set.language}: gathered {len(predicted)} predictions for "
                                f"{len(eval_set.sentences)} sentences")

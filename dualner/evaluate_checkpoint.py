@@ -4,13 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-
+from dualner.backend.comm import accelerator_device, init_distributed
 from dualner.checkpoint import write_json_atomic
 from dualner.data.encoding import SentenceEncoder
-from dualner.distributed import init_distributed
 from dualner.evaluate import evaluate_sets, format_table
-from dualner.inference import load_trained_model
+from dualner.inference import inference_collator, load_trained_model
 from dualner.logging import get_logger
 from dualner.trainer import load_eval_sets
 
@@ -19,13 +17,13 @@ def evaluate_checkpoint(checkpoint: str | Path, data: dict[str, str], output: st
                         head: str = "span", batch_size: int = 64, max_sentences: int | None = None) -> dict:
     info = init_distributed()
     log = get_logger()
-    device = torch.device("cuda", info.local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    device = accelerator_device(info.local_rank)
     loaded = load_trained_model(checkpoint)
     model = loaded.model.to(device)
     encoder = SentenceEncoder(loaded.tokenizer, loaded.label_set, loaded.max_length)
     eval_sets = load_eval_sets(data, "--data", encoder, loaded.label_set, max_sentences)
     results = evaluate_sets(model, eval_sets, loaded.label_set, head, batch_size,
-                            loaded.tokenizer.pad_token_id, device)
+                            inference_collator(loaded), device)
     if info.is_main:
         log.info("%s (%s head):\n%s", loaded.checkpoint, head, format_table(results, "F1"))
         if output:

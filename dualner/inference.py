@@ -11,8 +11,16 @@ from transformers import AutoConfig, AutoTokenizer
 
 from dualner.checkpoint import (ASSETS_FILE, CheckpointError, load_model_state, model_assets_dir,
                                 resolve_checkpoint)
+from dualner.data.packing import Collator
 from dualner.labels import LabelSet
 from dualner.model import DualNERModel
+
+
+def inference_collator(loaded: "LoadedModel") -> Collator:
+    """Packed rows where the encoder family allows it (same results, no padding computed)."""
+    offset = loaded.model.position_offset
+    return Collator(pad_id=loaded.tokenizer.pad_token_id, packed=offset is not None,
+                    row_length=loaded.max_length, position_offset=offset or 0)
 
 
 @dataclass

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import NamedTuple, Sequence
 
 OUTSIDE = "O"
+IGNORE_INDEX = -100  # label of positions no loss reads (non-first subwords, special tokens, padding)
 
 
 class Entity(NamedTuple):

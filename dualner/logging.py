@@ -6,7 +6,7 @@ import logging
 import sys
 from pathlib import Path
 
-from dualner.distributed import is_main_process
+from dualner.backend.comm import is_main_process
 
 _LOGGER_NAME = "dualner"
 

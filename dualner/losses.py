@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from dualner.data.encoding import IGNORE_INDEX
+from dualner.labels import IGNORE_INDEX
 from dualner.model import HeadOutputs
 
 # Which heads each variant trains (SPEC "Ablations and variants").
@@ -30,43 +30,61 @@ def supervised_losses(outputs: HeadOutputs, batch: dict[str, torch.Tensor],
     return terms
 
 
-def entity_representations(outputs: HeadOutputs, start_labels: torch.Tensor,
-                           word_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """SPEC's entity representation, for every (row, type): the concatenated encoder states of the
-    word with the highest student start probability for the type and of the word with the highest
-    end probability. Returns (representations (rows, types, 2 x hidden), present (rows, types)),
-    where `present` marks the rows whose labels hold an entity of that type."""
-    valid = word_index >= 0
-    blocked = torch.finfo(torch.float32).min
-    start_scores = outputs.start_logits.float().softmax(-1)[..., 1:].masked_fill(~valid[..., None], blocked)
-    end_scores = outputs.end_logits.float().softmax(-1)[..., 1:].masked_fill(~valid[..., None], blocked)
-    start_words = start_scores.argmax(1)  # (rows, types)
-    end_words = end_scores.argmax(1)
-    hidden = outputs.hidden_states
-    index = lambda words: words[..., None].expand(-1, -1, hidden.shape[-1])  # noqa: E731
-    representations = torch.cat([hidden.gather(1, index(start_words)), hidden.gather(1, index(end_words))], -1)
-    types = torch.arange(1, start_scores.shape[-1] + 1, device=start_labels.device)
-    present = (start_labels[..., None] == types).any(1)
+def entity_representations(outputs: HeadOutputs, start_labels: torch.Tensor, word_index: torch.Tensor,
+                           segment_ids: torch.Tensor, num_segments: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """SPEC's entity representation, for every (window, type): the concatenated encoder states of the
+    window's word with the highest student start probability for the type and of its word with the
+    highest end probability (the first such word on ties, as argmax). Returns (representations
+    (windows, types, 2 x hidden), present (windows, types)), where `present` marks the windows whose
+    labels hold an entity of that type. Segment-wise on the device: no host copy, either layout."""
+    is_word = word_index.reshape(-1) >= 0
+    # padding and non-word tokens go to an extra bin that is dropped
+    segment = torch.where(is_word, segment_ids.reshape(-1), num_segments)
+    hidden = outputs.hidden_states.reshape(-1, outputs.hidden_states.shape[-1])
+    types = outputs.start_logits.shape[-1] - 1
+    position = torch.arange(segment.numel(), device=segment.device)
+    bins = segment[:, None].expand(-1, types)
+
+    def best_word(logits: torch.Tensor) -> torch.Tensor:
+        scores = logits.reshape(-1, types + 1).float().softmax(-1)[:, 1:]
+        scores = scores.masked_fill(~is_word[:, None], float("-inf"))
+        best = torch.full((num_segments + 1, types), float("-inf"), device=scores.device).scatter_reduce(
+            0, bins, scores, "amax")
+        is_best = (scores == best[segment]) & is_word[:, None]
+        first = torch.full((num_segments + 1, types), segment.numel(), device=scores.device,
+                           dtype=torch.long).scatter_reduce(
+            0, bins, torch.where(is_best, position[:, None], segment.numel()), "amin")
+        return first[:num_segments].clamp(max=segment.numel() - 1)
+
+    representations = torch.cat([hidden[best_word(outputs.start_logits)],
+                                 hidden[best_word(outputs.end_logits)]], -1)
+    labels = start_labels.reshape(-1)
+    has_type = labels[:, None] == torch.arange(1, types + 1, device=labels.device)
+    present = torch.zeros((num_segments + 1, types), dtype=torch.float32, device=labels.device).scatter_reduce(
+        0, bins, has_type.float(), "amax")[:num_segments] > 0
     return representations.float(), present
 
 
 def centroid_mse(representations: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
     """Mean over types with at least two entities in the batch of the mean squared distance of each
     representation to their mean; 0 (keeping the graph) when no type qualifies."""
-    terms = []
-    for entity_type in range(present.shape[1]):
-        group = representations[present[:, entity_type], entity_type]
-        if group.shape[0] >= 2:
-            terms.append((group - group.mean(0, keepdim=True)).pow(2).mean())
-    return torch.stack(terms).mean() if terms else representations.sum() * 0.0
+    weight = present.float()
+    count = weight.sum(0)  # (types,)
+    centroid = (representations * weight[..., None]).sum(0) / count.clamp(min=1)[:, None]
+    distance = (representations - centroid).pow(2).mean(-1) * weight  # (windows, types)
+    per_type = distance.sum(0) / count.clamp(min=1)
+    qualifies = (count >= 2).float()
+    return (per_type * qualifies).sum() / qualifies.sum().clamp(min=1)
 
 
-def parallel_mse(representations: torch.Tensor, present: torch.Tensor,
-                 pairs: list[tuple[int, int]]) -> torch.Tensor:
-    """For (translation row, source row) pairs: pull each type's entity of one onto the other's."""
-    terms = [(representations[a, k] - representations[b, k]).pow(2).mean()
-             for a, b in pairs for k in range(present.shape[1]) if present[a, k] and present[b, k]]
-    return torch.stack(terms).mean() if terms else representations.sum() * 0.0
+def parallel_mse(representations: torch.Tensor, present: torch.Tensor, pairs: torch.Tensor) -> torch.Tensor:
+    """For (translation window, source window) pairs: pull each type's entity of one onto the other's."""
+    if pairs.shape[0] == 0:
+        return representations.sum() * 0.0
+    translation, source = pairs[:, 0], pairs[:, 1]
+    both = (present[translation] & present[source]).float()  # (pairs, types)
+    distance = (representations[translation] - representations[source]).pow(2).mean(-1)
+    return (distance * both).sum() / both.sum().clamp(min=1)
 
 
 def self_kl(student: HeadOutputs, teacher: HeadOutputs, word_index: torch.Tensor,

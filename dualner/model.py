@@ -12,6 +12,8 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModel, PretrainedConfig
 
+from dualner import attention
+
 
 class HeadOutputs(NamedTuple):
     # A NamedTuple, not a dataclass: ZeRO-3's hooks find tensors inside tuples only.
@@ -22,9 +24,19 @@ class HeadOutputs(NamedTuple):
 
 
 class DualNERModel(nn.Module):
-    def __init__(self, encoder: nn.Module, num_entity_types: int, dropout: float = 0.1):
+    """`forward` takes a micro batch of either layout (dualner.data.packing): `attention_mask` for
+    padded rows, or `segment_ids` + `position_ids` (+ `cu_seqlens`, `max_seqlen`) for packed rows."""
+
+    def __init__(self, encoder: nn.Module, num_entity_types: int, dropout: float = 0.1,
+                 attention_mode: str = "auto"):
         super().__init__()
         self.encoder = encoder
+        self.attention_mode = attention_mode
+        # Families whose positions we know get the block-diagonal attention (dualner.attention).
+        self.position_offset = attention.position_offset(encoder.config)
+        if self.position_offset is not None:
+            attention.register()
+            encoder.set_attn_implementation(attention.IMPLEMENTATION)
         hidden = encoder.config.hidden_size
         self.dropout = nn.Dropout(dropout)
         self.seq_head = nn.Linear(hidden, 2 * num_entity_types + 1)
@@ -34,17 +46,22 @@ class DualNERModel(nn.Module):
             nn.init.normal_(head.weight, std=0.02)
             nn.init.zeros_(head.bias)
 
+    @property
+    def supports_packing(self) -> bool:
+        return self.position_offset is not None
+
     @classmethod
     def from_encoder_config(cls, encoder_config: PretrainedConfig, num_entity_types: int,
-                            dropout: float = 0.1) -> "DualNERModel":
+                            dropout: float = 0.1, attention_mode: str = "auto") -> "DualNERModel":
         """Random weights; used before loading a checkpoint's state dict."""
         return cls(AutoModel.from_config(encoder_config, add_pooling_layer=False)
                    if _accepts_pooling_flag(encoder_config) else AutoModel.from_config(encoder_config),
-                   num_entity_types, dropout)
+                   num_entity_types, dropout, attention_mode)
 
     @classmethod
     def from_pretrained_encoder(cls, name_or_path: str, num_entity_types: int, dropout: float = 0.1,
-                                encoder_dropout: float | None = None) -> "DualNERModel":
+                                encoder_dropout: float | None = None,
+                                attention_mode: str = "auto") -> "DualNERModel":
         config = AutoConfig.from_pretrained(name_or_path)
         if encoder_dropout is not None:  # the names differ between model families
             for name in _DROPOUT_NAMES:
@@ -52,13 +69,23 @@ class DualNERModel(nn.Module):
                     setattr(config, name, encoder_dropout)
         kwargs = {"add_pooling_layer": False} if _accepts_pooling_flag(config) else {}
         return cls(AutoModel.from_pretrained(name_or_path, config=config, **kwargs), num_entity_types,
-                   dropout)
+                   dropout, attention_mode)
 
     def freeze_word_embeddings(self) -> None:
         self.encoder.get_input_embeddings().weight.requires_grad_(False)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> HeadOutputs:
-        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, segment_ids: torch.Tensor | None = None,
+                cu_seqlens: torch.Tensor | None = None, max_seqlen: int = 0) -> HeadOutputs:
+        if segment_ids is None:
+            hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        else:
+            if not self.supports_packing:
+                raise ValueError(f"{self.encoder.config.model_type} encoders are not packed (unknown "
+                                 f"position ids); set data.packing=false")
+            layout = attention.PackedLayout(segment_ids, cu_seqlens, max_seqlen, self.attention_mode)
+            hidden = self.encoder(input_ids=input_ids, position_ids=position_ids,
+                                  dualner_layout=layout).last_hidden_state
         features = self.dropout(hidden)
         return HeadOutputs(self.seq_head(features), self.start_head(features),
                            self.end_head(features), hidden)

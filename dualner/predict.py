@@ -15,10 +15,13 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from dualner.backend.placement import to_device
 from dualner.data.conll import iter_conll
-from dualner.data.encoding import SentenceEncoder, collate
+from dualner.data.encoding import SentenceEncoder
+from dualner.data.packing import model_inputs
 from dualner.evaluate import scatter_to_words
 from dualner.export import load_any
+from dualner.inference import inference_collator
 from dualner.labels import Entity, decode_spans, extract_entities
 
 _BATCH_SENTENCES = 256  # sentences read, encoded and predicted together
@@ -52,7 +55,7 @@ class Predictor:
         self.model = loaded.model.to(self.device).eval()
         self.label_set = loaded.label_set
         self.encoder = SentenceEncoder(loaded.tokenizer, loaded.label_set, loaded.max_length)
-        self.pad_id = loaded.tokenizer.pad_token_id
+        self.collate = inference_collator(loaded)
         self.head, self.batch_size = head, batch_size
 
     @torch.no_grad()
@@ -63,13 +66,11 @@ class Predictor:
         probabilities: dict[int, list[np.ndarray]] = {}
         order = sorted(range(len(rows)), key=lambda i: len(rows[i]["input_ids"]))
         for start in range(0, len(order), self.batch_size):
-            batch_rows = [rows[i] for i in order[start:start + self.batch_size]]
-            batch = collate(batch_rows, self.pad_id)
-            outputs = self.model(batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device))
+            batch = self.collate([rows[i] for i in order[start:start + self.batch_size]])
+            outputs = self.model(**model_inputs(to_device(batch, self.device)))
             heads = ((outputs.start_logits, outputs.end_logits) if self.head == "span"
                      else (outputs.seq_logits,))
-            scatter_to_words(probabilities, batch_rows, batch["word_index"].numpy(),
-                             [logits.float().softmax(-1).cpu().numpy() for logits in heads])
+            scatter_to_words(probabilities, batch, [logits.float().softmax(-1).cpu().numpy() for logits in heads])
         return [self._entities(sentences[i], probabilities[i]) for i in range(len(sentences))]
 
     def _entities(self, words: list[str], probabilities: list[np.ndarray]) -> list[dict]:

@@ -6,16 +6,19 @@ from __future__ import annotations
 from transformers import AutoConfig, AutoTokenizer
 
 from dualner import checkpoint as ckpt
+from dualner.attention import position_offset
 from dualner.config import Config, ConfigError
 from dualner.data.batching import BatchPlan
-from dualner.data.encoding import SentenceEncoder, collate
+from dualner.data.encoding import SentenceEncoder
+from dualner.data.loader import PlannedMicroBatches, micro_batch_loader
+from dualner.data.packing import model_inputs
 from dualner.data.sources import read_labeled, split_source_fraction
 from dualner.encoders import resolve_encoder
 from dualner.inference import save_model_assets
 from dualner.labels import LabelSet
 from dualner.losses import VARIANT_TERMS, supervised_losses
 from dualner.model import DualNERModel
-from dualner.trainer import Trainer
+from dualner.trainer import Trainer, make_collator
 
 
 class Stage1Trainer(Trainer):
@@ -39,9 +42,13 @@ class Stage1Trainer(Trainer):
         self.encoder = SentenceEncoder(self.tokenizer, self.label_set, cfg.data.max_length)
         self.train_rows = self.encoder.encode(train_sentences).to_list()
         self.load_eval_data()
+        self.collator = make_collator(cfg, self.tokenizer.pad_token_id, position_offset(encoder_config))
         self.plan = BatchPlan([len(row["input_ids"]) for row in self.train_rows],
                               self.layout.micro_batch_size, self.layout.accumulation_steps,
-                              self.info.world_size, cfg.run.seed, cfg.train.bucket_multiplier)
+                              self.info.world_size, cfg.run.seed,
+                              # packed rows carry no padding: plain random micro batches
+                              1 if self.collator.packed else cfg.train.bucket_multiplier,
+                              self.collator.row_length if cfg.train.batch_unit == "tokens" else None)
         self.steps_per_epoch = self.plan.steps_per_epoch()
         self.total_steps = cfg.train.max_steps or cfg.train.epochs * self.steps_per_epoch
         self.log.info("stage 1: %d training windows from %d sentences, %d steps per epoch",
@@ -49,7 +56,8 @@ class Stage1Trainer(Trainer):
 
         self.open_run_dir()
         model = DualNERModel.from_pretrained_encoder(encoder_path, len(self.label_set.entity_types),
-                                                     cfg.model.dropout, cfg.model.encoder_dropout)
+                                                     cfg.model.dropout, cfg.model.encoder_dropout,
+                                                     cfg.model.attention)
         if cfg.model.freeze_word_embeddings:
             model.freeze_word_embeddings()
         if self.info.is_main:
@@ -60,17 +68,17 @@ class Stage1Trainer(Trainer):
     def loss_names(self) -> tuple[str, ...]:
         return ("total", *VARIANT_TERMS[self.cfg.model.variant])
 
-    def train_step(self) -> None:
-        epoch, in_epoch = divmod(self.state.step, self.steps_per_epoch)
-        for micro_batch, indices in enumerate(self.plan.rank_step(epoch, in_epoch, self.info.rank)):
-            rows = [self.train_rows[i] for i in indices]
-            batch = collate(rows, self.tokenizer.pad_token_id)
-            tokens = int(batch["attention_mask"].sum())  # counted on the host copy: no device sync
-            batch = {name: tensor.to(self.device, non_blocking=True) for name, tensor in batch.items()}
-            outputs = self.engine(batch["input_ids"], batch["attention_mask"])
-            terms = supervised_losses(outputs, batch, self.cfg.model.variant)
-            if self.backward(terms["total"], micro_batch, [row["sentence_id"] for row in rows]):
-                self.accumulate(terms, tokens)
+    def on_train_start(self) -> None:
+        dataset = PlannedMicroBatches(self.train_rows, self.plan, self.info.rank, self.collator,
+                                      self.steps_per_epoch, self.state.step, self.total_steps)
+        self.batches = iter(micro_batch_loader(dataset, self.loader_workers, self.pin_memory))
+
+    def next_micro_batch(self) -> dict:
+        return next(self.batches)
+
+    def micro_batch_losses(self, batch: dict) -> dict:
+        outputs = self.engine(**model_inputs(batch))
+        return supervised_losses(outputs, batch, self.cfg.model.variant)
 
     def client_state(self) -> dict:
         epoch, in_epoch = divmod(self.state.step, self.steps_per_epoch)

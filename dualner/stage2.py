@@ -12,48 +12,23 @@ from pathlib import Path
 import torch
 
 from dualner import checkpoint as ckpt
+from dualner.backend.comm import barrier
+from dualner.backend.deepspeed_engine import DeepSpeedTeacher
 from dualner.config import Config, ConfigError
 from dualner.data.encoding import SentenceEncoder
+from dualner.data.packing import model_inputs
 from dualner.data.sources import read_labeled, split_source_fraction
-from dualner.data.streaming import (KIND_SOURCE, KIND_TARGET, KIND_TRANSLATION, Stage2Stream,
+from dualner.data.streaming import (KIND_SOURCE, KIND_TARGET, KIND_TRANSLATION, STREAM_META, Stage2Stream,
                                     expand_files, make_shards, rank_shards)
-from dualner.distributed import all_reduce_sum, barrier
-from dualner.engine import zero_stage
 from dualner.inference import load_trained_model, save_model_assets
+from dualner.labels import IGNORE_INDEX
 from dualner.losses import (centroid_mse, entity_representations, parallel_mse, self_kl,
                             supervised_losses)
 from dualner.model import DualNERModel
 from dualner.teacher import build_pseudo_labels
-from dualner.trainer import Trainer
+from dualner.trainer import Trainer, make_collator
 
 _TERMS = ("seq", "start", "end")
-
-
-def build_teacher_engine(model: DualNERModel, ds_config: dict):
-    """The teacher under DeepSpeed with the student's ZeRO stage and precision, without optimizer:
-    under ZeRO-3 its parameters are partitioned and gathered for each forward like the student's."""
-    import deepspeed
-    teacher_config = {key: value for key, value in ds_config.items()
-                      if key not in ("gradient_clipping", "optimizer", "scheduler")}
-    if zero_stage(ds_config) < 3:
-        # ZeRO 1-2 partition optimizer state and gradients, which a teacher has none of; its
-        # parameters are whole on every rank either way.
-        teacher_config["zero_optimization"] = {"stage": 0}
-    for parameter in model.parameters():
-        parameter.requires_grad_(False)
-    engine, *_ = deepspeed.initialize(model=model, config=teacher_config)
-    engine.eval()
-    return engine
-
-
-def _copy_weights(student: torch.nn.Module, teacher: torch.nn.Module) -> None:
-    """Student -> teacher, shard by shard: under ZeRO-3 both hold the same partition on a rank."""
-    with torch.no_grad():
-        for source, target in zip(student.parameters(), teacher.parameters()):
-            if hasattr(source, "ds_tensor"):
-                target.ds_tensor.copy_(source.ds_tensor)
-            else:
-                target.data.copy_(source.data)
 
 
 class Stage2Trainer(Trainer):
@@ -83,21 +58,26 @@ class Stage2Trainer(Trainer):
         if self.info.is_main:
             save_model_assets(self.run_dir / ckpt.MODEL_ASSETS, self.tokenizer, initial.model.encoder.config,
                               self.label_set, cfg.model.variant, cfg.data.max_length)
+        self.collator = make_collator(cfg, self.tokenizer.pad_token_id, initial.model.position_offset,
+                                      meta_columns=STREAM_META, languages=tuple(self.languages),
+                                      pair_translations=stage2.mse == "parallel")
         self.stream = self._build_stream()
 
         student = initial.model
         student.dropout.p = cfg.model.dropout
         if cfg.model.freeze_word_embeddings:
             student.freeze_word_embeddings()
-        teacher = DualNERModel.from_encoder_config(student.encoder.config, len(self.label_set.entity_types))
+        student.attention_mode = cfg.model.attention
+        teacher = DualNERModel.from_encoder_config(student.encoder.config, len(self.label_set.entity_types),
+                                                   attention_mode=cfg.model.attention)
         best = ckpt.read_best(self.checkpoints) if cfg.run.resume != "none" else None
         teacher_source = self.checkpoints / best["path"] if best else initial.checkpoint
         teacher.load_state_dict(ckpt.load_model_state(teacher_source))
         self.log.info("stage 2: student from %s, teacher from %s", initial.checkpoint, teacher_source)
         self.wrap_model(student)
-        self.teacher = build_teacher_engine(teacher, self.ds_config)
+        self.teacher = DeepSpeedTeacher(teacher, self.ds_config)
         self.teacher_refreshes = 0
-        self._stats = torch.zeros(3 + len(self.languages), dtype=torch.float64)
+        self._stats: dict[str, torch.Tensor] = {}
         self._sample_log = (self.run_dir / f"samples_rank{self.info.rank}.jsonl"
                             if stage2.sample_log else None)
 
@@ -131,7 +111,7 @@ class Stage2Trainer(Trainer):
         `source_weight`, and `target_weight` / `translation_weight` are shared equally by the target
         languages (the unlabeled source remainder counts as one) and by the translation languages."""
         cfg, stage2 = self.cfg, self.cfg.stage2
-        world, rank, workers = self.info.world_size, self.info.rank, stage2.loader_workers
+        world, rank, workers = self.info.world_size, self.info.rank, self.loader_workers
         labeled, remainder = self._source_files() if cfg.data.train else (None, None)
         targets = {language: expand_files(pattern, f"stage2.target.{language}")
                    for language, pattern in stage2.target.items()}
@@ -158,83 +138,90 @@ class Stage2Trainer(Trainer):
         # Sorting by length would pull a translation away from its source sentence.
         pool = 0 if pair_with else stage2.bucket_pool
         return Stage2Stream(sources, self.encoder, self.layout.micro_batch_size, cfg.run.seed, rank,
-                            pool=pool, workers=workers)
+                            self.collator, pool=pool, workers=workers, pin_memory=self.pin_memory)
 
     # -- the step --------------------------------------------------------------------------------
     def loss_names(self) -> tuple[str, ...]:
         return ("total", *(f"gold_{t}" for t in _TERMS), *(f"pseudo_{t}" for t in _TERMS), "mse")
 
-    def train_step(self) -> None:
-        stage2 = self.cfg.stage2
-        for micro_batch in range(self.layout.accumulation_steps):
-            waited = time.perf_counter()
-            batch = self.stream.next_batch()
-            self._stats[2] += time.perf_counter() - waited
-            meta = batch.pop("meta")
-            if self._sample_log is not None:
-                with self._sample_log.open("a", encoding="utf-8") as handle:
-                    # later windows of a long sentence carry their first word: "file:line+offset"
-                    ids = [f"{sample}+{offset}" if offset else sample
-                           for sample, offset in zip(meta["sample_id"], meta["word_offset"])]
-                    handle.write(json.dumps({"step": self.state.step + 1, "samples": ids}) + "\n")
-            tokens = int(batch["attention_mask"].sum())
-            batch = {name: tensor.to(self.device, non_blocking=True) for name, tensor in batch.items()}
-            # Every rank runs exactly one teacher and one student forward per micro batch, which
-            # ZeRO-3's parameter gathering needs to stay in step across ranks.
-            with torch.no_grad():
-                teacher_out = self.teacher(batch["input_ids"], batch["attention_mask"])
-            student_out = self.engine(batch["input_ids"], batch["attention_mask"])
-            pseudo = build_pseudo_labels(teacher_out, batch["word_index"], self.label_set,
-                                         stage2.confidence_threshold)
-            terms: dict[str, torch.Tensor] = {}
-            if "seq_labels" in batch:
-                for name, value in supervised_losses(student_out, batch).items():
-                    terms[f"gold_{name}"] = value
-            if stage2.teaching == "dual":
-                pseudo_terms = supervised_losses(student_out, {"seq_labels": pseudo.seq_labels,
-                                                               "start_labels": pseudo.start_labels,
-                                                               "end_labels": pseudo.end_labels})
-            else:
-                pseudo_terms = self_kl(student_out, teacher_out, batch["word_index"])
-                pseudo_terms["total"] = sum(pseudo_terms.values())
-            for name in _TERMS:
-                terms[f"pseudo_{name}"] = pseudo_terms[name]
-            if stage2.mse_weight > 0:
-                terms["mse"] = self._mse(student_out, batch, pseudo, meta)
-            total = terms.get("gold_total", 0) + pseudo_terms["total"] + stage2.mse_weight * terms.get("mse", 0)
-            terms.pop("gold_total", None)
-            terms["total"] = total
-            if not self.backward(total, micro_batch, meta["sample_id"]):
-                continue
-            self.accumulate(terms, tokens)
-            self._stats[0] += pseudo.agreement_words
-            self._stats[1] += pseudo.words
-            for language, entities in zip(meta["language"], pseudo.entities_per_row):
-                self._stats[3 + self.languages.index(language)] += entities
+    def next_micro_batch(self) -> dict:
+        batch = self.stream.next_batch()
+        if self._sample_log is not None:
+            meta = batch["meta"]
+            with self._sample_log.open("a", encoding="utf-8") as handle:
+                # later windows of a long sentence carry their first word: "file:line+offset"
+                ids = [f"{sample}+{offset}" if offset else sample
+                       for sample, offset in zip(meta["sample_id"], meta["word_offset"])]
+                handle.write(json.dumps({"step": self.state.step + 1, "samples": ids}) + "\n")
+        return batch
 
-    def _mse(self, student_out, batch, pseudo, meta) -> torch.Tensor:
-        # Entities come from gold labels where a row has them, else from pseudo labels.
+    def micro_batch_losses(self, batch: dict) -> dict[str, torch.Tensor]:
+        stage2 = self.cfg.stage2
+        inputs = model_inputs(batch)
+        # Every rank runs exactly one teacher and one student forward per micro batch, which
+        # ZeRO-3's parameter gathering needs to stay in step across ranks.
+        teacher_out = self.teacher(**inputs)
+        student_out = self.engine(**inputs)
+        pseudo = build_pseudo_labels(teacher_out, batch["word_index"], batch["segment_ids"],
+                                     batch["num_segments"], self.label_set, stage2.confidence_threshold)
+        terms: dict[str, torch.Tensor] = {}
+        if "seq_labels" in batch:
+            for name, value in supervised_losses(student_out, batch).items():
+                terms[f"gold_{name}"] = value
+        if stage2.teaching == "dual":
+            pseudo_terms = supervised_losses(student_out, {"seq_labels": pseudo.seq_labels,
+                                                           "start_labels": pseudo.start_labels,
+                                                           "end_labels": pseudo.end_labels})
+        else:
+            pseudo_terms = self_kl(student_out, teacher_out, batch["word_index"])
+            pseudo_terms["total"] = sum(pseudo_terms.values())
+        for name in _TERMS:
+            terms[f"pseudo_{name}"] = pseudo_terms[name]
+        if stage2.mse_weight > 0:
+            terms["mse"] = self._mse(student_out, batch, pseudo)
+        total = terms.get("gold_total", 0) + pseudo_terms["total"] + stage2.mse_weight * terms.get("mse", 0)
+        terms.pop("gold_total", None)
+        terms["total"] = total
+        self._add_stat("agreement_words", pseudo.agreement_words)
+        self._add_stat("words", pseudo.words)
+        self._add_stat("entities_per_language", torch.zeros(len(self.languages), device=self.device).index_add_(
+            0, batch["segment_language"], pseudo.entities_per_segment))
+        return terms
+
+    def _add_stat(self, name: str, value: torch.Tensor) -> None:
+        value = value.detach().float()
+        self._stats[name] = self._stats[name] + value if name in self._stats else value
+
+    def _mse(self, student_out, batch, pseudo) -> torch.Tensor:
+        # Entities come from gold labels where a window has them, else from pseudo labels.
         labels = pseudo.start_labels
         if "start_labels" in batch:
-            gold_rows = (batch["start_labels"] != -100).any(1)
-            labels = torch.where(gold_rows[:, None], batch["start_labels"], labels)
-        representations, present = entity_representations(student_out, labels, batch["word_index"])
+            segments = batch["segment_ids"]
+            labeled = _segments_with(batch["start_labels"] != IGNORE_INDEX, segments, batch["num_segments"])
+            labeled_tokens = (segments >= 0) & labeled[segments.clamp(min=0)]
+            labels = torch.where(labeled_tokens, batch["start_labels"], labels)
+        representations, present = entity_representations(student_out, labels, batch["word_index"],
+                                                           batch["segment_ids"], batch["num_segments"])
         if self.cfg.stage2.mse == "parallel":
-            sources = {src: row for row, (kind, src) in enumerate(zip(meta["kind"], meta["src_id"]))
-                       if kind == KIND_SOURCE and src}
-            pairs = [(row, sources[src]) for row, (kind, src) in enumerate(zip(meta["kind"], meta["src_id"]))
-                     if kind == KIND_TRANSLATION and src in sources]
-            return parallel_mse(representations, present, pairs)
+            return parallel_mse(representations, present, batch["pairs"])
         return centroid_mse(representations, present)
 
-    def extra_scalars(self) -> dict[str, float]:
-        stats = all_reduce_sum(self._stats.clone())
-        self._stats.zero_()
-        scalars = {"teacher/agreement": float(stats[0]) / max(1.0, float(stats[1])),
-                   "data/wait_seconds": float(stats[2]) / self.info.world_size,
+    def device_statistics(self) -> dict[str, torch.Tensor]:
+        zero = torch.zeros((), device=self.device)
+        stats = {"agreement_words": self._stats.get("agreement_words", zero),
+                 "words": self._stats.get("words", zero),
+                 "entities_per_language": self._stats.get("entities_per_language",
+                                                          torch.zeros(len(self.languages), device=self.device))}
+        self._stats = {}
+        return stats
+
+    def window_scalars(self, device_sums: dict, host_sums: dict) -> dict[str, float]:
+        entities = device_sums["entities_per_language"]
+        entities = entities if isinstance(entities, list) else [entities]
+        scalars = {"teacher/agreement": device_sums["agreement_words"] / max(1.0, device_sums["words"]),
                    "teacher/refreshes": float(self.teacher_refreshes)}
-        for index, language in enumerate(self.languages):
-            scalars[f"pseudo_entities/{language}"] = float(stats[3 + index])
+        for language, count in zip(self.languages, entities):
+            scalars[f"pseudo_entities/{language}"] = float(count)
         return scalars
 
     def on_train_start(self) -> None:
@@ -244,7 +231,7 @@ class Stage2Trainer(Trainer):
 
     # -- teacher and state -----------------------------------------------------------------------
     def on_new_best(self) -> None:
-        _copy_weights(self.engine.module, self.teacher.module)
+        self.teacher.copy_from(self.engine)
         self.teacher_refreshes += 1
         self.log.info("step %d: the student becomes the teacher (refresh %d)", self.state.step,
                       self.teacher_refreshes)
@@ -266,3 +253,11 @@ class Stage2Trainer(Trainer):
 
 def run_stage2(cfg: Config) -> dict:
     return Stage2Trainer(cfg).train()
+
+
+def _segments_with(mask: torch.Tensor, segment_ids: torch.Tensor, num_segments: int) -> torch.Tensor:
+    """(segments,) bool: the windows with at least one True token in `mask`."""
+    bins = torch.where(segment_ids >= 0, segment_ids, num_segments).reshape(-1)
+    found = torch.zeros(num_segments + 1, device=mask.device).scatter_reduce(
+        0, bins, mask.reshape(-1).float(), "amax")
+    return found[:num_segments] > 0

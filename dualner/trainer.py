@@ -1,6 +1,12 @@
-"""The training loop shared by stage 1 and stage 2: run folder, DeepSpeed engine, dev evaluation and
-model selection, checkpoints with the trainer state, resume, logging. Stages fill in their data and
-their step (`Stage1Trainer`, `Stage2Trainer`)."""
+"""The training loop shared by stage 1 and stage 2: run folder, engine, dev evaluation and model
+selection, checkpoints with the trainer state, resume, logging. Stages supply their micro batches
+(`next_micro_batch`) and their loss terms (`micro_batch_losses`).
+
+Nothing in a step waits for the device: loss terms and statistics are summed on the device and
+read once per log window (one reduction, one copy); a non-finite loss makes the optimizer skip that
+step on the device on every rank, and its flag is read one step later, when it is long computed;
+preemption signals are agreed through a host collective that is also read one step later.
+"""
 
 from __future__ import annotations
 
@@ -17,12 +23,16 @@ import yaml
 
 from dualner import checkpoint as ckpt
 from dualner import faults
+from dualner.backend import comm
+from dualner.backend.comm import DistInfo
+from dualner.backend.deepspeed_engine import DeepSpeedTrainingEngine, load_deepspeed_config, zero_stage
+from dualner.backend.placement import AsyncHostCopy, pin_memory_wanted, to_device
 from dualner.config import Config, ConfigError, config_to_dict, save_config
+from dualner.data.batching import BatchLayout, derive_batch_layout
 from dualner.data.encoding import SentenceEncoder
+from dualner.data.loader import default_workers
+from dualner.data.packing import Collator, model_inputs
 from dualner.data.sources import check_entity_types, read_labeled
-from dualner.distributed import (DistInfo, all_gather_objects, all_reduce_max, all_reduce_sum, barrier,
-                                 broadcast_object, init_distributed)
-from dualner.engine import BatchLayout, build_engine, derive_batch_layout, load_deepspeed_config, zero_stage
 from dualner.evaluate import EvalSet, evaluate_sets, format_table
 from dualner.labels import LabelSet
 from dualner.logging import ScalarWriter, get_logger
@@ -37,25 +47,33 @@ class NonFiniteLossError(FloatingPointError):
 
 class PreemptionSignal:
     """SIGTERM / SIGUSR1 (what Slurm and other schedulers send before preempting or at the time
-    limit) ask for a checkpoint at the end of the current step. The ranks agree on the step through
-    one small all-reduce per step, since the signal reaches them at different moments."""
+    limit) ask for a checkpoint at the end of a step. The ranks agree on the step through a host
+    all-reduce started at the end of one step and read at the end of the next (nobody waits for it),
+    since the signal reaches them at different moments."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
     def __init__(self):
         self.signal_name = ""
+        self._pending: comm.PendingHostReduce | None = None
         self._previous = {number: signal.signal(number, self._handle) for number in self.SIGNALS}
 
     def restore(self) -> None:
         """Outside the training loop a signal ends the process as usual."""
+        if self._pending is not None:  # every rank started it; finish it before leaving
+            self._pending.result()
+            self._pending = None
         for number, handler in self._previous.items():
             signal.signal(number, handler)
 
     def _handle(self, number, _frame) -> None:
         self.signal_name = signal.Signals(number).name
 
-    def requested_on_any_rank(self) -> bool:
-        requested = all_reduce_max(int(bool(self.signal_name))) > 0
+    def agreed(self) -> bool:
+        """Called by every rank at the end of every step: whether the reduction started one step
+        ago saw a signal on some rank (then all ranks stop after this same step)."""
+        requested = self._pending is not None and self._pending.result()[0] > 0
+        self._pending = comm.PendingHostReduce([float(bool(self.signal_name))], "max")
         if requested and not self.signal_name:
             self.signal_name = "on another rank"
         return requested
@@ -67,11 +85,11 @@ class TrainerState:
     best_score: float = float("-inf")
     best_step: int = -1
     history: list = field(default_factory=list)  # dev results of every evaluation
-    skipped_micro_batches: int = 0  # non-finite losses skipped (train.nonfinite_loss=skip)
+    skipped_steps: int = 0  # optimizer steps skipped for a non-finite loss (train.nonfinite_loss=skip)
 
     def as_dict(self) -> dict:
         return {"step": self.step, "best_score": self.best_score, "best_step": self.best_step,
-                "history": self.history, "skipped_micro_batches": self.skipped_micro_batches}
+                "history": self.history, "skipped_steps": self.skipped_steps}
 
 
 def rng_state() -> dict:
@@ -111,7 +129,7 @@ def prepare_run_dir(cfg: Config, info: DistInfo) -> Path:
                     f"section(s) {', '.join(changed)}); choose a new output_dir or set run.overwrite=true")
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, saved)
-    barrier()
+    comm.barrier()
     return run_dir
 
 
@@ -125,16 +143,37 @@ def load_eval_sets(paths: dict[str, str], key: str, encoder: SentenceEncoder, la
     return sets
 
 
+def make_collator(cfg: Config, pad_id: int, position_offset: int | None, **extra) -> Collator:
+    """Packed rows when the config asks for them and the encoder family allows it."""
+    packed = cfg.data.packing and position_offset is not None
+    if cfg.train.batch_unit == "tokens" and not packed:
+        raise ConfigError("train.batch_unit=tokens needs packed rows (data.packing=true and an "
+                          "encoder family dualner.attention knows)")
+    row_length = cfg.data.pack_length or cfg.data.max_length
+    if row_length < cfg.data.max_length:
+        raise ConfigError(f"data.pack_length={row_length} must hold a whole window "
+                          f"(data.max_length={cfg.data.max_length})")
+    rows = None
+    if cfg.train.batch_unit == "tokens":
+        if cfg.train.micro_batch_size % row_length:
+            raise ConfigError(f"train.micro_batch_size={cfg.train.micro_batch_size} tokens is not a whole "
+                              f"number of rows of data.pack_length={row_length}")
+        rows = cfg.train.micro_batch_size // row_length
+    return Collator(pad_id=pad_id, packed=packed, row_length=row_length,
+                    position_offset=position_offset or 0, rows=rows, **extra)
+
+
 class Trainer:
     """Subclasses set tokenizer, label_set, encoder, total_steps, build the model and implement
-    `train_step`; they may extend the client state and react to a new best model."""
+    `next_micro_batch` and `micro_batch_losses`; they may extend the client state and react to a
+    new best model."""
 
     stage_name = "train"
     evaluate_initial_model = False
 
     def __init__(self, cfg: Config):
         self.cfg = cfg
-        self.info = init_distributed()
+        self.info = comm.init_distributed()
         self.log = get_logger()
         if cfg.eval.select_on == "source" and cfg.data.source_language not in cfg.data.dev:
             raise ConfigError(f"eval.select_on=source needs data.dev.{cfg.data.source_language}")
@@ -144,13 +183,14 @@ class Trainer:
         seed_everything(cfg.run.seed, self.info.rank)
         self.layout: BatchLayout = derive_batch_layout(cfg.train, self.info.world_size)
         self.ds_config = load_deepspeed_config(cfg.deepspeed.config, self.layout)
-        if cfg.train.nonfinite_loss == "skip" and zero_stage(self.ds_config) == 3:
-            raise ConfigError("train.nonfinite_loss=skip works with ZeRO stages 0-2 (a skipped micro "
-                              "batch needs whole parameters for its zero gradient); use stop under ZeRO-3")
+        self.device = comm.accelerator_device(self.info.local_rank)
+        self.loader_workers = default_workers(cfg.data.loader_workers, self.device,
+                                              int(__import__("os").environ.get("LOCAL_WORLD_SIZE", 1)))
+        self.pin_memory = pin_memory_wanted(self.device)
         self.state = TrainerState()
-        self._window: dict[str, torch.Tensor] = {}
-        self._window_tokens = 0.0
-        self._window_micro_batches = 0.0
+        self._reset_window()
+        # (step, flags copied to the host as they complete, samples per micro batch), read a step later
+        self._pending_flags: list[tuple[int, AsyncHostCopy, list]] = []
 
     # -- set-up helpers for subclasses -------------------------------------------------------------
     def open_run_dir(self) -> None:
@@ -166,17 +206,30 @@ class Trainer:
                                         cfg.data.max_eval_sentences)
 
     def wrap_model(self, model: torch.nn.Module) -> None:
-        self.engine = build_engine(model, self.ds_config, self.cfg.train, self.total_steps)
+        self.engine = DeepSpeedTrainingEngine(model, self.ds_config, self.cfg.train, self.total_steps,
+                                              compile_encoder=self.cfg.model.compile)
         self.device = self.engine.device
+        self.eval_collator = make_collator(self.cfg, self.tokenizer.pad_token_id, model.position_offset)
+        self.eval_collator.rows = None  # evaluation batches are sentence counts
         self.log.info(
-            "%s: %d steps, global batch %d = micro %d x accumulation %d x world %d (derived into the "
-            "DeepSpeed config), ZeRO stage %d from %s, labels %s", self.stage_name, self.total_steps,
-            self.layout.global_batch_size, self.layout.micro_batch_size, self.layout.accumulation_steps,
-            self.info.world_size, zero_stage(self.ds_config), self.cfg.deepspeed.config,
+            "%s: %d steps, global batch %d %s = micro %d x accumulation %d x world %d (derived into "
+            "the DeepSpeed config), ZeRO stage %d from %s, %s rows, labels %s", self.stage_name,
+            self.total_steps, self.layout.global_batch_size, self.layout.unit, self.layout.micro_batch_size,
+            self.layout.accumulation_steps, self.info.world_size, zero_stage(self.ds_config),
+            self.cfg.deepspeed.config,
+            f"packed {self.eval_collator.row_length}-token" if self.eval_collator.packed else "padded",
             self.label_set.bio_tags)
 
     # -- hooks --------------------------------------------------------------------------------------
-    def train_step(self) -> None:
+    def next_micro_batch(self) -> dict:
+        """The next micro batch of this rank, collated on the host (dualner.data.packing)."""
+        raise NotImplementedError
+
+    def micro_batch_losses(self, batch: dict) -> dict[str, torch.Tensor]:
+        """Loss terms of a micro batch already on the device; "total" is what is trained."""
+        raise NotImplementedError
+
+    def loss_names(self) -> tuple[str, ...]:
         raise NotImplementedError
 
     def client_state(self) -> dict:
@@ -196,58 +249,78 @@ class Trainer:
     def on_train_start(self) -> None:
         """Called once the run is resumed (or fresh), before the first step of this job."""
 
-    def loss_names(self) -> tuple[str, ...]:
-        raise NotImplementedError
-
-    # -- the backward pass, guarded ----------------------------------------------------------------
-    def backward(self, loss: torch.Tensor, micro_batch: int, samples: list) -> bool:
-        """Backward and step unless some rank's loss is not finite; then every rank, together,
-        stops or skips the micro batch (train.nonfinite_loss). Returns whether it was trained on.
-
-        The check costs one small all-reduce (and a host sync) per micro batch: the price of
-        every rank deciding the same thing at the same moment."""
-        if faults.nan_if_due(self.info.rank, self.state.step + 1):
-            loss = loss * float("nan")
-        nonfinite = all_reduce_max(int(not torch.isfinite(loss.detach()).item()))
-        if nonfinite:
-            where = (f"step {self.state.step + 1}, micro batch {micro_batch} "
-                     f"(rank {self.info.rank} samples {samples[:4]}{' ...' if len(samples) > 4 else ''})")
-            if self.cfg.train.nonfinite_loss == "stop":
-                # Parameters and optimizer still hold the previous step (this step's gradients are
-                # never applied), so they are checkpointed with the data position and RNG state
-                # taken when the step began.
-                if not ckpt.is_complete(self.checkpoints / f"step-{self.state.step}"):
-                    self._save(snapshot=self._step_start)
-                raise NonFiniteLossError(
-                    f"non-finite loss at {where}; stopped (train.nonfinite_loss=stop) with checkpoint "
-                    f"{self.checkpoints / f'step-{self.state.step}'}, where resume=auto restarts; "
-                    f"lower train.lr or set train.nonfinite_loss=skip")
-            self.state.skipped_micro_batches += 1
-            self.log.warning("non-finite loss at %s: skipped on every rank (%d so far)", where,
-                             self.state.skipped_micro_batches)
-            # An exact zero gradient for every trainable parameter keeps DeepSpeed's accumulation,
-            # reductions and optimizer step in lockstep across ranks, without the NaN's graph.
-            zero = sum((p * 0.0).sum() for p in self.engine.module.parameters() if p.requires_grad)
-            self.engine.backward(zero)
-            self.engine.step()
-            return False
-        self.engine.backward(loss)
-        self.engine.step()
-        return True
-
-    # -- accounting ---------------------------------------------------------------------------------
-    def accumulate(self, values: dict[str, torch.Tensor], tokens: int) -> None:
-        """Add one micro batch's terms; summed on the device and read only when logging."""
-        for name in self.loss_names():
-            value = values.get(name)
-            value = value.detach().float() if value is not None else torch.zeros((), device=self.device)
-            self._window[name] = self._window.get(name, 0) + value
-        self._window_tokens += tokens
-        self._window_micro_batches += 1
-
-    def extra_scalars(self) -> dict[str, float]:
-        """Stage-specific scalars for the log window (called on every rank)."""
+    def device_statistics(self) -> dict[str, torch.Tensor]:
+        """Stage-specific device sums for the log window (reduced with the losses)."""
         return {}
+
+    def window_scalars(self, device_sums: dict[str, float], host_sums: dict[str, float]) -> dict[str, float]:
+        """Scalars for the log window from the reduced sums (called on every rank)."""
+        return {}
+
+    # -- one step -----------------------------------------------------------------------------------
+    def train_step(self) -> None:
+        step_flags = []
+        step_samples = []
+        for micro_batch in range(self.layout.accumulation_steps):
+            waited = time.perf_counter()
+            batch = self.next_micro_batch()
+            self._host["data/wait_seconds"] += time.perf_counter() - waited
+            self._host["tokens"] += batch["real_tokens"]
+            self._host["computed_tokens"] += batch["input_ids"].numel()
+            self._host["windows"] += batch["num_segments"]
+            samples = batch["meta"].get("sample_id") or batch["meta"].get("sentence_id") or []
+            batch = to_device(batch, self.device)
+            terms = self.micro_batch_losses(batch)
+            loss = terms["total"]
+            if faults.nan_if_due(self.info.rank, self.state.step + 1):
+                loss = loss * float("nan")
+                terms["total"] = loss
+            bad = self.engine.backward(loss)
+            self.engine.step()
+            self._accumulate(terms, bad)
+            step_flags.append(bad)
+            step_samples.append(samples)
+        # read next step, when it is done: [flag reduced over ranks, this rank's micro-batch flags]
+        self._pending_flags.append((self.state.step + 1, AsyncHostCopy(
+            torch.stack([self.engine.last_step_flag, *step_flags])), step_samples))
+
+    def _accumulate(self, terms: dict[str, torch.Tensor], bad: torch.Tensor) -> None:
+        """Add one micro batch's terms on the device (a skipped micro batch adds nothing)."""
+        good = 1.0 - bad
+        for name in self.loss_names():
+            value = terms.get(name)
+            if value is None:
+                continue
+            value = value.detach().float()
+            self._device[name] = self._device.get(name, 0) + torch.where(bad > 0, 0.0, value)
+        self._device["good_micro_batches"] = self._device.get("good_micro_batches", 0) + good
+
+    def _check_nonfinite(self, upto: int) -> None:
+        """The flags of the steps up to `upto` (the loop passes the previous step: lag one): if the
+        optimizer skipped one, stop or count (train.nonfinite_loss). Every rank reads the same
+        reduced flag, so all decide together."""
+        while self._pending_flags and self._pending_flags[0][0] <= upto:
+            step, copy, samples = self._pending_flags.pop(0)
+            flags = copy.value().tolist()
+            if flags[0] > 0:
+                self._nonfinite_step(step, flags[1:], samples)
+
+    def _nonfinite_step(self, step: int, micro_flags: list[float], samples: list) -> None:
+        mine = [index for index, flag in enumerate(micro_flags) if flag > 0]
+        where = (f"step {step}, micro batch {mine[0]} (rank {self.info.rank} samples "
+                 f"{samples[mine[0]][:4]}{' ...' if len(samples[mine[0]]) > 4 else ''})" if mine
+                 else f"step {step} (on another rank)")
+        if self.cfg.train.nonfinite_loss == "stop":
+            # The optimizer skipped that step on every rank, so the current state holds no update
+            # from it: checkpoint it, then stop.
+            self._save()
+            raise NonFiniteLossError(
+                f"non-finite loss at {where}; the step was skipped and training stopped "
+                f"(train.nonfinite_loss=stop) with checkpoint {self.checkpoints / f'step-{self.state.step}'}, "
+                f"where resume=auto restarts; lower train.lr or set train.nonfinite_loss=skip")
+        self.state.skipped_steps += 1
+        self.log.warning("non-finite loss at %s: the step was skipped on every rank (%d so far)", where,
+                         self.state.skipped_steps)
 
     # -- checkpoints --------------------------------------------------------------------------------
     def _resume(self) -> None:
@@ -262,7 +335,9 @@ class Trainer:
         if "trainer" not in client_state or "ranks" not in client_state:
             raise ConfigError(f"{path}: not a DualNER checkpoint of this version (no trainer/rank state); "
                               f"start a new run.output_dir or set run.resume=none")
-        self.state = TrainerState(**client_state["trainer"])
+        trainer = dict(client_state["trainer"])
+        trainer.setdefault("skipped_steps", trainer.pop("skipped_micro_batches", 0))
+        self.state = TrainerState(**trainer)
         ranks = client_state["ranks"]
         mine = ranks[self.info.rank] if len(ranks) == self.info.world_size else None
         if mine is not None:
@@ -274,24 +349,18 @@ class Trainer:
         self.restore_client_state(client_state, mine)
         self.log.info("resumed from %s at step %d", path, self.state.step)
 
-    def _snapshot(self) -> tuple[dict, dict]:
-        """(this rank's state with its RNG, the shared state): local copies, no collective."""
-        return {"rng": rng_state(), **self.rank_state()}, self.client_state()
-
-    def _save(self, snapshot: tuple[dict, dict] | None = None) -> None:
-        """Checkpoint the current step; with `snapshot` (taken when the step began), checkpoint
-        the state before the step in progress."""
-        mine, shared = snapshot if snapshot is not None else self._snapshot()
-        client_state = {"trainer": self.state.as_dict(), "ranks": all_gather_objects(mine), **shared}
+    def _save(self) -> None:
+        mine = {"rng": rng_state(), **self.rank_state()}
+        client_state = {"trainer": self.state.as_dict(), "ranks": comm.all_gather_objects(mine),
+                        **self.client_state()}
         ckpt.save_checkpoint(self.engine, self.checkpoints, self.state.step, client_state)
         ckpt.prune(self.checkpoints, self.cfg.train.keep_last)
 
     # -- evaluation ---------------------------------------------------------------------------------
     def evaluate(self, eval_sets: list[EvalSet]) -> dict:
         self.engine.eval()
-        results = evaluate_sets(lambda ids, mask: self.engine(ids, mask), eval_sets, self.label_set,
-                                self.cfg.eval.head, self.cfg.eval.batch_size,
-                                self.tokenizer.pad_token_id, self.device)
+        results = evaluate_sets(self.engine, eval_sets, self.label_set, self.cfg.eval.head,
+                                self.cfg.eval.batch_size, self.eval_collator, self.device)
         self.engine.train()
         return results
 
@@ -317,22 +386,38 @@ class Trainer:
         return improved
 
     # -- logging ------------------------------------------------------------------------------------
+    def _reset_window(self) -> None:
+        self._device: dict[str, torch.Tensor] = {}
+        self._host = {"tokens": 0.0, "computed_tokens": 0.0, "windows": 0.0, "micro_batches": 0.0,
+                      "data/wait_seconds": 0.0}
+
     def _log_window(self, started: float) -> None:
-        names = self.loss_names()
-        local = torch.stack([self._window.get(name, torch.zeros((), device=self.device)).double().cpu()
-                             for name in names])
-        totals = all_reduce_sum(torch.cat([local, torch.tensor(
-            [self._window_tokens, self._window_micro_batches], dtype=torch.float64)]))
-        self._window, self._window_tokens, self._window_micro_batches = {}, 0.0, 0.0
-        micro_batches = max(1.0, float(totals[-1]))
-        losses = {f"loss/{name}": float(totals[i]) / micro_batches for i, name in enumerate(names)}
+        """One device reduction + one copy to the host, one host reduction: the window's only syncs."""
+        names = [*self.loss_names(), "good_micro_batches"]
+        device_values = {**{name: self._device.get(name, torch.zeros((), device=self.device)) for name in names},
+                         **self.device_statistics()}
+        reduced = comm.device_all_reduce(list(device_values.values()), self.device).cpu().tolist()
+        sizes = [value.numel() for value in device_values.values()]
+        device_sums, offset = {}, 0
+        for name, size in zip(device_values, sizes):
+            device_sums[name] = reduced[offset] if size == 1 else reduced[offset:offset + size]
+            offset += size
+        self._host["micro_batches"] = float(self.layout.accumulation_steps * max(1, self.state.step - self._last_logged_step))
+        host_names = list(self._host)
+        host_sums = dict(zip(host_names, comm.host_all_reduce([self._host[n] for n in host_names])))
+        good = max(1.0, device_sums["good_micro_batches"])
+        losses = {f"loss/{name}": device_sums[name] / good for name in self.loss_names()}
         elapsed = max(time.perf_counter() - started, 1e-9)
         steps = max(1, self.state.step - self._last_logged_step)
         self._last_logged_step = self.state.step
-        scalars = losses | self.extra_scalars() | {
-            "lr": self.engine.get_lr()[0], "throughput/tokens_per_s": float(totals[-2]) / elapsed,
-            "throughput/step_seconds": elapsed / steps, "throughput/tokens_per_step": float(totals[-2]) / steps,
-            "nonfinite/skipped_micro_batches": float(self.state.skipped_micro_batches)}
+        scalars = losses | self.window_scalars(device_sums, host_sums) | {
+            "lr": self.engine.lr(), "throughput/tokens_per_s": host_sums["tokens"] / elapsed,
+            "throughput/step_seconds": elapsed / steps, "throughput/tokens_per_step": host_sums["tokens"] / steps,
+            "throughput/windows_per_step": host_sums["windows"] / steps,
+            "data/packing_efficiency": host_sums["tokens"] / max(1.0, host_sums["computed_tokens"]),
+            "data/wait_seconds": host_sums["data/wait_seconds"] / self.info.world_size,
+            "nonfinite/skipped_steps": float(self.state.skipped_steps)}
+        self._reset_window()
         self.writer.scalars(scalars, self.state.step)
         self.log.info("step %d/%d loss %.4f lr %.2e %.0f tokens/s", self.state.step, self.total_steps,
                       losses["loss/total"], scalars["lr"], scalars["throughput/tokens_per_s"])
@@ -360,17 +445,17 @@ class Trainer:
         self.preemption = PreemptionSignal()
         while self.state.step < self.total_steps:
             faults.kill_if_due("kill", self.info.rank, self.state.step + 1)
-            # What a checkpoint of the state before this step needs, should the step be abandoned.
-            self._step_start = self._snapshot()
             self.train_step()
             self.state.step += 1
             steps_this_job += 1
             progress.update(1)
             step = self.state.step
             last = step == self.total_steps
-            preempted = self.preemption.requested_on_any_rank()
+            preempted = self.preemption.agreed()
             job_done = preempted or (self.cfg.run.max_steps_per_job is not None
                                      and steps_this_job >= self.cfg.run.max_steps_per_job)
+            # lag one: the previous step's flags (done by now); at the end of a job this step's too
+            self._check_nonfinite(step if last or job_done else step - 1)
             if step % cfg.log_every == 0 or last or job_done:
                 self._log_window(started)
                 started = time.perf_counter()
@@ -383,7 +468,7 @@ class Trainer:
                     ckpt.prune(self.checkpoints, cfg.keep_last)
                     # Rank 0 rewrites best.json and deletes old checkpoints; no rank may read the
                     # old best.json (or load a pruned checkpoint) in the meantime.
-                    barrier()
+                    comm.barrier()
             if improved:
                 self.on_new_best()
             started += time.perf_counter() - paused
@@ -403,7 +488,7 @@ class Trainer:
     def _finish(self) -> dict:
         summary: dict = {"steps": self.state.step, "best_step": self.state.best_step,
                          "best_score": self.state.best_score}
-        best = broadcast_object(ckpt.read_best(self.checkpoints))  # one answer for every rank
+        best = comm.broadcast_object(ckpt.read_best(self.checkpoints))  # one answer for every rank
         if best is not None:
             summary["dev"] = {"per_language": best["per_language"], "average": best["average"]}
             self.log.info("best dev F1 (step %d):\n%s", best["step"], format_table(summary["dev"], "dev F1"))
@@ -417,7 +502,7 @@ class Trainer:
         if self.info.is_main:
             ckpt.write_json_atomic(self.run_dir / "results.json", summary)
         self.writer.close()
-        barrier()
+        comm.barrier()
         return summary
 
 

@@ -2,7 +2,8 @@ import pytest
 
 from dualner.data.batching import BatchPlan, bucketed_micro_batches
 from dualner.data.conll import DataFormatError, Sentence, read_conll
-from dualner.data.encoding import IGNORE_INDEX, SentenceEncoder, collate, split_into_windows
+from dualner.data.encoding import IGNORE_INDEX, SentenceEncoder, split_into_windows
+from dualner.data.packing import Collator
 from dualner.labels import LabelSet
 
 LABELS = LabelSet(("LOC", "ORG", "PER"))
@@ -58,10 +59,11 @@ def test_alignment_labels_first_subword_only(tiny_tokenizer):
     first_subwords = [w for w in row["word_index"] if w >= 0]
     assert first_subwords == [0, 1, 2, 3]
     assert row["word_index"][0] == -1 and row["word_index"][-1] == -1  # special tokens
-    batch = collate(rows, tiny_tokenizer.pad_token_id)
-    labeled = batch["seq_labels"][0][batch["seq_labels"][0] != IGNORE_INDEX].tolist()
-    assert labeled == [LABELS.tag_id(t) for t in sentence.tags]
-    assert batch["start_labels"][0][batch["word_index"][0] == 3].item() == LABELS.span_class("LOC")
+    for packed in (True, False):
+        batch = Collator(tiny_tokenizer.pad_token_id, packed=packed, row_length=64)(rows)
+        labeled = batch["seq_labels"][0][batch["seq_labels"][0] != IGNORE_INDEX].tolist()
+        assert labeled == [LABELS.tag_id(t) for t in sentence.tags]
+        assert batch["start_labels"][0][batch["word_index"][0] == 3].item() == LABELS.span_class("LOC")
 
 
 def test_long_sentence_is_windowed_without_losing_words(tiny_tokenizer):

@@ -2,7 +2,8 @@ import torch
 import torch.nn.functional as F
 
 from dualner.data.conll import read_conll
-from dualner.data.encoding import IGNORE_INDEX, SentenceEncoder, collate
+from dualner.data.encoding import SentenceEncoder
+from dualner.data.packing import Collator
 from dualner.evaluate import EvalSet, evaluate_sets
 from dualner.labels import LabelSet
 from dualner.model import HeadOutputs
@@ -11,31 +12,37 @@ from tests.conftest import SAMPLE
 LABELS = LabelSet(("LOC", "ORG", "PER"))
 
 
-def oracle_forward(rows, pad_id, corrupt_every=0):
-    """A 'model' that returns the gold labels as logits (optionally wrong on some sentences).
+def oracle_forward(rows, corrupt_every=0):
+    """A 'model' that returns the gold labels as logits (optionally wrong on some sentences), for
+    either batch layout.
 
-    Each row's first token is replaced by a unique marker so that the oracle can tell apart
-    windows whose subwords are identical."""
+    Each window's first token is replaced by a unique marker, so the oracle finds every window in a
+    row (packed rows hold several) and tells apart windows whose subwords are identical."""
     table = {}
     for number, row in enumerate(rows):
         row["input_ids"][0] = 10_000 + number
-        table[row["input_ids"][0]] = (row["sentence_id"], collate([row], pad_id))
+        per_position = {}
+        for name, column in (("seq", "tag_ids"), ("start", "start_ids"), ("end", "end_ids")):
+            values = [row[column][w] if w >= 0 else 0 for w in row["word_index"]]
+            if corrupt_every and row["sentence_id"] % corrupt_every == 0:
+                values = [0] * len(values)
+            per_position[name] = values
+        table[row["input_ids"][0]] = per_position
 
-    def forward(input_ids, attention_mask):
-        outputs = {"seq": [], "start": [], "end": []}
-        for ids, mask in zip(input_ids, attention_mask):
-            sentence_id, batch = table[int(ids[0])]
-            width = ids.shape[0]
-            for name, classes in (("seq", 7), ("start", 4), ("end", 4)):
-                labels = batch[f"{name}_labels"][0].clone()
-                labels[labels == IGNORE_INDEX] = 0
-                if corrupt_every and sentence_id % corrupt_every == 0:
-                    labels[:] = 0
-                padded = torch.zeros(width, dtype=torch.long)
-                padded[:labels.shape[0]] = labels
-                outputs[name].append(F.one_hot(padded, classes).float())
-        stacked = {k: torch.stack(v) for k, v in outputs.items()}
-        return HeadOutputs(stacked["seq"], stacked["start"], stacked["end"], stacked["seq"])
+    def forward(input_ids, **_layout):
+        outputs = {}
+        for name, classes in (("seq", 7), ("start", 4), ("end", 4)):
+            labels = torch.zeros(input_ids.shape, dtype=torch.long)
+            for r, ids in enumerate(input_ids.tolist()):
+                window, offset = None, 0
+                for p, token in enumerate(ids):
+                    if token >= 10_000:
+                        window, offset = table[token], 0
+                    if window is not None and offset < len(window[name]):
+                        labels[r, p] = window[name][offset]
+                        offset += 1
+            outputs[name] = F.one_hot(labels, classes).float()
+        return HeadOutputs(outputs["seq"], outputs["start"], outputs["end"], outputs["seq"])
     return forward
 
 
@@ -45,18 +52,19 @@ def test_gold_predictions_score_100_on_both_heads(tiny_tokenizer):
     rows = SentenceEncoder(tiny_tokenizer, LABELS, max_length=12).encode(sentences).to_list()
     assert len(rows) > len(sentences)
     eval_set = EvalSet("de", sentences, rows)
-    forward = oracle_forward(rows, tiny_tokenizer.pad_token_id)
-    for head in ("span", "seq"):
-        results = evaluate_sets(forward, [eval_set], LABELS, head, 16, tiny_tokenizer.pad_token_id,
-                                torch.device("cpu"))
-        assert results["per_language"]["de"] == 100.0
+    forward = oracle_forward(rows)
+    for packed in (True, False):
+        collate = Collator(tiny_tokenizer.pad_token_id, packed=packed, row_length=24)
+        for head in ("span", "seq"):
+            results = evaluate_sets(forward, [eval_set], LABELS, head, 16, collate, torch.device("cpu"))
+            assert results["per_language"]["de"] == 100.0, (packed, head)
 
 
 def test_wrong_predictions_lower_f1(tiny_tokenizer):
     sentences = read_conll(SAMPLE / "en" / "dev.tsv", "en", max_sentences=60)
     rows = SentenceEncoder(tiny_tokenizer, LABELS, max_length=64).encode(sentences).to_list()
-    forward = oracle_forward(rows, tiny_tokenizer.pad_token_id, corrupt_every=2)
+    forward = oracle_forward(rows, corrupt_every=2)
     results = evaluate_sets(forward, [EvalSet("en", sentences, rows)], LABELS, "span", 16,
-                            tiny_tokenizer.pad_token_id, torch.device("cpu"))
+                            Collator(tiny_tokenizer.pad_token_id, row_length=64), torch.device("cpu"))
     assert 40.0 < results["per_language"]["en"] < 90.0
     assert results["average"] == results["per_language"]["en"]

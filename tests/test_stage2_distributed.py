@@ -95,7 +95,7 @@ def test_zero3_teacher_refresh_copies_the_student(tiny_encoder):
     ["stage2.teaching=self_kl"],
     ["stage2.mse_weight=0", "stage2.target_weight=0"],
     ["stage2.mse=parallel", "stage2.confidence_threshold=0.6", "stage2.target_weight=0.5"],
-    ["data.train_fraction=0.5", "stage2.loader_workers=2"],
+    ["data.train_fraction=0.5", "data.loader_workers=2"],
 ], ids=["self-kl", "no-mse-no-trg", "trgtrans-parallel", "source-fraction"])
 def test_variants_run_from_config_alone(stage1_run, tmp_path, variant):
     translations = tmp_path / "fr.jsonl"

@@ -1,7 +1,14 @@
-"""Length-bucketed, rank-sharded, resumable batch plans for in-memory (stage-1) training data.
+"""Batch arithmetic and the rank-sharded, resumable micro-batch plans of in-memory (stage-1) data.
 
-The plan is a pure function of (lengths, seed, epoch, world size), identical on every rank, so a
-position is just (epoch, step) and resuming replays nothing and skips nothing.
+A plan is a pure function of (window lengths, seed, epoch, world size), identical on every rank, so
+a position is just (epoch, step) and resuming replays nothing and skips nothing. Micro batches are
+lists of window indices; dualner.data.packing turns each into tensors.
+
+- Sentence batches (the paper's unit): `micro_batch_size` windows each. Packed, they are drawn at
+  random (packing removes the padding that length bucketing was for); unpacked, they are length-
+  bucketed within pools of `pool_batches` micro batches.
+- Token batches (`train.batch_unit=tokens`): windows in a random order fill micro batches of a fixed
+  `rows x row_length` shape; sentences per step vary.
 """
 
 from __future__ import annotations
@@ -11,13 +18,40 @@ from typing import Sequence
 
 import numpy as np
 
+from dualner.config import ConfigError, TrainConfig
+from dualner.data.packing import token_budget_micro_batches
+
+
+@dataclass(frozen=True)
+class BatchLayout:
+    """global = micro x accumulation x world, in the batch unit (windows, or tokens)."""
+    global_batch_size: int
+    micro_batch_size: int
+    accumulation_steps: int
+    world_size: int
+    unit: str = "sentences"
+
+
+def derive_batch_layout(train: TrainConfig, world_size: int) -> BatchLayout:
+    """Keep the global batch whatever the world size: global = micro x accumulation x world."""
+    if train.global_batch_size % world_size:
+        raise ConfigError(f"train.global_batch_size={train.global_batch_size} is not divisible by "
+                          f"the world size {world_size}")
+    per_rank = train.global_batch_size // world_size
+    micro = min(train.micro_batch_size, per_rank)
+    if per_rank % micro:
+        raise ConfigError(f"train.micro_batch_size={micro} does not divide the {per_rank} "
+                          f"{train.batch_unit} each of {world_size} rank(s) takes per step of "
+                          f"train.global_batch_size={train.global_batch_size}")
+    return BatchLayout(train.global_batch_size, micro, per_rank // micro, world_size, train.batch_unit)
+
 
 def bucketed_micro_batches(lengths: Sequence[int], micro_batch_size: int, seed: int, epoch: int,
                            pool_batches: int) -> list[list[int]]:
     """Shuffle, sort by length within pools of `pool_batches` micro batches, cut, shuffle batches.
 
     Sorting inside a pool keeps rows of similar length together (little padding) while pools and
-    batch order stay random from epoch to epoch."""
+    batch order stay random from epoch to epoch. `pool_batches=1` gives plain random batches."""
     rng = np.random.default_rng([seed, epoch])
     lengths = np.asarray(lengths)
     order = rng.permutation(len(lengths))
@@ -25,19 +59,28 @@ def bucketed_micro_batches(lengths: Sequence[int], micro_batch_size: int, seed: 
     batches: list[list[int]] = []
     for start in range(0, len(order), pool_size):
         pool = order[start:start + pool_size]
-        pool = pool[np.argsort(lengths[pool], kind="stable")]
+        if pool_batches > 1:
+            pool = pool[np.argsort(lengths[pool], kind="stable")]
         batches += [pool[i:i + micro_batch_size].tolist() for i in range(0, len(pool), micro_batch_size)]
     return [batches[i] for i in rng.permutation(len(batches))]
+
+
+def token_micro_batches(lengths: Sequence[int], row_length: int, rows: int, seed: int,
+                        epoch: int) -> list[list[int]]:
+    order = np.random.default_rng([seed, epoch]).permutation(len(lengths))
+    batches = token_budget_micro_batches([int(lengths[i]) for i in order], row_length, rows)
+    return [[int(order[i]) for i in batch] for batch in batches]
 
 
 @dataclass
 class BatchPlan:
     lengths: Sequence[int]
-    micro_batch_size: int
+    micro_batch_size: int  # windows (sentence batches) or tokens (token batches)
     accumulation_steps: int
     world_size: int
     seed: int
     pool_batches: int = 50
+    row_length: int | None = None  # token batches: rows of this length, micro_batch_size // it of them
     _cached_epoch: int | None = field(default=None, init=False, repr=False)
     _cached_batches: list = field(default_factory=list, init=False, repr=False)
 
@@ -45,26 +88,32 @@ class BatchPlan:
     def micro_batches_per_step(self) -> int:
         return self.accumulation_steps * self.world_size
 
+    def micro_batches(self, epoch: int) -> list[list[int]]:
+        if self._cached_epoch != epoch:  # the plan is computed once per epoch
+            if self.row_length is None:
+                self._cached_batches = bucketed_micro_batches(
+                    self.lengths, self.micro_batch_size, self.seed, epoch, self.pool_batches)
+            else:
+                self._cached_batches = token_micro_batches(
+                    self.lengths, self.row_length, self.micro_batch_size // self.row_length, self.seed, epoch)
+            self._cached_epoch = epoch
+        return self._cached_batches
+
     def steps_per_epoch(self) -> int:
-        micro_batches = -(-len(self.lengths) // self.micro_batch_size)
-        steps = micro_batches // self.micro_batches_per_step
+        """Token batches vary a little in count between epochs; every epoch is cut (or wrapped
+        around) to the first epoch's number of steps."""
+        steps = len(self.micro_batches(0)) // self.micro_batches_per_step
         if steps == 0:
             raise ValueError(
-                f"{len(self.lengths)} training rows do not fill one optimizer step of "
+                f"{len(self.lengths)} training windows do not fill one optimizer step of "
                 f"{self.micro_batches_per_step} micro batches of {self.micro_batch_size}")
         return steps
 
     def rank_step(self, epoch: int, step_in_epoch: int, rank: int) -> list[list[int]]:
-        """The micro batches (row indices) that `rank` runs for one optimizer step.
+        """The micro batches (window indices) that `rank` runs for one optimizer step.
 
-        Micro batch j of the step goes to rank j % world_size, so with bucketing every rank gets a
-        similar mix of lengths."""
-        if self._cached_epoch != epoch:  # the plan is computed once per epoch
-            self._cached_batches = bucketed_micro_batches(
-                self.lengths, self.micro_batch_size, self.seed, epoch, self.pool_batches)
-            self._cached_epoch = epoch
-        batches = self._cached_batches
+        Micro batch j of the step goes to rank j % world_size, so every rank gets a similar mix."""
+        batches = self.micro_batches(epoch)
         first = step_in_epoch * self.micro_batches_per_step
-        step = batches[first:first + self.micro_batches_per_step]
+        step = [batches[(first + j) % len(batches)] for j in range(self.micro_batches_per_step)]
         return step[rank::self.world_size]
-

@@ -12,12 +12,9 @@ from typing import Sequence
 
 import datasets
 import numpy as np
-import torch
 
 from dualner.data.conll import Sentence
-from dualner.labels import LabelSet, extract_span
-
-IGNORE_INDEX = -100
+from dualner.labels import IGNORE_INDEX, LabelSet, extract_span
 
 
 def sentences_to_dataset(sentences: Sequence[Sentence]) -> datasets.Dataset:
@@ -115,33 +112,3 @@ class SentenceEncoder:
         dataset = sentences_to_dataset(sentences)
         return dataset.map(self.encode_batch, batched=True, remove_columns=["words", "tags"],
                            load_from_cache_file=False, keep_in_memory=True)
-
-
-def collate(rows: Sequence[dict], pad_id: int) -> dict[str, torch.Tensor]:
-    """Pad a micro batch to its longest row and place word-level labels on first subwords.
-
-    Gold label tensors are present when any row is labeled; unlabeled rows are all IGNORE_INDEX."""
-    width = max(len(row["input_ids"]) for row in rows)
-    input_ids = np.full((len(rows), width), pad_id, dtype=np.int64)
-    attention_mask = np.zeros((len(rows), width), dtype=np.int64)
-    word_index = np.full((len(rows), width), -1, dtype=np.int64)
-    labels = {name: np.full((len(rows), width), IGNORE_INDEX, dtype=np.int64)
-              for name in ("seq_labels", "start_labels", "end_labels")
-              } if any(len(row["tag_ids"]) > 0 for row in rows) else {}
-    for i, row in enumerate(rows):
-        length = len(row["input_ids"])
-        input_ids[i, :length] = row["input_ids"]
-        attention_mask[i, :length] = 1
-        positions = np.asarray(row["word_index"], dtype=np.int64)
-        word_index[i, :length] = positions
-        if labels and len(row["tag_ids"]) > 0:
-            first_subwords = np.nonzero(positions >= 0)[0]
-            words = positions[first_subwords]
-            for name, column in (("seq_labels", "tag_ids"), ("start_labels", "start_ids"),
-                                 ("end_labels", "end_ids")):
-                labels[name][i, first_subwords] = np.asarray(row[column], dtype=np.int64)[words]
-    batch = {"input_ids": torch.from_numpy(input_ids),
-             "attention_mask": torch.from_numpy(attention_mask),
-             "word_index": torch.from_numpy(word_index)}
-    batch.update({name: torch.from_numpy(value) for name, value in labels.items()})
-    return batch

@@ -30,7 +30,8 @@ import torch
 from datasets import IterableDataset
 
 from dualner.data.conll import DataFormatError, iter_conll
-from dualner.data.encoding import SentenceEncoder, collate
+from dualner.data.encoding import SentenceEncoder
+from dualner.data.packing import Collator, token_budget_micro_batches
 from dualner.labels import is_valid_tag
 
 KIND_SOURCE, KIND_TARGET, KIND_TRANSLATION = "source", "target", "translation"
@@ -185,25 +186,25 @@ def shard_stream(shards: list[Shard], repeat: bool) -> IterableDataset:
     return stream.repeat(None) if repeat else stream
 
 
-def collate_micro_batch(columns: dict, pad_id: int) -> dict:
+def collate_micro_batch(columns: dict, collate: Collator) -> dict:
     """One element of the pooled stream (columns of one micro batch) into model tensors + meta."""
     names = list(columns)
-    return collate_stream([dict(zip(names, values)) for values in zip(*columns.values())], pad_id)
+    return collate([dict(zip(names, values)) for values in zip(*columns.values())])
 
 
-def collate_stream(rows: Sequence[dict], pad_id: int) -> dict:
-    batch = collate(rows, pad_id)
-    batch["meta"] = {name: [row[name] for row in rows]
-                     for name in ("language", "kind", "sample_id", "src_id", "word_offset")}
-    return batch
+STREAM_META = ("language", "kind", "sample_id", "src_id", "word_offset")
 
 
 class Stage2Stream:
-    """One rank's mixed, tokenized, length-pooled stream of stage-2 micro batches, resumable."""
+    """One rank's mixed, tokenized, pooled stream of stage-2 micro batches, resumable.
+
+    `collate` (dualner.data.packing.Collator, with meta_columns=STREAM_META) makes the tensors in the
+    loader workers; with a fixed number of rows (token batches) the pool is cut into micro batches
+    that fill them."""
 
     def __init__(self, sources: Sequence[tuple[list[Shard], float]], encoder: SentenceEncoder,
-                 micro_batch_size: int, seed: int, rank: int, pool: int = 2048, workers: int = 0,
-                 repeat: bool = True):
+                 micro_batch_size: int, seed: int, rank: int, collate: Collator, pool: int = 2048,
+                 workers: int = 0, repeat: bool = True, pin_memory: bool = False):
         weighted = [(shards, weight) for shards, weight in sources if weight > 0 and shards]
         if not weighted:
             raise ValueError("stage 2 has no data to read (every stream is empty or has weight 0)")
@@ -214,11 +215,14 @@ class Stage2Stream:
             streams, probabilities=[weight / total for _, weight in weighted], seed=seed + rank,
             stopping_strategy="all_exhausted")
         self.encoder = encoder
-        self.sort_pools = pool > 0
+        self.pooled = pool > 0
+        self.sort_pools = self.pooled and not collate.packed  # padded rows: sort for less padding
         self.micro_batch_size = micro_batch_size
+        self.token_rows = collate.rows  # token batches: fixed rows of collate.row_length
+        self.row_length = collate.row_length
         self.seed = seed
-        # Each element of `encoded` is one whole micro batch, cut inside its pool: rows of similar
-        # length share a batch, and a batch never straddles two pools.
+        # Each element of `encoded` is one whole micro batch, cut inside its pool, so a batch never
+        # straddles two pools.
         encoded = mixed.map(self._micro_batches_of_pool, batched=True,
                             batch_size=pool if pool > 0 else micro_batch_size,
                             remove_columns=list(_FEATURES))
@@ -226,27 +230,35 @@ class Stage2Stream:
         # A generator of its own: creating an iterator draws a base seed, and drawing it from the
         # global RNG would shift the dropout masks of a resumed run.
         self.loader = StatefulDataLoader(
-            encoded, batch_size=None, num_workers=workers,
+            encoded, batch_size=None, num_workers=workers, pin_memory=pin_memory,
+            prefetch_factor=4 if workers else None,
             generator=torch.Generator().manual_seed(seed + rank),
-            collate_fn=partial(collate_micro_batch, pad_id=encoder.tokenizer.pad_token_id))
+            collate_fn=partial(collate_micro_batch, collate=collate))
         self._iterator = None
 
     def _micro_batches_of_pool(self, batch: dict) -> dict:
-        """Tokenize a pool and cut it into micro batches (one output element each). Sorted by
-        length, then the pool's micro batches are shuffled so the stream does not run short-to-long
-        within every pool; the shuffle is a function of the pool's content, so a resumed stream
-        repeats it exactly. Unsorted (pool=0, parallel MSE) keeps the stream order. The last
-        micro batch of a pool may be smaller."""
+        """Tokenize a pool and cut it into micro batches (one output element each). The pool's order
+        is shuffled (padded rows: sorted by length, then the batches shuffled) by a seed from the
+        pool's content, so a resumed stream repeats it exactly. Unpooled (pool=0, parallel MSE)
+        keeps the stream order. The last micro batch of a pool may be smaller."""
         rows = self.encoder.encode_batch(batch)
         order = list(range(len(rows["input_ids"])))
-        size = self.micro_batch_size
+        # Seeded by the pool's tokens, not its sample ids: those name the run folder.
+        content = zlib.crc32(repr((rows["input_ids"][0], rows["input_ids"][-1], len(order))).encode())
+        shuffle = random.Random(self.seed * 2**32 + content).shuffle
         if self.sort_pools:
             order.sort(key=lambda i: len(rows["input_ids"][i]))
-        chunks = [order[start:start + size] for start in range(0, len(order), size)]
-        if self.sort_pools:
-            # Seeded by the pool's tokens, not its sample ids: those name the run folder.
-            content = zlib.crc32(repr((rows["input_ids"][0], rows["input_ids"][-1], len(order))).encode())
-            random.Random(self.seed * 2**32 + content).shuffle(chunks)
+        elif self.pooled:
+            shuffle(order)
+        if self.token_rows:
+            lengths = [len(rows["input_ids"][i]) for i in order]
+            chunks = [[order[i] for i in chunk]
+                      for chunk in token_budget_micro_batches(lengths, self.row_length, self.token_rows)]
+        else:
+            size = self.micro_batch_size
+            chunks = [order[start:start + size] for start in range(0, len(order), size)]
+            if self.sort_pools:
+                shuffle(chunks)
         return {name: [[values[i] for i in chunk] for chunk in chunks] for name, values in rows.items()}
 
     def __iter__(self):

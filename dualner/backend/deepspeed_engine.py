@@ -1,0 +1,219 @@
+"""The DeepSpeed backend: ds_configs JSON validated, the training engine (ZeRO 0-3, bf16/fp16/fp32,
+fused AdamW + warmup/decay), the frozen teacher engine, checkpoint files and their consolidation.
+Every `import deepspeed` of the project is in this file.
+
+The JSON files are read, never rewritten. The only keys the code fills are the three batch sizes,
+which depend on the world size; when the JSON sets one of them it must agree.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from dualner.backend import comm
+from dualner.backend.optimizer import SkippableStep, build_optimizer, warmup_linear_decay
+from dualner.config import ConfigError, TrainConfig
+from dualner.data.batching import BatchLayout
+
+_BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
+UNIVERSAL = "universal"
+COMPLETE_MARKER = "COMPLETE"
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+def load_deepspeed_config(path: str | Path, layout: BatchLayout) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"deepspeed.config: file not found: {path}")
+    try:
+        ds_config = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise ConfigError(f"{path}:{error.lineno}: not valid JSON: {error.msg}") from error
+    stage = ds_config.get("zero_optimization", {}).get("stage", 0)
+    if stage not in (0, 1, 2, 3):
+        raise ConfigError(f"{path}: zero_optimization.stage must be 0, 1, 2 or 3, got {stage!r}")
+    derived = dict(zip(_BATCH_KEYS, (layout.global_batch_size, layout.micro_batch_size,
+                                     layout.accumulation_steps)))
+    for key, value in derived.items():
+        if key in ds_config and ds_config[key] != value:
+            raise ConfigError(
+                f"{path}: {key}={ds_config[key]} disagrees with {value} derived from "
+                f"train.global_batch_size={layout.global_batch_size} on {layout.world_size} rank(s); "
+                f"remove it from the JSON or make them agree")
+    if "optimizer" in ds_config or "scheduler" in ds_config:
+        raise ConfigError(f"{path}: optimizer and scheduler come from the train section "
+                          f"(AdamW, warmup then linear decay); remove them from the JSON")
+    return {**ds_config, **derived}
+
+
+def zero_stage(ds_config: dict) -> int:
+    return ds_config.get("zero_optimization", {}).get("stage", 0)
+
+
+class DeepSpeedTrainingEngine:
+    """The student: a DeepSpeed engine around the model with fused AdamW. A micro batch is
+    `engine(**inputs)`, `backward(loss)`, `step()`; a step whose loss was not finite on any rank is
+    skipped by the optimizer on the device (no host synchronisation), and its flag kept for the
+    trainer to read at the next log window."""
+
+    def __init__(self, model: torch.nn.Module, ds_config: dict, train: TrainConfig, total_steps: int,
+                 compile_encoder: bool = False):
+        import deepspeed
+        device = comm.accelerator_device(comm.current().local_rank)
+        if compile_encoder:
+            if zero_stage(ds_config) == 3:
+                raise ConfigError("model.compile=true works with ZeRO stages 0-2 (ZeRO-3 gathers "
+                                  "parameters inside the module)")
+            model.encoder.compile(dynamic=True)
+        optimizer = build_optimizer(model, train, device)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_linear_decay(train.warmup_steps, total_steps))
+        self.engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                               config=ds_config)
+        self.device = self.engine.device
+        self.zero_stage = zero_stage(ds_config)
+        self._skip = SkippableStep(optimizer, self.device)
+        if not self._skip.supported:
+            raise ConfigError(f"no fused AdamW kernel on {self.device}: the non-finite guard needs it")
+        # the last optimizer step's flag, reduced over ranks (1.0: skipped on every rank)
+        self.last_step_flag = torch.zeros((), dtype=torch.float32, device=self.device)
+
+    @property
+    def module(self) -> torch.nn.Module:
+        return self.engine.module
+
+    def __call__(self, *args, **kwargs):
+        return self.engine(*args, **kwargs)
+
+    def train(self) -> None:
+        self.engine.train()
+
+    def eval(self) -> None:
+        self.engine.eval()
+
+    def lr(self) -> float:
+        return self.engine.get_lr()[0]
+
+    def backward(self, loss: torch.Tensor) -> torch.Tensor:
+        """Backward of one micro batch; returns its device flag (1.0 when its loss is not finite)."""
+        bad = (~torch.isfinite(loss.detach())).float()
+        self._skip.flag.copy_(torch.maximum(self._skip.flag, bad))
+        self.engine.backward(loss)
+        return bad
+
+    def step(self) -> None:
+        """After every micro batch; DeepSpeed steps the optimizer at the accumulation boundary. There
+        the flag is reduced over ranks on the device first, so every rank skips the same steps."""
+        boundary = self.engine.is_gradient_accumulation_boundary()
+        if boundary:
+            comm.device_all_reduce_(self._skip.flag, "max")
+        self.engine.step()
+        if boundary:
+            self.last_step_flag.copy_(self._skip.flag)
+            self._skip.flag.zero_()
+
+    # -- checkpoints ---------------------------------------------------------------------------------
+    def save(self, root: Path, tag: str, client_state: dict) -> None:
+        self.engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=False)
+
+    def load(self, path: Path, world_size: int | None = None) -> dict:
+        """Load `path` into the engine; on another number of ranks than wrote it, through DeepSpeed's
+        universal checkpoint format (model and optimizer states re-partitioned)."""
+        writers = written_by_ranks(path)
+        if world_size is not None and writers is not None and writers != world_size:
+            universal = to_universal(path)
+            self.engine._config.load_universal_checkpoint = True  # read by load_checkpoint; no public setter
+            try:
+                load_path, client_state = self.engine.load_checkpoint(str(path), tag=universal.name)
+            finally:
+                self.engine._config.load_universal_checkpoint = False
+            if load_path is None:
+                raise CheckpointError(f"{universal}: DeepSpeed could not load this universal checkpoint")
+            return client_state
+        load_path, client_state = self.engine.load_checkpoint(str(path.parent), tag=path.name)
+        if load_path is None:
+            raise CheckpointError(f"{path}: DeepSpeed could not load this checkpoint")
+        return client_state
+
+
+class DeepSpeedTeacher:
+    """The frozen teacher under DeepSpeed with the student's ZeRO stage and precision, without
+    optimizer: under ZeRO-3 its parameters are partitioned and gathered for each forward like the
+    student's, so every rank must run the same number of teacher forwards."""
+
+    def __init__(self, model: torch.nn.Module, ds_config: dict):
+        import deepspeed
+        teacher_config = {key: value for key, value in ds_config.items()
+                          if key not in ("gradient_clipping", "optimizer", "scheduler")}
+        if zero_stage(ds_config) < 3:
+            # ZeRO 1-2 partition optimizer state and gradients, which a teacher has none of; its
+            # parameters are whole on every rank either way.
+            teacher_config["zero_optimization"] = {"stage": 0}
+        for parameter in model.parameters():
+            parameter.requires_grad_(False)
+        self.engine, *_ = deepspeed.initialize(model=model, config=teacher_config)
+        self.engine.eval()
+
+    @property
+    def module(self) -> torch.nn.Module:
+        return self.engine.module
+
+    @torch.no_grad()
+    def __call__(self, *args, **kwargs):
+        return self.engine(*args, **kwargs)
+
+    @torch.no_grad()
+    def copy_from(self, student: DeepSpeedTrainingEngine) -> None:
+        """Student -> teacher, shard by shard: under ZeRO-3 both hold the same partition on a rank."""
+        for source, target in zip(student.module.parameters(), self.module.parameters()):
+            if hasattr(source, "ds_tensor"):
+                target.ds_tensor.copy_(source.ds_tensor)
+            else:
+                target.data.copy_(source.data)
+
+
+def written_by_ranks(path: Path) -> int | None:
+    """How many data-parallel ranks wrote a ZeRO (1-3) checkpoint; None for ZeRO-0 (whole states)."""
+    optimizer_files = list(path.glob("*zero_pp_rank_*_optim_states.pt"))
+    return len(optimizer_files) or None
+
+
+def to_universal(path: Path) -> Path:
+    """DeepSpeed's universal checkpoint (optimizer state included) of `path`, made once, inside it:
+    what a run resumed on another number of ranks loads."""
+    target = path / UNIVERSAL
+    if comm.is_main_process() and not (target / COMPLETE_MARKER).is_file():
+        shutil.rmtree(target, ignore_errors=True)
+        # our client state lacks Megatron's universal_checkpoint_info: DeepSpeed injects a default
+        command = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
+                   str(path), "--output_folder", str(target), "--num_extract_workers", "1",
+                   "--num_merge_workers", "1", "--inject_missing_state"]
+        result = subprocess.run(command, capture_output=True, text=True)
+        if result.returncode != 0:
+            raise CheckpointError(f"{path}: cannot convert to a universal checkpoint for a resume on "
+                                  f"another number of ranks:\n{result.stderr[-2000:]}")
+        (target / COMPLETE_MARKER).write_text(json.dumps({"from": path.name}), encoding="utf-8")
+    comm.barrier()
+    return target
+
+
+def consolidated_state_dict(checkpoint: Path) -> dict[str, torch.Tensor]:
+    """Consolidated fp32 weights from a checkpoint of any ZeRO stage, in one process."""
+    if list(checkpoint.glob("*zero_pp_rank_*optim_states.pt")) or list(
+            checkpoint.glob("zero_pp_rank_*model_states.pt")):
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+        state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint.parent), tag=checkpoint.name)
+    else:  # ZeRO-0: the module's own state dict sits in the model-states file
+        files = sorted(checkpoint.glob("mp_rank_*_model_states.pt"))
+        if not files:
+            raise CheckpointError(f"{checkpoint}: no DeepSpeed model states file")
+        state = torch.load(files[0], map_location="cpu", weights_only=False)["module"]
+    return {name: tensor.float() for name, tensor in state.items()}

@@ -1,0 +1,211 @@
+"""Micro batches as model tensors: windows packed into rows of a fixed length, or padded one per row.
+
+Packed (the default where the encoder family supports it): several windows share a row of
+`row_length` tokens, each window a *segment*; attention is block-diagonal (no token sees another
+segment, see dualner.attention) and positions restart at every segment, so every window gets
+exactly the hidden states it would get alone. Padding (at the end of a row) forms a segment of its
+own and is never labeled. Unpacked: one window per row, padded to the longest (`attention_mask`).
+
+Both layouts carry the same word-level bookkeeping, so losses, pseudo labels, the MSE term and
+evaluation have one code path:
+- `segment_ids` (rows, length): the window's index in the micro batch (segment order), -1 on padding;
+- `word_index` (rows, length): the word's index within its window at its first subword, else -1;
+- `meta`: per-window host values (sentence id, word offset, language, ...) in segment order.
+Every tensor a step needs is built here, on the host, in the loader (worker) process, so it reaches
+the device in one pinned, asynchronous copy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from dualner.labels import IGNORE_INDEX
+
+LABEL_COLUMNS = (("seq_labels", "tag_ids"), ("start_labels", "start_ids"), ("end_labels", "end_ids"))
+
+
+def first_fit_decreasing(lengths: Sequence[int], capacity: int) -> list[list[int]]:
+    """Bins (rows) of window indices, each holding at most `capacity` tokens; longest first, each into
+    the first row with room. Deterministic; a row lists its windows in decreasing length."""
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for index in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        length = lengths[index]
+        if length > capacity:
+            raise ValueError(f"a window of {length} tokens does not fit a row of {capacity}")
+        for row, free in enumerate(room):
+            if free >= length:
+                rows[row].append(index)
+                room[row] -= length
+                break
+        else:
+            rows.append([index])
+            room.append(capacity - length)
+    return rows
+
+
+def token_budget_micro_batches(lengths: Sequence[int], row_length: int, rows: int) -> list[list[int]]:
+    """Windows in the given order into micro batches of `rows` x `row_length` tokens: each window
+    goes into the first row of the current micro batch with room; when none has room the micro batch
+    is closed and the window opens the next. The last micro batch may be partly empty."""
+    batches: list[list[int]] = []
+    current: list[int] = []
+    room = [row_length] * rows
+    for index, length in enumerate(lengths):
+        if length > row_length:
+            raise ValueError(f"a window of {length} tokens does not fit a row of {row_length}")
+        row = next((r for r, free in enumerate(room) if free >= length), None)
+        if row is None:
+            batches.append(current)
+            current, room = [], [row_length] * rows
+            row = 0
+        current.append(index)
+        room[row] -= length
+    if current:
+        batches.append(current)
+    return batches
+
+
+@dataclass
+class Collator:
+    """Windows (encoded rows, see dualner.data.encoding) -> one micro batch.
+
+    packed: pack into rows of `row_length` (first fit decreasing), `rows` of them when fixed (token
+    budgets: a fixed shape), else as many as needed. `position_offset` is the encoder family's
+    first position id (dualner.attention). `meta_columns` are copied per window into `meta`;
+    `languages`, when given, adds `segment_language` (an index per window) for per-language device
+    statistics; `pair_translations` adds `pairs` (translation window, its source window) for the
+    parallel MSE."""
+
+    pad_id: int
+    packed: bool = True
+    row_length: int = 128
+    position_offset: int = 0
+    rows: int | None = None
+    meta_columns: tuple[str, ...] = ("sentence_id", "word_offset", "num_words")
+    languages: tuple[str, ...] = ()
+    pair_translations: bool = False
+    pin_memory: bool = False
+    _language_index: dict = field(default_factory=dict, init=False, repr=False)
+
+    def __post_init__(self):
+        self._language_index = {language: index for index, language in enumerate(self.languages)}
+
+    def __call__(self, windows: Sequence[dict]) -> dict:
+        if not windows:
+            raise ValueError("a micro batch needs at least one window")
+        batch = self._packed(windows) if self.packed else self._padded(windows)
+        order = batch.pop("_order")
+        ordered = [windows[i] for i in order]
+        batch["meta"] = {name: [window[name] for window in ordered]
+                         for name in self.meta_columns if name in ordered[0]}
+        batch["num_segments"] = len(ordered)
+        batch["real_tokens"] = int(sum(len(window["input_ids"]) for window in ordered))
+        if self.languages:
+            batch["segment_language"] = torch.tensor([self._language_index[w["language"]] for w in ordered])
+        if self.pair_translations:
+            batch["pairs"] = _translation_pairs(ordered)
+        if self.pin_memory:
+            batch = {name: value.pin_memory() if isinstance(value, torch.Tensor) else value
+                     for name, value in batch.items()}
+        return batch
+
+    # -- layouts -----------------------------------------------------------------------------------
+    def _packed(self, windows: Sequence[dict]) -> dict:
+        lengths = [len(window["input_ids"]) for window in windows]
+        bins = first_fit_decreasing(lengths, self.row_length)
+        num_rows = len(bins) if self.rows is None else self.rows
+        if len(bins) > num_rows:
+            raise ValueError(f"{len(windows)} windows ({sum(lengths)} tokens) need {len(bins)} rows of "
+                             f"{self.row_length}; the micro batch has {num_rows}")
+        shape = (num_rows, self.row_length)
+        arrays = self._empty(shape, labeled=any(len(w["tag_ids"]) > 0 for w in windows))
+        arrays["position_ids"] = np.full(shape, max(0, self.position_offset - 1), dtype=np.int64)
+        cu_seqlens, order = [0], []
+        for row, members in enumerate(bins):
+            column = 0
+            for index in members:
+                window, length = windows[index], lengths[index]
+                span = slice(column, column + length)
+                arrays["position_ids"][row, span] = np.arange(length) + self.position_offset
+                self._place(arrays, window, row, span, len(order))
+                order.append(index)
+                column += length
+                cu_seqlens.append(row * self.row_length + column)
+            if column < self.row_length:  # the row's padding attends to itself only
+                cu_seqlens.append((row + 1) * self.row_length)
+        for row in range(len(bins), num_rows):  # empty rows of a fixed-shape micro batch
+            cu_seqlens.append((row + 1) * self.row_length)
+        boundaries = np.asarray(cu_seqlens)
+        batch = _tensors(arrays)
+        batch["cu_seqlens"] = torch.from_numpy(boundaries.astype(np.int32))
+        batch["max_seqlen"] = int(np.diff(boundaries).max())
+        batch["_order"] = order
+        return batch
+
+    def _padded(self, windows: Sequence[dict]) -> dict:
+        width = max(len(window["input_ids"]) for window in windows)
+        shape = (len(windows), width)
+        arrays = self._empty(shape, labeled=any(len(w["tag_ids"]) > 0 for w in windows))
+        arrays["attention_mask"] = np.zeros(shape, dtype=np.int64)
+        for row, window in enumerate(windows):
+            span = slice(0, len(window["input_ids"]))
+            arrays["attention_mask"][row, span] = 1
+            self._place(arrays, window, row, span, row)
+        batch = _tensors(arrays)
+        batch["_order"] = list(range(len(windows)))
+        return batch
+
+    def _empty(self, shape: tuple[int, int], labeled: bool) -> dict[str, np.ndarray]:
+        arrays = {"input_ids": np.full(shape, self.pad_id, dtype=np.int64),
+                  "segment_ids": np.full(shape, -1, dtype=np.int64),
+                  "word_index": np.full(shape, -1, dtype=np.int64)}
+        if labeled:
+            arrays.update({name: np.full(shape, IGNORE_INDEX, dtype=np.int64) for name, _ in LABEL_COLUMNS})
+        return arrays
+
+    @staticmethod
+    def _place(arrays: dict[str, np.ndarray], window: dict, row: int, span: slice, segment: int) -> None:
+        arrays["input_ids"][row, span] = window["input_ids"]
+        arrays["segment_ids"][row, span] = segment
+        positions = np.asarray(window["word_index"], dtype=np.int64)
+        arrays["word_index"][row, span] = positions
+        if "seq_labels" in arrays and len(window["tag_ids"]) > 0:
+            first_subwords = np.nonzero(positions >= 0)[0]
+            words = positions[first_subwords]
+            columns = first_subwords + span.start
+            for name, column in LABEL_COLUMNS:
+                arrays[name][row, columns] = np.asarray(window[column], dtype=np.int64)[words]
+
+
+def _tensors(arrays: dict[str, np.ndarray]) -> dict:
+    return {name: torch.from_numpy(value) for name, value in arrays.items()}
+
+
+def _translation_pairs(windows: Sequence[dict]) -> torch.Tensor:
+    """(translation segment, source segment) for every translation whose source sentence (same
+    src_id) is in the micro batch."""
+    sources = {window["src_id"]: segment for segment, window in enumerate(windows)
+               if window.get("kind") == "source" and window.get("src_id")}
+    pairs = [(segment, sources[window["src_id"]]) for segment, window in enumerate(windows)
+             if window.get("kind") == "translation" and window.get("src_id") in sources]
+    return torch.tensor(pairs, dtype=torch.int64).reshape(-1, 2)
+
+
+MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids", "segment_ids", "cu_seqlens", "max_seqlen")
+
+
+def model_inputs(batch: dict) -> dict:
+    """The keyword arguments of DualNERModel.forward for a micro batch of either layout."""
+    if "attention_mask" in batch:
+        return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    return {name: batch[name] for name in MODEL_INPUTS if name in batch and name != "attention_mask"}
+
+
+def packing_efficiency(batch: dict) -> float:
+    """Real tokens / tokens computed."""
+    return batch["real_tokens"] / batch["input_ids"].numel()
