@@ -13,7 +13,7 @@ from dualner.checkpoint import (ASSETS_FILE, CheckpointError, load_model_state, 
                                 resolve_checkpoint)
 from dualner.data.packing import Collator
 from dualner.labels import LabelSet
-from dualner.model import DualNERModel
+from dualner.model import DualNERModel, with_encoder_dropout
 
 
 def inference_collator(loaded: "LoadedModel") -> Collator:
@@ -46,15 +46,19 @@ def read_label_set(assets: Path) -> LabelSet:
     return LabelSet(tuple(json.loads((assets / ASSETS_FILE).read_text())["entity_types"]))
 
 
-def load_trained_model(path: str | Path) -> LoadedModel:
+def load_trained_model(path: str | Path, encoder_dropout: float | None = None,
+                       attention_mode: str = "auto") -> LoadedModel:
+    """The model of a run or step-N folder; the encoder's dropout is the run's (its saved encoder
+    config) unless `encoder_dropout` overrides it."""
     checkpoint = resolve_checkpoint(path)
     assets = model_assets_dir(checkpoint)
     if not (assets / ASSETS_FILE).is_file():
         raise CheckpointError(f"{checkpoint}: no model assets at {assets} (not a DualNER run folder)")
     meta = json.loads((assets / ASSETS_FILE).read_text())
     label_set = LabelSet(tuple(meta["entity_types"]))
-    model = DualNERModel.from_encoder_config(AutoConfig.from_pretrained(assets),
-                                             len(label_set.entity_types))
+    encoder_config = with_encoder_dropout(AutoConfig.from_pretrained(assets), encoder_dropout)
+    model = DualNERModel.from_encoder_config(encoder_config, len(label_set.entity_types),
+                                             attention_mode=attention_mode)
     state = load_model_state(checkpoint)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:

@@ -62,11 +62,7 @@ class DualNERModel(nn.Module):
     def from_pretrained_encoder(cls, name_or_path: str, num_entity_types: int, dropout: float = 0.1,
                                 encoder_dropout: float | None = None,
                                 attention_mode: str = "auto") -> "DualNERModel":
-        config = AutoConfig.from_pretrained(name_or_path)
-        if encoder_dropout is not None:  # the names differ between model families
-            for name in _DROPOUT_NAMES:
-                if hasattr(config, name):
-                    setattr(config, name, encoder_dropout)
+        config = with_encoder_dropout(AutoConfig.from_pretrained(name_or_path), encoder_dropout)
         kwargs = {"add_pooling_layer": False} if _accepts_pooling_flag(config) else {}
         return cls(AutoModel.from_pretrained(name_or_path, config=config, **kwargs), num_entity_types,
                    dropout, attention_mode)
@@ -92,6 +88,15 @@ class DualNERModel(nn.Module):
 
 
 _DROPOUT_NAMES = ("hidden_dropout_prob", "attention_probs_dropout_prob", "dropout", "attention_dropout")
+
+
+def with_encoder_dropout(config: PretrainedConfig, encoder_dropout: float | None) -> PretrainedConfig:
+    """The encoder config with its hidden and attention dropout set (names differ between families)."""
+    if encoder_dropout is not None:
+        for name in _DROPOUT_NAMES:
+            if hasattr(config, name):
+                setattr(config, name, encoder_dropout)
+    return config
 
 
 def _accepts_pooling_flag(config: PretrainedConfig) -> bool:

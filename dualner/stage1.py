@@ -61,8 +61,9 @@ class Stage1Trainer(Trainer):
         if cfg.model.freeze_word_embeddings:
             model.freeze_word_embeddings()
         if self.info.is_main:
-            save_model_assets(self.run_dir / ckpt.MODEL_ASSETS, self.tokenizer, encoder_config, self.label_set,
-                              cfg.model.variant, cfg.data.max_length)
+            # the encoder's config as trained (model.encoder_dropout included): stage 2 builds from it
+            save_model_assets(self.run_dir / ckpt.MODEL_ASSETS, self.tokenizer, model.encoder.config,
+                              self.label_set, cfg.model.variant, cfg.data.max_length)
         self.wrap_model(model)
 
     def loss_names(self) -> tuple[str, ...]:

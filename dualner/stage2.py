@@ -45,7 +45,7 @@ class Stage2Trainer(Trainer):
         if cfg.model.variant != "mlt":
             raise ConfigError(f"model.variant={cfg.model.variant}: dual teaching needs both heads (mlt)")
         super().__init__(cfg)
-        initial = load_trained_model(stage2.init_from)
+        initial = load_trained_model(stage2.init_from, cfg.model.encoder_dropout, cfg.model.attention)
         self.tokenizer, self.label_set = initial.tokenizer, initial.label_set
         self.encoder = SentenceEncoder(self.tokenizer, self.label_set, cfg.data.max_length)
         self.load_eval_data()
@@ -67,7 +67,6 @@ class Stage2Trainer(Trainer):
         student.dropout.p = cfg.model.dropout
         if cfg.model.freeze_word_embeddings:
             student.freeze_word_embeddings()
-        student.attention_mode = cfg.model.attention
         teacher = DualNERModel.from_encoder_config(student.encoder.config, len(self.label_set.entity_types),
                                                    attention_mode=cfg.model.attention)
         best = ckpt.read_best(self.checkpoints) if cfg.run.resume != "none" else None

@@ -37,7 +37,8 @@ def child_env(**extra: str) -> dict[str, str]:
     in-process test may have set them, and their port is taken)."""
     env = {key: value for key, value in os.environ.items() if key not in DISTRIBUTED_VARIABLES}
     env.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "torch_extensions"))
-    return {**env, "OMP_NUM_THREADS": "1", **extra}
+    # Every launched job audits its collectives' devices (dualner.backend.comm, tests/test_backend.py).
+    return {**env, "OMP_NUM_THREADS": "1", "DUALNER_STRICT_COLLECTIVES": "1", **extra}
 
 
 def launch(script: str, args: list[str], nproc: int = 1, timeout: int = 600,

@@ -2,7 +2,8 @@ import pytest
 import yaml
 
 from dualner.config import ConfigError, load_config, save_config
-from dualner.engine import BatchLayout, derive_batch_layout, load_deepspeed_config
+from dualner.backend.deepspeed_engine import load_deepspeed_config
+from dualner.data.batching import BatchLayout, derive_batch_layout
 from tests.conftest import REPO
 
 

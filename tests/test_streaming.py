@@ -4,11 +4,16 @@ import pytest
 
 from dualner.data.conll import DataFormatError
 from dualner.data.encoding import SentenceEncoder
-from dualner.data.streaming import (KIND_TARGET, Stage2Stream, expand_files, make_shards, rank_shards,
-                                    shard_stream)
+from dualner.data.packing import Collator
+from dualner.data.streaming import (KIND_TARGET, STREAM_META, Stage2Stream, expand_files, make_shards,
+                                    rank_shards, shard_stream)
 from dualner.labels import LabelSet
 
 LABELS = LabelSet(("LOC", "ORG", "PER"))
+
+
+def stream_collator(tokenizer, **extra):
+    return Collator(tokenizer.pad_token_id, row_length=32, meta_columns=STREAM_META, **extra)
 
 
 def write_text_corpus(folder, files, sentences_per_file):
@@ -29,7 +34,8 @@ def one_pass_sample_ids(tokenizer, pattern, world, workers):
     per_rank = []
     for rank in range(world):
         stream = Stage2Stream([(rank_shards(shards, rank, world), 1.0)], encoder, micro_batch_size=4,
-                              seed=0, rank=rank, pool=16, workers=workers, repeat=False)
+                              seed=0, rank=rank, collate=stream_collator(tokenizer), pool=16,
+                              workers=workers, repeat=False)
         per_rank.append([sample for batch in stream for sample in batch["meta"]["sample_id"]])
     return per_rank
 
@@ -52,7 +58,8 @@ def test_resume_mid_stream_with_workers(tmp_path, tiny_tokenizer):
     shards = make_shards(expand_files(str(tmp_path / "c" / "*.txt"), "k"), "xx", KIND_TARGET, 1, 2)
 
     def stream():
-        return Stage2Stream([(shards, 1.0)], encoder, 4, seed=0, rank=0, pool=8, workers=2)
+        return Stage2Stream([(shards, 1.0)], encoder, 4, seed=0, rank=0, collate=stream_collator(tiny_tokenizer),
+                            pool=8, workers=2)
     first = stream()
     before = [first.next_batch()["meta"]["sample_id"] for _ in range(7)]
     state = first.state_dict()

@@ -189,14 +189,20 @@ def device_all_reduce_(tensor: torch.Tensor, op: str = "max") -> torch.Tensor:
 # -- strict audit ----------------------------------------------------------------------------------
 # Buffers this module placed for a collective. Under the audit, a collective from project code is
 # accepted only with one of them, and only when issued here.
-_PLACED: "weakref.WeakSet[torch.Tensor]" = weakref.WeakSet()
+_PLACED: dict[int, weakref.ref] = {}  # id -> weak reference (tensors compare elementwise, not by identity)
 _COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter_tensor",
                 "reduce_scatter", "broadcast", "reduce", "all_to_all_single", "gather", "scatter")
 
 
 def _placed(tensor: torch.Tensor) -> torch.Tensor:
-    _PLACED.add(tensor)
+    key = id(tensor)
+    _PLACED[key] = weakref.ref(tensor, lambda _ref, key=key: _PLACED.pop(key, None))
     return tensor
+
+
+def _was_placed(tensor: torch.Tensor) -> bool:
+    reference = _PLACED.get(id(tensor))
+    return reference is not None and reference() is tensor
 
 
 class CollectiveDeviceError(RuntimeError):
@@ -220,7 +226,7 @@ def _install_strict_audit() -> None:
                     raise CollectiveDeviceError(
                         f"torch.distributed.{__name} called from {caller}: collectives go through "
                         f"dualner.backend.comm, which places their buffers on the right device")
-                if isinstance(tensor, torch.Tensor) and tensor not in _PLACED:
+                if isinstance(tensor, torch.Tensor) and not _was_placed(tensor):
                     raise CollectiveDeviceError(
                         f"torch.distributed.{__name} with a {tensor.device} tensor that "
                         f"dualner.backend.comm did not place (no backend type associated with it)")

@@ -89,7 +89,6 @@ class Collator:
     meta_columns: tuple[str, ...] = ("sentence_id", "word_offset", "num_words")
     languages: tuple[str, ...] = ()
     pair_translations: bool = False
-    pin_memory: bool = False
     _language_index: dict = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self):
@@ -109,9 +108,6 @@ class Collator:
             batch["segment_language"] = torch.tensor([self._language_index[w["language"]] for w in ordered])
         if self.pair_translations:
             batch["pairs"] = _translation_pairs(ordered)
-        if self.pin_memory:
-            batch = {name: value.pin_memory() if isinstance(value, torch.Tensor) else value
-                     for name, value in batch.items()}
         return batch
 
     # -- layouts -----------------------------------------------------------------------------------
