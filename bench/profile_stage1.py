@@ -1,13 +1,16 @@
-"""Where a stage-1 step's time goes on CPU, with e5-small's 96M-row embedding table trained or frozen.
+"""Where a stage-1 step's time goes, with the word-embedding table trained or frozen; on the GPU when
+there is one (CUDA kernels profiled too), else the CPU.
 
     python bench/profile_stage1.py             # multilingual-e5-small, 32 real English sentences per step
+    python bench/profile_stage1.py --encoder DIR --batch 128 --ds-config ds_configs/zero0.json   # a GPU
     python bench/profile_stage1.py --smoke     # tiny random encoder (CI)
 
 The model and DeepSpeed engine are built as the stage-1 launcher builds them (fp32 ZeRO-0 by
-default; --ds-config for bf16). Each step is timed by phase (collate on the host, forward + losses,
-backward, optimizer step) with a device synchronisation between phases, and one step is recorded
-with torch.profiler (the most expensive operators by self time). Tokenizing the training sentences
-happens once per run, before training; its cost per sentence is measured too.
+default; --ds-config for bf16), micro batches packed as the launcher packs them (--padded for one
+window per row). Each step is timed by phase (collate on the host, forward + losses, backward,
+optimizer step) with a device synchronisation between phases, and one step is recorded with
+torch.profiler (the most expensive operators by self time, CPU and CUDA). Tokenizing the training
+sentences happens once per run, before training; its cost per sentence is measured too.
 """
 
 from __future__ import annotations
@@ -20,18 +23,20 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.stage2_costs import write_result  # noqa: E402
+from bench.common import SHARED_DATA, device_facts, write_result  # noqa: E402
 
 
 def profile(args, freeze: bool) -> dict:
     import torch
     from transformers import AutoTokenizer
+    from dualner.backend.deepspeed_engine import DeepSpeedTrainingEngine, load_deepspeed_config
+    from dualner.backend.placement import to_device
     from dualner.config import TrainConfig
-    from dualner.data.batching import bucketed_micro_batches
+    from dualner.data.batching import bucketed_micro_batches, derive_batch_layout
     from dualner.data.conll import read_conll
-    from dualner.data.encoding import SentenceEncoder, collate
+    from dualner.data.encoding import SentenceEncoder
+    from dualner.data.packing import Collator, model_inputs
     from dualner.encoders import resolve_encoder
-    from dualner.engine import build_engine, derive_batch_layout, load_deepspeed_config
     from dualner.labels import LabelSet
     from dualner.losses import supervised_losses
     from dualner.model import DualNERModel
@@ -45,26 +50,34 @@ def profile(args, freeze: bool) -> dict:
     rows = SentenceEncoder(tokenizer, label_set, 128).encode(sentences).to_list()
     tokenize_seconds = time.perf_counter() - started
     lengths = [len(row["input_ids"]) for row in rows]
-    batches = bucketed_micro_batches(lengths, args.batch, seed=0, epoch=0, pool_batches=50)
+    batches = bucketed_micro_batches(lengths, args.batch, seed=0, epoch=0, pool_batches=1 if not args.padded else 50)
 
     model = DualNERModel.from_pretrained_encoder(folder, len(label_set.entity_types))
     if freeze:
         model.freeze_word_embeddings()
+    collate = Collator(tokenizer.pad_token_id, packed=not args.padded and model.supports_packing, row_length=128,
+                       position_offset=model.position_offset or 0)
     train = TrainConfig(global_batch_size=args.batch, micro_batch_size=args.batch, lr=1e-4, warmup_steps=0)
-    engine = build_engine(model, load_deepspeed_config(REPO / args.ds_config, derive_batch_layout(train, 1)),
-                          train, total_steps=100)
+    engine = DeepSpeedTrainingEngine(model, load_deepspeed_config(REPO / args.ds_config, derive_batch_layout(train, 1)),
+                                     train, total_steps=100)
+    device = engine.device
+    synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     phases = {"collate": 0.0, "forward_and_losses": 0.0, "backward": 0.0, "optimizer_step": 0.0}
 
     def step(batch_indices, timed: bool) -> None:
+        synchronize()
         marks = [time.perf_counter()]
-        batch = collate([rows[i] for i in batch_indices], tokenizer.pad_token_id)
+        batch = to_device(collate([rows[i] for i in batch_indices]), device)
+        synchronize()
         marks.append(time.perf_counter())
-        loss = supervised_losses(engine(batch["input_ids"], batch["attention_mask"]), batch)["total"]
-        loss.item()  # the forward is done (a CPU tensor: no device to wait for)
+        loss = supervised_losses(engine(**model_inputs(batch)), batch)["total"]
+        synchronize()
         marks.append(time.perf_counter())
         engine.backward(loss)
+        synchronize()
         marks.append(time.perf_counter())
         engine.step()
+        synchronize()
         marks.append(time.perf_counter())
         if timed:
             for name, begin, end in zip(phases, marks, marks[1:]):
@@ -73,11 +86,16 @@ def profile(args, freeze: bool) -> dict:
     step(batches[0], timed=False)  # warm-up: first-call allocations
     for indices in batches[1:args.steps + 1]:
         step(indices, timed=True)
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profiler:
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as profiler:
         step(batches[args.steps + 1 if len(batches) > args.steps + 1 else 1], timed=False)
-    table = profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=12)
-    top = [{"op": event.key, "self_cpu_ms": event.self_cpu_time_total / 1000, "calls": event.count}
-           for event in sorted(profiler.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)[:12]]
+    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    table = profiler.key_averages().table(sort_by=sort, row_limit=12)
+    key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    top = [{"op": event.key, "self_ms": getattr(event, key, 0) / 1000, "calls": event.count}
+           for event in sorted(profiler.key_averages(), key=lambda e: getattr(e, key, 0), reverse=True)[:12]]
     total = sum(phases.values())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return {"frozen_word_embeddings": freeze, "trainable_parameters": trainable,
@@ -91,7 +109,8 @@ def profile(args, freeze: bool) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--encoder", default="multilingual-e5-small")
-    parser.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "panx" / "en" / "train.tsv"))
+    parser.add_argument("--data", default=str(SHARED_DATA / "en" / "train.tsv"))
+    parser.add_argument("--padded", action="store_true", help="one window per row (no packing)")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--ds-config", default="ds_configs/zero0_fp32.json")
@@ -101,11 +120,11 @@ def main() -> None:
     if args.smoke:
         args.encoder, args.steps, args.batch = "tiny-random", 2, 8
         args.data = str(REPO / "data" / "panx-sample" / "en" / "train.tsv")
-    from dualner.distributed import init_distributed
+    from dualner.backend.comm import init_distributed
     init_distributed()  # a world of one, as `python launchers/stage1.py` makes
     runs = [profile(args, freeze) for freeze in (False, True)]
     result = {"command": "python bench/profile_stage1.py " + " ".join(sys.argv[1:]), "date": time.strftime("%Y-%m-%d"),
-              "encoder": args.encoder, "batch": args.batch, "ds_config": args.ds_config, "runs": runs,
+              **device_facts(), "packed": not args.padded, "encoder": args.encoder, "batch": args.batch, "ds_config": args.ds_config, "runs": runs,
               "frozen_speedup": runs[0]["seconds_per_step"] / runs[1]["seconds_per_step"]}
     write_result(args.output, result)
     for run in runs:

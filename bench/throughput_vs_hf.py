@@ -1,14 +1,20 @@
-"""Stage-1 training throughput against Hugging Face `Trainer` + `AutoModelForTokenClassification`.
+"""Stage-1 training throughput against Hugging Face `Trainer` + `AutoModelForTokenClassification`, on
+the same device (the GPU when there is one, else the CPU).
 
-    python bench/throughput_vs_hf.py                       # e5-small, 1,600 English sentences, fp32
+    python bench/throughput_vs_hf.py                       # e5-small, English PAN-X, batch 32, fp32 (CPU)
+    python bench/throughput_vs_hf.py --encoder DIR --batch 128 --precision bf16   # a GPU
+    python bench/throughput_vs_hf.py --unit tokens --batch 16384 --no-baseline    # ours alone, 16k-token steps
     python bench/throughput_vs_hf.py --smoke               # tiny random encoder, seconds (CI)
 
-Same encoder weights, same sentences (the first N of the English train split, one pass), same
-batch, precision, trainable parameters and number of steps. Both run in their own process started
-from this script, one after the other; each reports the real (non-padding) tokens of its steps after
-the warm-up and the wall time of those steps, excluding start-up, evaluation and saving. Ours is the
-real launcher (its per-window step timing in losses.jsonl); the baseline is `Trainer.train()` timed
-by a callback, its tokens counted in its data collator. Ours also trains two more heads and losses.
+Same encoder weights, same English sentences (the first N of the train split, in order, as many
+passes as the steps need), same batch, precision, trainable parameters and number of steps. Both run
+in their own process started from this script, one after the other; each reports the real
+(non-padding) tokens of its steps after the warm-up and the wall time of those steps, excluding
+start-up, evaluation and saving. Ours is the real launcher (its per-window step timing in
+losses.jsonl, where every window ends with a device synchronisation); the baseline is
+`Trainer.train()` timed by a callback that synchronises the GPU at the two step ends it reads, its
+tokens counted in its data collator. Ours also trains two more heads and losses. MFU: 6N FLOPs per
+real token (N without the embeddings) against the device's dense bf16 peak.
 """
 
 from __future__ import annotations
@@ -24,7 +30,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.stage2_costs import timed_windows, write_result  # noqa: E402
+from bench.common import (SHARED_DATA, device_facts, encoder_parameters, mfu, run_launcher,  # noqa: E402
+                          timed_windows, today, write_result)
+
+DS_CONFIGS = {"fp32": "ds_configs/zero0_fp32.json", "bf16": "ds_configs/zero0.json"}
 
 
 def english(args) -> tuple[list[list[str]], list[list[str]]]:
@@ -41,6 +50,7 @@ def run_hf(args) -> dict:
     from dualner.encoders import resolve_encoder
     from dualner.labels import LabelSet
     torch.manual_seed(0)
+    cuda = torch.cuda.is_available()
     words, tags = english(args)
     label_set = LabelSet.from_tags([tag for sentence in tags for tag in sentence])
     folder = resolve_encoder(args.encoder)
@@ -69,80 +79,110 @@ def run_hf(args) -> dict:
     step_ends: list[float] = []
 
     class Clock(TrainerCallback):
+        """Host time at the step ends the timing reads, after the GPU finished (else only the
+        launches would be timed)."""
+
         def on_train_begin(self, *_, **__):
             step_ends.append(time.perf_counter())
 
-        def on_step_end(self, *_, **__):
+        def on_step_end(self, _args, state, *_, **__):
+            if cuda and state.global_step in (args.warmup, args.steps):
+                torch.cuda.synchronize()
             step_ends.append(time.perf_counter())
 
     with tempfile.TemporaryDirectory() as output:
         training_args = TrainingArguments(
             output_dir=output, per_device_train_batch_size=args.batch, max_steps=args.steps, learning_rate=1e-4,
-            warmup_steps=0, save_strategy="no", logging_strategy="no", report_to=[], use_cpu=True,
+            warmup_steps=0, save_strategy="no", logging_strategy="no", report_to=[], use_cpu=not cuda,
             dataloader_num_workers=0, bf16=args.precision == "bf16", seed=0)
-        Trainer(model=model, args=training_args, train_dataset=rows, data_collator=counting_collator,
-                callbacks=[Clock()]).train()
+        trainer = Trainer(model=model, args=training_args, train_dataset=rows, data_collator=counting_collator,
+                          callbacks=[Clock()])
+        trainer.train()
     timed = slice(args.warmup, args.steps)
-    return {"tokens": sum(tokens_per_batch[timed]), "seconds": step_ends[args.steps] - step_ends[args.warmup],
-            "steps": args.steps - args.warmup}
+    result = {"tokens": sum(tokens_per_batch[timed]), "seconds": step_ends[args.steps] - step_ends[args.warmup],
+              "steps": args.steps - args.warmup, "device": str(trainer.args.device)}
+    if cuda:
+        result["max_memory_allocated_bytes"] = torch.cuda.max_memory_allocated()
+    return result
 
 
 def run_ours(args) -> dict:
     """The stage-1 launcher on the same sentences; timing from its losses.jsonl windows."""
-    config = {"fp32": "ds_configs/zero0_fp32.json", "bf16": "ds_configs/zero0.json"}[args.precision]
+    unit = ["train.batch_unit=tokens", f"data.pack_length={args.pack_length}"] if args.unit == "tokens" else []
+    sentences = None if args.unit == "tokens" else args.steps * args.batch
     with tempfile.TemporaryDirectory() as output:
-        command = [sys.executable, str(REPO / "launchers" / "stage1.py"), "--config", str(REPO / "configs" / "tiny.yaml"),
-                   f"run.output_dir={output}/run", f"model.encoder={args.encoder}",
-                   f"model.freeze_word_embeddings={str(args.freeze_word_embeddings).lower()}",
-                   f"data.train.en={args.data}", f"data.max_train_sentences={args.steps * args.batch}",
-                   "data.dev={}", "data.test={}", f"data.max_length={args.max_length}",
-                   f"train.global_batch_size={args.batch}", f"train.micro_batch_size={args.batch}",
-                   f"train.max_steps={args.steps}", f"train.log_every={args.warmup}", "train.lr=1e-4",
-                   "train.warmup_steps=0", f"train.eval_every={args.steps}", f"deepspeed.config={config}",
-                   "logging.tensorboard=false"]
-        subprocess.run(command, cwd=REPO, check=True, capture_output=not args.verbose)
+        run_launcher(1, REPO / "configs" / "tiny.yaml", [
+            f"run.output_dir={output}/run", f"model.encoder={args.encoder}",
+            f"model.freeze_word_embeddings={str(args.freeze_word_embeddings).lower()}",
+            f"data.train.en={args.data}", f"data.max_train_sentences={sentences if sentences else 'null'}",
+            "data.dev={}", "data.test={}", f"data.max_length={args.max_length}", *unit,
+            f"train.global_batch_size={args.batch}", f"train.micro_batch_size={args.micro or args.batch}",
+            f"train.max_steps={args.steps}", f"train.log_every={args.warmup}", "train.lr=1e-4",
+            "train.warmup_steps=0", f"train.eval_every={args.steps}", f"deepspeed.config={args.ds_config}",
+            "logging.tensorboard=false", *args.override], verbose=args.verbose)
         timed = timed_windows(Path(output, "run"), args.warmup)
-    return {"tokens": timed["tokens"], "seconds": timed["seconds"], "steps": timed["steps"]}
+    return timed
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--encoder", default="multilingual-e5-small")
-    parser.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "panx" / "en" / "train.tsv"))
+    parser.add_argument("--data", default=str(SHARED_DATA / "en" / "train.tsv"))
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--warmup", type=int, default=5, help="steps not timed (also ours' log window)")
-    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--batch", type=int, default=32, help="sentences (or tokens with --unit tokens) per step")
+    parser.add_argument("--micro", type=int, help="ours' micro batch (default: the batch)")
+    parser.add_argument("--unit", choices=["sentences", "tokens"], default="sentences")
+    parser.add_argument("--pack-length", type=int, default=128, help="ours' packed row length (token batches)")
     parser.add_argument("--max-length", type=int, default=128)
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    parser.add_argument("--ds-config", help="ours' DeepSpeed JSON (default: ZeRO-0 of the precision)")
     parser.add_argument("--freeze-word-embeddings", action="store_true")
+    parser.add_argument("--no-baseline", action="store_true", help="ours alone")
+    parser.add_argument("--override", action="append", default=[], help="a config override for ours")
     parser.add_argument("--output", default=str(REPO / "bench" / "results" / "throughput_vs_hf.json"))
     parser.add_argument("--smoke", action="store_true", help="tiny random encoder on the embedded sample")
     parser.add_argument("--role", choices=["hf"], help=argparse.SUPPRESS)
     parser.add_argument("--verbose", action="store_true")
     args = parser.parse_args()
     if args.smoke:
-        args.encoder, args.steps, args.warmup, args.batch = "tiny-random", 6, 2, 8
+        args.encoder, args.steps, args.warmup = "tiny-random", 6, 2
+        args.batch = 512 if args.unit == "tokens" else 8
+        args.pack_length = 64 if args.unit == "tokens" else args.pack_length
         args.data = str(REPO / "data" / "panx-sample" / "en" / "train.tsv")
+    args.ds_config = args.ds_config or DS_CONFIGS[args.precision]
     if args.steps % args.warmup:
         raise SystemExit("--steps must be a multiple of --warmup (ours logs in windows of --warmup steps)")
+    if args.unit == "tokens" and not args.no_baseline:
+        raise SystemExit("--unit tokens measures ours alone (HF Trainer batches count sentences): add --no-baseline")
     if args.role == "hf":
         print("RESULT " + json.dumps(run_hf(args)))
         return
+    facts, parameters = device_facts(), encoder_parameters(args.encoder)
     ours = run_ours(args)
-    child = subprocess.run([sys.executable, __file__, "--role", "hf", *sys.argv[1:]], cwd=REPO, check=True,
-                           capture_output=True, text=True)
-    hf = json.loads(child.stdout.split("RESULT ", 1)[1])
-    result = {"command": "python bench/throughput_vs_hf.py " + " ".join(sys.argv[1:]),
-              "encoder": args.encoder, "sentences": args.steps * args.batch, "batch": args.batch,
-              "precision": args.precision, "freeze_word_embeddings": args.freeze_word_embeddings,
-              "timed_steps": args.steps - args.warmup, "date": time.strftime("%Y-%m-%d"),
-              "ours": {**ours, "tokens_per_s": ours["tokens"] / ours["seconds"]},
-              "hf_trainer": {"tokens": hf["tokens"], "seconds": hf["seconds"], "steps": hf["steps"],
-                             "tokens_per_s": hf["tokens"] / hf["seconds"]}}
-    result["speedup"] = result["ours"]["tokens_per_s"] / result["hf_trainer"]["tokens_per_s"]
+    ours["mfu"] = mfu(ours["tokens_per_s"], parameters, facts["peak_bf16_flops"])
+    result = {"command": "python bench/throughput_vs_hf.py " + " ".join(sys.argv[1:]), "date": today(),
+              **facts, "encoder": args.encoder, "parameters": parameters, "unit": args.unit, "batch": args.batch,
+              "precision": args.precision, "ds_config": args.ds_config,
+              "freeze_word_embeddings": args.freeze_word_embeddings, "timed_steps": args.steps - args.warmup,
+              "ours": ours}
+    line = f"ours {ours['tokens_per_s']:.0f} tokens/s ({1000 * ours['step_seconds']:.1f} ms/step)"
+    if not args.no_baseline:
+        child = subprocess.run([sys.executable, __file__, "--role", "hf", *sys.argv[1:]], cwd=REPO,
+                               capture_output=True, text=True)
+        if child.returncode != 0 or "RESULT " not in child.stdout:
+            raise SystemExit(f"HF baseline failed:\n{child.stdout[-2000:]}\n{child.stderr[-4000:]}")
+        hf = json.loads(child.stdout.split("RESULT ", 1)[1].splitlines()[0])
+        hf.update(tokens_per_s=hf["tokens"] / hf["seconds"], step_seconds=hf["seconds"] / hf["steps"])
+        hf["mfu"] = mfu(hf["tokens_per_s"], parameters, facts["peak_bf16_flops"])
+        result["hf_trainer"] = hf
+        result["speedup"] = ours["tokens_per_s"] / hf["tokens_per_s"]
+        line += (f", HF Trainer {hf['tokens_per_s']:.0f} tokens/s ({1000 * hf['step_seconds']:.1f} ms/step) "
+                 f"on {hf['device']}: {result['speedup']:.2f}x")
+    if ours["mfu"]:
+        line += f"; MFU ours {100 * ours['mfu']['mfu']:.1f}%"
     write_result(args.output, result)
-    print(f"ours {result['ours']['tokens_per_s']:.0f} tokens/s, HF Trainer {result['hf_trainer']['tokens_per_s']:.0f} "
-          f"tokens/s: {result['speedup']:.2f}x -> {args.output}")
+    print(f"{line} -> {args.output}")
 
 
 if __name__ == "__main__":

@@ -19,7 +19,6 @@ import argparse
 import gc
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -28,7 +27,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.stage2_costs import write_result  # noqa: E402
+from bench.common import write_result  # noqa: E402
+from dualner.backend.comm import free_port  # noqa: E402
 
 CONFIGS = {"bf16": {0: "ds_configs/zero0.json", 2: "ds_configs/zero2.json", 3: "ds_configs/zero3.json"},
            "fp32": {0: "ds_configs/zero0_fp32.json", 2: "ds_configs/zero2_fp32.json", 3: "ds_configs/zero3_fp32.json"}}
@@ -53,12 +53,6 @@ def live_tensor_bytes() -> int:
     return total
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def rss_bytes() -> int:
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -68,10 +62,11 @@ def rss_bytes() -> int:
 
 def worker(args) -> None:
     import torch
+    from dualner.backend.comm import all_gather_objects, init_distributed, shutdown
+    from dualner.backend.deepspeed_engine import DeepSpeedTrainingEngine, load_deepspeed_config
     from dualner.config import TrainConfig
-    from dualner.distributed import all_gather_objects, init_distributed
+    from dualner.data.batching import derive_batch_layout
     from dualner.encoders import resolve_encoder
-    from dualner.engine import build_engine, derive_batch_layout, load_deepspeed_config
     from dualner.losses import supervised_losses
     from dualner.model import DualNERModel
 
@@ -80,14 +75,15 @@ def worker(args) -> None:
     train = TrainConfig(global_batch_size=2 * args.batch, micro_batch_size=args.batch, lr=1e-4, warmup_steps=0)
     ds_config = load_deepspeed_config(REPO / CONFIGS[args.precision][args.stage], derive_batch_layout(train, info.world_size))
     model = DualNERModel.from_pretrained_encoder(resolve_encoder(args.encoder), 3)
-    engine = build_engine(model, ds_config, train, total_steps=10)
+    training = DeepSpeedTrainingEngine(model, ds_config, train, total_steps=10)
+    engine = training.engine
     generator = torch.Generator().manual_seed(info.rank)
     for step in range(3):
         ids = torch.randint(5, 200, (args.batch, 48), generator=generator)
         mask = torch.ones_like(ids)
         labels = torch.randint(0, 7, ids.shape, generator=generator)
         spans = torch.randint(0, 4, ids.shape, generator=generator)
-        outputs = engine(ids, mask)
+        outputs = engine(ids, attention_mask=mask)
         loss = supervised_losses(outputs, {"seq_labels": labels, "start_labels": spans, "end_labels": spans})["total"]
         engine.backward(loss)
         if step == 2:
@@ -105,8 +101,7 @@ def worker(args) -> None:
     if info.is_main:
         Path(args.worker_output).write_text(json.dumps(everyone))
     # An explicit, collective shutdown: left to interpreter exit, gloo's threads can abort a rank.
-    torch.distributed.barrier()
-    torch.distributed.destroy_process_group()
+    shutdown()
 
 
 def main() -> None:

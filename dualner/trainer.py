@@ -11,6 +11,7 @@ preemption signals are agreed through a host collective that is also read one st
 from __future__ import annotations
 
 import json
+import os
 import random
 import signal
 import time
@@ -26,7 +27,7 @@ from dualner import faults
 from dualner.backend import comm
 from dualner.backend.comm import DistInfo
 from dualner.backend.deepspeed_engine import DeepSpeedTrainingEngine, load_deepspeed_config, zero_stage
-from dualner.backend.placement import AsyncHostCopy, pin_memory_wanted, to_device
+from dualner.backend.placement import AsyncHostCopy, HostSyncCounter, pin_memory_wanted, to_device
 from dualner.config import Config, ConfigError, config_to_dict, save_config
 from dualner.data.batching import BatchLayout, derive_batch_layout
 from dualner.data.encoding import SentenceEncoder
@@ -185,12 +186,14 @@ class Trainer:
         self.ds_config = load_deepspeed_config(cfg.deepspeed.config, self.layout)
         self.device = comm.accelerator_device(self.info.local_rank)
         self.loader_workers = default_workers(cfg.data.loader_workers, self.device,
-                                              int(__import__("os").environ.get("LOCAL_WORLD_SIZE", 1)))
+                                              int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
         self.pin_memory = pin_memory_wanted(self.device)
         self.state = TrainerState()
         self._reset_window()
         # (step, flags copied to the host as they complete, samples per micro batch), read a step later
         self._pending_flags: list[tuple[int, AsyncHostCopy, list]] = []
+        self._syncs = (HostSyncCounter() if os.environ.get("DUALNER_COUNT_SYNCS") == "1"
+                       and self.device.type == "cuda" else None)
 
     # -- set-up helpers for subclasses -------------------------------------------------------------
     def open_run_dir(self) -> None:
@@ -419,6 +422,8 @@ class Trainer:
             "nonfinite/skipped_steps": float(self.state.skipped_steps)}
         self._reset_window()
         self.writer.scalars(scalars, self.state.step)
+        if self._syncs is not None:  # the JSON log only (a breakdown, not a scalar)
+            scalars["debug/host_syncs_per_step"] = {k: v / steps for k, v in self._syncs.take().items()}
         self.log.info("step %d/%d loss %.4f lr %.2e %.0f tokens/s", self.state.step, self.total_steps,
                       losses["loss/total"], scalars["lr"], scalars["throughput/tokens_per_s"])
         if self.info.is_main:  # appended as we go, so a crash loses none of it
@@ -445,6 +450,8 @@ class Trainer:
         self.preemption = PreemptionSignal()
         while self.state.step < self.total_steps:
             faults.kill_if_due("kill", self.info.rank, self.state.step + 1)
+            if self._syncs is not None:
+                self._syncs.enabled = True
             self.train_step()
             self.state.step += 1
             steps_this_job += 1
@@ -456,6 +463,8 @@ class Trainer:
                                      and steps_this_job >= self.cfg.run.max_steps_per_job)
             # lag one: the previous step's flags (done by now); at the end of a job this step's too
             self._check_nonfinite(step if last or job_done else step - 1)
+            if self._syncs is not None:
+                self._syncs.enabled = False
             if step % cfg.log_every == 0 or last or job_done:
                 self._log_window(started)
                 started = time.perf_counter()

@@ -54,10 +54,13 @@ def test_zero_memory(tmp_path, tiny_encoder):
 
 def test_padding_efficiency(tmp_path, tiny_encoder):
     result = run_bench("padding.py", tmp_path / "out.json", "--smoke")
-    stage1 = result["stage1_english_epoch"]
-    assert stage1["bucketed"]["real_tokens"] == stage1["random"]["real_tokens"]  # the same epoch
+    stage1, stage2 = result["stage1_english_epoch"], result["stage2_stream"]
+    assert stage1["bucketed"]["real_tokens"] == stage1["random"]["real_tokens"] == stage1["packed"]["real_tokens"]
+    # random micro batches packed waste far less than random ones padded (bucketing is for padded rows)
+    assert stage1["packed"]["efficiency"] > 0.9 > 0.5 > stage1["random"]["efficiency"]
     assert stage1["bucketed"]["efficiency"] > stage1["random"]["efficiency"]
-    assert all(0 < part["efficiency"] <= 1 for part in (*stage1.values(), result["stage2_stream"]["pooled"]))
+    assert stage2["packed"]["efficiency"] > 0.9 > 0.5 > stage2["unpooled"]["efficiency"]
+    assert all(0 < part["efficiency"] <= 1 for part in (*stage1.values(), stage2["pooled"], stage2["packed"]))
 
 
 def test_profile_stage1(tmp_path, tiny_encoder):

@@ -94,7 +94,9 @@ def is_main_process() -> bool:
 
 
 def shutdown() -> None:
+    """A collective end (left to interpreter exit, gloo's threads can abort a rank)."""
     if dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
 
 

@@ -47,3 +47,32 @@ class AsyncHostCopy:
         if self.event is not None:
             self.event.synchronize()
         return self.host
+
+
+class HostSyncCounter:
+    """Counts the operations that make the host wait for the GPU (torch's sync debug mode) while
+    enabled, by the package that issued them; `DUALNER_COUNT_SYNCS=1` turns it on (CUDA only; the
+    trainer logs `debug/host_syncs_per_step`)."""
+
+    def __init__(self):
+        import warnings
+        self.counts: dict[str, int] = {}
+        self.enabled = False
+        torch.cuda.set_sync_debug_mode("warn")
+        previous = warnings.showwarning
+
+        def showwarning(message, category, filename, lineno, file=None, line=None):
+            if "synchroniz" in str(message):
+                if self.enabled:
+                    origin = next((name for name in ("dualner", "deepspeed", "transformers", "torch")
+                                   if f"/{name}/" in filename), "other")
+                    self.counts[origin] = self.counts.get(origin, 0) + 1
+                return
+            previous(message, category, filename, lineno, file, line)
+
+        warnings.showwarning = showwarning
+        warnings.simplefilter("always")
+
+    def take(self) -> dict[str, int]:
+        counts, self.counts = self.counts, {}
+        return counts

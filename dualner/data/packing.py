@@ -48,6 +48,27 @@ def first_fit_decreasing(lengths: Sequence[int], capacity: int) -> list[list[int
     return rows
 
 
+def pack_rows(lengths: Sequence[int], row_length: int, rows: int | None = None) -> tuple[list[list[int]], int]:
+    """(window indices per row, row width) of one packed micro batch. With `rows` fixed (token
+    budgets) it is exactly rows x row_length. Else it has as few rows as first fit decreasing needs
+    at `row_length`, and the narrowest width (a multiple of 8) at which that many rows still hold
+    every window, so the last row's emptiness is shared out instead of computed."""
+    bins = first_fit_decreasing(lengths, row_length)
+    if rows is not None:
+        if len(bins) > rows:
+            raise ValueError(f"{len(lengths)} windows ({sum(lengths)} tokens) need {len(bins)} rows of "
+                             f"{row_length}; the micro batch has {rows}")
+        return bins + [[] for _ in range(rows - len(bins))], row_length
+    needed = len(bins)
+    width = -(-max(max(lengths), -(-sum(lengths) // needed)) // 8) * 8
+    while width < row_length:
+        narrower = first_fit_decreasing(lengths, width)
+        if len(narrower) <= needed:
+            return narrower, width
+        width += 8
+    return bins, row_length
+
+
 def token_budget_micro_batches(lengths: Sequence[int], row_length: int, rows: int) -> list[list[int]]:
     """Windows in the given order into micro batches of `rows` x `row_length` tokens: each window
     goes into the first row of the current micro batch with room; when none has room the micro batch
@@ -74,8 +95,8 @@ def token_budget_micro_batches(lengths: Sequence[int], row_length: int, rows: in
 class Collator:
     """Windows (encoded rows, see dualner.data.encoding) -> one micro batch.
 
-    packed: pack into rows of `row_length` (first fit decreasing), `rows` of them when fixed (token
-    budgets: a fixed shape), else as many as needed. `position_offset` is the encoder family's
+    packed: pack into rows of at most `row_length` tokens (`pack_rows`); `rows` fixes their number
+    (token budgets: a fixed rows x row_length shape). `position_offset` is the encoder family's
     first position id (dualner.attention). `meta_columns` are copied per window into `meta`;
     `languages`, when given, adds `segment_language` (an index per window) for per-language device
     statistics; `pair_translations` adds `pairs` (translation window, its source window) for the
@@ -113,12 +134,8 @@ class Collator:
     # -- layouts -----------------------------------------------------------------------------------
     def _packed(self, windows: Sequence[dict]) -> dict:
         lengths = [len(window["input_ids"]) for window in windows]
-        bins = first_fit_decreasing(lengths, self.row_length)
-        num_rows = len(bins) if self.rows is None else self.rows
-        if len(bins) > num_rows:
-            raise ValueError(f"{len(windows)} windows ({sum(lengths)} tokens) need {len(bins)} rows of "
-                             f"{self.row_length}; the micro batch has {num_rows}")
-        shape = (num_rows, self.row_length)
+        bins, width = pack_rows(lengths, self.row_length, self.rows)
+        shape = (len(bins), width)
         arrays = self._empty(shape, labeled=any(len(w["tag_ids"]) > 0 for w in windows))
         arrays["position_ids"] = np.full(shape, max(0, self.position_offset - 1), dtype=np.int64)
         cu_seqlens, order = [0], []
@@ -131,11 +148,9 @@ class Collator:
                 self._place(arrays, window, row, span, len(order))
                 order.append(index)
                 column += length
-                cu_seqlens.append(row * self.row_length + column)
-            if column < self.row_length:  # the row's padding attends to itself only
-                cu_seqlens.append((row + 1) * self.row_length)
-        for row in range(len(bins), num_rows):  # empty rows of a fixed-shape micro batch
-            cu_seqlens.append((row + 1) * self.row_length)
+                cu_seqlens.append(row * width + column)
+            if column < width:  # the row's padding (a whole empty row too) attends to itself only
+                cu_seqlens.append((row + 1) * width)
         boundaries = np.asarray(cu_seqlens)
         batch = _tensors(arrays)
         batch["cu_seqlens"] = torch.from_numpy(boundaries.astype(np.int32))
