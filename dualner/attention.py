@@ -23,6 +23,7 @@ recompiles per row count; with 128-token rows the mask costs little, so it is no
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -45,7 +46,12 @@ def position_offset(config) -> int | None:
     return None
 
 
+_varlen_failed = False  # set when the kernel refused a call under "auto": SDPA from then on
+
+
 def varlen_available() -> bool:
+    if _varlen_failed:
+        return False
     try:
         from torch.nn.attention.varlen import varlen_attn  # noqa: F401
     except ImportError:
@@ -80,15 +86,23 @@ class PackedLayout:
 def packed_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """transformers attention-interface function: (batch, heads, length, dim) in, (batch, length,
     heads, dim) out. Without a packed layout it is plain SDPA with the mask transformers built."""
+    global _varlen_failed
     layout: PackedLayout | None = kwargs.get("dualner_layout")
     dropout = dropout if module.training else 0.0
     if layout is not None and layout.use_varlen(dropout):
         from torch.nn.attention.varlen import varlen_attn
         rows, heads, length, dim = query.shape
         flat = [t.transpose(1, 2).reshape(rows * length, heads, dim) for t in (query, key, value)]
-        output = varlen_attn(*flat, layout.cu_seqlens, layout.cu_seqlens, layout.max_seqlen,
-                             layout.max_seqlen, scale=scaling)
-        return output.reshape(rows, length, heads, dim), None
+        try:
+            output = varlen_attn(*flat, layout.cu_seqlens, layout.cu_seqlens, layout.max_seqlen,
+                                 layout.max_seqlen, scale=scaling)
+            return output.reshape(rows, length, heads, dim), None
+        except Exception as error:  # noqa: BLE001 (a kernel or signature this torch lacks)
+            if layout.mode == "varlen":
+                raise
+            # e.g. a torch build without the flash kernel for this GPU or dtype: same results via SDPA
+            _varlen_failed = True
+            warnings.warn(f"variable-length attention unavailable ({error}); using SDPA with a block mask")
     mask = layout.block_mask() if layout is not None else attention_mask
     if mask is not None and mask.dtype != torch.bool and mask.dtype != query.dtype:
         mask = mask.to(query.dtype)

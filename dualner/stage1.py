@@ -72,7 +72,8 @@ class Stage1Trainer(Trainer):
     def on_train_start(self) -> None:
         dataset = PlannedMicroBatches(self.train_rows, self.plan, self.info.rank, self.collator,
                                       self.steps_per_epoch, self.state.step, self.total_steps)
-        self.batches = iter(micro_batch_loader(dataset, self.loader_workers, self.pin_memory))
+        self.batches = iter(micro_batch_loader(dataset, self.loader_workers, self.pin_memory,
+                                               self.cfg.run.seed + self.info.rank))
 
     def next_micro_batch(self) -> dict:
         return next(self.batches)

@@ -110,3 +110,52 @@ def test_strict_collectives_refuse_the_first_gpu_runs_bug(tmp_path, strict):
         assert result.stdout.count("LEGACY refused") == 2 and "dualner.backend.comm" in result.stdout
     else:  # gloo itself takes the CPU tensor: only the audit catches what NCCL would refuse
         assert result.stdout.count("LEGACY accepted") == 2
+
+
+_SKIP_WORKER = textwrap.dedent('''
+    import sys, torch
+    sys.path.insert(0, {repo!r})
+    from dualner.backend import comm
+    from dualner.backend.deepspeed_engine import DeepSpeedTrainingEngine, load_deepspeed_config
+    from dualner.config import TrainConfig
+    from dualner.data.batching import derive_batch_layout
+    from dualner.encoders import resolve_encoder
+    from dualner.losses import supervised_losses
+    from dualner.model import DualNERModel
+    comm.init_distributed()
+    torch.manual_seed(0)
+    train = TrainConfig(global_batch_size=4, micro_batch_size=4, lr=1e-2, warmup_steps=0)
+    ds_config = load_deepspeed_config({repo!r} + "/ds_configs/{config}", derive_batch_layout(train, 1))
+    engine = DeepSpeedTrainingEngine(DualNERModel.from_pretrained_encoder(resolve_encoder("tiny-random"), 3),
+                                     ds_config, train, total_steps=10)
+    ids = torch.randint(5, 200, (4, 12))
+    labels = torch.randint(0, 4, ids.shape)
+    def weights():
+        return torch.cat([p.detach().float().reshape(-1).clone() for p in engine.module.parameters()])
+    def step(poison):
+        loss = supervised_losses(engine(ids, attention_mask=torch.ones_like(ids)),
+                                 dict(seq_labels=labels, start_labels=labels, end_labels=labels))["total"]
+        bad = engine.backward(loss * float("nan") if poison else loss)
+        engine.step()
+        return bad.item(), engine.last_step_flag.item()
+    before = weights()
+    print("FINITE", step(False), bool((weights() != before).any()))
+    before = weights()
+    print("NAN", step(True), bool(torch.equal(weights(), before)), bool(torch.isfinite(weights()).all()))
+    before = weights()
+    print("AFTER", step(False), bool((weights() != before).any()), bool(torch.isfinite(weights()).all()))
+''')
+
+
+@pytest.mark.parametrize("config", ["zero0_fp32.json", "zero2_fp32.json", "zero0.json"])
+def test_a_nonfinite_step_is_skipped_on_the_device(tmp_path, tiny_encoder, config):
+    """The fused optimizer skips the step whose loss was not finite (weights bit-for-bit unchanged),
+    with no host synchronisation to decide it, and the next step trains again."""
+    script = tmp_path / "skip.py"
+    script.write_text(_SKIP_WORKER.format(repo=str(REPO), config=config))
+    result = subprocess.run([sys.executable, str(script)], env=child_env(), capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    assert "FINITE (0.0, 0.0) True" in result.stdout
+    assert "NAN (1.0, 1.0) True True" in result.stdout
+    assert "AFTER (0.0, 0.0) True True" in result.stdout

@@ -11,7 +11,7 @@ from dualner.data.conll import read_conll
 from dualner.data.encoding import SentenceEncoder
 from dualner.evaluate import predict_tags
 from dualner.export import export_model, load_exported
-from dualner.inference import load_trained_model
+from dualner.inference import inference_collator, load_trained_model
 from dualner.labels import Entity, sequential
 from dualner.predict import predict_file
 from tests.conftest import REPO, SAMPLE, launch
@@ -44,7 +44,7 @@ def test_export_predict_matches_checkpoint_evaluation(zero3_run, tmp_path):
         loaded = load_trained_model(zero3_run)
         rows = SentenceEncoder(loaded.tokenizer, loaded.label_set, loaded.max_length).encode(sentences).to_list()
         from_checkpoint = predict_tags(loaded.model, rows, loaded.label_set, head, 16,
-                                       loaded.tokenizer.pad_token_id, torch.device("cpu"))
+                                       inference_collator(loaded), torch.device("cpu"))
         if head == "seq":  # evaluation reads raw BIO argmax; entities re-read as chunks are the same
             from dualner.labels import extract_entities
             from_checkpoint = {i: sequential(extract_entities(t), len(t)) for i, t in from_checkpoint.items()}

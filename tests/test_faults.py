@@ -120,42 +120,51 @@ def test_stage2_survives_a_killed_rank(stage1_reference, stage2_reference, tmp_p
         assert len(consumed) == len(set(consumed))  # 8 steps read far less than one pass
 
 
-@pytest.mark.parametrize("policy", ["stop", "skip"])
-def test_nonfinite_loss_is_detected_on_every_rank(tmp_path, tiny_encoder, policy):
+@pytest.mark.parametrize("policy, zero", [("stop", "zero2"), ("skip", "zero2"), ("skip", "zero3")])
+def test_nonfinite_loss_is_detected_on_every_rank(tmp_path, tiny_encoder, policy, zero):
+    """NaN on rank 1 in step 3: the optimizer skips step 3 on both ranks (on the device); the flag is
+    read one step later, so a stop happens after step 4 with a checkpoint of that state."""
     output = tmp_path / "run"
     result = run("launchers/stage1.py", "tiny.yaml", output, f"train.nonfinite_loss={policy}",
-                 fault="nan:rank=1:step=3", check=False)
+                 f"deepspeed.config={REPO / 'ds_configs' / f'{zero}_fp32.json'}", fault="nan:rank=1:step=3",
+                 check=False)
     log = result.stdout + result.stderr
     if policy == "stop":
         assert result.returncode != 0
-        assert "non-finite loss at step 3, micro batch 0" in log and "train.nonfinite_loss=stop" in log
+        assert "non-finite loss at step 3, micro batch 0 (rank 1" in log and "train.nonfinite_loss=stop" in log
         # both ranks stopped at the same point: rank 0, whose loss was finite, raised too
         assert log.count("NonFiniteLossError: non-finite loss at step 3") == 2
-        assert (output / "checkpoints" / "step-2" / "COMPLETE").is_file()
-        assert "stopped (train.nonfinite_loss=stop) with checkpoint" in log
+        assert "non-finite loss at step 3 (on another rank)" in log
+        assert (output / "checkpoints" / "step-4" / "COMPLETE").is_file()
+        assert "the step was skipped and training stopped" in log
     else:
         assert result.returncode == 0, log[-3000:]
         entries = last_entry_per_step(output / "losses.jsonl")
-        assert entries[3]["nonfinite/skipped_micro_batches"] >= 1
+        assert entries[4]["nonfinite/skipped_steps"] == 1 and entries[2]["nonfinite/skipped_steps"] == 0
         assert all(entry["loss/total"] == entry["loss/total"] for entry in entries.values())  # no NaN
+        assert "the step was skipped on every rank" in log
 
 
-def test_nonfinite_stop_writes_the_checkpoint_before_the_step(tmp_path, stage1_reference):
-    """Stage 2, NaN in step 3 (no checkpoint at step 2 yet: save_every=4): the stop writes step-2
-    from the state before step 3, and resuming from it repeats the uninterrupted run."""
+def test_nonfinite_stop_resumes_past_the_skipped_step(tmp_path, stage1_reference):
+    """Stage 2, NaN in step 3: the stop checkpoints step 4 (step 3 skipped by the optimizer), and
+    the resumed run reads on from there: every step's samples once, none repeated, none skipped."""
     output = tmp_path / "run"
     stopped = run("launchers/stage2.py", "tiny_stage2.yaml", output, f"stage2.init_from={stage1_reference}",
                   "train.save_every=4", fault="nan:rank=0:step=3", check=False)
-    assert stopped.returncode != 0
-    assert (output / "checkpoints" / "step-2" / "COMPLETE").is_file()
-    run("launchers/stage2.py", "tiny_stage2.yaml", output, f"stage2.init_from={stage1_reference}",
-        "train.save_every=4")
+    assert stopped.returncode != 0 and "NonFiniteLossError" in stopped.stdout + stopped.stderr
+    assert (output / "checkpoints" / "step-4" / "COMPLETE").is_file()
+    resumed = run("launchers/stage2.py", "tiny_stage2.yaml", output, f"stage2.init_from={stage1_reference}",
+                  "train.save_every=4")
+    assert "resumed from" in resumed.stdout + resumed.stderr and (output / "results.json").is_file()
     reference = tmp_path / "reference"
     run("launchers/stage2.py", "tiny_stage2.yaml", reference, f"stage2.init_from={stage1_reference}",
         "train.save_every=4")
-    assert_same_losses(reference, output)
     for rank in (0, 1):
+        # the data position is the uninterrupted run's: the same samples at every step
         assert stream_log(output, rank) == stream_log(reference, rank)
+    losses = last_entry_per_step(output / "losses.jsonl")
+    assert sorted(losses) == list(range(1, STEPS + 1))
+    assert all(entry["loss/total"] == entry["loss/total"] for entry in losses.values())
 
 
 def test_preemption_signal_checkpoints_and_resumes(tmp_path, tiny_encoder):

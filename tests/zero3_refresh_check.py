@@ -8,34 +8,35 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from dualner.backend.comm import init_distributed  # noqa: E402
+from dualner.backend.deepspeed_engine import (DeepSpeedTeacher, DeepSpeedTrainingEngine,  # noqa: E402
+                                              load_deepspeed_config)
 from dualner.config import TrainConfig  # noqa: E402
-from dualner.distributed import init_distributed  # noqa: E402
+from dualner.data.batching import BatchLayout  # noqa: E402
 from dualner.encoders import resolve_encoder  # noqa: E402
-from dualner.engine import BatchLayout, build_engine, load_deepspeed_config  # noqa: E402
 from dualner.model import DualNERModel  # noqa: E402
-from dualner.stage2 import _copy_weights, build_teacher_engine  # noqa: E402
 
 info = init_distributed()
 encoder = resolve_encoder("tiny-random")
 ds_config = load_deepspeed_config(Path(__file__).resolve().parents[1] / "ds_configs" / "zero3_fp32.json",
                                   BatchLayout(4, 2, 1, 2))
 torch.manual_seed(0)
-student = build_engine(DualNERModel.from_pretrained_encoder(encoder, 3), ds_config,
-                       TrainConfig(lr=1e-2, warmup_steps=0), total_steps=10)
-teacher = build_teacher_engine(DualNERModel.from_pretrained_encoder(encoder, 3), ds_config)
+student = DeepSpeedTrainingEngine(DualNERModel.from_pretrained_encoder(encoder, 3), ds_config,
+                                  TrainConfig(lr=1e-2, warmup_steps=0), total_steps=10)
+teacher = DeepSpeedTeacher(DualNERModel.from_pretrained_encoder(encoder, 3), ds_config)
 ids = torch.randint(5, 200, (2, 7))
 mask = torch.ones_like(ids)
 for _ in range(2):
-    loss = student(ids, mask).seq_logits.logsumexp(-1).mean()
+    loss = student(ids, attention_mask=mask).seq_logits.logsumexp(-1).mean()
     student.backward(loss)
     student.step()
 student.eval()
 with torch.no_grad():
-    before = teacher(ids, mask).seq_logits
-    expected = student(ids, mask).seq_logits
+    before = teacher(ids, attention_mask=mask).seq_logits
+    expected = student(ids, attention_mask=mask).seq_logits
 assert not torch.allclose(before, expected), "training should have moved the student"
-_copy_weights(student.module, teacher.module)
+teacher.copy_from(student)
 with torch.no_grad():
-    after = teacher(ids, mask).seq_logits
+    after = teacher(ids, attention_mask=mask).seq_logits
 assert torch.allclose(after, expected, atol=1e-6), (after - expected).abs().max()
 print(f"rank {info.rank}: teacher equals student after refresh")

@@ -131,9 +131,13 @@ def _host_buffer(values: Sequence[float]) -> torch.Tensor:
     return _placed(buffer)
 
 
+def _several_ranks() -> bool:
+    return dist.is_initialized() and dist.get_world_size() > 1
+
+
 def host_all_reduce(values: Sequence[float], op: str = "sum") -> list[float]:
     """Reduce Python numbers over ranks through the CPU backend; no device synchronisation."""
-    if not dist.is_initialized():
+    if not _several_ranks():
         return [float(v) for v in values]
     buffer = _host_buffer(values)
     dist.all_reduce(buffer, op=getattr(dist.ReduceOp, _OPS[op]))
@@ -147,7 +151,7 @@ class PendingHostReduce:
     def __init__(self, values: Sequence[float], op: str = "max"):
         self._buffer = _host_buffer(values)
         self._work = (dist.all_reduce(self._buffer, op=getattr(dist.ReduceOp, _OPS[op]), async_op=True)
-                      if dist.is_initialized() else None)
+                      if _several_ranks() else None)
 
     def result(self) -> list[float]:
         if self._work is not None:
@@ -174,7 +178,7 @@ def device_all_reduce(tensors: Sequence[torch.Tensor], device: torch.device, op:
                                 for t in tensors]) if tensors else torch.zeros(0, device=device))
     if buffer.device != collective_device(device):
         raise RuntimeError(f"device collective buffer on {buffer.device}, expected {device}")
-    if dist.is_initialized() and buffer.numel():
+    if _several_ranks() and buffer.numel():
         dist.all_reduce(buffer, op=getattr(dist.ReduceOp, _OPS[op]))
     return buffer
 
@@ -182,7 +186,7 @@ def device_all_reduce(tensors: Sequence[torch.Tensor], device: torch.device, op:
 def device_all_reduce_(tensor: torch.Tensor, op: str = "max") -> torch.Tensor:
     """In place, on the device, asynchronously with respect to the host (for the per-step
     non-finite flag, which the optimizer reads on the device)."""
-    if dist.is_initialized():
+    if _several_ranks():
         _placed(tensor)
         dist.all_reduce(tensor, op=getattr(dist.ReduceOp, _OPS[op]))
     return tensor

@@ -43,6 +43,9 @@ class PlannedMicroBatches(Dataset):
         return self.collate([self.windows[i] for i in indices])
 
 
-def micro_batch_loader(dataset: Dataset, workers: int, pin_memory: bool) -> DataLoader:
+def micro_batch_loader(dataset: Dataset, workers: int, pin_memory: bool, seed: int) -> DataLoader:
+    # A generator of its own: creating an iterator draws a base seed, and drawing it from the global
+    # RNG would shift the dropout masks of a resumed run.
     return DataLoader(dataset, batch_size=None, shuffle=False, num_workers=workers, pin_memory=pin_memory,
-                      prefetch_factor=4 if workers else None, persistent_workers=False)
+                      prefetch_factor=4 if workers else None, persistent_workers=False,
+                      generator=torch.Generator().manual_seed(seed))
