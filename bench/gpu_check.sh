@@ -30,7 +30,7 @@ exec > >(tee -a "$OUT/gpu_log.txt") 2>&1
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1
 export DUALNER_CACHE=$WORK/cache TORCH_EXTENSIONS_DIR=$WORK/torch_extensions
 T0=$(date +%s)
-if [ "$DRY" = 1 ]; then BUDGET=${BUDGET:-1800}; else BUDGET=${BUDGET:-450}; fi
+if [ "$DRY" = 1 ]; then BUDGET=${BUDGET:-1800}; else BUDGET=${BUDGET:-430}; fi
 RESERVE=10
 echo "bench/gpu_check.sh DRY=$DRY OUT=$OUT budget ${BUDGET}s $(date -Is) $(hostname)"
 

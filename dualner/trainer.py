@@ -461,13 +461,13 @@ class Trainer:
             preempted = self.preemption.agreed()
             job_done = preempted or (self.cfg.run.max_steps_per_job is not None
                                      and steps_this_job >= self.cfg.run.max_steps_per_job)
-            # lag one: the previous step's flags (done by now); at the end of a job this step's too
-            self._check_nonfinite(step if last or job_done else step - 1)
             if self._syncs is not None:
                 self._syncs.enabled = False
             if step % cfg.log_every == 0 or last or job_done:
                 self._log_window(started)
                 started = time.perf_counter()
+            # lag one: the previous step's flags (done by now); at the end of a job this step's too
+            self._check_nonfinite(step if last or job_done else step - 1)
             paused = time.perf_counter()  # evaluation and saving stay out of the throughput window
             improved = bool(self.dev_sets) and (step % cfg.eval_every == 0 or last) and self._evaluate_dev()
             if improved or step % save_every == 0 or last or job_done:

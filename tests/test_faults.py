@@ -140,7 +140,8 @@ def test_nonfinite_loss_is_detected_on_every_rank(tmp_path, tiny_encoder, policy
     else:
         assert result.returncode == 0, log[-3000:]
         entries = last_entry_per_step(output / "losses.jsonl")
-        assert entries[4]["nonfinite/skipped_steps"] == 1 and entries[2]["nonfinite/skipped_steps"] == 0
+        # counted when read, one step later (after step 4's log line)
+        assert entries[4]["nonfinite/skipped_steps"] == 0 and entries[5]["nonfinite/skipped_steps"] == 1
         assert all(entry["loss/total"] == entry["loss/total"] for entry in entries.values())  # no NaN
         assert "the step was skipped on every rank" in log
 
