@@ -35,9 +35,12 @@ RESERVE=10
 echo "bench/gpu_check.sh DRY=$DRY OUT=$OUT budget ${BUDGET}s $(date -Is) $(hostname)"
 
 left() { echo $(( BUDGET - ($(date +%s) - T0) )); }
+ONLY=${ONLY:-}  # a comma-separated list of step names runs just those (setup always runs)
+DS=${DS:-ds_configs/zero0.json}  # ours' DeepSpeed JSON in the throughput steps
 # step NAME TIMEOUT MIN_SECONDS 'COMMAND': under `timeout`, logged, status in $WORK/status.tsv
 step() {
   local name=$1 limit=$2 need=$3 cmd=$4 l s rc
+  if [ -n "$ONLY" ] && [[ ",$ONLY,install,encoder," != *",$name,"* ]]; then return 98; fi
   l=$(left)
   if (( l - RESERVE < need )); then
     echo "=== SKIP $name: ${l}s left, needs ${need}s"; printf '%s\tskipped\t0\n' "$name" >> "$WORK/status.tsv"
@@ -81,13 +84,16 @@ print(json.dumps(found))
 PY
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv 2>&1 | head -3
 nproc; free -g | head -2
-ENC=$WORK/enc/$SHAPE
+ENC_DIR=${ENC_DIR:-$WORK/enc}
+ENC=$ENC_DIR/$SHAPE
 step encoder 90 10 "python3 bench/random_encoder.py --tokenizer '${TOKENIZER:-$ASSETS/tok/tokenizer.json.gz}' \
---out '$WORK/enc' --shapes $SHAPE"
+--out '$ENC_DIR' --shapes $SHAPE"
 EN=$DATA/en/train.tsv
-TPUT="python3 bench/throughput_vs_hf.py --encoder '$ENC' --data '$EN' --precision bf16 --steps $STEPS --warmup $WARM"
+TPUT="python3 bench/throughput_vs_hf.py --encoder '$ENC' --data '$EN' --precision bf16 --ds-config $DS --steps $STEPS --warmup $WARM"
 
 step check 60 15 "python3 bench/packing_check.py --encoder '$ENC' --data '$EN' --output '$WORK/steps/check.json'"
+step profile 90 40 "python3 bench/profile_stage1.py --encoder '$ENC' --data '$EN' --batch $S_B --steps 5 \
+--embeddings trained --ds-config $DS --output '$WORK/steps/profile.json'"
 step b128 110 40 "$TPUT --batch $S_B --output '$WORK/steps/b128.json'"
 step t16k 90 30 "$TPUT --unit tokens --batch $TOKENS --no-baseline --output '$WORK/steps/t16k.json'"
 step costs 150 60 "python3 bench/stage2_costs.py --encoder '$ENC' --data-root '$DATA' $C_ARGS \

@@ -16,7 +16,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 STEP_FILES = {"check": "packing_check", "b128": "tput_b128", "t16k": "tput_16k", "costs": "stage2_costs",
-              "b32": "tput_b32", "t16k_compile": "tput_16k_compile"}
+              "b32": "tput_b32", "t16k_compile": "tput_16k_compile", "profile": "profile_stage1"}
 BEGIN, END = "<!-- gpu:begin -->", "<!-- gpu:end -->"
 
 
@@ -104,6 +104,11 @@ def markdown(result: dict) -> str:
         errors = f"; errors: {check['errors']}" if check.get("errors") else ""
         lines.append(f"| packed vs one window per row, largest output difference | fp32 ~1e-5 | {diffs}; "
                      f"pseudo labels differing: {mismatches}{errors} |")
+    profile = steps.get("profile")
+    if profile:
+        run = profile["runs"][0]
+        phases = ", ".join(f"{name} {1000 * seconds:.1f}" for name, seconds in run["phase_seconds_per_step"].items())
+        lines.append(f"| where a stage-1 step goes ({profile['ds_config']}, phases synchronised, ms) | | {phases} |")
     skipped = [name for name, s in result["status"].items() if s["rc"] not in ("0",)]
     if skipped:
         lines += ["", "Not completed: " + ", ".join(f"{n} ({result['status'][n]['rc']})" for n in skipped) + "."]

@@ -60,13 +60,14 @@ def _dump():
 '''
 
 
-def count(repo: Path, stage: int, steps: int, folder: Path, init_from: Path | None) -> tuple[dict, Path]:
+def count(repo: Path, stage: int, steps: int, folder: Path, init_from: Path | None,
+          ds_config: str) -> tuple[dict, Path]:
     run_dir = folder / f"stage{stage}_{steps}"
     counts = folder / f"counts_{stage}_{steps}.json"
     config = repo / "configs" / ("tiny.yaml" if stage == 1 else "tiny_stage2.yaml")
     overrides = [f"run.output_dir={run_dir}", f"train.max_steps={steps}", "train.eval_every=1000",
                  "train.save_every=1000", "train.log_every=1000", "data.dev={}", "data.test={}",
-                 f"deepspeed.config={repo / 'ds_configs' / 'zero0_fp32.json'}", "logging.tensorboard=false"]
+                 f"deepspeed.config={repo / ds_config}", "logging.tensorboard=false"]
     if init_from is not None:
         overrides.append(f"stage2.init_from={init_from}")
     env = {**os.environ, "PYTHONPATH": f"{folder / 'inject'}:{repo}", "DUALNER_SYNC_COUNTS": str(counts),
@@ -91,6 +92,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--revision", help="measure this commit instead of the working tree")
     parser.add_argument("--steps", type=int, nargs=2, default=(4, 12), metavar=("N1", "N2"))
+    parser.add_argument("--ds-config", default="ds_configs/zero0_fp32.json")
     parser.add_argument("--output", default=str(REPO / "bench" / "results" / "host_syncs.json"))
     parser.add_argument("--smoke", action="store_true")
     args = parser.parse_args()
@@ -108,11 +110,11 @@ def main() -> None:
         try:
             first, n2 = args.steps
             stages = {}
-            s1_short, _ = count(repo, 1, first, folder, None)
-            s1_long, stage1_run = count(repo, 1, n2, folder, None)
+            s1_short, _ = count(repo, 1, first, folder, None, args.ds_config)
+            s1_long, stage1_run = count(repo, 1, n2, folder, None, args.ds_config)
             stages["stage1"] = per_step(s1_short, s1_long, n2 - first)
-            s2_short, _ = count(repo, 2, first, folder, stage1_run)
-            s2_long, _ = count(repo, 2, n2, folder, stage1_run)
+            s2_short, _ = count(repo, 2, first, folder, stage1_run, args.ds_config)
+            s2_long, _ = count(repo, 2, n2, folder, stage1_run, args.ds_config)
             stages["stage2"] = per_step(s2_short, s2_long, n2 - first)
         finally:
             if args.revision:
@@ -120,7 +122,7 @@ def main() -> None:
     revision = args.revision or subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
                                                capture_output=True, text=True).stdout.strip() + "+worktree"
     result = {"command": "python bench/host_syncs.py " + " ".join(sys.argv[1:]), "date": today(), "revision": revision,
-              "setup": "tiny encoder, configs/tiny*.yaml (global 16 = micro 8 x 2), fp32 ZeRO-0, one process",
+              "setup": f"tiny encoder, configs/tiny*.yaml (global 16 = micro 8 x 2), {args.ds_config}, one process",
               "steps": list(args.steps), **stages}
     write_result(args.output, result)
     for stage in ("stage1", "stage2"):

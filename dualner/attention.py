@@ -24,7 +24,6 @@ recompiles per row count; with 128-token rows the mask costs little, so it is no
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -59,51 +58,46 @@ def varlen_available() -> bool:
     return torch.cuda.is_available()
 
 
-@dataclass
-class PackedLayout:
-    """What every attention layer of one forward needs; the mask is built once and shared."""
+def wants_varlen(mode: str, dropout: float, on_cuda: bool) -> bool:
+    """Whether a packed forward uses the variable-length kernel (see the module docstring)."""
+    if mode == "sdpa" or not on_cuda:
+        return False
+    if mode == "varlen":
+        return True
+    return dropout == 0.0 and varlen_available()
 
-    segment_ids: torch.Tensor  # (rows, length), -1 on padding
-    cu_seqlens: torch.Tensor | None  # int32 (segments + padding runs + 1,), on the device
-    max_seqlen: int
-    mode: str = "auto"  # "auto" | "sdpa" | "varlen"
-    _mask: torch.Tensor | None = field(default=None, init=False, repr=False)
 
-    def block_mask(self) -> torch.Tensor:
-        if self._mask is None:
-            segments = self.segment_ids
-            self._mask = (segments[:, :, None] == segments[:, None, :])[:, None]  # (rows, 1, L, L)
-        return self._mask
-
-    def use_varlen(self, dropout: float) -> bool:
-        if self.cu_seqlens is None or self.mode == "sdpa" or not self.segment_ids.is_cuda:
-            return False
-        if self.mode == "varlen":
-            return True
-        return dropout == 0.0 and varlen_available()
+def block_diagonal_mask(segment_ids: torch.Tensor) -> torch.Tensor:
+    """(rows, 1, length, length) boolean: token i may attend to token j of its own segment (the
+    padding of a row is a segment of its own, so no row of the mask is empty)."""
+    return (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]
 
 
 def packed_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """transformers attention-interface function: (batch, heads, length, dim) in, (batch, length,
-    heads, dim) out. Without a packed layout it is plain SDPA with the mask transformers built."""
+    heads, dim) out. The model hands it either the packed rows' cumulative segment lengths
+    (`dualner_cu_seqlens`, `dualner_max_seqlen`: variable-length FlashAttention) or a mask (its own
+    block-diagonal one, or the padding mask transformers built): plain tensors and ints, so
+    torch.compile traces through it."""
     global _varlen_failed
-    layout: PackedLayout | None = kwargs.get("dualner_layout")
     dropout = dropout if module.training else 0.0
-    if layout is not None and layout.use_varlen(dropout):
+    cu_seqlens = kwargs.get("dualner_cu_seqlens")
+    if cu_seqlens is not None:
         from torch.nn.attention.varlen import varlen_attn
         rows, heads, length, dim = query.shape
         flat = [t.transpose(1, 2).reshape(rows * length, heads, dim) for t in (query, key, value)]
+        longest = kwargs["dualner_max_seqlen"]
         try:
-            output = varlen_attn(*flat, layout.cu_seqlens, layout.cu_seqlens, layout.max_seqlen,
-                                 layout.max_seqlen, scale=scaling)
+            output = varlen_attn(*flat, cu_seqlens, cu_seqlens, longest, longest, scale=scaling)
             return output.reshape(rows, length, heads, dim), None
         except Exception as error:  # noqa: BLE001 (a kernel or signature this torch lacks)
-            if layout.mode == "varlen":
+            if kwargs.get("dualner_varlen_forced"):
                 raise
             # e.g. a torch build without the flash kernel for this GPU or dtype: same results via SDPA
             _varlen_failed = True
             warnings.warn(f"variable-length attention unavailable ({error}); using SDPA with a block mask")
-    mask = layout.block_mask() if layout is not None else attention_mask
+            attention_mask = block_diagonal_mask(kwargs["dualner_segment_ids"])
+    mask = kwargs.get("dualner_mask", attention_mask)
     if mask is not None and mask.dtype != torch.bool and mask.dtype != query.dtype:
         mask = mask.to(query.dtype)
     output = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=dropout,

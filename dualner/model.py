@@ -79,9 +79,14 @@ class DualNERModel(nn.Module):
             if not self.supports_packing:
                 raise ValueError(f"{self.encoder.config.model_type} encoders are not packed (unknown "
                                  f"position ids); set data.packing=false")
-            layout = attention.PackedLayout(segment_ids, cu_seqlens, max_seqlen, self.attention_mode)
-            hidden = self.encoder(input_ids=input_ids, position_ids=position_ids,
-                                  dualner_layout=layout).last_hidden_state
+            dropout = getattr(self.encoder.config, "attention_probs_dropout_prob", 0.0) if self.training else 0.0
+            if cu_seqlens is not None and attention.wants_varlen(self.attention_mode, dropout, input_ids.is_cuda):
+                layout = {"dualner_cu_seqlens": cu_seqlens, "dualner_max_seqlen": max_seqlen,
+                          "dualner_segment_ids": segment_ids,
+                          "dualner_varlen_forced": self.attention_mode == "varlen"}
+            else:
+                layout = {"dualner_mask": attention.block_diagonal_mask(segment_ids)}
+            hidden = self.encoder(input_ids=input_ids, position_ids=position_ids, **layout).last_hidden_state
         features = self.dropout(hidden)
         return HeadOutputs(self.seq_head(features), self.start_head(features),
                            self.end_head(features), hidden)
