@@ -10,6 +10,7 @@ preemption signals are agreed through a host collective that is also read one st
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import random
@@ -445,6 +446,10 @@ class Trainer:
             self._evaluate_dev()
             self._save()
             ckpt.mark_best(self.checkpoints, 0, self.state.history[-1])
+        # Everything built so far (encoded data, model, modules) lives for the whole run: moved out of
+        # the collector's reach, a full collection no longer walks millions of objects mid-step.
+        gc.collect()
+        gc.freeze()
         started = time.perf_counter()
         self.engine.train()
         self.preemption = PreemptionSignal()
