@@ -1,33 +1,51 @@
-"""Checkpoints: `step-N/` folders holding DeepSpeed's files, the trainer state in the client state,
-and a completion marker written last, so a crash at any moment leaves the previous one loadable.
+"""The run folder's checkpoints, owned by one CheckpointManager (the lock, the save interval, keep-last,
+the best model, the COMPLETE marker and its integrity, resume selection); the training loop only asks it.
 
 Layout of a run directory:
+    .dualner.lock                one live run per folder (host, pid, start time; rank 0 holds it)
     config.yaml                  the resolved configuration
     model/                       tokenizer, encoder config, label set (what inference needs)
-    checkpoints/step-N/          DeepSpeed files + COMPLETE (written after every rank finished)
+    checkpoints/step-N/          DeepSpeed files + COMPLETE, written after every rank finished; it lists
+                                 each file's size and CRC-32, so a checkpoint damaged later is detected
     checkpoints/best.json        which step scored best on dev, and its scores
-    tensorboard/
+    stopped.json                 present while the run is stopped before its last step (resumable)
+    tensorboard/  losses.jsonl  results.json
+
+A crash at any moment leaves the previous complete checkpoint loadable: a folder without COMPLETE is
+never loaded (and is cleared on resume), and one whose files no longer match their COMPLETE record is
+skipped for the newest one that does, naming the file.
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 import os
+import pickle
 import re
 import shutil
+import socket
+import time
+import zlib
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from dualner import faults
-from dualner.backend.comm import barrier, current, is_main_process
-from dualner.backend.deepspeed_engine import CheckpointError, consolidated_state_dict
+from dualner.backend import comm
+from dualner.backend.deepspeed_engine import consolidated_state_dict
+from dualner.errors import CheckpointError, MissingPathError, RunLockedError
 
 COMPLETE_MARKER = "COMPLETE"
 BEST_POINTER = "best.json"
+STOPPED_MARKER = "stopped.json"
+LOCK_FILE = ".dualner.lock"
 MODEL_ASSETS = "model"
 ASSETS_FILE = "dualner.json"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
+_CHUNK = 1 << 24
 
 
 def write_json_atomic(path: Path, value) -> None:
@@ -48,83 +66,66 @@ def is_complete(path: Path) -> bool:
     return (path / COMPLETE_MARKER).is_file()
 
 
-def latest_complete(root: Path) -> Path | None:
-    complete = [path for _, path in step_dirs(root) if is_complete(path)]
-    return complete[-1] if complete else None
-
-
 def read_best(root: Path) -> dict | None:
     pointer = root / BEST_POINTER
     return json.loads(pointer.read_text(encoding="utf-8")) if pointer.is_file() else None
 
 
-def save_checkpoint(engine, root: Path, step: int, client_state: dict) -> Path:
-    """Every rank calls this; the marker is written by rank 0 after all ranks have written."""
-    tag = f"step-{step}"
-    path = root / tag
-    if is_main_process() and path.exists():  # a half-written leftover of a crashed run
-        shutil.rmtree(path)
-    barrier()
-    engine.save(root, tag, client_state)
-    faults.kill_if_due("kill_in_save", current().rank, step)
-    barrier()
-    if is_main_process():
-        write_json_atomic(path / COMPLETE_MARKER, {"step": step})
-    barrier()
-    return path
+# -- integrity -----------------------------------------------------------------------------------
+def _crc32(path: Path) -> int:
+    value = 0
+    with path.open("rb") as handle:
+        while chunk := handle.read(_CHUNK):
+            value = zlib.crc32(chunk, value)
+    return value
 
 
-def mark_best(root: Path, step: int, scores: dict) -> None:
-    if is_main_process():
-        write_json_atomic(root / BEST_POINTER, {"step": step, "path": f"step-{step}", **scores})
+def file_manifest(folder: Path) -> dict[str, list[int]]:
+    """{relative path: [size, CRC-32]} of every file under `folder` (the marker excluded)."""
+    return {str(path.relative_to(folder)): [path.stat().st_size, _crc32(path)]
+            for path in sorted(folder.rglob("*")) if path.is_file() and path.name != COMPLETE_MARKER}
 
 
-def prune(root: Path, keep_last: int) -> None:
-    """Keep the newest `keep_last` complete checkpoints and the best one; drop the rest."""
-    if not is_main_process():
-        return
-    best = read_best(root)
-    best_path = root / best["path"] if best else None
-    complete = [path for _, path in step_dirs(root) if is_complete(path)]
-    for path in complete[:-keep_last] if keep_last > 0 else complete:
-        if path != best_path:
-            shutil.rmtree(path, ignore_errors=True)
-
-
-def remove_incomplete(root: Path) -> None:
-    """Half-written folders are never loaded; clear them before a resumed run writes again."""
-    if is_main_process():
-        for _, path in step_dirs(root):
-            if not is_complete(path):
-                shutil.rmtree(path, ignore_errors=True)
-    barrier()
-
-
-def load_checkpoint(engine, path: Path, world_size: int | None = None) -> dict:
-    """Load a complete `path` into the engine (on another number of ranks than wrote it too)."""
-    if not is_complete(path):
-        raise CheckpointError(f"{path}: not a complete checkpoint (no {COMPLETE_MARKER} marker)")
-    return engine.load(path, world_size)
+def verify(path: Path, checksums: bool = True) -> str | None:
+    """None when `path` is a complete checkpoint whose files match its COMPLETE record, else what is
+    wrong (naming the file)."""
+    marker = path / COMPLETE_MARKER
+    if not marker.is_file():
+        return f"{path}: incomplete checkpoint (no {COMPLETE_MARKER} marker)"
+    try:
+        record = json.loads(marker.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return f"{marker}: unreadable completion record"
+    for name, (size, crc) in (record.get("files") or {}).items():
+        file = path / name
+        if not file.is_file():
+            return f"{file}: missing (listed in {marker.name})"
+        if file.stat().st_size != size:
+            return f"{file}: {file.stat().st_size} bytes, {size} when it was written (truncated or damaged)"
+        if checksums and _crc32(file) != crc:
+            return f"{file}: content changed since it was written (CRC-32 mismatch)"
+    return None
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
-    """A step-N folder, a checkpoints folder or a run folder -> the step-N folder to read
-    (the best one where a best is recorded, else the newest complete one)."""
+    """A step-N folder, a checkpoints folder or a run folder -> the step-N folder to read (the best
+    one where a best is recorded, else the newest complete one), checked against its record."""
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
+        raise MissingPathError(f"checkpoint not found: {path}")
     if _STEP_DIR.match(path.name):
-        if not is_complete(path):
-            raise CheckpointError(f"{path}: incomplete checkpoint (no {COMPLETE_MARKER} marker)")
-        return path
-    root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
-    best = read_best(root)
-    if best and is_complete(root / best["path"]):
-        return root / best["path"]
-    newest = latest_complete(root)
-    if newest is None:
-        raise CheckpointError(f"{path}: holds no complete step-N checkpoint")
-    return newest
+        chosen = path
+    else:
+        root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+        best = read_best(root)
+        complete = [p for _, p in step_dirs(root) if is_complete(p)]
+        chosen = root / best["path"] if best and is_complete(root / best["path"]) else (complete[-1] if complete else None)
+        if chosen is None:
+            raise CheckpointError(f"{path}: holds no complete step-N checkpoint")
+    problem = verify(chosen)
+    if problem:
+        raise CheckpointError(f"{problem}; use another checkpoint")
+    return chosen
 
 
 def model_assets_dir(checkpoint: Path) -> Path:
@@ -132,5 +133,185 @@ def model_assets_dir(checkpoint: Path) -> Path:
 
 
 def load_model_state(checkpoint: Path) -> dict[str, torch.Tensor]:
-    """Consolidated fp32 weights from a checkpoint of any ZeRO stage, in one process."""
-    return consolidated_state_dict(checkpoint)
+    """Consolidated fp32 weights from a checkpoint of any ZeRO stage, in one process, reading no code."""
+    try:
+        return consolidated_state_dict(checkpoint)
+    except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError) as error:
+        raise CheckpointError(f"{checkpoint}: cannot read its weights ({str(error).splitlines()[0][:200]})") from error
+
+
+# -- the run lock ----------------------------------------------------------------------------------
+@dataclass
+class RunLock:
+    """One live run per output folder. Rank 0 holds an exclusive lock on `.dualner.lock` (released by
+    the kernel when the process dies, so a lock left by a killed run is stale and is taken over); the
+    file names the holder (host, pid, start time, job). The ranks of one job are one run."""
+
+    run_dir: Path
+    _handle: object = None
+
+    @property
+    def path(self) -> Path:
+        return self.run_dir / LOCK_FILE
+
+    def acquire(self) -> str | None:
+        """Take the lock; returns a message when a stale one was taken over; RunLockedError when a
+        live run holds it."""
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        handle = open(self.path, "a+", encoding="utf-8")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as error:
+            if error.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise
+            handle.seek(0)
+            holder = handle.read().strip() or "{}"
+            handle.close()
+            raise RunLockedError(f"run.output_dir={self.run_dir} is in use by another run ({_describe(holder)}); "
+                                 f"wait for it to finish, stop it, or choose another run.output_dir") from None
+        handle.seek(0)
+        previous = handle.read().strip()
+        handle.seek(0)
+        handle.truncate()
+        handle.write(json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
+                                 "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+                                 "job": os.environ.get("SLURM_JOB_ID") or os.environ.get("TORCHELASTIC_RUN_ID", "")}))
+        handle.flush()
+        self._handle = handle
+        return f"took over the lock of a run that ended without releasing it ({_describe(previous)})" if previous else None
+
+    def release(self) -> None:
+        if self._handle is not None:
+            self.path.unlink(missing_ok=True)
+            self._handle.close()
+            self._handle = None
+
+
+def _describe(holder: str) -> str:
+    try:
+        info = json.loads(holder)
+    except json.JSONDecodeError:
+        return "unknown holder"
+    return f"host {info.get('host')}, pid {info.get('pid')}, started {info.get('started')}" + (
+        f", job {info['job']}" if info.get("job") else "")
+
+
+# -- the manager -----------------------------------------------------------------------------------
+class CheckpointManager:
+    """Every checkpoint decision of a run. Collective methods are called by every rank; rank 0 writes
+    the markers, best.json and the lock, and decides what to resume from."""
+
+    def __init__(self, run_dir: Path, keep_last: int, save_every: int, log=None):
+        self.run_dir = Path(run_dir)
+        self.root = self.run_dir / "checkpoints"
+        self.keep_last, self.save_every = keep_last, save_every
+        self.lock = RunLock(self.run_dir)
+        self.log = log
+        self.info = comm.current()
+
+    # -- the lock ---------------------------------------------------------------------------------
+    def take_lock(self) -> None:
+        """Rank 0 takes the run lock, every rank learns the outcome (and raises the same error)."""
+        outcome = None
+        if self.info.is_main:
+            try:
+                outcome = ("ok", self.lock.acquire())
+            except RunLockedError as error:
+                outcome = ("locked", str(error))
+        outcome = comm.broadcast_object(outcome)
+        if outcome[0] == "locked":
+            raise RunLockedError(outcome[1])
+        if outcome[1] and self.log is not None:
+            self.log.warning("%s: %s", self.lock.path, outcome[1])
+
+    def release_lock(self) -> None:
+        if self.info.is_main:
+            self.lock.release()
+
+    def holds_checkpoints(self) -> bool:
+        return any(is_complete(path) for _, path in step_dirs(self.root)) or (self.run_dir / "results.json").is_file()
+
+    # -- policy -----------------------------------------------------------------------------------
+    def due(self, step: int, *, last: bool, improved: bool, job_done: bool) -> bool:
+        return improved or last or job_done or step % self.save_every == 0
+
+    # -- writing ----------------------------------------------------------------------------------
+    def save(self, engine, step: int, client_state: dict) -> Path:
+        """Every rank writes its files; rank 0 writes the COMPLETE record (each file's size and CRC-32)
+        after all ranks are done, then drops the checkpoints beyond keep_last."""
+        tag = f"step-{step}"
+        path = self.root / tag
+        if self.info.is_main and path.exists():  # a half-written leftover of a crashed run
+            shutil.rmtree(path)
+        comm.barrier()
+        engine.save(self.root, tag, client_state)
+        faults.disk_full_if_due(self.info.rank, step, path / "mp_rank_00_model_states.pt")
+        faults.kill_if_due("kill_in_save", self.info.rank, step)
+        comm.barrier()
+        if self.info.is_main:
+            write_json_atomic(path / COMPLETE_MARKER, {"step": step, "files": file_manifest(path)})
+        comm.barrier()
+        self.prune()
+        return path
+
+    def mark_best(self, step: int, scores: dict) -> None:
+        """Record `step` as the best, prune, and let no rank read the old best.json (or load a pruned
+        checkpoint) before rank 0 is done."""
+        if self.info.is_main:
+            write_json_atomic(self.root / BEST_POINTER, {"step": step, "path": f"step-{step}", **scores})
+        self.prune()
+        comm.barrier()
+
+    def prune(self) -> None:
+        """Keep the newest `keep_last` complete checkpoints and the best one; drop the rest."""
+        if not self.info.is_main:
+            return
+        best = read_best(self.root)
+        best_path = self.root / best["path"] if best else None
+        complete = [path for _, path in step_dirs(self.root) if is_complete(path)]
+        for path in complete[:-self.keep_last] if self.keep_last > 0 else complete:
+            if path != best_path:
+                shutil.rmtree(path, ignore_errors=True)
+
+    def mark_stopped(self, step: int, reason: str) -> None:
+        if self.info.is_main:
+            write_json_atomic(self.run_dir / STOPPED_MARKER, {"step": step, "reason": reason})
+
+    def clear_stopped(self) -> None:
+        if self.info.is_main:
+            (self.run_dir / STOPPED_MARKER).unlink(missing_ok=True)
+
+    # -- reading ----------------------------------------------------------------------------------
+    def best(self) -> dict | None:
+        """best.json, the same answer on every rank."""
+        return comm.broadcast_object(read_best(self.root) if self.info.is_main else None)
+
+    def resume_point(self, resume: str) -> Path | None:
+        """The checkpoint to resume from (every rank gets rank 0's answer): `auto` takes the newest
+        complete one whose files match their record, naming each damaged one it skips; a `step-N`
+        path must verify. Half-written folders are cleared first."""
+        choice = None
+        if self.info.is_main:
+            for _, path in step_dirs(self.root):
+                if not is_complete(path):
+                    shutil.rmtree(path, ignore_errors=True)
+            if resume == "auto":
+                for _, path in reversed(step_dirs(self.root)):
+                    problem = verify(path)
+                    if problem is None:
+                        choice = ("ok", str(path))
+                        break
+                    if self.log is not None:
+                        self.log.warning("skipping a damaged checkpoint: %s", problem)
+            elif resume != "none":
+                problem = verify(Path(resume))
+                choice = ("error", f"run.resume={resume}: {problem}") if problem else ("ok", resume)
+        choice = comm.broadcast_object(choice)
+        if choice and choice[0] == "error":
+            raise CheckpointError(choice[1])
+        return Path(choice[1]) if choice else None
+
+    def load(self, engine, path: Path, world_size: int | None = None) -> dict:
+        if not is_complete(path):
+            raise CheckpointError(f"{path}: not a complete checkpoint (no {COMPLETE_MARKER} marker)")
+        return engine.load(path, world_size)

@@ -1,21 +1,136 @@
-"""Shared command-line shape of the training launchers: --config FILE plus key=value overrides."""
+"""The one way in: `python -m dualner <command>` (or the `dualner` console script), and the thin
+launchers the DeepSpeed launcher needs (`deepspeed launchers/stage2.py ...`), which call the same
+functions.
+
+    python -m dualner stage1   --config configs/tiny.yaml [key=value ...]
+    python -m dualner stage2   --config configs/tiny_stage2.yaml [key=value ...]
+    python -m dualner evaluate --checkpoint runs/x --data de=de/test.tsv [--head seq] [--output f1.json]
+    python -m dualner export   --checkpoint runs/x --output exported/
+    python -m dualner predict  --model exported/ --input sentences.txt --output entities.jsonl
+    python -m dualner report   runs/a runs/b [--split test]
+    python -m dualner config   --config configs/tiny.yaml [key=value ...] [--get run.output_dir]
+
+Every command reports a user error as one line and exits 2 (`--debug` for the traceback); a training
+run stopped before its last step (a signal, run.max_steps_per_job) exits 75 (dualner.errors).
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
+from typing import Callable
 
-from dualner.config import Config, ConfigError, load_config
+from dualner.errors import EXIT_STOPPED, ConfigError, run_entry_point
 
 
-def parse_training_args(description: str, argv: list[str] | None = None) -> Config:
-    parser = argparse.ArgumentParser(description=description)
+def _training_parser(command: str, description: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=f"dualner {command}", description=description)
     parser.add_argument("--config", required=True, help="YAML experiment file (configs/*.yaml)")
     # The `deepspeed` launcher appends --local_rank; LOCAL_RANK in the environment is what we use.
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=3e-5")
+    return parser
+
+
+def parse_training_args(description: str, argv: list[str] | None = None, command: str = "train"):
+    from dualner.config import load_config
+    args = _training_parser(command, description).parse_args(argv)
+    return load_config(args.config, args.overrides)
+
+
+def stage1(argv: list[str]) -> int:
+    from dualner.stage1 import run_stage1
+    cfg = parse_training_args("Stage 1: both heads on labeled source data.", argv, "stage1")
+    return EXIT_STOPPED if run_stage1(cfg).get("stopped_early") else 0
+
+
+def stage2(argv: list[str]) -> int:
+    from dualner.stage2 import run_stage2
+    cfg = parse_training_args("Stage 2: dual teaching from a stage-1 model.", argv, "stage2")
+    return EXIT_STOPPED if run_stage2(cfg).get("stopped_early") else 0
+
+
+def evaluate(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="dualner evaluate",
+                                     description="Test F1 per language of a trained model (any ZeRO stage).")
+    parser.add_argument("--checkpoint", required=True,
+                        help="a step-N folder, or a run/checkpoints folder (its best checkpoint)")
+    parser.add_argument("--data", nargs="+", required=True, metavar="LANG=PATH")
+    parser.add_argument("--output", help="JSON file for {per_language, average}")
+    parser.add_argument("--head", choices=["span", "seq"], default="span")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--max-sentences", type=int, default=None, help="first N sentences per file")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    try:
-        return load_config(args.config, args.overrides)
-    except ConfigError as error:
-        sys.exit(f"config error: {error}")
+    data = {}
+    for item in args.data:
+        language, separator, path = item.partition("=")
+        if not separator or not language or not path:
+            raise ConfigError(f"--data {item!r}: expected LANG=PATH")
+        data[language] = path
+    from dualner.evaluate_checkpoint import evaluate_checkpoint
+    evaluate_checkpoint(args.checkpoint, data, args.output, args.head, args.batch_size, args.max_sentences)
+    return 0
+
+
+def export(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="dualner export",
+                                     description="Export a trained model to one Hugging Face model folder.")
+    parser.add_argument("--checkpoint", required=True, help="a run folder (its best) or a step-N folder")
+    parser.add_argument("--output", required=True)
+    args = parser.parse_args(argv)
+    from dualner.export import export_model
+    print(export_model(args.checkpoint, args.output))
+    return 0
+
+
+def predict(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="dualner predict",
+                                     description="Entities for new text (plain text, CoNLL or JSONL in; JSONL out).")
+    parser.add_argument("--model", required=True, help="an exported folder, or a run / step-N folder")
+    parser.add_argument("--input", required=True)
+    parser.add_argument("--output", required=True)
+    parser.add_argument("--head", choices=["span", "seq"], default="span")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if present)")
+    args = parser.parse_args(argv)
+    from dualner.predict import predict_file
+    count = predict_file(args.model, args.input, args.output, args.head, args.batch_size, args.device)
+    print(f"{count} sentences -> {args.output}")
+    return 0
+
+
+def report(argv: list[str]) -> int:
+    from dualner.report import main as report_main
+    report_main(argv)
+    return 0
+
+
+def config(argv: list[str]) -> int:
+    from dualner.config import main as config_main
+    config_main(argv)
+    return 0
+
+
+COMMANDS: dict[str, Callable[[list[str]], int]] = {
+    "stage1": stage1, "stage2": stage2, "evaluate": evaluate, "export": export, "predict": predict,
+    "report": report, "config": config}
+
+
+def dispatch(argv: list[str]) -> int:
+    if not argv or argv[0] not in COMMANDS:
+        print(__doc__, file=sys.stderr)
+        raise ConfigError(f"expected a command, one of {', '.join(COMMANDS)}"
+                          + (f"; got {argv[0]!r}" if argv else ""))
+    return COMMANDS[argv[0]](argv[1:])
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m dualner` and the `dualner` console script."""
+    # read after run_entry_point has taken --debug out of sys.argv
+    run_entry_point(lambda: dispatch(sys.argv[1:] if argv is None else [a for a in argv if a != "--debug"]))
+
+
+def launch(command: str) -> None:
+    """The body of `launchers/<command>.py`."""
+    run_entry_point(lambda: COMMANDS[command](sys.argv[1:]))

@@ -16,20 +16,36 @@ from typing import Any, Literal
 
 import yaml
 
+from dualner.errors import ConfigError  # re-exported: `from dualner.config import ConfigError`
 
-class ConfigError(ValueError):
-    """A configuration mistake; the message names the key (and file)."""
+
+def bounded(default: Any, *, minimum: float | None = None, maximum: float | None = None,
+            above: float | None = None, below: float | None = None, **extra) -> Any:
+    """A field whose value must lie in a range (None, where the type allows it, is always fine)."""
+    return field(default=default, metadata={"range": (minimum, maximum, above, below)}, **extra)
+
+
+def _check_range(value: Any, limits: tuple, key: str) -> None:
+    minimum, maximum, above, below = limits
+    if value is None or isinstance(value, bool):
+        return
+    wrong = ((minimum is not None and value < minimum) or (maximum is not None and value > maximum)
+             or (above is not None and value <= above) or (below is not None and value >= below))
+    if wrong:
+        parts = [f">= {minimum}" if minimum is not None else "", f"> {above}" if above is not None else "",
+                 f"<= {maximum}" if maximum is not None else "", f"< {below}" if below is not None else ""]
+        raise ConfigError(f"{key}: {value!r} is out of range (must be {' and '.join(p for p in parts if p)})")
 
 
 @dataclass
 class RunConfig:
     output_dir: str = "runs/default"
-    seed: int = 42
+    seed: int = bounded(42, minimum=0)
     resume: str = "auto"  # "auto": newest complete checkpoint if any; "none"; or a step-N path
     overwrite: bool = False  # allow writing into a folder that holds another run's config
     # Checkpoint and exit after this many steps in one job (time-sliced scheduler allocations);
     # the next job continues with resume=auto.
-    max_steps_per_job: int | None = None
+    max_steps_per_job: int | None = bounded(None, minimum=1)
 
 
 @dataclass
@@ -39,8 +55,8 @@ class ModelConfig:
     encoder: str = "xlm-roberta-base"
     tokenizer: str = ""  # default: the encoder's own; a folder or hub name otherwise
     variant: Literal["mlt", "cla", "span"] = "mlt"  # which heads are trained (SPEC "Variants")
-    dropout: float = 0.1  # before the heads
-    encoder_dropout: float | None = None  # default: the encoder config's own
+    dropout: float = bounded(0.1, minimum=0.0, below=1.0)  # before the heads
+    encoder_dropout: float | None = bounded(None, minimum=0.0, below=1.0)  # default: the encoder config's own
     freeze_word_embeddings: bool = False
     # Attention over packed rows (dualner.attention): "auto" uses variable-length FlashAttention where
     # no attention dropout is needed (evaluation, the teacher) and CUDA has it, else SDPA with a
@@ -55,37 +71,37 @@ class DataConfig:
     dev: dict[str, str] = field(default_factory=dict)
     test: dict[str, str] = field(default_factory=dict)
     source_language: str = "en"
-    max_length: int = 128  # subwords per window, special tokens included
-    train_fraction: float = 1.0  # stage 1 sees this fraction of the labeled source (SPEC Fig. 3)
-    max_train_sentences: int | None = None
-    max_eval_sentences: int | None = None  # per language, for quick runs
+    max_length: int = bounded(128, minimum=3)  # subwords per window, special tokens included
+    train_fraction: float = bounded(1.0, above=0.0, maximum=1.0)  # stage 1 sees this fraction of the labeled source (SPEC Fig. 3)
+    max_train_sentences: int | None = bounded(None, minimum=1)
+    max_eval_sentences: int | None = bounded(None, minimum=1)  # per language, for quick runs
     # Pack windows into rows of `pack_length` tokens (default: max_length) with block-diagonal
     # attention and per-window positions: no padding computed, same results as unpacked. Encoder
     # families whose position ids are unknown are trained unpacked whatever this says.
     packing: bool = True
-    pack_length: int | None = None
+    pack_length: int | None = bounded(None, minimum=3)
     # Loader worker processes per rank (tokenizing, packing, pinning off the training thread);
     # default: 0 on CPU, up to 4 per GPU as the node's cores allow.
-    loader_workers: int | None = None
+    loader_workers: int | None = bounded(None, minimum=0)
 
 
 @dataclass
 class TrainConfig:
-    global_batch_size: int = 128  # sentences per optimizer step, whatever the world size
-    micro_batch_size: int = 32  # sentences per rank per forward pass
+    global_batch_size: int = bounded(128, minimum=1)  # sentences per optimizer step, whatever the world size
+    micro_batch_size: int = bounded(32, minimum=1)  # sentences per rank per forward pass
     # "sentences" (windows, the paper's unit) or "tokens": both batch sizes then count tokens, and a
     # micro batch is a fixed shape of micro_batch_size / pack_length packed rows.
     batch_unit: Literal["sentences", "tokens"] = "sentences"
-    lr: float = 2e-5
-    weight_decay: float = 0.01
-    warmup_steps: int = 300
-    epochs: int = 8
-    max_steps: int | None = None  # overrides epochs when set
-    eval_every: int = 250
-    save_every: int | None = None  # default: eval_every
-    log_every: int = 10
-    keep_last: int = 2  # complete step-N checkpoints kept (the best one is always kept too)
-    bucket_multiplier: int = 50  # unpacked only: length buckets within pools of this many micro batches
+    lr: float = bounded(2e-5, above=0.0)
+    weight_decay: float = bounded(0.01, minimum=0.0)
+    warmup_steps: int = bounded(300, minimum=0)
+    epochs: int = bounded(8, minimum=1)
+    max_steps: int | None = bounded(None, minimum=1)  # overrides epochs when set
+    eval_every: int = bounded(250, minimum=1)
+    save_every: int | None = bounded(None, minimum=1)  # default: eval_every
+    log_every: int = bounded(10, minimum=1)
+    keep_last: int = bounded(2, minimum=0)  # complete step-N checkpoints kept (the best one is always kept too)
+    bucket_multiplier: int = bounded(50, minimum=1)  # unpacked only: length buckets within pools of this many micro batches
     # A non-finite loss on any rank: "stop" (raise naming the step and batch; resume restarts from
     # the newest complete checkpoint) or "skip" (every rank skips that micro batch; counted).
     nonfinite_loss: Literal["stop", "skip"] = "stop"
@@ -95,7 +111,7 @@ class TrainConfig:
 class EvalConfig:
     select_on: Literal["average", "source"] = "average"
     head: Literal["span", "seq"] = "span"
-    batch_size: int = 64
+    batch_size: int = bounded(64, minimum=1)
 
 
 @dataclass
@@ -104,16 +120,16 @@ class Stage2Config:
     init_from: str = ""  # the stage-1 run folder or step-N checkpoint: first teacher and student
     target: dict[str, str] = field(default_factory=dict)  # language -> file/glob of unlabeled text (TRGGold)
     translations: dict[str, str] = field(default_factory=dict)  # language -> JSONL file/glob (TRGTrans)
-    source_weight: float = 1.0
-    target_weight: float = 1.0
-    translation_weight: float = 1.0
+    source_weight: float = bounded(1.0, minimum=0.0)
+    target_weight: float = bounded(1.0, minimum=0.0)
+    translation_weight: float = bounded(1.0, minimum=0.0)
     teaching: Literal["dual", "self_kl"] = "dual"  # self_kl: the w/ selfKL ablation
     mse: Literal["centroid", "parallel"] = "centroid"
-    mse_weight: float = 0.5  # lambda; 0 is the w/o MSE ablation
-    confidence_threshold: float | None = None  # mask pseudo labels below this teacher probability
+    mse_weight: float = bounded(0.5, minimum=0.0)  # lambda; 0 is the w/o MSE ablation
+    confidence_threshold: float | None = bounded(None, above=0.0, maximum=1.0)  # mask pseudo labels below this teacher probability
     # Sentences read, tokenized and cut into micro batches together (sorted by length first when
     # unpacked, for less padding); 0 keeps stream order.
-    bucket_pool: int = 2048
+    bucket_pool: int = bounded(2048, minimum=0)
     sample_log: bool = False  # write every consumed sample id per rank (data audits, resume tests)
 
 
@@ -192,7 +208,8 @@ def _build(cls: type, values: dict, prefix: str) -> Any:
     if not isinstance(values, dict):
         raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {values!r}")
     hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    names = list(fields)
     unknown = [key for key in values if key not in names]
     if unknown:
         where = f"{prefix}." if prefix else ""
@@ -205,6 +222,8 @@ def _build(cls: type, values: dict, prefix: str) -> Any:
             kwargs[name] = _build(hints[name], value or {}, key)
         else:
             kwargs[name] = _check_value(value, hints[name], key)
+            if "range" in fields[name].metadata:
+                _check_range(kwargs[name], fields[name].metadata["range"], key)
     return cls(**kwargs)
 
 
@@ -253,20 +272,16 @@ def main(argv: list[str] | None = None) -> None:
         python -m dualner.config --config configs/tiny.yaml train.lr=3e-4 [--get run.output_dir]
     """
     import argparse
-    import sys
-    parser = argparse.ArgumentParser(description=main.__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="dualner config", description=main.__doc__.splitlines()[0])
     parser.add_argument("--config", required=True)
     parser.add_argument("--get", metavar="KEY", help="print only this dotted key")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args(argv)
-    try:
-        tree: Any = config_to_dict(load_config(args.config, args.overrides))
-        for part in (args.get.split(".") if args.get else []):
-            if not isinstance(tree, dict) or part not in tree:
-                raise ConfigError(f"--get {args.get}: no key '{part}'")
-            tree = tree[part]
-    except ConfigError as error:
-        sys.exit(f"config error: {error}")
+    tree: Any = config_to_dict(load_config(args.config, args.overrides))
+    for part in (args.get.split(".") if args.get else []):
+        if not isinstance(tree, dict) or part not in tree:
+            raise ConfigError(f"--get {args.get}: no key '{part}'")
+        tree = tree[part]
     if isinstance(tree, (dict, list)):
         print(yaml.safe_dump(tree, sort_keys=False), end="")
     else:
@@ -274,4 +289,5 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from dualner.errors import run_entry_point
+    run_entry_point(main)

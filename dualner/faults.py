@@ -4,6 +4,7 @@
     DUALNER_FAULT=kill_in_save:rank=0:step=4   SIGKILL rank 0 after the step-4 checkpoint's files are
                                                written and before it is marked complete
     DUALNER_FAULT=nan:rank=0:step=3            make rank 0's loss NaN in step 3
+    DUALNER_FAULT=enospc_in_save:rank=0:step=4 the step-4 checkpoint's write fails: no space left
 
 Unset (always, outside tests) every hook is a no-op.
 """
@@ -37,3 +38,9 @@ def kill_if_due(kind: str, rank: int, step: int) -> None:
 
 def nan_if_due(rank: int, step: int) -> bool:
     return _due("nan", rank, step)
+
+
+def disk_full_if_due(rank: int, step: int, path) -> None:
+    if _due("enospc_in_save", rank, step):
+        import errno
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))

@@ -11,10 +11,22 @@ from dualner.backend.comm import is_main_process
 _LOGGER_NAME = "dualner"
 
 
+class _StdoutHandler(logging.StreamHandler):
+    """Writes to whatever sys.stdout is when a record is emitted (not when the logger was made)."""
+
+    @property
+    def stream(self):
+        return sys.stdout
+
+    @stream.setter
+    def stream(self, _value):
+        pass
+
+
 def get_logger() -> logging.Logger:
     logger = logging.getLogger(_LOGGER_NAME)
     if not logger.handlers:
-        handler = logging.StreamHandler(sys.stdout)
+        handler = _StdoutHandler()
         handler.setFormatter(logging.Formatter("%(asctime)s dualner %(levelname)s %(message)s",
                                                "%H:%M:%S"))
         logger.addHandler(handler)

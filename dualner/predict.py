@@ -16,7 +16,8 @@ import numpy as np
 import torch
 
 from dualner.backend.placement import to_device
-from dualner.data.conll import iter_conll
+from dualner.data.conll import DataFormatError, iter_conll
+from dualner.errors import MissingPathError
 from dualner.data.encoding import SentenceEncoder
 from dualner.data.packing import model_inputs
 from dualner.evaluate import scatter_to_words
@@ -28,23 +29,35 @@ _BATCH_SENTENCES = 256  # sentences read, encoded and predicted together
 
 
 def read_input(path: Path) -> Iterator[list[str]]:
+    """Sentences of a prediction input (JSONL `{"tokens": [...]}`, CoNLL, or plain text); a
+    sentence may be empty (it gets an empty entity list). Errors name the file and line."""
+    if not path.is_file():
+        raise MissingPathError(f"--input: no such file {path}")
     suffix = path.suffix.lower()
-    if suffix in (".jsonl", ".json"):
-        with path.open(encoding="utf-8") as handle:
-            for line_number, line in enumerate(handle, start=1):
-                if line.strip():
-                    record = json.loads(line)
-                    if not isinstance(record.get("tokens"), list):
-                        raise ValueError(f"{path}:{line_number}: expected a JSON object with 'tokens'")
-                    yield record["tokens"]
-    elif suffix in (".tsv", ".conll", ".iob", ".bio"):
-        for sentence in iter_conll(path, labeled=False):
-            yield sentence.words
-    else:  # plain text: one pre-tokenized sentence per line
-        with path.open(encoding="utf-8") as handle:
-            for line in handle:
-                if line.split():
-                    yield line.split()
+    try:
+        if suffix in (".jsonl", ".json"):
+            with path.open(encoding="utf-8") as handle:
+                for line_number, line in enumerate(handle, start=1):
+                    if line.strip():
+                        try:
+                            record = json.loads(line)
+                        except json.JSONDecodeError as error:
+                            raise DataFormatError(f"{path}:{line_number}: not valid JSON ({error.msg})") from None
+                        tokens = record.get("tokens") if isinstance(record, dict) else None
+                        if not isinstance(tokens, list) or not all(isinstance(t, str) and t for t in tokens):
+                            raise DataFormatError(f"{path}:{line_number}: expected a JSON object with a "
+                                                  f"'tokens' list of non-empty strings")
+                        yield tokens
+        elif suffix in (".tsv", ".conll", ".iob", ".bio"):
+            for sentence in iter_conll(path, labeled=False):
+                yield sentence.words
+        else:  # plain text: one pre-tokenized sentence per line
+            with path.open(encoding="utf-8") as handle:
+                for line in handle:
+                    if line.split():
+                        yield line.split()
+    except UnicodeDecodeError as error:
+        raise DataFormatError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start})") from None
 
 
 class Predictor:
@@ -60,6 +73,16 @@ class Predictor:
 
     @torch.no_grad()
     def predict(self, sentences: list[list[str]]) -> list[list[dict]]:
+        """Entities of every sentence (an empty sentence has none)."""
+        from dualner.data.conll import Sentence
+        present = [i for i, words in enumerate(sentences) if words]
+        found = self._predict([sentences[i] for i in present]) if present else []
+        entities: list[list[dict]] = [[] for _ in sentences]
+        for index, sentence_entities in zip(present, found):
+            entities[index] = sentence_entities
+        return entities
+
+    def _predict(self, sentences: list[list[str]]) -> list[list[dict]]:
         from dualner.data.conll import Sentence
         rows = self.encoder.encode([Sentence(words, None) for words in sentences]).to_list()
         # word-level class probabilities per sentence, stitched from its windows
@@ -96,20 +119,25 @@ def _entity_record(words: list[str], entity: Entity, score: float) -> dict:
 def predict_file(model: str | Path, input_path: str | Path, output_path: str | Path,
                  head: str = "span", batch_size: int = 64, device: str | None = None) -> int:
     """Stream `input_path` through the model into `output_path` (written whole, then renamed)."""
+    input_path, output_path = Path(input_path), Path(output_path)
+    if not input_path.is_file():
+        raise MissingPathError(f"--input: no such file {input_path}")
     predictor = Predictor(model, head, batch_size, device)
-    output_path = Path(output_path)
     temporary = output_path.with_name(f".{output_path.name}.partial")
     count = 0
-    with temporary.open("w", encoding="utf-8") as handle:
-        pending: list[list[str]] = []
-        for words in [*read_input(Path(input_path)), None]:
-            if words is not None:
-                pending.append(words)
-            if pending and (words is None or len(pending) == _BATCH_SENTENCES):
-                for sentence, entities in zip(pending, predictor.predict(pending)):
-                    handle.write(json.dumps({"tokens": sentence, "entities": entities},
-                                            ensure_ascii=False) + "\n")
-                count += len(pending)
-                pending = []
-    temporary.replace(output_path)
+    try:
+        with temporary.open("w", encoding="utf-8") as handle:
+            pending: list[list[str]] = []
+            for words in [*read_input(input_path), None]:
+                if words is not None:
+                    pending.append(words)
+                if pending and (words is None or len(pending) == _BATCH_SENTENCES):
+                    for sentence, entities in zip(pending, predictor.predict(pending)):
+                        handle.write(json.dumps({"tokens": sentence, "entities": entities},
+                                                ensure_ascii=False) + "\n")
+                    count += len(pending)
+                    pending = []
+        temporary.replace(output_path)
+    finally:  # a failed prediction leaves no half-written file behind (and the old output untouched)
+        temporary.unlink(missing_ok=True)
     return count

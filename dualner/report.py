@@ -9,6 +9,8 @@ import argparse
 import json
 from pathlib import Path
 
+from dualner.errors import MissingPathError
+
 
 def side_by_side(runs: dict[str, dict], split: str) -> str:
     languages: list[str] = []
@@ -27,7 +29,7 @@ def side_by_side(runs: dict[str, dict], split: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="dualner report", description=__doc__.splitlines()[0])
     parser.add_argument("runs", nargs="+", type=Path)
     parser.add_argument("--split", choices=["dev", "test"], default="test")
     args = parser.parse_args(argv)
@@ -35,10 +37,11 @@ def main(argv: list[str] | None = None) -> None:
     for run in args.runs:
         path = run / "results.json"
         if not path.is_file():
-            raise SystemExit(f"{path}: no results (has the run finished?)")
+            raise MissingPathError(f"{path}: no results (has the run finished?)")
         runs[run.name] = json.loads(path.read_text(encoding="utf-8"))
     print(side_by_side(runs, args.split))
 
 
 if __name__ == "__main__":
-    main()
+    from dualner.errors import run_entry_point
+    run_entry_point(main)

@@ -29,7 +29,7 @@ class Stage1Trainer(Trainer):
             raise ConfigError("data.train: no labeled training file given (language: path)")
         super().__init__(cfg)
         encoder_path = resolve_encoder(cfg.model.encoder)
-        tokenizer_path = resolve_encoder(cfg.model.tokenizer) if cfg.model.tokenizer else encoder_path
+        tokenizer_path = resolve_encoder(cfg.model.tokenizer, "model.tokenizer") if cfg.model.tokenizer else encoder_path
         self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
         encoder_config = AutoConfig.from_pretrained(encoder_path)
         if len(self.tokenizer) > encoder_config.vocab_size:
@@ -54,17 +54,17 @@ class Stage1Trainer(Trainer):
         self.log.info("stage 1: %d training windows from %d sentences, %d steps per epoch",
                       len(self.train_rows), len(train_sentences), self.steps_per_epoch)
 
-        self.open_run_dir()
         model = DualNERModel.from_pretrained_encoder(encoder_path, len(self.label_set.entity_types),
                                                      cfg.model.dropout, cfg.model.encoder_dropout,
                                                      cfg.model.attention)
         if cfg.model.freeze_word_embeddings:
             model.freeze_word_embeddings()
+        self.wrap_model(model)
+        self.open_run_dir()
         if self.info.is_main:
             # the encoder's config as trained (model.encoder_dropout included): stage 2 builds from it
             save_model_assets(self.run_dir / ckpt.MODEL_ASSETS, self.tokenizer, model.encoder.config,
                               self.label_set, cfg.model.variant, cfg.data.max_length)
-        self.wrap_model(model)
 
     def loss_names(self) -> tuple[str, ...]:
         return ("total", *VARIANT_TERMS[self.cfg.model.variant])

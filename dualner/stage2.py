@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from dualner import checkpoint as ckpt
+from dualner.checkpoint import read_best
 from dualner.backend.comm import barrier
 from dualner.backend.deepspeed_engine import DeepSpeedTeacher
 from dualner.config import Config, ConfigError
@@ -19,7 +20,7 @@ from dualner.data.encoding import SentenceEncoder
 from dualner.data.packing import model_inputs
 from dualner.data.sources import read_labeled, split_source_fraction
 from dualner.data.streaming import (KIND_SOURCE, KIND_TARGET, KIND_TRANSLATION, STREAM_META, Stage2Stream,
-                                    expand_files, make_shards, rank_shards)
+                                    check_corpus, expand_files, make_shards, rank_shards)
 from dualner.inference import load_trained_model, save_model_assets
 from dualner.labels import IGNORE_INDEX
 from dualner.losses import (centroid_mse, entity_representations, parallel_mse, self_kl,
@@ -51,17 +52,15 @@ class Stage2Trainer(Trainer):
         self.load_eval_data()
         self.total_steps = cfg.train.max_steps
         self.languages = sorted({cfg.data.source_language, *stage2.target, *stage2.translations})
-        for group, key in ((stage2.target, "stage2.target"), (stage2.translations, "stage2.translations")):
-            for language, pattern in group.items():  # a glob that matches nothing fails before any write
-                expand_files(pattern, f"{key}.{language}")
-        self.open_run_dir()
-        if self.info.is_main:
-            save_model_assets(self.run_dir / ckpt.MODEL_ASSETS, self.tokenizer, initial.model.encoder.config,
-                              self.label_set, cfg.model.variant, cfg.data.max_length)
+        # Every input is read (corpora: their first sentence) before anything is written.
+        for group, key, kind in ((stage2.target, "stage2.target", KIND_TARGET),
+                                 (stage2.translations, "stage2.translations", KIND_TRANSLATION)):
+            for language, pattern in group.items():
+                check_corpus(expand_files(pattern, f"{key}.{language}"), language, kind, f"{key}.{language}")
+        self.source = self._read_source() if cfg.data.train else None
         self.collator = make_collator(cfg, self.tokenizer.pad_token_id, initial.model.position_offset,
                                       meta_columns=STREAM_META, languages=tuple(self.languages),
                                       pair_translations=stage2.mse == "parallel")
-        self.stream = self._build_stream()
 
         student = initial.model
         student.dropout.p = cfg.model.dropout
@@ -69,30 +68,40 @@ class Stage2Trainer(Trainer):
             student.freeze_word_embeddings()
         teacher = DualNERModel.from_encoder_config(student.encoder.config, len(self.label_set.entity_types),
                                                    attention_mode=cfg.model.attention)
-        best = ckpt.read_best(self.checkpoints) if cfg.run.resume != "none" else None
-        teacher_source = self.checkpoints / best["path"] if best else initial.checkpoint
+        best = read_best(self.checkpoints.root) if cfg.run.resume != "none" else None
+        teacher_source = self.checkpoints.root / best["path"] if best else initial.checkpoint
         teacher.load_state_dict(ckpt.load_model_state(teacher_source))
         self.log.info("stage 2: student from %s, teacher from %s", initial.checkpoint, teacher_source)
         self.wrap_model(student)
         self.teacher = DeepSpeedTeacher(teacher, self.ds_config)
+        self.open_run_dir()
+        if self.info.is_main:
+            save_model_assets(self.run_dir / ckpt.MODEL_ASSETS, self.tokenizer, initial.model.encoder.config,
+                              self.label_set, cfg.model.variant, cfg.data.max_length)
+        self.stream = self._build_stream()
         self.teacher_refreshes = 0
         self._stats: dict[str, torch.Tensor] = {}
         self._sample_log = (self.run_dir / f"samples_rank{self.info.rank}.jsonl"
                             if stage2.sample_log else None)
 
     # -- data ------------------------------------------------------------------------------------
-    def _source_files(self) -> tuple[Path, Path | None]:
-        """The labeled source as JSONL in the run folder (with each sentence's index in the source
-        file as `src_id`); with train_fraction < 1 the remainder goes to a second, unlabeled file."""
+    def _read_source(self) -> tuple[list, list]:
+        """(labeled part, remainder) of the labeled source, each sentence's `source` its index in
+        the source file (the `src_id` translations name)."""
         cfg = self.cfg
+        sentences = read_labeled(cfg.data.train, "data.train", cfg.data.max_train_sentences)
+        for index, sentence in enumerate(sentences):
+            sentence.source = str(index)
+        return split_source_fraction(sentences, cfg.data.train_fraction, cfg.run.seed)
+
+    def _source_files(self) -> tuple[Path, Path | None]:
+        """The labeled source as JSONL in the run folder (with `src_id`); with train_fraction < 1 the
+        remainder goes to a second, unlabeled file."""
         folder = self.run_dir / "stage2_data"
         labeled, remainder = folder / "source_labeled.jsonl", folder / "source_remainder.jsonl"
         if self.info.is_main:
             folder.mkdir(parents=True, exist_ok=True)
-            sentences = read_labeled(cfg.data.train, "data.train", cfg.data.max_train_sentences)
-            for index, sentence in enumerate(sentences):
-                sentence.source = str(index)
-            kept, rest = split_source_fraction(sentences, cfg.data.train_fraction, cfg.run.seed)
+            kept, rest = self.source
             for path, part, with_tags in ((labeled, kept, True), (remainder, rest, False)):
                 temporary = path.with_suffix(".tmp")
                 with temporary.open("w", encoding="utf-8") as handle:

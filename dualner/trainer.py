@@ -10,6 +10,7 @@ preemption signals are agreed through a host collective that is also read one st
 
 from __future__ import annotations
 
+import atexit
 import gc
 import json
 import os
@@ -23,13 +24,14 @@ import numpy as np
 import torch
 import yaml
 
-from dualner import checkpoint as ckpt
 from dualner import faults
+from dualner.checkpoint import CheckpointManager, write_json_atomic
 from dualner.backend import comm
 from dualner.backend.comm import DistInfo
 from dualner.backend.deepspeed_engine import DeepSpeedTrainingEngine, load_deepspeed_config, zero_stage
 from dualner.backend.placement import AsyncHostCopy, HostSyncCounter, pin_memory_wanted, to_device
-from dualner.config import Config, ConfigError, config_to_dict, save_config
+from dualner.config import Config, config_to_dict, save_config
+from dualner.errors import ConfigError, NonFiniteLossError
 from dualner.data.batching import BatchLayout, derive_batch_layout
 from dualner.data.encoding import SentenceEncoder
 from dualner.data.loader import default_workers
@@ -43,17 +45,14 @@ from dualner.logging import ScalarWriter, get_logger
 _RUN_IDENTITY = ("model", "data", "stage2")
 
 
-class NonFiniteLossError(FloatingPointError):
-    pass
-
-
 class PreemptionSignal:
     """SIGTERM / SIGUSR1 (what Slurm and other schedulers send before preempting or at the time
-    limit) ask for a checkpoint at the end of a step. The ranks agree on the step through a host
-    all-reduce started at the end of one step and read at the end of the next (nobody waits for it),
-    since the signal reaches them at different moments."""
+    limit) and SIGINT (Ctrl-C) ask for a checkpoint at the end of a step, then the run exits 75
+    (resumable). The ranks agree on the step through a host all-reduce started at the end of one
+    step and read at the end of the next (nobody waits for it), since the signal reaches them at
+    different moments. A second Ctrl-C stops at once, without a checkpoint."""
 
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
     def __init__(self):
         self.signal_name = ""
@@ -69,6 +68,8 @@ class PreemptionSignal:
             signal.signal(number, handler)
 
     def _handle(self, number, _frame) -> None:
+        if number == signal.SIGINT and self.signal_name == "SIGINT":
+            raise KeyboardInterrupt
         self.signal_name = signal.Signals(number).name
 
     def agreed(self) -> bool:
@@ -95,7 +96,10 @@ class TrainerState:
 
 
 def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Plain lists and tensors (no numpy objects), so a checkpoint reads with weights_only=True."""
+    name, keys, position, has_gauss, cached = np.random.get_state()
+    state = {"python": random.getstate(), "numpy": [name, keys.tolist(), position, has_gauss, cached],
+             "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -103,7 +107,8 @@ def rng_state() -> dict:
 
 def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    name, keys, position, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), position, has_gauss, cached))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -116,23 +121,38 @@ def seed_everything(seed: int, rank: int) -> None:
     torch.manual_seed(seed + rank)
 
 
-def prepare_run_dir(cfg: Config, info: DistInfo) -> Path:
-    """Refuse a folder that holds another run; save the resolved config."""
+def prepare_run_dir(cfg: Config, info: DistInfo, manager: CheckpointManager) -> Path:
+    """Take the run lock, refuse a folder whose checkpoints belong to another run, save the config.
+    (A folder left by a start that failed before its first checkpoint is no other run.)"""
     run_dir = Path(cfg.run.output_dir)
+    manager.take_lock()
+    atexit.register(manager.release_lock)
     saved = run_dir / "config.yaml"
     if info.is_main:
-        if saved.is_file() and not cfg.run.overwrite:
+        if saved.is_file() and not cfg.run.overwrite and manager.holds_checkpoints():
             previous = yaml.safe_load(saved.read_text(encoding="utf-8")) or {}
             current = config_to_dict(cfg)
             changed = [name for name in _RUN_IDENTITY if previous.get(name) != current.get(name)]
             if changed:
+                manager.release_lock()
                 raise ConfigError(
                     f"run.output_dir={run_dir} holds another run (its config.yaml differs in "
                     f"section(s) {', '.join(changed)}); choose a new output_dir or set run.overwrite=true")
-        run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, saved)
     comm.barrier()
     return run_dir
+
+
+def check_output_dir(path: Path) -> None:
+    """Before anything is written: the run folder must be a folder we can write in."""
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"run.output_dir={path} is a file; choose a folder")
+    existing = path
+    while not existing.exists():
+        existing = existing.parent
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"run.output_dir={path}: cannot write in {existing} (read-only or no permission); "
+                          f"choose another run.output_dir")
 
 
 def load_eval_sets(paths: dict[str, str], key: str, encoder: SentenceEncoder, label_set: LabelSet,
@@ -179,13 +199,16 @@ class Trainer:
         self.log = get_logger()
         if cfg.eval.select_on == "source" and cfg.data.source_language not in cfg.data.dev:
             raise ConfigError(f"eval.select_on=source needs data.dev.{cfg.data.source_language}")
-        # Nothing is written before the subclass has read and checked its inputs (open_run_dir).
+        # Nothing is written before the subclass has read and checked its inputs and built its model
+        # and engine (open_run_dir comes last), so a failed start leaves nothing behind.
         self.run_dir = Path(cfg.run.output_dir)
-        self.checkpoints = self.run_dir / "checkpoints"
+        check_output_dir(self.run_dir)
+        self.checkpoints = CheckpointManager(self.run_dir, cfg.train.keep_last,
+                                             cfg.train.save_every or cfg.train.eval_every, self.log)
         seed_everything(cfg.run.seed, self.info.rank)
         self.layout: BatchLayout = derive_batch_layout(cfg.train, self.info.world_size)
-        self.ds_config = load_deepspeed_config(cfg.deepspeed.config, self.layout)
         self.device = comm.accelerator_device(self.info.local_rank)
+        self.ds_config = load_deepspeed_config(cfg.deepspeed.config, self.layout, self.device)
         self.loader_workers = default_workers(cfg.data.loader_workers, self.device,
                                               int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
         self.pin_memory = pin_memory_wanted(self.device)
@@ -199,7 +222,7 @@ class Trainer:
     # -- set-up helpers for subclasses -------------------------------------------------------------
     def open_run_dir(self) -> None:
         """Refuse a folder holding another run, save the config, start TensorBoard."""
-        prepare_run_dir(self.cfg, self.info)
+        prepare_run_dir(self.cfg, self.info, self.checkpoints)
         self.writer = ScalarWriter(self.run_dir / "tensorboard", self.cfg.logging.tensorboard)
 
     def load_eval_data(self) -> None:
@@ -320,7 +343,7 @@ class Trainer:
             self._save()
             raise NonFiniteLossError(
                 f"non-finite loss at {where}; the step was skipped and training stopped "
-                f"(train.nonfinite_loss=stop) with checkpoint {self.checkpoints / f'step-{self.state.step}'}, "
+                f"(train.nonfinite_loss=stop) with checkpoint {self.checkpoints.root / f'step-{self.state.step}'}, "
                 f"where resume=auto restarts; lower train.lr or set train.nonfinite_loss=skip")
         self.state.skipped_steps += 1
         self.log.warning("non-finite loss at %s: the step was skipped on every rank (%d so far)", where,
@@ -328,14 +351,10 @@ class Trainer:
 
     # -- checkpoints --------------------------------------------------------------------------------
     def _resume(self) -> None:
-        ckpt.remove_incomplete(self.checkpoints)
-        resume = self.cfg.run.resume
-        if resume == "none":
-            return
-        path = ckpt.latest_complete(self.checkpoints) if resume == "auto" else Path(resume)
+        path = self.checkpoints.resume_point(self.cfg.run.resume)
         if path is None:
             return
-        client_state = ckpt.load_checkpoint(self.engine, path, self.info.world_size)
+        client_state = self.checkpoints.load(self.engine, path, self.info.world_size)
         if "trainer" not in client_state or "ranks" not in client_state:
             raise ConfigError(f"{path}: not a DualNER checkpoint of this version (no trainer/rank state); "
                               f"start a new run.output_dir or set run.resume=none")
@@ -357,8 +376,7 @@ class Trainer:
         mine = {"rng": rng_state(), **self.rank_state()}
         client_state = {"trainer": self.state.as_dict(), "ranks": comm.all_gather_objects(mine),
                         **self.client_state()}
-        ckpt.save_checkpoint(self.engine, self.checkpoints, self.state.step, client_state)
-        ckpt.prune(self.checkpoints, self.cfg.train.keep_last)
+        self.checkpoints.save(self.engine, self.state.step, client_state)
 
     # -- evaluation ---------------------------------------------------------------------------------
     def evaluate(self, eval_sets: list[EvalSet]) -> dict:
@@ -436,8 +454,8 @@ class Trainer:
         self._resume()
         self.on_train_start()
         cfg = self.cfg.train
-        save_every = cfg.save_every or cfg.eval_every
         steps_this_job = 0
+        self.checkpoints.clear_stopped()
         self._last_logged_step = self.state.step
         progress = _progress(self.info.is_main and self.cfg.logging.progress_bar, self.total_steps,
                              self.state.step, self.stage_name)
@@ -445,7 +463,7 @@ class Trainer:
             # The model we start from is the one to beat (stage 2: the teacher).
             self._evaluate_dev()
             self._save()
-            ckpt.mark_best(self.checkpoints, 0, self.state.history[-1])
+            self.checkpoints.mark_best(0, self.state.history[-1])
         # Everything built so far (encoded data, model, modules) lives for the whole run: moved out of
         # the collector's reach, a full collection no longer walks millions of objects mid-step.
         gc.collect()
@@ -475,14 +493,10 @@ class Trainer:
             self._check_nonfinite(step if last or job_done else step - 1)
             paused = time.perf_counter()  # evaluation and saving stay out of the throughput window
             improved = bool(self.dev_sets) and (step % cfg.eval_every == 0 or last) and self._evaluate_dev()
-            if improved or step % save_every == 0 or last or job_done:
+            if self.checkpoints.due(step, last=last, improved=improved, job_done=job_done):
                 self._save()
                 if improved:
-                    ckpt.mark_best(self.checkpoints, step, self.state.history[-1])
-                    ckpt.prune(self.checkpoints, cfg.keep_last)
-                    # Rank 0 rewrites best.json and deletes old checkpoints; no rank may read the
-                    # old best.json (or load a pruned checkpoint) in the meantime.
-                    comm.barrier()
+                    self.checkpoints.mark_best(step, self.state.history[-1])
             if improved:
                 self.on_new_best()
             started += time.perf_counter() - paused
@@ -491,9 +505,11 @@ class Trainer:
                           else "run.max_steps_per_job")
                 self.log.info("stopping after %d steps in this job (%s) with checkpoint step-%d; run "
                               "again with run.resume=auto to continue", steps_this_job, reason, step)
+                self.checkpoints.mark_stopped(step, reason)
                 progress.close()
                 self.writer.close()
                 self.preemption.restore()
+                self.checkpoints.release_lock()
                 return {"steps": step, "stopped_early": True, "preempted": preempted}
         progress.close()
         self.preemption.restore()
@@ -502,7 +518,7 @@ class Trainer:
     def _finish(self) -> dict:
         summary: dict = {"steps": self.state.step, "best_step": self.state.best_step,
                          "best_score": self.state.best_score}
-        best = comm.broadcast_object(ckpt.read_best(self.checkpoints))  # one answer for every rank
+        best = self.checkpoints.best()
         if best is not None:
             summary["dev"] = {"per_language": best["per_language"], "average": best["average"]}
             self.log.info("best dev F1 (step %d):\n%s", best["step"], format_table(summary["dev"], "dev F1"))
@@ -510,13 +526,14 @@ class Trainer:
             if best is not None and best["step"] != self.state.step:
                 # Test F1 of the selected model, not the last one. A full load: DeepSpeed's
                 # load_module_only ignores the tag under ZeRO-3.
-                ckpt.load_checkpoint(self.engine, self.checkpoints / best["path"])
+                self.checkpoints.load(self.engine, self.checkpoints.root / best["path"])
             summary["test"] = self.evaluate(self.test_sets)
             self.log.info("test F1:\n%s", format_table(summary["test"], "test F1"))
         if self.info.is_main:
-            ckpt.write_json_atomic(self.run_dir / "results.json", summary)
+            write_json_atomic(self.run_dir / "results.json", summary)
         self.writer.close()
         comm.barrier()
+        self.checkpoints.release_lock()
         return summary
 
 

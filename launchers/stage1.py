@@ -8,10 +8,12 @@
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a clone without installing
+try:
+    import dualner  # noqa: F401  (installed: `pip install -e .`)
+except ImportError:  # run from a clone without installing
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dualner.cli import parse_training_args
-from dualner.stage1 import run_stage1
+from dualner.cli import launch
 
 if __name__ == "__main__":
-    run_stage1(parse_training_args(__doc__.splitlines()[0]))
+    launch("stage1")

@@ -9,4 +9,4 @@ source "$(dirname "$0")/env.sh"
 "$PYTHON" launchers/stage2.py --config configs/quickstart_stage2.yaml "$@"
 echo
 echo "Test F1 per language: stage 1 (MLT, runs/quickstart) and stage 2 (DualNER + TRGGold, runs/quickstart_stage2)"
-"$PYTHON" -m dualner.report runs/quickstart runs/quickstart_stage2 --split test
+"$PYTHON" -m dualner report runs/quickstart runs/quickstart_stage2 --split test

@@ -12,13 +12,15 @@ import json
 import shutil
 import subprocess
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
 from dualner.backend import comm
 from dualner.backend.optimizer import SkippableStep, build_optimizer, warmup_linear_decay
-from dualner.config import ConfigError, TrainConfig
+from dualner.config import TrainConfig
+from dualner.errors import CheckpointError, ConfigError
 from dualner.data.batching import BatchLayout
 
 _BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
@@ -26,11 +28,11 @@ UNIVERSAL = "universal"
 COMPLETE_MARKER = "COMPLETE"
 
 
-class CheckpointError(RuntimeError):
-    pass
-
-
-def load_deepspeed_config(path: str | Path, layout: BatchLayout) -> dict:
+def load_deepspeed_config(path: str | Path, layout: BatchLayout, device: torch.device | None = None) -> dict:
+    """The JSON, checked before anything is written: valid JSON holding an object, a known ZeRO stage,
+    batch sizes agreeing with the derived ones, no optimizer/scheduler, a precision the device runs,
+    and every key one DeepSpeed reads (unknown keys refused with the valid ones listed; DeepSpeed's own
+    rejections reported as one line)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"deepspeed.config: file not found: {path}")
@@ -38,6 +40,12 @@ def load_deepspeed_config(path: str | Path, layout: BatchLayout) -> dict:
         ds_config = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as error:
         raise ConfigError(f"{path}:{error.lineno}: not valid JSON: {error.msg}") from error
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start})") from error
+    if not isinstance(ds_config, dict):
+        raise ConfigError(f"{path}: a DeepSpeed config is a JSON object ({{...}}), found a {type(ds_config).__name__}")
+    if not isinstance(ds_config.get("zero_optimization", {}), dict):
+        raise ConfigError(f"{path}: zero_optimization must be an object")
     stage = ds_config.get("zero_optimization", {}).get("stage", 0)
     if stage not in (0, 1, 2, 3):
         raise ConfigError(f"{path}: zero_optimization.stage must be 0, 1, 2 or 3, got {stage!r}")
@@ -52,7 +60,59 @@ def load_deepspeed_config(path: str | Path, layout: BatchLayout) -> dict:
     if "optimizer" in ds_config or "scheduler" in ds_config:
         raise ConfigError(f"{path}: optimizer and scheduler come from the train section "
                           f"(AdamW, warmup then linear decay); remove them from the JSON")
-    return {**ds_config, **derived}
+    merged = {**ds_config, **derived}
+    _check_precision(merged, path, device)
+    _check_with_deepspeed(merged, path)
+    return merged
+
+
+def _check_precision(ds_config: dict, path: Path, device: torch.device | None) -> None:
+    fp16 = ds_config.get("fp16", {}).get("enabled", False) if isinstance(ds_config.get("fp16"), dict) else False
+    bf16 = ds_config.get("bf16", {}).get("enabled", False) if isinstance(ds_config.get("bf16"), dict) else False
+    if device is None:
+        return
+    if fp16 and device.type == "cpu":
+        raise ConfigError(f"{path}: fp16 does not run on a CPU; use a bf16 or fp32 config "
+                          f"(ds_configs/zero*_fp32.json, ds_configs/zero*.json)")
+    if bf16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ConfigError(f"{path}: this GPU has no bf16; use an fp16 config (ds_configs/zero*_fp16.json)")
+
+
+class _ReadKeys(dict):
+    """A dict that remembers which keys were looked up: DeepSpeed reads every key it knows."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.read: set[str] = set()
+
+    def __getitem__(self, key):
+        self.read.add(key)
+        return super().__getitem__(key)
+
+    def get(self, key, default=None):
+        self.read.add(key)
+        return super().get(key, default)
+
+    def __contains__(self, key):
+        self.read.add(key)
+        return super().__contains__(key)
+
+
+def _check_with_deepspeed(ds_config: dict, path: Path) -> None:
+    """Parse the JSON with DeepSpeed's own config class, as deepspeed.initialize will, and refuse
+    the top-level keys it never reads (DeepSpeed ignores them silently: a typo would be lost)."""
+    from deepspeed.runtime.config import DeepSpeedConfig
+    tracked = _ReadKeys(ds_config)
+    try:
+        DeepSpeedConfig(tracked)
+    except Exception as error:  # noqa: BLE001 (pydantic and DeepSpeed's own errors, reported as one line)
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+        detail = "; ".join(lines[:3])[:400]
+        raise ConfigError(f"{path}: DeepSpeed rejects this config: {detail}") from None
+    unknown = sorted(set(ds_config) - tracked.read)
+    if unknown:
+        raise ConfigError(f"{path}: unknown DeepSpeed key '{unknown[0]}'; valid top-level keys: "
+                          f"{', '.join(sorted(key for key in tracked.read if key.islower()))}")
 
 
 def zero_stage(ds_config: dict) -> int:
@@ -205,15 +265,45 @@ def to_universal(path: Path) -> Path:
     return target
 
 
+def _safe_deepspeed_globals() -> list:
+    """The plain data holders DeepSpeed pickles into its checkpoint files (found with
+    torch.serialization.get_unsafe_globals_in_checkpoint on every ZeRO stage and precision)."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+    return [LossScaler, ZeroStageEnum, fragment_address]
+
+
+@contextmanager
+def _weights_only_loads():
+    """Make every torch.load inside (DeepSpeed's zero_to_fp32 hard-codes weights_only=False) a
+    weights-only load that refuses to run code, with DeepSpeed's data holders allowed."""
+    original = torch.load
+
+    def load(*args, **kwargs):
+        kwargs["weights_only"] = True
+        return original(*args, **kwargs)
+
+    torch.load = load
+    try:
+        with torch.serialization.safe_globals(_safe_deepspeed_globals()):
+            yield
+    finally:
+        torch.load = original
+
+
 def consolidated_state_dict(checkpoint: Path) -> dict[str, torch.Tensor]:
-    """Consolidated fp32 weights from a checkpoint of any ZeRO stage, in one process."""
-    if list(checkpoint.glob("*zero_pp_rank_*optim_states.pt")) or list(
-            checkpoint.glob("zero_pp_rank_*model_states.pt")):
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-        state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint.parent), tag=checkpoint.name)
-    else:  # ZeRO-0: the module's own state dict sits in the model-states file
-        files = sorted(checkpoint.glob("mp_rank_*_model_states.pt"))
-        if not files:
-            raise CheckpointError(f"{checkpoint}: no DeepSpeed model states file")
-        state = torch.load(files[0], map_location="cpu", weights_only=False)["module"]
+    """Consolidated fp32 weights from a checkpoint of any ZeRO stage, in one process. Files are read
+    weights-only: a checkpoint cannot run code here (DeepSpeed's own resume, which needs its optimizer
+    objects, still unpickles fully: resume checkpoints are trusted input)."""
+    with _weights_only_loads():
+        if list(checkpoint.glob("*zero_pp_rank_*optim_states.pt")) or list(
+                checkpoint.glob("zero_pp_rank_*model_states.pt")):
+            from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+            state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint.parent), tag=checkpoint.name)
+        else:  # ZeRO-0: the module's own state dict sits in the model-states file
+            files = sorted(checkpoint.glob("mp_rank_*_model_states.pt"))
+            if not files:
+                raise CheckpointError(f"{checkpoint}: no DeepSpeed model states file")
+            state = torch.load(files[0], map_location="cpu")["module"]
     return {name: tensor.float() for name, tensor in state.items()}

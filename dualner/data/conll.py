@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
+from dualner.errors import DataFormatError, MissingPathError  # DataFormatError re-exported
 from dualner.labels import is_valid_tag
 
 # XTREME writes PAN-X tokens as `en:Paris`; the prefix is a language code, never part of the word.
@@ -18,10 +19,6 @@ def _strip_language_prefix(token: str, language: str) -> str:
         prefix = f"{language}:"
         return token[len(prefix):] if token.startswith(prefix) and len(token) > len(prefix) else token
     return _LANGUAGE_PREFIX.sub("", token)
-
-
-class DataFormatError(ValueError):
-    """A data file that cannot be read; the message names the file and line."""
 
 
 @dataclass
@@ -38,7 +35,7 @@ def iter_conll(path: str | Path, language: str = "", labeled: bool = True) -> It
     With `labeled=False` the label column is optional and ignored (unlabeled target text)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"data file not found: {path}")
+        raise MissingPathError(f"data file not found: {path}")
     words: list[str] = []
     tags: list[str] = []
     first_line = 0

@@ -7,6 +7,7 @@ from typing import Sequence
 import numpy as np
 
 from dualner.data.conll import DataFormatError, Sentence, read_conll
+from dualner.errors import ConfigError, MissingPathError
 from dualner.labels import LabelSet
 
 
@@ -17,7 +18,7 @@ def read_labeled(paths: dict[str, str], key: str, max_sentences: int | None = No
         try:
             sentences += read_conll(path, language, labeled=True, max_sentences=max_sentences)
         except FileNotFoundError as error:
-            raise FileNotFoundError(f"{key}.{language}: {error}") from None
+            raise MissingPathError(f"{key}.{language}: {error}") from None
     return sentences
 
 
@@ -27,7 +28,7 @@ def split_source_fraction(sentences: Sequence[Sentence], fraction: float,
 
     The split depends only on the seed, so stage 1 and stage 2 agree on it."""
     if not 0.0 < fraction <= 1.0:
-        raise ValueError(f"data.train_fraction must be in (0, 1], got {fraction}")
+        raise ConfigError(f"data.train_fraction must be in (0, 1], got {fraction}")
     order = np.random.default_rng(seed).permutation(len(sentences))
     keep = max(1, round(fraction * len(sentences)))
     kept = sorted(order[:keep].tolist())

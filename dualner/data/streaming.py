@@ -30,6 +30,7 @@ import torch
 from datasets import IterableDataset
 
 from dualner.data.conll import DataFormatError, iter_conll
+from dualner.errors import MissingPathError
 from dualner.data.encoding import SentenceEncoder
 from dualner.data.packing import Collator, token_budget_micro_batches
 from dualner.labels import is_valid_tag
@@ -65,7 +66,7 @@ def expand_files(pattern: str, key: str) -> list[str]:
     files = sorted(glob.glob(pattern, recursive=True)) if glob.has_magic(pattern) else [pattern]
     files = [f for f in files if Path(f).is_file()]
     if not files:
-        raise FileNotFoundError(f"{key}: {pattern!r} matches no file")
+        raise MissingPathError(f"{key}: {pattern!r} matches no file")
     return files
 
 
@@ -164,6 +165,22 @@ def _iter_jsonl(path: Path, language: str) -> Iterator[dict]:
                 yield {"words": words, "tags": record.get("tags") or [],
                        "language": record.get("lang", language),
                        "src_id": str(record.get("src_id", "")), "sample_id": f"{path}:{line_number}"}
+
+
+def check_corpus(files: Sequence[str], language: str, kind: str, key: str) -> None:
+    """The first read of every corpus file, before anything is written: a known format, UTF-8, and
+    at least one sentence (the rest is read as training streams it)."""
+    for path in files:
+        if path.startswith(HUB_PREFIX):
+            continue
+        try:
+            first = next(_iter_sentences(Shard(path, 0, 1, language, kind)), None)
+        except UnicodeDecodeError as error:
+            raise DataFormatError(f"{key}: {path}: not UTF-8 text ({error.reason} at byte {error.start})") from None
+        except DataFormatError as error:
+            raise DataFormatError(f"{key}: {error}") from None
+        if first is None:
+            raise DataFormatError(f"{key}: {path} holds no sentence")
 
 
 def _generate(shards: list[Shard]) -> Iterator[dict]:

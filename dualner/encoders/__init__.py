@@ -16,6 +16,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
 
+from dualner.errors import MissingPathError
+
 
 def default_cache_dir() -> Path:
     return Path(os.environ.get("DUALNER_CACHE", Path.home() / ".cache" / "dualner"))
@@ -49,13 +51,50 @@ BUILTIN_ENCODERS: dict[str, Callable[[Path], Path]] = {
 }
 
 
-def resolve_encoder(name_or_path: str) -> str:
-    """A local folder or hub name is returned as is; an alias is built (once, cached) first."""
+def resolve_encoder(name_or_path: str, key: str = "model.encoder") -> str:
+    """A local folder or hub name is returned as is; an alias is built (once, cached) first. A hub
+    name that is neither cached nor reachable fails at once, naming the key (rather than after the
+    hub client's retries)."""
     if name_or_path in BUILTIN_ENCODERS and not Path(name_or_path).exists():
         target = default_cache_dir() / name_or_path
         with _file_lock(default_cache_dir() / f".{name_or_path}.lock"):
             return str(BUILTIN_ENCODERS[name_or_path](target))
     expanded = os.path.expanduser(name_or_path)
-    if expanded.startswith((".", "/", "~")) and not Path(expanded).exists():
-        raise FileNotFoundError(f"model.encoder: no such folder {expanded}")
+    if Path(expanded).exists():
+        return expanded
+    if expanded.startswith((".", "/", "~")):
+        raise MissingPathError(f"{key}: no such folder {expanded}")
+    if not _in_hub_cache(expanded) and not hub_reachable():
+        raise MissingPathError(
+            f"{key}: {expanded!r} is not a folder, not a built-in alias ({', '.join(BUILTIN_ENCODERS)}) "
+            f"and not in the local Hugging Face cache, and the hub cannot be reached "
+            f"({'HF_HUB_OFFLINE=1' if _offline() else 'no connection'}); give a local folder")
     return expanded
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes") or \
+        os.environ.get("TRANSFORMERS_OFFLINE", "").lower() in ("1", "true", "yes")
+
+
+def _in_hub_cache(name: str) -> bool:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+        found = try_to_load_from_cache(name, "config.json")
+    except Exception:  # noqa: BLE001 (an invalid repository name, for instance)
+        return False
+    return isinstance(found, str)
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the model hub answers a TCP connection (no request is made)."""
+    if _offline():
+        return False
+    import socket
+    from urllib.parse import urlparse
+    endpoint = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        with socket.create_connection((endpoint.hostname, endpoint.port or 443), timeout=timeout):
+            return True
+    except OSError:
+        return False

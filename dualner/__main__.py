@@ -1,0 +1,5 @@
+"""`python -m dualner <command> ...` (see dualner.cli)."""
+
+from dualner.cli import main
+
+main()
