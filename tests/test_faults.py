@@ -192,6 +192,7 @@ def test_preemption_signal_checkpoints_and_resumes(tmp_path, tiny_encoder):
     process.send_signal(signal.SIGTERM)
     log = process.communicate(timeout=300)[0]
     assert "stopping after" in log and "signal SIGTERM" in log, log[-3000:]
+    assert process.returncode != 0 and (output / "stopped.json").is_file()  # ranks exit 75: resumable
     saved = sorted(int(p.name.split("-")[1]) for p in (output / "checkpoints").glob("step-*")
                    if (p / "COMPLETE").is_file())
     assert saved and 4 <= saved[-1] < steps

@@ -254,10 +254,10 @@ def test_prediction_keeps_empty_sentences_and_refuses_bad_input(trained_run, tmp
     assert [line["tokens"] for line in lines] == [["Paris"], []] and lines[1]["entities"] == []
     binary = tmp_path / "binary.txt"
     binary.write_bytes(bytes(range(256)) * 4)
-    line = one_line_error(cli("predict", "--model", str(trained_run), "--input", str(binary), "--output",
-                              str(tmp_path / "b.jsonl")))
+    line = one_line_error(cli("predict", "--model", str(trained_run), "--input", str(binary), "--output", str(out)))
     assert "binary.txt: not UTF-8 text" in line
-    assert not list(tmp_path.glob(".*partial")) and not (tmp_path / "b.jsonl").exists()
+    assert not list(tmp_path.glob(".*partial"))
+    assert [json.loads(line)["tokens"] for line in out.read_text().splitlines()] == [["Paris"], []]  # untouched
     line = one_line_error(cli("predict", "--model", str(trained_run), "--input", str(tmp_path / "nope.txt"),
                               "--output", str(tmp_path / "c.jsonl")))
     assert "--input: no such file" in line and "nope.txt" in line

@@ -18,10 +18,10 @@ def read_losses(run_dir):
     return {entry["step"]: entry for entry in map(json.loads, lines)}
 
 
-def stage1(run_dir, ds_config, *extra):
+def stage1(run_dir, ds_config, *extra, expect=0):
     return launch("launchers/stage1.py", ["--config", str(REPO / "configs" / "tiny.yaml"),
                                           f"run.output_dir={run_dir}", f"deepspeed.config={ds_config}",
-                                          *COMMON, *extra], nproc=2)
+                                          *COMMON, *extra], nproc=2, expect=expect)
 
 
 @pytest.fixture(scope="module", params=["ds_configs/zero2_fp32.json", "ds_configs/zero3_fp32.json"],
@@ -32,7 +32,7 @@ def uninterrupted_and_resumed(request, tmp_path_factory, tiny_encoder):
                                    else "run")
     straight, resumed = root / "straight", root / "resumed"
     stage1(straight, ds_config)
-    first = stage1(resumed, ds_config, "run.max_steps_per_job=3")
+    first = stage1(resumed, ds_config, "run.max_steps_per_job=3", expect=75)
     assert "stopping after 3 steps" in first.stdout + first.stderr
     assert not (resumed / "results.json").exists()
     second = stage1(resumed, ds_config, "run.resume=auto")

@@ -27,11 +27,11 @@ def stage1_run(tmp_path_factory, tiny_encoder):
     return run
 
 
-def stage2(run_dir, init_from, ds_config, *extra):
+def stage2(run_dir, init_from, ds_config, *extra, expect=0):
     return launch("launchers/stage2.py", ["--config", str(REPO / "configs" / "tiny_stage2.yaml"),
                                           f"run.output_dir={run_dir}", f"stage2.init_from={init_from}",
                                           f"deepspeed.config={REPO / ds_config}", *STAGE2, *extra],
-                  nproc=2)
+                  nproc=2, expect=expect)
 
 
 def read_log(run_dir):
@@ -52,7 +52,7 @@ def samples_by_step(run_dir, rank):
 def test_stop_and_resume_repeats_the_uninterrupted_run(stage1_run, tmp_path):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     stage2(straight, stage1_run, "ds_configs/zero2_fp32.json")
-    first = stage2(resumed, stage1_run, "ds_configs/zero2_fp32.json", "run.max_steps_per_job=3")
+    first = stage2(resumed, stage1_run, "ds_configs/zero2_fp32.json", "run.max_steps_per_job=3", expect=75)
     assert "stopping after 3 steps" in first.stdout + first.stderr
     stage2(resumed, stage1_run, "ds_configs/zero2_fp32.json")
 
