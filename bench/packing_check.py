@@ -32,7 +32,7 @@ def main() -> None:
     from dualner.backend.comm import accelerator_device
     from dualner.backend.placement import to_device
     from dualner.data.conll import read_conll
-    from dualner.data.encoding import SentenceEncoder
+    from dualner.data.encoding import WindowTokenizer
     from dualner.data.packing import Collator, model_inputs
     from dualner.encoders import resolve_encoder
     from dualner.labels import LabelSet
@@ -43,7 +43,7 @@ def main() -> None:
     folder = resolve_encoder(args.encoder)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     labels = LabelSet(("LOC", "ORG", "PER"))
-    windows = SentenceEncoder(tokenizer, labels, 128).encode(
+    windows = WindowTokenizer(tokenizer, labels, 128).encode(
         read_conll(args.data, "en", max_sentences=args.sentences)).to_list()
     torch.manual_seed(0)
     model = DualNERModel.from_pretrained_encoder(folder, 3).to(device).eval()

@@ -66,12 +66,12 @@ def main() -> None:
     from dualner.data.packing import Collator
     from dualner.data.streaming import STREAM_META
     from dualner.data.conll import read_conll
-    from dualner.data.encoding import SentenceEncoder
+    from dualner.data.encoding import WindowTokenizer
     from dualner.encoders import resolve_encoder
     from dualner.labels import LabelSet
 
     tokenizer = AutoTokenizer.from_pretrained(resolve_encoder(args.encoder))
-    encoder = SentenceEncoder(tokenizer, LabelSet(("LOC", "ORG", "PER")), 128)
+    encoder = WindowTokenizer(tokenizer, LabelSet(("LOC", "ORG", "PER")), 128)
     root = Path(args.data_root)
     rows = encoder.encode(read_conll(root / "en" / "train.tsv", "en"))
     lengths = [len(ids) for ids in rows["input_ids"]]

@@ -34,7 +34,7 @@ def profile(args, freeze: bool) -> dict:
     from dualner.config import TrainConfig
     from dualner.data.batching import bucketed_micro_batches, derive_batch_layout
     from dualner.data.conll import read_conll
-    from dualner.data.encoding import SentenceEncoder
+    from dualner.data.encoding import WindowTokenizer
     from dualner.data.packing import Collator, model_inputs
     from dualner.encoders import resolve_encoder
     from dualner.labels import LabelSet
@@ -47,7 +47,7 @@ def profile(args, freeze: bool) -> dict:
     sentences = read_conll(Path(args.data), "en", max_sentences=args.batch * (args.steps + 2))
     label_set = LabelSet.from_tags([tag for s in sentences for tag in s.tags])
     started = time.perf_counter()
-    rows = SentenceEncoder(tokenizer, label_set, 128).encode(sentences).to_list()
+    rows = WindowTokenizer(tokenizer, label_set, 128).encode(sentences).to_list()
     tokenize_seconds = time.perf_counter() - started
     lengths = [len(row["input_ids"]) for row in rows]
     batches = bucketed_micro_batches(lengths, args.batch, seed=0, epoch=0, pool_batches=1 if not args.padded else 50)

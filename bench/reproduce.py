@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import dataclasses
 import json
 import os
 import shlex
@@ -43,7 +42,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from dualner.config import ConfigError, load_config  # noqa: E402
+from dualner.config import Config, ConfigError, build_dataclass, save_config, set_dotted  # noqa: E402
 
 # Test F1 averages of the paper (XLM-R base, averages over the paper's 40 languages; SPEC).
 PAPER_TABLE2 = {"mlt": 61.53, "dualner_trggold": 68.64, "wo_mse": 68.05, "w_selfkl": 65.18, "wo_trg": 62.17}
@@ -69,17 +68,17 @@ class Scale:
 
 
 def load_scale(path: Path) -> Scale:
+    """The scale file, checked like a run config (dualner.config): unknown keys, types."""
     if not path.is_file():
         raise SystemExit(f"{path}: scale file not found")
     tree = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    known = {f.name for f in dataclasses.fields(Scale)}
-    unknown = sorted(set(tree) - known)
-    if unknown:
-        raise SystemExit(f"{path}: unknown key(s) {unknown}; valid keys: {sorted(known)}")
     missing = [name for name in ("name", "data_root", "target_languages") if name not in tree]
     if missing:
         raise SystemExit(f"{path}: missing key(s) {missing}")
-    scale = Scale(**tree)
+    try:
+        scale = build_dataclass(Scale, tree, path)
+    except ConfigError as error:
+        raise SystemExit(str(error)) from None
     for fraction in scale.fractions:
         if not 0 < fraction < 1:
             raise SystemExit(f"{path}: fractions: {fraction} is not in (0, 1) (1.0 is always run)")
@@ -109,31 +108,28 @@ def systems(scale: Scale) -> list[System]:
     return listed
 
 
-def _set_dotted(tree: dict, key: str, value) -> None:
-    *parents, leaf = key.split(".")
-    for part in parents:
-        tree = tree.setdefault(part, {})
-    tree[leaf] = value
-
-
-def run_config(scale: Scale, system: System, output: Path) -> dict:
-    """The full launcher config of one system: the scale's fragment, the data, the system's changes."""
+def run_config(scale: Scale, system: System, output: Path) -> Config:
+    """The launcher config of one system, built through dualner.config: the scale's fragment, the
+    data, the system's changes (a wrong key fails here, before hours of earlier systems are spent)."""
     root = Path(scale.data_root)
     languages = [scale.source_language, *scale.target_languages]
     tree = copy.deepcopy(scale.stage1 if system.stage == 1 else scale.stage2)
-    _set_dotted(tree, "run.output_dir", str(output / system.name))
-    _set_dotted(tree, "data.source_language", scale.source_language)
-    _set_dotted(tree, "data.train", {scale.source_language: str(root / scale.source_language / "train.tsv")})
-    _set_dotted(tree, "data.train_fraction", system.fraction)
+    set_dotted(tree, "run.output_dir", str(output / system.name))
+    set_dotted(tree, "data.source_language", scale.source_language)
+    set_dotted(tree, "data.train", {scale.source_language: str(root / scale.source_language / "train.tsv")})
+    set_dotted(tree, "data.train_fraction", system.fraction)
     for split in ("dev", "test"):
-        _set_dotted(tree, f"data.{split}", {lang: str(root / lang / f"{split}.tsv") for lang in languages})
+        set_dotted(tree, f"data.{split}", {lang: str(root / lang / f"{split}.tsv") for lang in languages})
     if system.stage == 2:
-        _set_dotted(tree, "stage2.init_from", str(output / system.init_from))
+        set_dotted(tree, "stage2.init_from", str(output / system.init_from))
         targets = {lang: str(root / lang / "train.tsv") for lang in scale.target_languages}
-        _set_dotted(tree, "stage2.target", targets if system.targets else {})
+        set_dotted(tree, "stage2.target", targets if system.targets else {})
     for key, value in system.overrides.items():
-        _set_dotted(tree, key, value)
-    return tree
+        set_dotted(tree, key, value)
+    try:
+        return build_dataclass(Config, tree, f"system {system.name}")
+    except ConfigError as error:
+        raise SystemExit(str(error)) from None
 
 
 def train(scale: Scale, system: System, output: Path, launcher: list[str], index: int, total: int) -> None:
@@ -143,11 +139,7 @@ def train(scale: Scale, system: System, output: Path, launcher: list[str], index
         return
     config_path = output / "configs" / f"{system.name}.yaml"
     config_path.parent.mkdir(parents=True, exist_ok=True)
-    config_path.write_text(yaml.safe_dump(run_config(scale, system, output), sort_keys=False), encoding="utf-8")
-    try:
-        load_config(config_path)  # a wrong key fails here, before hours of earlier systems are wasted
-    except ConfigError as error:
-        raise SystemExit(f"{system.name}: {error}") from None
+    save_config(run_config(scale, system, output), config_path)
     resumed = " (resuming)" if (run_dir / "checkpoints").is_dir() else ""
     print(f"[{index}/{total}] {system.name}: stage {system.stage}{resumed}, config {config_path}", flush=True)
     started = time.monotonic()

@@ -47,7 +47,7 @@ def loader_rate(args, batches: int) -> dict:
     from dualner.attention import position_offset
     from dualner.backend.comm import accelerator_device
     from dualner.config import Stage2Config
-    from dualner.data.encoding import SentenceEncoder
+    from dualner.data.encoding import WindowTokenizer
     from dualner.data.loader import default_workers
     from dualner.data.packing import Collator
     from dualner.data.streaming import STREAM_META
@@ -55,7 +55,7 @@ def loader_rate(args, batches: int) -> dict:
     from dualner.labels import LabelSet
     folder = resolve_encoder(args.encoder)
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    encoder = SentenceEncoder(tokenizer, LabelSet(("LOC", "ORG", "PER")), 128)
+    encoder = WindowTokenizer(tokenizer, LabelSet(("LOC", "ORG", "PER")), 128)
     device = accelerator_device(0)
     workers = default_workers(args.loader_workers, device, 1)
     offset = position_offset(AutoConfig.from_pretrained(folder))

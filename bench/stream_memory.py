@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from transformers import AutoTokenizer  # noqa: E402
 
-from dualner.data.encoding import SentenceEncoder  # noqa: E402
+from dualner.data.encoding import WindowTokenizer  # noqa: E402
 from dualner.data.packing import Collator  # noqa: E402
 from dualner.data.streaming import KIND_TARGET, STREAM_META, Stage2Stream, make_shards  # noqa: E402
 from dualner.encoders import resolve_encoder  # noqa: E402
@@ -63,7 +63,7 @@ def main() -> None:
     parser.add_argument("--output", type=Path)
     args = parser.parse_args()
     tokenizer = AutoTokenizer.from_pretrained(resolve_encoder(args.encoder))
-    encoder = SentenceEncoder(tokenizer, LabelSet(("LOC", "ORG", "PER")), 128)
+    encoder = WindowTokenizer(tokenizer, LabelSet(("LOC", "ORG", "PER")), 128)
     with tempfile.TemporaryDirectory() as folder:
         files = generate_corpus(Path(folder), args.sentences, args.files)
         corpus_mb = sum(Path(f).stat().st_size for f in files) / 2**20

@@ -42,8 +42,6 @@ COMPLETE_MARKER = "COMPLETE"
 BEST_POINTER = "best.json"
 STOPPED_MARKER = "stopped.json"
 LOCK_FILE = ".dualner.lock"
-MODEL_ASSETS = "model"
-ASSETS_FILE = "dualner.json"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 _CHUNK = 1 << 24
 
@@ -126,10 +124,6 @@ def resolve_checkpoint(path: str | Path) -> Path:
     if problem:
         raise CheckpointError(f"{problem}; use another checkpoint")
     return chosen
-
-
-def model_assets_dir(checkpoint: Path) -> Path:
-    return checkpoint.parent.parent / MODEL_ASSETS
 
 
 def load_model_state(checkpoint: Path) -> dict[str, torch.Tensor]:

@@ -79,7 +79,7 @@ def export(argv: list[str]) -> int:
     parser.add_argument("--checkpoint", required=True, help="a run folder (its best) or a step-N folder")
     parser.add_argument("--output", required=True)
     args = parser.parse_args(argv)
-    from dualner.export import export_model
+    from dualner.model_io import export_model
     print(export_model(args.checkpoint, args.output))
     return 0
 

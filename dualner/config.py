@@ -102,9 +102,13 @@ class TrainConfig:
     log_every: int = bounded(10, minimum=1)
     keep_last: int = bounded(2, minimum=0)  # complete step-N checkpoints kept (the best one is always kept too)
     bucket_multiplier: int = bounded(50, minimum=1)  # unpacked only: length buckets within pools of this many micro batches
-    # A non-finite loss on any rank: "stop" (raise naming the step and batch; resume restarts from
-    # the newest complete checkpoint) or "skip" (every rank skips that micro batch; counted).
+    # A non-finite loss on any rank: the optimizer skips that step on every rank; then "stop"
+    # (checkpoint, exit 3 naming the step and batch) or "skip" (count it and go on).
     nonfinite_loss: Literal["stop", "skip"] = "stop"
+    # Weights of the stage's loss terms by name (stage 1: seq, start, end; stage 2: gold_*, pseudo_*,
+    # mse), over the stage's defaults: the variant's heads 1 (stage 1), every term 1 and mse
+    # stage2.mse_weight (stage 2). 0 switches a term off.
+    loss_weights: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -227,17 +231,31 @@ def _build(cls: type, values: dict, prefix: str) -> Any:
     return cls(**kwargs)
 
 
-def _apply_override(tree: dict, override: str) -> None:
-    if "=" not in override:
-        raise ConfigError(f"override {override!r} must look like section.key=value")
-    dotted, raw = override.split("=", 1)
-    parts = dotted.strip().split(".")
+def build_dataclass(cls: type, tree: dict, source: str | Path | None = None) -> Any:
+    """A (nested) dataclass from a tree of YAML values: unknown keys refused with the valid ones,
+    types and ranges checked; errors name the key (and `source`, a file)."""
+    try:
+        return _build(cls, tree, "")
+    except ConfigError as error:
+        raise ConfigError(f"{source}: {error}" if source else str(error)) from None
+
+
+def set_dotted(tree: dict, key: str, value: Any) -> None:
+    """tree["a"]["b"]["c"] = value for key "a.b.c", creating the sections on the way."""
+    parts = key.strip().split(".")
     node = tree
     for part in parts[:-1]:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
-            raise ConfigError(f"override {override!r}: '{part}' is not a section")
-    node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else None
+            raise ConfigError(f"{key}: '{part}' is not a section")
+    node[parts[-1]] = value
+
+
+def _apply_override(tree: dict, override: str) -> None:
+    if "=" not in override:
+        raise ConfigError(f"override {override!r} must look like section.key=value")
+    dotted, raw = override.split("=", 1)
+    set_dotted(tree, dotted, yaml.safe_load(raw) if raw.strip() else None)
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
@@ -252,10 +270,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             raise ConfigError(f"{path}: not valid YAML: {error}") from error
     for override in overrides:
         _apply_override(tree, override)
-    try:
-        return _build(Config, tree, "")
-    except ConfigError as error:
-        raise ConfigError(f"{path}: {error}" if path else str(error)) from None
+    return build_dataclass(Config, tree, path)
 
 
 def config_to_dict(config: Any) -> dict:

@@ -31,6 +31,19 @@ class EvalSet:
     rows: list[dict]  # encoded windows (see dualner.data.encoding)
 
 
+def load_eval_sets(paths: dict[str, str], key: str, windows_of, label_set: LabelSet,
+                   max_sentences: int | None) -> list[EvalSet]:
+    """`{language: path}` of labeled files, read, checked against the model's entity types and cut
+    into windows (`windows_of`: a dualner.data.encoding.WindowTokenizer)."""
+    from dualner.data.sources import check_entity_types, read_labeled
+    sets = []
+    for language, path in paths.items():
+        sentences = read_labeled({language: path}, key, max_sentences)
+        check_entity_types(sentences, label_set, f"{key}.{language}")
+        sets.append(EvalSet(language, sentences, windows_of.encode(sentences).to_list()))
+    return sets
+
+
 def _word_predictions(outputs: HeadOutputs, head: str) -> tuple[np.ndarray, ...]:
     """Argmax classes per token, copied to the host in one transfer."""
     if head == "span":

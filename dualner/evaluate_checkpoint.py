@@ -6,11 +6,10 @@ from pathlib import Path
 
 from dualner.backend.comm import accelerator_device, init_distributed
 from dualner.checkpoint import write_json_atomic
-from dualner.data.encoding import SentenceEncoder
-from dualner.evaluate import evaluate_sets, format_table
-from dualner.inference import inference_collator, load_trained_model
+from dualner.data.encoding import WindowTokenizer
+from dualner.evaluate import evaluate_sets, format_table, load_eval_sets
+from dualner.model_io import inference_collator, load_trained_model
 from dualner.logging import get_logger
-from dualner.trainer import load_eval_sets
 
 
 def evaluate_checkpoint(checkpoint: str | Path, data: dict[str, str], output: str | Path | None,
@@ -20,7 +19,7 @@ def evaluate_checkpoint(checkpoint: str | Path, data: dict[str, str], output: st
     device = accelerator_device(info.local_rank)
     loaded = load_trained_model(checkpoint)
     model = loaded.model.to(device)
-    encoder = SentenceEncoder(loaded.tokenizer, loaded.label_set, loaded.max_length)
+    encoder = WindowTokenizer(loaded.tokenizer, loaded.label_set, loaded.max_length)
     eval_sets = load_eval_sets(data, "--data", encoder, loaded.label_set, max_sentences)
     results = evaluate_sets(model, eval_sets, loaded.label_set, head, batch_size,
                             inference_collator(loaded), device)

@@ -87,15 +87,18 @@ def parallel_mse(representations: torch.Tensor, present: torch.Tensor, pairs: to
     return (distance * both).sum() / both.sum().clamp(min=1)
 
 
+def head_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, word_index: torch.Tensor) -> torch.Tensor:
+    """w/ selfKL, one head: KL(teacher || student) of its soft distributions, averaged over
+    first-subword positions."""
+    valid = (word_index >= 0).reshape(-1)
+    student = student_logits.float().reshape(-1, student_logits.shape[-1])
+    teacher = teacher_logits.float().reshape(student.shape)
+    kl = F.kl_div(student.log_softmax(-1), teacher.log_softmax(-1), log_target=True, reduction="none").sum(-1)
+    return (kl * valid).sum() / valid.sum().clamp(min=1)
+
+
 def self_kl(student: HeadOutputs, teacher: HeadOutputs, word_index: torch.Tensor,
             variant: str = "mlt") -> dict[str, torch.Tensor]:
-    """w/ selfKL: each head towards the teacher's soft distribution of the same head, KL(teacher ||
-    student) averaged over first-subword positions."""
-    valid = (word_index >= 0).reshape(-1)
-    terms = {}
-    for name in VARIANT_TERMS[variant]:
-        s = getattr(student, f"{name}_logits").float().reshape(-1, getattr(student, f"{name}_logits").shape[-1])
-        t = getattr(teacher, f"{name}_logits").float().reshape(s.shape)
-        kl = F.kl_div(s.log_softmax(-1), t.log_softmax(-1), log_target=True, reduction="none").sum(-1)
-        terms[name] = (kl * valid).sum() / valid.sum().clamp(min=1)
-    return terms
+    """w/ selfKL: each head towards the teacher's soft distribution of the same head."""
+    return {name: head_kl(getattr(student, f"{name}_logits"), getattr(teacher, f"{name}_logits"), word_index)
+            for name in VARIANT_TERMS[variant]}

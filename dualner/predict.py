@@ -16,48 +16,32 @@ import numpy as np
 import torch
 
 from dualner.backend.placement import to_device
-from dualner.data.conll import DataFormatError, iter_conll
+from dualner.data.conll import iter_conll
+from dualner.data.readers import JSONL_SUFFIXES, iter_jsonl, iter_text
 from dualner.errors import MissingPathError
-from dualner.data.encoding import SentenceEncoder
+from dualner.data.encoding import WindowTokenizer
 from dualner.data.packing import model_inputs
 from dualner.evaluate import scatter_to_words
-from dualner.export import load_any
-from dualner.inference import inference_collator
+from dualner.model_io import inference_collator, load_any
 from dualner.labels import Entity, decode_spans, extract_entities
 
 _BATCH_SENTENCES = 256  # sentences read, encoded and predicted together
 
 
 def read_input(path: Path) -> Iterator[list[str]]:
-    """Sentences of a prediction input (JSONL `{"tokens": [...]}`, CoNLL, or plain text); a
+    """Sentences of a prediction input (JSONL `{"tokens": [...]}`, CoNLL, or plain text); a JSONL
     sentence may be empty (it gets an empty entity list). Errors name the file and line."""
     if not path.is_file():
         raise MissingPathError(f"--input: no such file {path}")
     suffix = path.suffix.lower()
-    try:
-        if suffix in (".jsonl", ".json"):
-            with path.open(encoding="utf-8") as handle:
-                for line_number, line in enumerate(handle, start=1):
-                    if line.strip():
-                        try:
-                            record = json.loads(line)
-                        except json.JSONDecodeError as error:
-                            raise DataFormatError(f"{path}:{line_number}: not valid JSON ({error.msg})") from None
-                        tokens = record.get("tokens") if isinstance(record, dict) else None
-                        if not isinstance(tokens, list) or not all(isinstance(t, str) and t for t in tokens):
-                            raise DataFormatError(f"{path}:{line_number}: expected a JSON object with a "
-                                                  f"'tokens' list of non-empty strings")
-                        yield tokens
-        elif suffix in (".tsv", ".conll", ".iob", ".bio"):
-            for sentence in iter_conll(path, labeled=False):
-                yield sentence.words
-        else:  # plain text: one pre-tokenized sentence per line
-            with path.open(encoding="utf-8") as handle:
-                for line in handle:
-                    if line.split():
-                        yield line.split()
-    except UnicodeDecodeError as error:
-        raise DataFormatError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start})") from None
+    if suffix in JSONL_SUFFIXES:
+        records = iter_jsonl(path, keep_empty=True)
+    elif suffix in (".tsv", ".conll", ".iob", ".bio"):
+        records = ({"words": sentence.words} for sentence in iter_conll(path, labeled=False))
+    else:  # plain text: one pre-tokenized sentence per line
+        records = iter_text(path)
+    for record in records:
+        yield record["words"]
 
 
 class Predictor:
@@ -67,14 +51,13 @@ class Predictor:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model = loaded.model.to(self.device).eval()
         self.label_set = loaded.label_set
-        self.encoder = SentenceEncoder(loaded.tokenizer, loaded.label_set, loaded.max_length)
+        self.encoder = WindowTokenizer(loaded.tokenizer, loaded.label_set, loaded.max_length)
         self.collate = inference_collator(loaded)
         self.head, self.batch_size = head, batch_size
 
     @torch.no_grad()
     def predict(self, sentences: list[list[str]]) -> list[list[dict]]:
         """Entities of every sentence (an empty sentence has none)."""
-        from dualner.data.conll import Sentence
         present = [i for i, words in enumerate(sentences) if words]
         found = self._predict([sentences[i] for i in present]) if present else []
         entities: list[list[dict]] = [[] for _ in sentences]

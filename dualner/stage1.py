@@ -1,93 +1,107 @@
-"""Stage 1 (SPEC "Stage 1: multitask learning"): both heads trained on labeled source data under a
-DeepSpeed engine, evaluated on every configured dev set, checkpointed and resumable."""
+"""Stage 1 (SPEC "Stage 1: multitask learning"): both heads trained on labeled source data, as a
+recipe for the loop in dualner.train. Its loss terms: `seq`, `start`, `end` (token cross-entropy of
+each head); the variant picks the default weights (mlt: all three, cla: seq, span: start and end)."""
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 from transformers import AutoConfig, AutoTokenizer
 
-from dualner import checkpoint as ckpt
 from dualner.attention import position_offset
-from dualner.config import Config, ConfigError
+from dualner.config import Config
 from dualner.data.batching import BatchPlan
-from dualner.data.encoding import SentenceEncoder
+from dualner.data.encoding import WindowTokenizer
 from dualner.data.loader import PlannedMicroBatches, micro_batch_loader
-from dualner.data.packing import model_inputs
-from dualner.data.sources import read_labeled, split_source_fraction
+from dualner.data.packing import Collator, model_inputs
+from dualner.data.sources import read_source
 from dualner.encoders import resolve_encoder
-from dualner.inference import save_model_assets
+from dualner.errors import ConfigError
+from dualner.evaluate import load_eval_sets
 from dualner.labels import LabelSet
-from dualner.losses import VARIANT_TERMS, supervised_losses
-from dualner.model import DualNERModel
-from dualner.trainer import Trainer, make_collator
+from dualner.losses import VARIANT_TERMS, token_cross_entropy
+from dualner.model import DualNERModel, HeadOutputs
+from dualner.model_io import save_model_assets
+from dualner.recipe import Recipe, resolve_weights
+from dualner.train import Run, train
 
 
-class Stage1Trainer(Trainer):
+class Forward(NamedTuple):
+    outputs: HeadOutputs
+    batch: dict
+
+
+class Stage1Recipe(Recipe):
     stage_name = "stage 1"
+    TERMS = {
+        "seq": lambda f: token_cross_entropy(f.outputs.seq_logits, f.batch["seq_labels"]),
+        "start": lambda f: token_cross_entropy(f.outputs.start_logits, f.batch["start_labels"]),
+        "end": lambda f: token_cross_entropy(f.outputs.end_logits, f.batch["end_labels"]),
+    }
 
-    def __init__(self, cfg: Config):
-        if not cfg.data.train:
-            raise ConfigError("data.train: no labeled training file given (language: path)")
-        super().__init__(cfg)
-        encoder_path = resolve_encoder(cfg.model.encoder)
-        tokenizer_path = resolve_encoder(cfg.model.tokenizer, "model.tokenizer") if cfg.model.tokenizer else encoder_path
-        self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
-        encoder_config = AutoConfig.from_pretrained(encoder_path)
-        if len(self.tokenizer) > encoder_config.vocab_size:
-            raise ConfigError(
-                f"model.tokenizer: {tokenizer_path} has {len(self.tokenizer)} tokens but the encoder "
-                f"{encoder_path} has {encoder_config.vocab_size} embeddings; they do not belong together")
-        train_sentences = read_labeled(cfg.data.train, "data.train", cfg.data.max_train_sentences)
-        train_sentences, _ = split_source_fraction(train_sentences, cfg.data.train_fraction, cfg.run.seed)
-        self.label_set = LabelSet.from_tags([t for s in train_sentences for t in s.tags])
-        self.encoder = SentenceEncoder(self.tokenizer, self.label_set, cfg.data.max_length)
-        self.train_rows = self.encoder.encode(train_sentences).to_list()
-        self.load_eval_data()
-        self.collator = make_collator(cfg, self.tokenizer.pad_token_id, position_offset(encoder_config))
-        self.plan = BatchPlan([len(row["input_ids"]) for row in self.train_rows],
-                              self.layout.micro_batch_size, self.layout.accumulation_steps,
-                              self.info.world_size, cfg.run.seed,
-                              # packed rows carry no padding: plain random micro batches
-                              1 if self.collator.packed else cfg.train.bucket_multiplier,
-                              self.collator.row_length if cfg.train.batch_unit == "tokens" else None)
-        self.steps_per_epoch = self.plan.steps_per_epoch()
-        self.total_steps = cfg.train.max_steps or cfg.train.epochs * self.steps_per_epoch
-        self.log.info("stage 1: %d training windows from %d sentences, %d steps per epoch",
-                      len(self.train_rows), len(train_sentences), self.steps_per_epoch)
+    def __init__(self, engine, windows: list[dict], plan: BatchPlan, collate: Collator, weights: dict[str, float],
+                 dev_sets: list, test_sets: list, rank: int, loader_workers: int, pin_memory: bool, seed: int):
+        super().__init__(weights, dev_sets, test_sets)
+        self.engine, self.windows, self.plan, self.collate = engine, windows, plan, collate
+        self.steps_per_epoch = plan.steps_per_epoch()
+        self.rank, self.loader_workers, self.pin_memory, self.seed = rank, loader_workers, pin_memory, seed
 
-        model = DualNERModel.from_pretrained_encoder(encoder_path, len(self.label_set.entity_types),
-                                                     cfg.model.dropout, cfg.model.encoder_dropout,
-                                                     cfg.model.attention)
-        if cfg.model.freeze_word_embeddings:
-            model.freeze_word_embeddings()
-        self.wrap_model(model)
-        self.open_run_dir()
-        if self.info.is_main:
-            # the encoder's config as trained (model.encoder_dropout included): stage 2 builds from it
-            save_model_assets(self.run_dir / ckpt.MODEL_ASSETS, self.tokenizer, model.encoder.config,
-                              self.label_set, cfg.model.variant, cfg.data.max_length)
+    def batches(self, start_step: int):
+        """The plan's micro batches from `start_step`: a pure function of the step, so a resumed
+        run reads on exactly (collated and pinned in loader workers)."""
+        dataset = PlannedMicroBatches(self.windows, self.plan, self.rank, self.collate, self.steps_per_epoch,
+                                      start_step, start_step + 10 ** 9)
+        return iter(micro_batch_loader(dataset, self.loader_workers, self.pin_memory, self.seed + self.rank))
 
-    def loss_names(self) -> tuple[str, ...]:
-        return ("total", *VARIANT_TERMS[self.cfg.model.variant])
+    def forward(self, batch: dict) -> Forward:
+        return Forward(self.engine(**model_inputs(batch)), batch)
 
-    def on_train_start(self) -> None:
-        dataset = PlannedMicroBatches(self.train_rows, self.plan, self.info.rank, self.collator,
-                                      self.steps_per_epoch, self.state.step, self.total_steps)
-        self.batches = iter(micro_batch_loader(dataset, self.loader_workers, self.pin_memory,
-                                               self.cfg.run.seed + self.info.rank))
+    def shared_state(self) -> dict:
+        return {"data_position": {"steps_per_epoch": self.steps_per_epoch, "world_size": self.plan.world_size}}
 
-    def next_micro_batch(self) -> dict:
-        return next(self.batches)
 
-    def micro_batch_losses(self, batch: dict) -> dict:
-        outputs = self.engine(**model_inputs(batch))
-        return supervised_losses(outputs, batch, self.cfg.model.variant)
-
-    def client_state(self) -> dict:
-        epoch, in_epoch = divmod(self.state.step, self.steps_per_epoch)
-        return {"data_position": {"epoch": epoch, "step_in_epoch": in_epoch,
-                                  "steps_per_epoch": self.steps_per_epoch,
-                                  "world_size": self.info.world_size}}
+def build_stage1(cfg: Config) -> tuple[Run, Stage1Recipe]:
+    """Read and check every input, build the model and engine, then open the run folder."""
+    if not cfg.data.train:
+        raise ConfigError("data.train: no labeled training file given (language: path)")
+    run = Run(cfg, "stage 1")
+    encoder_path = resolve_encoder(cfg.model.encoder)
+    tokenizer_path = resolve_encoder(cfg.model.tokenizer, "model.tokenizer") if cfg.model.tokenizer else encoder_path
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
+    encoder_config = AutoConfig.from_pretrained(encoder_path)
+    if len(tokenizer) > encoder_config.vocab_size:
+        raise ConfigError(f"model.tokenizer: {tokenizer_path} has {len(tokenizer)} tokens but the encoder "
+                          f"{encoder_path} has {encoder_config.vocab_size} embeddings; they do not belong together")
+    sentences, _ = read_source(cfg)
+    label_set = LabelSet.from_tags([t for s in sentences for t in s.tags])
+    windows_of = WindowTokenizer(tokenizer, label_set, cfg.data.max_length)
+    windows = windows_of.encode(sentences).to_list()
+    dev_sets = load_eval_sets(cfg.data.dev, "data.dev", windows_of, label_set, cfg.data.max_eval_sentences)
+    test_sets = load_eval_sets(cfg.data.test, "data.test", windows_of, label_set, cfg.data.max_eval_sentences)
+    collate = run.collator(tokenizer.pad_token_id, position_offset(encoder_config))
+    plan = BatchPlan([len(w["input_ids"]) for w in windows], run.layout.micro_batch_size,
+                     run.layout.accumulation_steps, run.info.world_size, cfg.run.seed,
+                     # packed rows carry no padding: plain random micro batches
+                     1 if collate.packed else cfg.train.bucket_multiplier,
+                     collate.row_length if cfg.train.batch_unit == "tokens" else None)
+    steps_per_epoch = plan.steps_per_epoch()
+    run.log.info("stage 1: %d training windows from %d sentences, %d steps per epoch, labels %s",
+                 len(windows), len(sentences), steps_per_epoch, label_set.bio_tags)
+    weights = resolve_weights(Stage1Recipe.TERMS, {name: 1.0 for name in VARIANT_TERMS[cfg.model.variant]},
+                              cfg.train.loss_weights)
+    model = DualNERModel.from_pretrained_encoder(encoder_path, len(label_set.entity_types), cfg.model.dropout,
+                                                 cfg.model.encoder_dropout, cfg.model.attention)
+    if cfg.model.freeze_word_embeddings:
+        model.freeze_word_embeddings()
+    run.build_engine(model, cfg.train.max_steps or cfg.train.epochs * steps_per_epoch, tokenizer.pad_token_id,
+                     label_set)
+    # the encoder's config as trained (model.encoder_dropout included): stage 2 builds from it
+    run.open_folder(lambda run_dir: save_model_assets(run_dir, tokenizer, model.encoder.config, label_set,
+                                                      cfg.model.variant, cfg.data.max_length))
+    recipe = Stage1Recipe(run.engine, windows, plan, collate, weights, dev_sets, test_sets, run.info.rank,
+                          run.loader_workers, run.pin_memory, cfg.run.seed)
+    return run, recipe
 
 
 def run_stage1(cfg: Config) -> dict:
-    return Stage1Trainer(cfg).train()
+    return train(*build_stage1(cfg))

@@ -1,10 +1,11 @@
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from dualner.backend.comm import free_port  # noqa: F401  (re-exported to the tests)
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "data" / "panx-sample"
@@ -21,11 +22,6 @@ def tiny_tokenizer(tiny_encoder):
     from transformers import AutoTokenizer
     return AutoTokenizer.from_pretrained(tiny_encoder)
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 DISTRIBUTED_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT",

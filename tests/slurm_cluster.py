@@ -16,17 +16,14 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from dualner.backend.comm import free_port
+
 PROGRAMS = ("sbatch", "scontrol", "slurmctld", "slurmd", "munged")
 
 
 class ClusterUnavailable(RuntimeError):
     pass
 
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _run(command: list[str], env: dict | None = None, timeout: int = 60) -> subprocess.CompletedProcess:
@@ -113,8 +110,8 @@ def start_cluster(folder: Path, cpus: int = 4) -> Cluster:
     config.write_text(f"""\
 ClusterName=dualner-test
 SlurmctldHost={node}(127.0.0.1)
-SlurmctldPort={_free_port()}
-SlurmdPort={_free_port()}
+SlurmctldPort={free_port()}
+SlurmdPort={free_port()}
 AuthType=auth/munge
 AuthInfo=socket={socket_path}
 CredType=cred/munge

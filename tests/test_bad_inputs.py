@@ -10,8 +10,8 @@ import pytest
 from dualner.checkpoint import CheckpointError
 from dualner.config import ConfigError, load_config
 from dualner.data.conll import DataFormatError, read_conll
-from dualner.stage1 import Stage1Trainer
-from dualner.stage2 import Stage2Trainer
+from dualner.stage1 import build_stage1, run_stage1
+from dualner.stage2 import build_stage2
 from tests.conftest import REPO
 
 TINY = ["train.max_steps=2", "data.max_train_sentences=64", "data.max_eval_sentences=8",
@@ -30,14 +30,14 @@ def config(output, *overrides, file="tiny.yaml"):
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory, tiny_encoder):
     output = tmp_path_factory.mktemp("bad") / "run"
-    Stage1Trainer(config(output)).train()
+    run_stage1(config(output))
     return output
 
 
 def test_output_dir_holding_another_run_is_refused_untouched(finished_run):
     before = snapshot(finished_run)
     with pytest.raises(ConfigError, match=r"holds another run .* section\(s\) model"):
-        Stage1Trainer(config(finished_run, "model.dropout=0.3"))
+        build_stage1(config(finished_run, "model.dropout=0.3"))
     assert snapshot(finished_run) == before
 
 
@@ -45,30 +45,30 @@ def test_eval_data_with_other_entity_types(tmp_path, tiny_encoder):
     dev = tmp_path / "dev.tsv"
     dev.write_text("Bob\tB-PER\n\nIBM\tB-ORG\nWatson\tI-MISC\n")
     with pytest.raises(DataFormatError, match=r"data.dev.xx: .*dev.tsv:3: entity type 'MISC' is not one"):
-        Stage1Trainer(config(tmp_path / "run", f"data.dev.xx={dev}"))
+        build_stage1(config(tmp_path / "run", f"data.dev.xx={dev}"))
     assert not (tmp_path / "run").exists()  # refused before anything was written
 
 
 def test_missing_model_path_names_the_key(tmp_path):
     with pytest.raises(FileNotFoundError, match="model.encoder: no such folder ./no/such/model"):
-        Stage1Trainer(config(tmp_path / "run", "model.encoder=./no/such/model"))
+        build_stage1(config(tmp_path / "run", "model.encoder=./no/such/model"))
 
 
 def test_tokenizer_that_does_not_match_the_model(tmp_path, tiny_encoder):
     from dualner.encoders.tiny import build_tokenizer
     build_tokenizer(vocab_size=6000).save_pretrained(tmp_path / "big-tokenizer")
     with pytest.raises(ConfigError, match=r"model.tokenizer: .*big-tokenizer has \d+ tokens but the encoder"):
-        Stage1Trainer(config(tmp_path / "run", f"model.tokenizer={tmp_path / 'big-tokenizer'}"))
+        build_stage1(config(tmp_path / "run", f"model.tokenizer={tmp_path / 'big-tokenizer'}"))
 
 
 def test_missing_training_file_names_the_key(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"data.train.en: data file not found: .*missing.tsv"):
-        Stage1Trainer(config(tmp_path / "run", f"data.train.en={tmp_path / 'missing.tsv'}"))
+        build_stage1(config(tmp_path / "run", f"data.train.en={tmp_path / 'missing.tsv'}"))
 
 
 def test_batch_sizes_that_do_not_divide(tmp_path):
     with pytest.raises(ConfigError, match=r"train.micro_batch_size=6 does not divide the 16 sentences"):
-        Stage1Trainer(config(tmp_path / "run", "train.micro_batch_size=6"))
+        build_stage1(config(tmp_path / "run", "train.micro_batch_size=6"))
 
 
 @pytest.mark.parametrize("init_from, message", [
@@ -80,7 +80,7 @@ def test_stage2_needs_a_stage1_model(tmp_path, init_from, message):
         (tmp_path / "empty").mkdir()
         init_from = str(tmp_path / "empty")
     with pytest.raises((FileNotFoundError, CheckpointError), match=message):
-        Stage2Trainer(config(tmp_path / "run", f"stage2.init_from={init_from}", file="tiny_stage2.yaml"))
+        build_stage2(config(tmp_path / "run", f"stage2.init_from={init_from}", file="tiny_stage2.yaml"))
     assert not (tmp_path / "run").exists()
 
 
@@ -89,12 +89,12 @@ def test_stage2_on_a_folder_without_model_assets(finished_run, tmp_path):
     copy = tmp_path / "not-dualner"
     shutil.copytree(finished_run / "checkpoints", copy / "checkpoints")
     with pytest.raises(CheckpointError, match=r"step-2: no model assets at .*\(not a DualNER run folder\)"):
-        Stage2Trainer(config(tmp_path / "run", f"stage2.init_from={copy}", file="tiny_stage2.yaml"))
+        build_stage2(config(tmp_path / "run", f"stage2.init_from={copy}", file="tiny_stage2.yaml"))
 
 
 def test_stage2_corpus_glob_that_matches_nothing(finished_run, tmp_path):
     with pytest.raises(FileNotFoundError, match=r"stage2.target.de: .*nothing-\*.txt' matches no file"):
-        Stage2Trainer(config(tmp_path / "run", f"stage2.init_from={finished_run}",
+        build_stage2(config(tmp_path / "run", f"stage2.init_from={finished_run}",
                              f"stage2.target.de={tmp_path}/nothing-*.txt", file="tiny_stage2.yaml"))
     assert not (tmp_path / "run").exists()
 
@@ -107,7 +107,7 @@ def test_empty_sentences_are_skipped_not_errors(tmp_path):
 
 def test_stage2_without_max_steps(tmp_path):
     with pytest.raises(ConfigError, match="train.max_steps: stage 2 streams corpora of unknown length"):
-        Stage2Trainer(load_config(REPO / "configs" / "tiny_stage2.yaml",
+        build_stage2(load_config(REPO / "configs" / "tiny_stage2.yaml",
                                   [f"run.output_dir={tmp_path}", "train.max_steps=null"]))
 
 

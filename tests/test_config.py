@@ -56,9 +56,9 @@ def test_batch_layout_keeps_global_batch():
 
 
 def test_deepspeed_json_is_validated(tmp_path):
-    layout = BatchLayout(128, 32, 2, 2)
+    layout = BatchLayout(128, 32, 4, 1)  # this process is a world of one, which DeepSpeed's parser checks
     derived = load_deepspeed_config(REPO / "ds_configs" / "zero3.json", layout)
-    assert derived["train_batch_size"] == 128 and derived["gradient_accumulation_steps"] == 2
+    assert derived["train_batch_size"] == 128 and derived["gradient_accumulation_steps"] == 4
     bad_stage = tmp_path / "bad.json"
     bad_stage.write_text('{"zero_optimization": {"stage": 4}}')
     with pytest.raises(ConfigError, match="bad.json: zero_optimization.stage must be"):

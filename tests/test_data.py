@@ -2,7 +2,8 @@ import pytest
 
 from dualner.data.batching import BatchPlan, bucketed_micro_batches
 from dualner.data.conll import DataFormatError, Sentence, read_conll
-from dualner.data.encoding import IGNORE_INDEX, SentenceEncoder, split_into_windows
+from dualner.data.encoding import WindowTokenizer, split_into_windows
+from dualner.labels import IGNORE_INDEX
 from dualner.data.packing import Collator
 from dualner.labels import LabelSet
 
@@ -51,7 +52,7 @@ def test_windows_never_split_words():
 
 
 def test_alignment_labels_first_subword_only(tiny_tokenizer):
-    encoder = SentenceEncoder(tiny_tokenizer, LABELS, max_length=64)
+    encoder = WindowTokenizer(tiny_tokenizer, LABELS, max_length=64)
     sentence = Sentence(["Zuccalmaglio", "lived", "in", "Paris"], ["B-PER", "O", "O", "B-LOC"], "en")
     rows = encoder.encode([sentence]).to_list()
     assert len(rows) == 1
@@ -68,7 +69,7 @@ def test_alignment_labels_first_subword_only(tiny_tokenizer):
 
 def test_long_sentence_is_windowed_without_losing_words(tiny_tokenizer):
     words = [f"word{i}" for i in range(10_000)]
-    encoder = SentenceEncoder(tiny_tokenizer, LABELS, max_length=32)
+    encoder = WindowTokenizer(tiny_tokenizer, LABELS, max_length=32)
     rows = encoder.encode([Sentence(words, ["O"] * len(words), "en")]).to_list()
     assert len(rows) > 1 and all(len(r["input_ids"]) <= 32 for r in rows)
     covered = [r["word_offset"] + w for r in rows for w in r["word_index"] if w >= 0]
@@ -76,7 +77,7 @@ def test_long_sentence_is_windowed_without_losing_words(tiny_tokenizer):
 
 
 def test_word_with_no_subword_keeps_a_position(tiny_tokenizer):
-    encoder = SentenceEncoder(tiny_tokenizer, LABELS, max_length=32)
+    encoder = WindowTokenizer(tiny_tokenizer, LABELS, max_length=32)
     rows = encoder.encode([Sentence(["a", "\u200b", "b"], ["O", "O", "O"], "en")]).to_list()
     assert [w for w in rows[0]["word_index"] if w >= 0] == [0, 1, 2]
 
@@ -112,7 +113,7 @@ def test_bare_boundary_piece_is_not_the_labeled_one():
     backend.pre_tokenizer = pre_tokenizers.Metaspace()
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, cls_token="<s>", sep_token="</s>",
                                         pad_token="<pad>", unk_token="<unk>")
-    row = SentenceEncoder(tokenizer, LABELS, 16).encode(
+    row = WindowTokenizer(tokenizer, LABELS, 16).encode(
         [Sentence(["北", "京", "Paris"], ["B-LOC", "I-LOC", "B-LOC"], "zh")]).to_list()[0]
     assert row["input_ids"] == [0, 4, 5, 4, 6, 7, 2]
     assert row["word_index"] == [-1, -1, 0, -1, 1, 2, -1]

@@ -2,7 +2,7 @@ import torch
 import torch.nn.functional as F
 
 from dualner.data.conll import read_conll
-from dualner.data.encoding import SentenceEncoder
+from dualner.data.encoding import WindowTokenizer
 from dualner.data.packing import Collator
 from dualner.evaluate import EvalSet, evaluate_sets
 from dualner.labels import LabelSet
@@ -49,7 +49,7 @@ def oracle_forward(rows, corrupt_every=0):
 def test_gold_predictions_score_100_on_both_heads(tiny_tokenizer):
     sentences = read_conll(SAMPLE / "de" / "dev.tsv", "de", max_sentences=80)
     # a short max length forces windows, which must be stitched back together
-    rows = SentenceEncoder(tiny_tokenizer, LABELS, max_length=12).encode(sentences).to_list()
+    rows = WindowTokenizer(tiny_tokenizer, LABELS, max_length=12).encode(sentences).to_list()
     assert len(rows) > len(sentences)
     eval_set = EvalSet("de", sentences, rows)
     forward = oracle_forward(rows)
@@ -62,7 +62,7 @@ def test_gold_predictions_score_100_on_both_heads(tiny_tokenizer):
 
 def test_wrong_predictions_lower_f1(tiny_tokenizer):
     sentences = read_conll(SAMPLE / "en" / "dev.tsv", "en", max_sentences=60)
-    rows = SentenceEncoder(tiny_tokenizer, LABELS, max_length=64).encode(sentences).to_list()
+    rows = WindowTokenizer(tiny_tokenizer, LABELS, max_length=64).encode(sentences).to_list()
     forward = oracle_forward(rows, corrupt_every=2)
     results = evaluate_sets(forward, [EvalSet("en", sentences, rows)], LABELS, "span", 16,
                             Collator(tiny_tokenizer.pad_token_id, row_length=64), torch.device("cpu"))

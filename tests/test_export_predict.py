@@ -8,10 +8,9 @@ import torch
 from transformers import AutoModelForTokenClassification
 
 from dualner.data.conll import read_conll
-from dualner.data.encoding import SentenceEncoder
+from dualner.data.encoding import WindowTokenizer
 from dualner.evaluate import predict_tags
-from dualner.export import export_model, load_exported
-from dualner.inference import inference_collator, load_trained_model
+from dualner.model_io import export_model, inference_collator, load_exported, load_trained_model
 from dualner.labels import Entity, sequential
 from dualner.predict import predict_file
 from tests.conftest import REPO, SAMPLE, launch
@@ -42,7 +41,7 @@ def test_export_predict_matches_checkpoint_evaluation(zero3_run, tmp_path):
         from_export = [sequential([Entity(e["start"], e["end"] - 1, e["type"]) for e in p["entities"]],
                                   len(p["tokens"])) for p in predicted]
         loaded = load_trained_model(zero3_run)
-        rows = SentenceEncoder(loaded.tokenizer, loaded.label_set, loaded.max_length).encode(sentences).to_list()
+        rows = WindowTokenizer(loaded.tokenizer, loaded.label_set, loaded.max_length).encode(sentences).to_list()
         from_checkpoint = predict_tags(loaded.model, rows, loaded.label_set, head, 16,
                                        inference_collator(loaded), torch.device("cpu"))
         if head == "seq":  # evaluation reads raw BIO argmax; entities re-read as chunks are the same

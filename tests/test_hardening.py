@@ -19,8 +19,8 @@ from dualner.config import load_config
 from dualner.data.batching import BatchLayout
 from dualner.errors import (EXIT_STOPPED, EXIT_USER_ERROR, CheckpointError, ConfigError, DataFormatError,
                             MissingPathError, RunLockedError, describe_os_error)
-from dualner.stage1 import Stage1Trainer
-from dualner.stage2 import Stage2Trainer
+from dualner.stage1 import build_stage1, run_stage1
+from dualner.stage2 import build_stage2
 from tests.conftest import REPO, SAMPLE, child_env
 
 FP32 = f"deepspeed.config={REPO / 'ds_configs' / 'zero0_fp32.json'}"
@@ -49,7 +49,7 @@ def one_line_error(result, code=EXIT_USER_ERROR) -> str:
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory, tiny_encoder):
     output = tmp_path_factory.mktemp("hardening") / "run"
-    Stage1Trainer(config(output)).train()
+    run_stage1(config(output))
     return output
 
 
@@ -107,7 +107,7 @@ def test_fp16_on_a_cpu_is_refused_before_anything_is_written(tmp_path):
 def test_output_dir_that_is_a_file_is_refused(tmp_path):
     (tmp_path / "taken").write_text("a file")
     with pytest.raises(ConfigError, match=r"run.output_dir=.*taken is a file"):
-        Stage1Trainer(config(tmp_path / "taken"))
+        build_stage1(config(tmp_path / "taken"))
 
 
 def test_output_dir_on_a_read_only_file_system_is_refused():
@@ -116,18 +116,18 @@ def test_output_dir_on_a_read_only_file_system_is_refused():
     if read_only is None:
         pytest.skip("no read-only folder on this machine to test with")
     with pytest.raises(ConfigError, match=r"cannot write in .* \(read-only or no permission\)"):
-        Stage1Trainer(config(f"{read_only}/dualner-run"))
+        build_stage1(config(f"{read_only}/dualner-run"))
 
 
 def test_a_failed_start_leaves_nothing_that_blocks_the_corrected_rerun(tmp_path, tiny_encoder):
     output = tmp_path / "run"
     with pytest.raises(MissingPathError):
-        Stage1Trainer(config(output, f"data.dev.xx={tmp_path / 'missing.tsv'}"))
+        build_stage1(config(output, f"data.dev.xx={tmp_path / 'missing.tsv'}"))
     assert not output.exists()
     with pytest.raises(ConfigError):
-        Stage1Trainer(config(output, f"deepspeed.config={ds_json(tmp_path, {'bf16': {'enabled': True}, 'zero_optimizationn': {}})}"))
+        build_stage1(config(output, f"deepspeed.config={ds_json(tmp_path, {'bf16': {'enabled': True}, 'zero_optimizationn': {}})}"))
     assert not output.exists()
-    Stage1Trainer(config(output, "train.max_steps=2")).train()  # the corrected rerun
+    run_stage1(config(output, "train.max_steps=2"))  # the corrected rerun
     assert (output / "results.json").is_file() and not (output / ".dualner.lock").exists()
 
 
@@ -140,7 +140,7 @@ def test_stage2_with_an_unreadable_target_file_writes_nothing(tmp_path, trained_
     corpus.write_bytes(content.encode() if isinstance(content, str) else content)
     output = tmp_path / "stage2"
     with pytest.raises(DataFormatError, match=message):
-        Stage2Trainer(config(output, f"stage2.init_from={trained_run}", f"stage2.target={{de: {corpus}}}",
+        build_stage2(config(output, f"stage2.init_from={trained_run}", f"stage2.target={{de: {corpus}}}",
                              file="tiny_stage2.yaml"))
     assert not output.exists()  # no config.yaml, no step-0 checkpoint
 
@@ -194,11 +194,11 @@ def truncate(path, keep=100):
 
 def test_resume_skips_a_damaged_checkpoint_naming_the_file(tmp_path, tiny_encoder, capfd):
     output = tmp_path / "run"
-    Stage1Trainer(config(output, "run.max_steps_per_job=4", "train.max_steps=6")).train()
+    run_stage1(config(output, "run.max_steps_per_job=4", "train.max_steps=6"))
     damaged = output / "checkpoints" / "step-4" / "mp_rank_00_model_states.pt"
     truncate(damaged)
     capfd.readouterr()
-    summary = Stage1Trainer(config(output, "train.max_steps=6")).train()
+    summary = run_stage1(config(output, "train.max_steps=6"))
     log = capfd.readouterr().out
     assert summary["steps"] == 6
     assert "skipping a damaged checkpoint" in log and "step-4/mp_rank_00_model_states.pt" in log
@@ -237,7 +237,7 @@ def test_model_weights_are_read_without_running_code(trained_run, tmp_path):
     (best / "COMPLETE").unlink()  # re-record the files as the (now malicious) checkpoint's own
     from dualner.checkpoint import COMPLETE_MARKER, file_manifest, write_json_atomic
     write_json_atomic(best / COMPLETE_MARKER, {"step": 0, "files": file_manifest(best)})
-    from dualner.inference import load_trained_model
+    from dualner.model_io import load_trained_model
     with pytest.raises(CheckpointError, match="cannot read its weights"):
         load_trained_model(copy)
     assert not marker.exists()

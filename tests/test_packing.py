@@ -10,7 +10,7 @@ import torch
 from transformers import AutoModel, BertConfig, XLMRobertaConfig
 
 from dualner.data.conll import read_conll
-from dualner.data.encoding import SentenceEncoder
+from dualner.data.encoding import WindowTokenizer
 from dualner.data.packing import Collator, first_fit_decreasing, model_inputs, token_budget_micro_batches
 from dualner.evaluate import EvalSet, evaluate_sets
 from dualner.labels import LabelSet
@@ -45,7 +45,7 @@ def test_token_budget_micro_batches_fill_a_fixed_shape():
 
 def windows_of(encoder_tokenizer, language="de", count=40, max_length=24):
     sentences = read_conll(SAMPLE / language / "dev.tsv", language, max_sentences=count)
-    return SentenceEncoder(encoder_tokenizer, LABELS, max_length).encode(sentences).to_list(), sentences
+    return WindowTokenizer(encoder_tokenizer, LABELS, max_length).encode(sentences).to_list(), sentences
 
 
 def by_window(batch, values):

@@ -3,7 +3,7 @@ import json
 import pytest
 
 from dualner.data.conll import DataFormatError
-from dualner.data.encoding import SentenceEncoder
+from dualner.data.encoding import WindowTokenizer
 from dualner.data.packing import Collator
 from dualner.data.streaming import (KIND_TARGET, STREAM_META, Stage2Stream, expand_files, make_shards,
                                     rank_shards, shard_stream)
@@ -29,7 +29,7 @@ def write_text_corpus(folder, files, sentences_per_file):
 
 def one_pass_sample_ids(tokenizer, pattern, world, workers):
     """What each of `world` ranks reads in one pass, each through `workers` loader processes."""
-    encoder = SentenceEncoder(tokenizer, LABELS, 32)
+    encoder = WindowTokenizer(tokenizer, LABELS, 32)
     shards = make_shards(expand_files(pattern, "stage2.target.xx"), "xx", KIND_TARGET, world, workers)
     per_rank = []
     for rank in range(world):
@@ -54,7 +54,7 @@ def test_ranks_and_workers_cover_the_corpus_once(tmp_path, tiny_tokenizer, files
 
 def test_resume_mid_stream_with_workers(tmp_path, tiny_tokenizer):
     write_text_corpus(tmp_path / "c", 2, 40)
-    encoder = SentenceEncoder(tiny_tokenizer, LABELS, 32)
+    encoder = WindowTokenizer(tiny_tokenizer, LABELS, 32)
     shards = make_shards(expand_files(str(tmp_path / "c" / "*.txt"), "k"), "xx", KIND_TARGET, 1, 2)
 
     def stream():

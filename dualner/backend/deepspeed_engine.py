@@ -101,7 +101,11 @@ class _ReadKeys(dict):
 def _check_with_deepspeed(ds_config: dict, path: Path) -> None:
     """Parse the JSON with DeepSpeed's own config class, as deepspeed.initialize will, and refuse
     the top-level keys it never reads (DeepSpeed ignores them silently: a typo would be lost)."""
+    import deepspeed
+    import torch.distributed
     from deepspeed.runtime.config import DeepSpeedConfig
+    if torch.distributed.is_initialized():  # DeepSpeed's parser checks the batch sizes against its world size
+        deepspeed.init_distributed(verbose=False)
     tracked = _ReadKeys(ds_config)
     try:
         DeepSpeedConfig(tracked)

@@ -11,10 +11,9 @@ from __future__ import annotations
 from typing import Sequence
 
 import datasets
-import numpy as np
 
 from dualner.data.conll import Sentence
-from dualner.labels import IGNORE_INDEX, LabelSet, extract_span
+from dualner.labels import LabelSet, extract_span
 
 
 def sentences_to_dataset(sentences: Sequence[Sentence]) -> datasets.Dataset:
@@ -43,7 +42,7 @@ def split_into_windows(pieces_per_word: Sequence[Sequence[int]], budget: int) ->
     return windows
 
 
-class SentenceEncoder:
+class WindowTokenizer:
     """Tokenizes sentences into windows; labels (when present) become word-level id lists."""
 
     def __init__(self, tokenizer, label_set: LabelSet, max_length: int):

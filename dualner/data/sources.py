@@ -36,6 +36,16 @@ def split_source_fraction(sentences: Sequence[Sentence], fraction: float,
     return [sentences[i] for i in kept], [sentences[i] for i in rest]
 
 
+def read_source(cfg) -> tuple[list[Sentence], list[Sentence]]:
+    """The labeled source of a run (`data.train`, capped by `data.max_train_sentences`), split into
+    (labeled part, remainder) by `data.train_fraction` and `run.seed`, the same in both stages. Each
+    sentence's `source` is its index in the source: the `src_id` translations name."""
+    sentences = read_labeled(cfg.data.train, "data.train", cfg.data.max_train_sentences)
+    for index, sentence in enumerate(sentences):
+        sentence.source = str(index)
+    return split_source_fraction(sentences, cfg.data.train_fraction, cfg.run.seed)
+
+
 def check_entity_types(sentences: Sequence[Sentence], label_set: LabelSet, key: str) -> None:
     """Evaluation data must use the model's entity types; name the first offending sentence."""
     known = set(label_set.entity_types)

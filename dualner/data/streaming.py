@@ -17,7 +17,6 @@ Nothing is ever loaded whole: memory holds one tokenization pool per worker plus
 from __future__ import annotations
 
 import glob
-import json
 import random
 import zlib
 from functools import lru_cache, partial
@@ -31,14 +30,12 @@ from datasets import IterableDataset
 
 from dualner.data.conll import DataFormatError, iter_conll
 from dualner.errors import MissingPathError
-from dualner.data.encoding import SentenceEncoder
+from dualner.data.encoding import WindowTokenizer
 from dualner.data.packing import Collator, token_budget_micro_batches
-from dualner.labels import is_valid_tag
+from dualner.data.readers import JSONL_SUFFIXES, TEXT_SUFFIXES, iter_jsonl, iter_text
 
 KIND_SOURCE, KIND_TARGET, KIND_TRANSLATION = "source", "target", "translation"
 _CONLL_SUFFIXES = {".tsv", ".conll", ".iob", ".bio"}
-_JSONL_SUFFIXES = {".jsonl", ".json"}
-_TEXT_SUFFIXES = {".txt", ".text"}
 
 
 @dataclass(frozen=True)
@@ -101,7 +98,7 @@ def _iter_hub(shard: Shard) -> Iterator[dict]:
 @lru_cache(maxsize=4)
 def _source_by_id(path: str) -> dict[str, dict]:
     # The labeled source is small (it was labeled by hand); one dict per loader process.
-    return {sentence["src_id"]: sentence for sentence in _iter_jsonl(Path(path), "")}
+    return {sentence["src_id"]: sentence for sentence in iter_jsonl(Path(path), "")}
 
 
 def rank_shards(shards: Sequence[Shard], rank: int, world_size: int) -> list[Shard]:
@@ -114,17 +111,17 @@ def _iter_sentences(shard: Shard) -> Iterator[dict]:
         return
     path = Path(shard.path)
     suffix = path.suffix.lower()
-    if suffix in _JSONL_SUFFIXES:
-        reader = _iter_jsonl(path, shard.language)
-    elif suffix in _TEXT_SUFFIXES:
-        reader = _iter_text(path, shard.language)
+    if suffix in JSONL_SUFFIXES:
+        reader = iter_jsonl(path, shard.language)
+    elif suffix in TEXT_SUFFIXES:
+        reader = iter_text(path, shard.language)
     elif suffix in _CONLL_SUFFIXES:
         labeled = shard.kind == KIND_SOURCE
         reader = ({"words": s.words, "tags": s.tags or [], "language": shard.language,
                    "src_id": "", "sample_id": s.source} for s in iter_conll(path, shard.language, labeled))
     else:
         raise DataFormatError(f"{path}: unknown corpus format {suffix!r} (expected one of "
-                              f"{sorted(_CONLL_SUFFIXES | _JSONL_SUFFIXES | _TEXT_SUFFIXES)})")
+                              f"{sorted(_CONLL_SUFFIXES | JSONL_SUFFIXES | TEXT_SUFFIXES)})")
     for index, sentence in enumerate(reader):
         if index % shard.stride == shard.offset:
             if shard.kind != KIND_SOURCE:
@@ -134,37 +131,6 @@ def _iter_sentences(shard: Shard) -> Iterator[dict]:
                 source = _source_by_id(shard.pair_with).get(sentence["src_id"])
                 if source is not None:
                     yield {**source, "kind": KIND_SOURCE}
-
-
-def _iter_text(path: Path, language: str) -> Iterator[dict]:
-    with path.open(encoding="utf-8") as handle:
-        for line_number, line in enumerate(handle, start=1):
-            words = line.split()
-            if words:
-                yield {"words": words, "tags": [], "language": language, "src_id": "",
-                       "sample_id": f"{path}:{line_number}"}
-
-
-def _iter_jsonl(path: Path, language: str) -> Iterator[dict]:
-    with path.open(encoding="utf-8") as handle:
-        for line_number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-                words = record["tokens"]
-            except (json.JSONDecodeError, KeyError, TypeError) as error:
-                raise DataFormatError(f"{path}:{line_number}: expected a JSON object with a "
-                                      f"'tokens' list ({error})") from None
-            if not isinstance(words, list) or not all(isinstance(w, str) and w for w in words):
-                raise DataFormatError(f"{path}:{line_number}: 'tokens' must be a list of non-empty strings")
-            tags = record.get("tags") or []
-            if tags and (len(tags) != len(words) or not all(map(is_valid_tag, tags))):
-                raise DataFormatError(f"{path}:{line_number}: 'tags' must be one valid BIO tag per token")
-            if words:
-                yield {"words": words, "tags": record.get("tags") or [],
-                       "language": record.get("lang", language),
-                       "src_id": str(record.get("src_id", "")), "sample_id": f"{path}:{line_number}"}
 
 
 def check_corpus(files: Sequence[str], language: str, kind: str, key: str) -> None:
@@ -219,7 +185,7 @@ class Stage2Stream:
     loader workers; with a fixed number of rows (token batches) the pool is cut into micro batches
     that fill them."""
 
-    def __init__(self, sources: Sequence[tuple[list[Shard], float]], encoder: SentenceEncoder,
+    def __init__(self, sources: Sequence[tuple[list[Shard], float]], encoder: WindowTokenizer,
                  micro_batch_size: int, seed: int, rank: int, collate: Collator, pool: int = 2048,
                  workers: int = 0, repeat: bool = True, pin_memory: bool = False):
         weighted = [(shards, weight) for shards, weight in sources if weight > 0 and shards]

@@ -1,0 +1,162 @@
+"""Model I/O in one place: what a run saves beside its checkpoints (tokenizer, encoder config, label
+set: `run/model/`), loading a trained model from a run or checkpoint folder (the student and teacher
+of stage 2, evaluation, prediction), and the exported Hugging Face folder. One strict key check for
+every load.
+
+An exported folder is a Hugging Face token-classification model (`AutoModelForTokenClassification`
+loads the encoder and the BIO head, with `id2label`), plus the start/end span heads' weights in the
+same safetensors file and the entity types in the config, which `load_exported` reads back into the
+full dual-head model. Tokenizer files sit beside it.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoConfig, AutoModelForTokenClassification, AutoTokenizer
+
+from dualner.checkpoint import load_model_state, resolve_checkpoint
+from dualner.data.packing import Collator
+from dualner.errors import CheckpointError, MissingPathError
+from dualner.labels import LabelSet
+from dualner.model import DualNERModel, with_encoder_dropout
+
+MODEL_ASSETS = "model"  # the folder, inside a run folder
+ASSETS_FILE = "dualner.json"
+WEIGHTS = "model.safetensors"  # of an exported folder
+
+
+@dataclass
+class LoadedModel:
+    model: DualNERModel
+    tokenizer: object
+    label_set: LabelSet
+    max_length: int
+    checkpoint: Path  # the step-N folder (or exported folder) it came from
+
+
+def save_model_assets(run_dir: Path, tokenizer, encoder_config, label_set: LabelSet, variant: str,
+                      max_length: int) -> None:
+    directory = Path(run_dir) / MODEL_ASSETS
+    directory.mkdir(parents=True, exist_ok=True)
+    tokenizer.save_pretrained(directory)
+    encoder_config.save_pretrained(directory)
+    (directory / ASSETS_FILE).write_text(json.dumps(
+        {"entity_types": list(label_set.entity_types), "bio_tags": label_set.bio_tags,
+         "variant": variant, "max_length": max_length}, indent=1), encoding="utf-8")
+
+
+def assets_of(checkpoint: Path) -> Path:
+    """The model assets of the run a step-N folder belongs to."""
+    assets = checkpoint.parent.parent / MODEL_ASSETS
+    if not (assets / ASSETS_FILE).is_file():
+        raise CheckpointError(f"{checkpoint}: no model assets at {assets} (not a DualNER run folder)")
+    return assets
+
+
+def load_weights(model: DualNERModel, state: dict[str, torch.Tensor], source: Path) -> DualNERModel:
+    """The one strict key check: every parameter of the model, nothing else."""
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise CheckpointError(f"{source}: weights do not match the model "
+                              f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    return model
+
+
+def load_trained_model(path: str | Path, encoder_dropout: float | None = None,
+                       attention_mode: str = "auto") -> LoadedModel:
+    """The model of a run folder (its best checkpoint) or a step-N folder, in eval mode; the encoder's
+    dropout is the run's (its saved encoder config) unless `encoder_dropout` overrides it."""
+    checkpoint = resolve_checkpoint(path)
+    assets = assets_of(checkpoint)
+    meta = json.loads((assets / ASSETS_FILE).read_text(encoding="utf-8"))
+    label_set = LabelSet(tuple(meta["entity_types"]))
+    encoder_config = with_encoder_dropout(AutoConfig.from_pretrained(assets), encoder_dropout)
+    model = DualNERModel.from_encoder_config(encoder_config, len(label_set.entity_types),
+                                             attention_mode=attention_mode)
+    load_weights(model, load_model_state(checkpoint), checkpoint).eval()
+    return LoadedModel(model, AutoTokenizer.from_pretrained(assets), label_set, meta["max_length"], checkpoint)
+
+
+def inference_collator(loaded: LoadedModel) -> Collator:
+    """Packed rows where the encoder family allows it (same results, no padding computed)."""
+    offset = loaded.model.position_offset
+    return Collator(pad_id=loaded.tokenizer.pad_token_id, packed=offset is not None,
+                    row_length=loaded.max_length, position_offset=offset or 0)
+
+
+# -- exported folders -----------------------------------------------------------------------------
+SPAN_HEADS = ("start_head", "end_head")
+
+
+def _token_classification_layout(config) -> tuple[str, str]:
+    """(class name, attribute holding the encoder) of the encoder's token-classification model,
+    read off an instance on the meta device (no memory, no weights)."""
+    with torch.device("meta"):
+        model = AutoModelForTokenClassification.from_config(config)
+    return type(model).__name__, model.base_model_prefix
+
+
+def export_model(checkpoint: str | Path, output: str | Path) -> Path:
+    loaded = load_trained_model(checkpoint)
+    output = Path(output)
+    output.mkdir(parents=True, exist_ok=True)
+    config = loaded.model.encoder.config
+    tags = loaded.label_set.bio_tags
+    config.id2label = dict(enumerate(tags))
+    config.label2id = {tag: index for index, tag in enumerate(tags)}
+    config.dualner_entity_types = list(loaded.label_set.entity_types)
+    config.dualner_max_length = loaded.max_length
+    class_name, prefix = _token_classification_layout(config)
+    config.architectures = [class_name]
+    state = {}
+    for name, tensor in loaded.model.state_dict().items():
+        if name.startswith("encoder."):
+            state[f"{prefix}.{name[len('encoder.'):]}"] = tensor
+        elif name.startswith("seq_head."):
+            state[f"classifier.{name[len('seq_head.'):]}"] = tensor
+        else:
+            state[name] = tensor
+    save_file({name: tensor.contiguous() for name, tensor in state.items()}, str(output / WEIGHTS),
+              metadata={"format": "pt"})
+    config.save_pretrained(output)
+    loaded.tokenizer.save_pretrained(output)
+    return output
+
+
+def is_export(path: str | Path) -> bool:
+    config = Path(path) / "config.json"
+    return config.is_file() and "dualner_entity_types" in config.read_text(encoding="utf-8")
+
+
+def load_exported(path: str | Path) -> LoadedModel:
+    path = Path(path)
+    config = AutoConfig.from_pretrained(path)
+    label_set = LabelSet(tuple(config.dualner_entity_types))
+    model = DualNERModel.from_encoder_config(config, len(label_set.entity_types))
+    _, prefix = _token_classification_layout(config)
+    state = {}
+    try:
+        weights = load_file(str(path / WEIGHTS))
+    except Exception as error:  # noqa: BLE001 (safetensors raises its own error types)
+        raise CheckpointError(f"{path / WEIGHTS}: cannot read the exported weights ({error})") from None
+    for name, tensor in weights.items():
+        if name.startswith(f"{prefix}."):
+            state[f"encoder.{name[len(prefix) + 1:]}"] = tensor
+        elif name.startswith("classifier."):
+            state[f"seq_head.{name[len('classifier.'):]}"] = tensor
+        else:
+            state[name] = tensor
+    load_weights(model, state, path).eval()
+    return LoadedModel(model, AutoTokenizer.from_pretrained(path), label_set, config.dualner_max_length, path)
+
+
+def load_any(path: str | Path) -> LoadedModel:
+    """An exported folder, or a run / step-N checkpoint folder."""
+    if not Path(path).exists():
+        raise MissingPathError(f"--model: no such folder {path}")
+    return load_exported(path) if is_export(path) else load_trained_model(path)
