@@ -57,7 +57,8 @@ def evaluate(argv: list[str]) -> int:
                         help="a step-N folder, or a run/checkpoints folder (its best checkpoint)")
     parser.add_argument("--data", nargs="+", required=True, metavar="LANG=PATH")
     parser.add_argument("--output", help="JSON file for {per_language, average}")
-    parser.add_argument("--head", choices=["span", "seq"], default="span")
+    parser.add_argument("--head", choices=["auto", "span", "seq"], default="auto",
+                        help="auto: the span head, or the sequence head of a cla model")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--max-sentences", type=int, default=None, help="first N sentences per file")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
@@ -90,7 +91,8 @@ def predict(argv: list[str]) -> int:
     parser.add_argument("--model", required=True, help="an exported folder, or a run / step-N folder")
     parser.add_argument("--input", required=True)
     parser.add_argument("--output", required=True)
-    parser.add_argument("--head", choices=["span", "seq"], default="span")
+    parser.add_argument("--head", choices=["auto", "span", "seq"], default="auto",
+                        help="auto: the span head, or the sequence head of a cla model")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if present)")
     args = parser.parse_args(argv)

@@ -75,6 +75,8 @@ class DataConfig:
     train_fraction: float = bounded(1.0, above=0.0, maximum=1.0)  # stage 1 sees this fraction of the labeled source (SPEC Fig. 3)
     max_train_sentences: int | None = bounded(None, minimum=1)
     max_eval_sentences: int | None = bounded(None, minimum=1)  # per language, for quick runs
+    # Final numbers: the test sets are read whole even when max_eval_sentences caps them for dev.
+    full_test_sets: bool = False
     # Pack windows into rows of `pack_length` tokens (default: max_length) with block-diagonal
     # attention and per-window positions: no padding computed, same results as unpacked. Encoder
     # families whose position ids are unknown are trained unpacked whatever this says.
@@ -83,6 +85,10 @@ class DataConfig:
     # Loader worker processes per rank (tokenizing, packing, pinning off the training thread);
     # default: 0 on CPU, up to 4 per GPU as the node's cores allow.
     loader_workers: int | None = bounded(None, minimum=0)
+
+    @property
+    def test_sentence_cap(self) -> int | None:
+        return None if self.full_test_sets else self.max_eval_sentences
 
 
 @dataclass
@@ -114,7 +120,9 @@ class TrainConfig:
 @dataclass
 class EvalConfig:
     select_on: Literal["average", "source"] = "average"
-    head: Literal["span", "seq"] = "span"
+    # Which head predicts in evaluation: "auto" is the span head, or the sequence head for the cla
+    # variant (whose span heads are never trained).
+    head: Literal["auto", "span", "seq"] = "auto"
     batch_size: int = bounded(64, minimum=1)
 
 
@@ -124,9 +132,28 @@ class Stage2Config:
     init_from: str = ""  # the stage-1 run folder or step-N checkpoint: first teacher and student
     target: dict[str, str] = field(default_factory=dict)  # language -> file/glob of unlabeled text (TRGGold)
     translations: dict[str, str] = field(default_factory=dict)  # language -> JSONL file/glob (TRGTrans)
+    # How the streams mix. "size": a stream is drawn in proportion to its number of sentences (times
+    # its kind's weight below), so every sentence of the mixed corpus is equally likely and
+    # `epochs` means passes over it (the paper's "8 epochs"). "equal": the labeled source carries
+    # source_weight, the target languages share target_weight equally, the translations share
+    # translation_weight (half of every batch English with the default weights).
+    mix: Literal["size", "equal"] = "size"
     source_weight: float = bounded(1.0, minimum=0.0)
     target_weight: float = bounded(1.0, minimum=0.0)
     translation_weight: float = bounded(1.0, minimum=0.0)
+    # Stage 2's length in passes over the mixed corpus (needs mix=size); else train.max_steps.
+    epochs: float | None = bounded(None, above=0.0)
+    # "per_term" (SPEC read literally): each loss term is a mean over the words it labels, so a gold
+    # label weighs 1/(the source's share of the micro batch) times a pseudo label. "shared": every
+    # term divides by the micro batch's words, so gold and pseudo labels weigh the same per word.
+    loss_normalization: Literal["per_term", "shared"] = "per_term"
+    # The entity-aware MSE: "mean" over the 2 x hidden dimensions of each squared difference, or
+    # "sum" over them (SPEC's "mean squared distance" read as squared Euclidean distance, 2 x hidden
+    # times larger); and whether R_k is the micro batch's entities or, as SPEC's "in the batch", those
+    # of the rank's whole step so far ("step": earlier micro batches' representations enter the
+    # centroid as constants; other ranks' entities are not pooled).
+    mse_reduction: Literal["mean", "sum"] = "mean"
+    mse_pool: Literal["micro_batch", "step"] = "step"
     teaching: Literal["dual", "self_kl"] = "dual"  # self_kl: the w/ selfKL ablation
     mse: Literal["centroid", "parallel"] = "centroid"
     mse_weight: float = bounded(0.5, minimum=0.0)  # lambda; 0 is the w/o MSE ablation
@@ -270,7 +297,29 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             raise ConfigError(f"{path}: not valid YAML: {error}") from error
     for override in overrides:
         _apply_override(tree, override)
-    return build_dataclass(Config, tree, path)
+    cfg = build_dataclass(Config, tree, path)
+    check_combinations(cfg, path)
+    return cfg
+
+
+# The heads each variant trains, by the head evaluation reads (SPEC "Ablations and variants").
+_TRAINED_HEADS = {"mlt": {"span", "seq"}, "cla": {"seq"}, "span": {"span"}}
+
+
+def evaluation_head(variant: str, head: str = "auto") -> str:
+    """The head evaluation and prediction read for a model of `variant`."""
+    if head == "auto":
+        return "seq" if variant == "cla" else "span"
+    return head
+
+
+def check_combinations(cfg: "Config", source: str | Path | None = None) -> None:
+    """Settings that are valid alone but not together."""
+    where = f"{source}: " if source else ""
+    head = evaluation_head(cfg.model.variant, cfg.eval.head)
+    if head not in _TRAINED_HEADS[cfg.model.variant]:
+        raise ConfigError(f"{where}eval.head={cfg.eval.head} reads a head that model.variant={cfg.model.variant} "
+                          f"never trains; use eval.head=auto (or {sorted(_TRAINED_HEADS[cfg.model.variant])[0]})")
 
 
 def config_to_dict(config: Any) -> dict:

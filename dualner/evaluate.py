@@ -113,7 +113,10 @@ def f1_percent(gold: Sequence[Sequence[str]], predicted: Sequence[Sequence[str]]
 
 def evaluate_sets(forward: Forward, eval_sets: Sequence[EvalSet], label_set: LabelSet, head: str,
                   batch_size: int, collate: Collator, device: torch.device) -> dict:
-    """{"per_language": {lang: F1}, "average": unweighted mean} (F1 in percent)."""
+    """{"per_language": {lang: F1}, "average": unweighted mean} (F1 in percent). `head` is "span" or
+    "seq" (dualner.config.evaluation_head resolves "auto")."""
+    if head not in ("span", "seq"):
+        raise ValueError(f"evaluation head {head!r}: span or seq")
     per_language = {}
     for eval_set in eval_sets:
         predicted = predict_tags(forward, eval_set.rows, label_set, head, batch_size, collate, device)

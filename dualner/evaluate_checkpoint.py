@@ -6,6 +6,7 @@ from pathlib import Path
 
 from dualner.backend.comm import accelerator_device, init_distributed
 from dualner.checkpoint import write_json_atomic
+from dualner.config import evaluation_head
 from dualner.data.encoding import WindowTokenizer
 from dualner.evaluate import evaluate_sets, format_table, load_eval_sets
 from dualner.model_io import inference_collator, load_trained_model
@@ -13,11 +14,12 @@ from dualner.logging import get_logger
 
 
 def evaluate_checkpoint(checkpoint: str | Path, data: dict[str, str], output: str | Path | None,
-                        head: str = "span", batch_size: int = 64, max_sentences: int | None = None) -> dict:
+                        head: str = "auto", batch_size: int = 64, max_sentences: int | None = None) -> dict:
     info = init_distributed()
     log = get_logger()
     device = accelerator_device(info.local_rank)
     loaded = load_trained_model(checkpoint)
+    head = evaluation_head(loaded.variant, head)
     model = loaded.model.to(device)
     encoder = WindowTokenizer(loaded.tokenizer, loaded.label_set, loaded.max_length)
     eval_sets = load_eval_sets(data, "--data", encoder, loaded.label_set, max_sentences)

@@ -12,12 +12,16 @@ from dualner.model import HeadOutputs
 VARIANT_TERMS = {"mlt": ("seq", "start", "end"), "cla": ("seq",), "span": ("start", "end")}
 
 
-def token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean over labeled positions; exactly 0 (with a gradient path) when none is labeled."""
+def token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor,
+                        denominator: torch.Tensor | None = None) -> torch.Tensor:
+    """Sum over labeled positions divided by their number (or by `denominator`: one shared by
+    several terms); exactly 0 (with a gradient path) when none is labeled."""
     flat_labels = labels.reshape(-1)
     total = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), flat_labels,
                             ignore_index=IGNORE_INDEX, reduction="sum")
-    return total / (flat_labels != IGNORE_INDEX).sum().clamp(min=1)
+    if denominator is None:
+        denominator = (flat_labels != IGNORE_INDEX).sum()
+    return total / denominator.clamp(min=1)
 
 
 def supervised_losses(outputs: HeadOutputs, batch: dict[str, torch.Tensor],
@@ -65,25 +69,42 @@ def entity_representations(outputs: HeadOutputs, start_labels: torch.Tensor, wor
     return representations.float(), present
 
 
-def centroid_mse(representations: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
-    """Mean over types with at least two entities in the batch of the mean squared distance of each
-    representation to their mean; 0 (keeping the graph) when no type qualifies."""
+def _squared(difference: torch.Tensor, reduction: str) -> torch.Tensor:
+    squared = difference.pow(2)
+    return squared.sum(-1) if reduction == "sum" else squared.mean(-1)
+
+
+def centroid_mse(representations: torch.Tensor, present: torch.Tensor, reduction: str = "mean",
+                 carried: tuple[torch.Tensor, torch.Tensor] | None = None):
+    """Mean over types with at least two entities of the mean squared distance of each
+    representation to their mean (over the 2 x hidden dimensions: their "mean", or their "sum", the
+    squared Euclidean distance); 0 (keeping the graph) when no type qualifies.
+
+    With `carried` = (sum of representations, count) per type from earlier micro batches of the step
+    (constants), the centroid and the two-entity rule cover them too; then returns (loss, carried
+    for the next micro batch)."""
     weight = present.float()
     count = weight.sum(0)  # (types,)
-    centroid = (representations * weight[..., None]).sum(0) / count.clamp(min=1)[:, None]
-    distance = (representations - centroid).pow(2).mean(-1) * weight  # (windows, types)
+    total = (representations * weight[..., None]).sum(0)  # (types, 2 x hidden)
+    pooled_total, pooled_count = (total, count) if carried is None else (total + carried[0], count + carried[1])
+    centroid = pooled_total / pooled_count.clamp(min=1)[:, None]
+    distance = _squared(representations - centroid, reduction) * weight  # (windows, types)
     per_type = distance.sum(0) / count.clamp(min=1)
-    qualifies = (count >= 2).float()
-    return (per_type * qualifies).sum() / qualifies.sum().clamp(min=1)
+    qualifies = ((pooled_count >= 2) & (count >= 1)).float()
+    loss = (per_type * qualifies).sum() / qualifies.sum().clamp(min=1)
+    if carried is None:
+        return loss
+    return loss, (pooled_total.detach(), pooled_count.detach())
 
 
-def parallel_mse(representations: torch.Tensor, present: torch.Tensor, pairs: torch.Tensor) -> torch.Tensor:
+def parallel_mse(representations: torch.Tensor, present: torch.Tensor, pairs: torch.Tensor,
+                 reduction: str = "mean") -> torch.Tensor:
     """For (translation window, source window) pairs: pull each type's entity of one onto the other's."""
     if pairs.shape[0] == 0:
         return representations.sum() * 0.0
     translation, source = pairs[:, 0], pairs[:, 1]
     both = (present[translation] & present[source]).float()  # (pairs, types)
-    distance = (representations[translation] - representations[source]).pow(2).mean(-1)
+    distance = _squared(representations[translation] - representations[source], reduction)
     return (distance * both).sum() / both.sum().clamp(min=1)
 
 

@@ -37,6 +37,7 @@ class LoadedModel:
     label_set: LabelSet
     max_length: int
     checkpoint: Path  # the step-N folder (or exported folder) it came from
+    variant: str = "mlt"  # which heads were trained (decides the default evaluation head)
 
 
 def save_model_assets(run_dir: Path, tokenizer, encoder_config, label_set: LabelSet, variant: str,
@@ -79,7 +80,8 @@ def load_trained_model(path: str | Path, encoder_dropout: float | None = None,
     model = DualNERModel.from_encoder_config(encoder_config, len(label_set.entity_types),
                                              attention_mode=attention_mode)
     load_weights(model, load_model_state(checkpoint), checkpoint).eval()
-    return LoadedModel(model, AutoTokenizer.from_pretrained(assets), label_set, meta["max_length"], checkpoint)
+    return LoadedModel(model, AutoTokenizer.from_pretrained(assets), label_set, meta["max_length"], checkpoint,
+                       meta.get("variant", "mlt"))
 
 
 def inference_collator(loaded: LoadedModel) -> Collator:
@@ -111,6 +113,7 @@ def export_model(checkpoint: str | Path, output: str | Path) -> Path:
     config.label2id = {tag: index for index, tag in enumerate(tags)}
     config.dualner_entity_types = list(loaded.label_set.entity_types)
     config.dualner_max_length = loaded.max_length
+    config.dualner_variant = loaded.variant
     class_name, prefix = _token_classification_layout(config)
     config.architectures = [class_name]
     state = {}
@@ -152,7 +155,8 @@ def load_exported(path: str | Path) -> LoadedModel:
         else:
             state[name] = tensor
     load_weights(model, state, path).eval()
-    return LoadedModel(model, AutoTokenizer.from_pretrained(path), label_set, config.dualner_max_length, path)
+    return LoadedModel(model, AutoTokenizer.from_pretrained(path), label_set, config.dualner_max_length, path,
+                       getattr(config, "dualner_variant", "mlt"))
 
 
 def load_any(path: str | Path) -> LoadedModel:

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from dualner.backend.placement import to_device
+from dualner.config import evaluation_head
 from dualner.data.conll import iter_conll
 from dualner.data.readers import JSONL_SUFFIXES, iter_jsonl, iter_text
 from dualner.errors import MissingPathError
@@ -45,7 +46,7 @@ def read_input(path: Path) -> Iterator[list[str]]:
 
 
 class Predictor:
-    def __init__(self, model_path: str | Path, head: str = "span", batch_size: int = 64,
+    def __init__(self, model_path: str | Path, head: str = "auto", batch_size: int = 64,
                  device: str | None = None):
         loaded = load_any(model_path)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -53,7 +54,7 @@ class Predictor:
         self.label_set = loaded.label_set
         self.encoder = WindowTokenizer(loaded.tokenizer, loaded.label_set, loaded.max_length)
         self.collate = inference_collator(loaded)
-        self.head, self.batch_size = head, batch_size
+        self.head, self.batch_size = evaluation_head(loaded.variant, head), batch_size
 
     @torch.no_grad()
     def predict(self, sentences: list[list[str]]) -> list[list[dict]]:
@@ -100,7 +101,7 @@ def _entity_record(words: list[str], entity: Entity, score: float) -> dict:
 
 
 def predict_file(model: str | Path, input_path: str | Path, output_path: str | Path,
-                 head: str = "span", batch_size: int = 64, device: str | None = None) -> int:
+                 head: str = "auto", batch_size: int = 64, device: str | None = None) -> int:
     """Stream `input_path` through the model into `output_path` (written whole, then renamed)."""
     input_path, output_path = Path(input_path), Path(output_path)
     if not input_path.is_file():

@@ -77,7 +77,7 @@ def build_stage1(cfg: Config) -> tuple[Run, Stage1Recipe]:
     windows_of = WindowTokenizer(tokenizer, label_set, cfg.data.max_length)
     windows = windows_of.encode(sentences).to_list()
     dev_sets = load_eval_sets(cfg.data.dev, "data.dev", windows_of, label_set, cfg.data.max_eval_sentences)
-    test_sets = load_eval_sets(cfg.data.test, "data.test", windows_of, label_set, cfg.data.max_eval_sentences)
+    test_sets = load_eval_sets(cfg.data.test, "data.test", windows_of, label_set, cfg.data.test_sentence_cap)
     collate = run.collator(tokenizer.pad_token_id, position_offset(encoder_config))
     plan = BatchPlan([len(w["input_ids"]) for w in windows], run.layout.micro_batch_size,
                      run.layout.accumulation_steps, run.info.world_size, cfg.run.seed,

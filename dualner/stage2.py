@@ -11,6 +11,7 @@ each head's KL to the teacher's same head), `mse` (weight stage2.mse_weight, SPE
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import NamedTuple
 
@@ -22,9 +23,10 @@ from dualner.checkpoint import load_model_state, read_best
 from dualner.config import Config, Stage2Config
 from dualner.data.encoding import WindowTokenizer
 from dualner.data.packing import Collator, model_inputs
-from dualner.data.sources import read_source
-from dualner.data.streaming import (KIND_SOURCE, KIND_TARGET, KIND_TRANSLATION, STREAM_META, Stage2Stream,
-                                    check_corpus, expand_files, make_shards, rank_shards)
+from dualner.data.sources import check_same_split, read_source
+from dualner.data.readers import count_sentences
+from dualner.data.streaming import (HUB_PREFIX, KIND_SOURCE, KIND_TARGET, KIND_TRANSLATION, STREAM_META,
+                                    Stage2Stream, check_corpus, expand_files, make_shards, rank_shards)
 from dualner.errors import ConfigError
 from dualner.evaluate import load_eval_sets
 from dualner.labels import IGNORE_INDEX
@@ -36,12 +38,25 @@ from dualner.teacher import PseudoLabels, build_pseudo_labels
 from dualner.train import Run, train
 
 
+class StepPool:
+    """What the MSE term carries from one micro batch to the next within a step (mse_pool=step)."""
+
+    def __init__(self):
+        self.carried = None
+
+
 class Forward(NamedTuple):
     student: HeadOutputs
     teacher: HeadOutputs
     pseudo: PseudoLabels
     batch: dict
     settings: Stage2Config
+    pool: StepPool
+
+    @property
+    def denominator(self) -> torch.Tensor | None:
+        """loss_normalization=shared: the micro batch's words, for every term; else each term's own."""
+        return self.pseudo.words if self.settings.loss_normalization == "shared" else None
 
 
 def _gold(head: str):
@@ -49,7 +64,7 @@ def _gold(head: str):
         logits = getattr(f.student, f"{head}_logits")
         if f"{head}_labels" not in f.batch:  # no labeled source window in this micro batch
             return logits.sum() * 0.0
-        return token_cross_entropy(logits, f.batch[f"{head}_labels"])
+        return token_cross_entropy(logits, f.batch[f"{head}_labels"], f.denominator)
     return term
 
 
@@ -58,7 +73,7 @@ def _pseudo(head: str):
         logits = getattr(f.student, f"{head}_logits")
         if f.settings.teaching == "self_kl":
             return head_kl(logits, getattr(f.teacher, f"{head}_logits"), f.batch["word_index"])
-        return token_cross_entropy(logits, getattr(f.pseudo, f"{head}_labels"))
+        return token_cross_entropy(logits, getattr(f.pseudo, f"{head}_labels"), f.denominator)
     return term
 
 
@@ -72,9 +87,16 @@ def entity_mse(f: Forward) -> torch.Tensor:
         labels = torch.where(labeled_tokens, batch["start_labels"], labels)
     representations, present = entity_representations(f.student, labels, batch["word_index"],
                                                        batch["segment_ids"], batch["num_segments"])
+    reduction = f.settings.mse_reduction
     if f.settings.mse == "parallel":
-        return parallel_mse(representations, present, batch["pairs"])
-    return centroid_mse(representations, present)
+        return parallel_mse(representations, present, batch["pairs"], reduction)
+    if f.settings.mse_pool == "step":
+        if f.pool.carried is None:
+            zeros = torch.zeros(present.shape[1], device=present.device)
+            f.pool.carried = (torch.zeros(present.shape[1], representations.shape[-1], device=present.device), zeros)
+        loss, f.pool.carried = centroid_mse(representations, present, reduction, f.pool.carried)
+        return loss
+    return centroid_mse(representations, present, reduction)
 
 
 def _segments_with(mask: torch.Tensor, segment_ids: torch.Tensor, num_segments: int) -> torch.Tensor:
@@ -94,13 +116,16 @@ class Stage2Recipe(Recipe):
 
     def __init__(self, engine, teacher: DeepSpeedTeacher, stream: Stage2Stream, settings: Stage2Config,
                  label_set, languages: list[str], weights: dict[str, float], dev_sets: list, test_sets: list,
-                 sample_log: Path | None):
+                 sample_log: Path | None, accumulation_steps: int = 1):
         super().__init__(weights, dev_sets, test_sets)
         self.engine, self.teacher, self.stream, self.settings = engine, teacher, stream, settings
         self.label_set, self.languages, self.sample_log = label_set, languages, sample_log
         self.teacher_refreshes = 0
         self._stats: dict[str, torch.Tensor] = {}
         self._step = 0
+        self.accumulation_steps = accumulation_steps  # micro batches per step (mse_pool=step)
+        self._micro_batch = 0
+        self._pool = StepPool()
 
     def batches(self, start_step: int):
         self._step = start_step
@@ -125,6 +150,9 @@ class Stage2Recipe(Recipe):
             handle.write(json.dumps({"step": step, "samples": ids}) + "\n")
 
     def forward(self, batch: dict) -> Forward:
+        if self._micro_batch % self.accumulation_steps == 0:
+            self._pool = StepPool()  # a new step: R_k starts empty
+        self._micro_batch += 1
         inputs = model_inputs(batch)
         # Every rank runs exactly one teacher and one student forward per micro batch, which
         # ZeRO-3's parameter gathering needs to stay in step across ranks.
@@ -136,7 +164,7 @@ class Stage2Recipe(Recipe):
         self._add("words", pseudo.words)
         self._add("entities_per_language", torch.zeros(len(self.languages), device=pseudo.words.device).index_add_(
             0, batch["segment_language"], pseudo.entities_per_segment))
-        return Forward(student, teacher, pseudo, batch, self.settings)
+        return Forward(student, teacher, pseudo, batch, self.settings, self._pool)
 
     def _add(self, name: str, value: torch.Tensor) -> None:
         value = value.detach().float()
@@ -156,6 +184,9 @@ class Stage2Recipe(Recipe):
         entities = entities if isinstance(entities, list) else [entities]
         scalars = {"teacher/agreement": sums["agreement_words"] / max(1.0, sums["words"]),
                    "teacher/refreshes": float(self.teacher_refreshes)}
+        if "mse" in self.weights and sums.get("total"):
+            # the MSE term's size: its weighted share of the total loss (loss/mse is the raw term)
+            scalars["loss/mse_share"] = self.weights["mse"] * sums["mse"] / sums["total"]
         scalars |= {f"pseudo_entities/{language}": float(count) for language, count in zip(self.languages, entities)}
         return scalars
 
@@ -183,9 +214,12 @@ def build_stage2(cfg: Config) -> tuple[Run, Stage2Recipe]:
     stage2 = cfg.stage2
     if not stage2.init_from:
         raise ConfigError("stage2.init_from: name the stage-1 run folder or step-N checkpoint")
-    if cfg.train.max_steps is None:
-        raise ConfigError("train.max_steps: stage 2 streams corpora of unknown length; set the number of "
-                          "optimizer steps")
+    if (cfg.train.max_steps is None) == (stage2.epochs is None):
+        raise ConfigError("stage 2's length: set train.max_steps (optimizer steps) or stage2.epochs (passes over "
+                          "the mixed corpus), one of them")
+    if stage2.epochs is not None and (stage2.mix != "size" or cfg.train.batch_unit != "sentences"):
+        raise ConfigError("stage2.epochs counts passes over the mixed corpus: it needs stage2.mix=size and "
+                          "train.batch_unit=sentences")
     if cfg.model.variant != "mlt":
         raise ConfigError(f"model.variant={cfg.model.variant}: dual teaching needs both heads (mlt)")
     run = Run(cfg, "stage 2")
@@ -193,7 +227,7 @@ def build_stage2(cfg: Config) -> tuple[Run, Stage2Recipe]:
     tokenizer, label_set = initial.tokenizer, initial.label_set
     windows_of = WindowTokenizer(tokenizer, label_set, cfg.data.max_length)
     dev_sets = load_eval_sets(cfg.data.dev, "data.dev", windows_of, label_set, cfg.data.max_eval_sentences)
-    test_sets = load_eval_sets(cfg.data.test, "data.test", windows_of, label_set, cfg.data.max_eval_sentences)
+    test_sets = load_eval_sets(cfg.data.test, "data.test", windows_of, label_set, cfg.data.test_sentence_cap)
     languages = sorted({cfg.data.source_language, *stage2.target, *stage2.translations})
     corpora = {}
     for group, key, kind in ((stage2.target, "stage2.target", KIND_TARGET),
@@ -201,7 +235,11 @@ def build_stage2(cfg: Config) -> tuple[Run, Stage2Recipe]:
         for language, pattern in group.items():
             corpora[(kind, language)] = expand_files(pattern, f"{key}.{language}")
             check_corpus(corpora[(kind, language)], language, kind, f"{key}.{language}")
+    if cfg.data.train:
+        check_same_split(cfg, initial.checkpoint.parent.parent / "config.yaml")
     source = read_source(cfg) if cfg.data.train else None
+    sizes = corpus_sizes(cfg, corpora, source) if stage2.mix == "size" else None
+    total_steps = cfg.train.max_steps or math.ceil(stage2.epochs * sum(sizes.values()) / cfg.train.global_batch_size)
     collate = run.collator(tokenizer.pad_token_id, initial.model.position_offset, meta_columns=STREAM_META,
                            languages=tuple(languages), pair_translations=stage2.mse == "parallel")
     weights = resolve_weights(Stage2Recipe.TERMS, {name: stage2.mse_weight if name == "mse" else 1.0
@@ -221,14 +259,14 @@ def build_stage2(cfg: Config) -> tuple[Run, Stage2Recipe]:
         teacher_source = initial.checkpoint
         teacher.load_state_dict(student.state_dict())
     run.log.info("stage 2: student from %s, teacher from %s", initial.checkpoint, teacher_source)
-    run.build_engine(student, cfg.train.max_steps, tokenizer.pad_token_id, label_set)
+    run.build_engine(student, total_steps, tokenizer.pad_token_id, label_set)
     teacher_engine = DeepSpeedTeacher(teacher, run.ds_config)
     run.open_folder(lambda run_dir: save_model_assets(run_dir, tokenizer, student.encoder.config, label_set,
                                                       cfg.model.variant, cfg.data.max_length))
-    stream = build_stream(cfg, run, windows_of, collate, source, corpora)
+    stream = build_stream(cfg, run, windows_of, collate, source, corpora, sizes)
     sample_log = run.run_dir / f"samples_rank{run.info.rank}.jsonl" if stage2.sample_log else None
     recipe = Stage2Recipe(run.engine, teacher_engine, stream, stage2, label_set, languages, weights,
-                          dev_sets, test_sets, sample_log)
+                          dev_sets, test_sets, sample_log, run.layout.accumulation_steps)
     return run, recipe
 
 
@@ -252,11 +290,28 @@ def write_source_files(run: Run, source: tuple[list, list]) -> tuple[Path, Path 
     return labeled, (remainder if remainder.stat().st_size > 0 else None)
 
 
+def corpus_sizes(cfg: Config, corpora: dict, source: tuple[list, list] | None) -> dict:
+    """Sentences per stream (stage2.mix=size): {(kind, language): count}, the labeled source and its
+    unlabeled remainder included."""
+    sizes = {}
+    for (kind, language), files in corpora.items():
+        if any(f.startswith(HUB_PREFIX) for f in files):
+            raise ConfigError(f"stage2.mix=size counts every corpus's sentences, which a hub dataset "
+                              f"({files[0]}) does not tell in advance; use stage2.mix=equal")
+        sizes[(kind, language)] = sum(count_sentences(Path(f)) for f in files)
+    if source is not None:
+        sizes[(KIND_SOURCE, cfg.data.source_language)] = len(source[0])
+        if source[1]:
+            sizes[(KIND_TARGET, f"{cfg.data.source_language}-remainder")] = len(source[1])
+    return sizes
+
+
 def build_stream(cfg: Config, run: Run, windows_of: WindowTokenizer, collate: Collator,
-                 source: tuple[list, list] | None, corpora: dict) -> Stage2Stream:
-    """One stream per (kind, language), so languages mix evenly: the labeled source carries
-    `source_weight`, and `target_weight` / `translation_weight` are shared equally by the target
-    languages (the unlabeled source remainder counts as one) and by the translation languages."""
+                 source: tuple[list, list] | None, corpora: dict, sizes: dict | None) -> Stage2Stream:
+    """One stream per (kind, language). stage2.mix=size: each drawn in proportion to its sentences
+    times its kind's weight; mix=equal: the labeled source carries `source_weight`, and
+    `target_weight` / `translation_weight` are shared equally by the target languages (the unlabeled
+    source remainder counts as one) and by the translation languages."""
     stage2, world, rank, workers = cfg.stage2, run.info.world_size, run.info.rank, run.loader_workers
     labeled, remainder = write_source_files(run, source) if source is not None else (None, None)
     targets = {language: files for (kind, language), files in corpora.items() if kind == KIND_TARGET}
@@ -267,6 +322,11 @@ def build_stream(cfg: Config, run: Run, windows_of: WindowTokenizer, collate: Co
     for kind, group, weight in ((KIND_TARGET, targets, stage2.target_weight),
                                 (KIND_TRANSLATION, translations, stage2.translation_weight)):
         streams += [(kind, language, files, weight / len(group)) for language, files in group.items()]
+    if sizes is not None:  # kind weight x sentences
+        kind_weight = {KIND_SOURCE: stage2.source_weight, KIND_TARGET: stage2.target_weight,
+                       KIND_TRANSLATION: stage2.translation_weight}
+        streams = [(kind, language, files, kind_weight[kind] * sizes[(kind, language)])
+                   for kind, language, files, _ in streams]
     pair_with = str(labeled) if stage2.mse == "parallel" and labeled is not None else ""
     sources = []
     for kind, language, files, weight in streams:
@@ -276,9 +336,12 @@ def build_stream(cfg: Config, run: Run, windows_of: WindowTokenizer, collate: Co
     run.log.info("stage 2 streams over %d rank(s) x %d worker(s): %s", world, max(1, workers),
                  ", ".join(f"{kind}/{language} ({len(files)} file(s), weight {weight:.3g})"
                            for kind, language, files, weight in streams))
-    pool = 0 if pair_with else stage2.bucket_pool  # sorting by length would pull a translation from its source
-    return Stage2Stream(sources, windows_of, run.layout.micro_batch_size, cfg.run.seed, rank, collate, pool=pool,
-                        workers=workers, pin_memory=run.pin_memory)
+    # a translation and its source travel as one unit of the stream (dualner.data.streaming)
+    stream = Stage2Stream(sources, windows_of, run.layout.micro_batch_size, cfg.run.seed, rank, collate,
+                          pool=stage2.bucket_pool, workers=workers, pin_memory=run.pin_memory)
+    total = sum(weight for *_, weight in streams)
+    stream.mix = {f"{kind}/{language}": weight / total for kind, language, _, weight in streams}  # for the record
+    return stream
 
 
 def run_stage2(cfg: Config) -> dict:

@@ -31,7 +31,7 @@ from dualner.backend import comm
 from dualner.backend.deepspeed_engine import DeepSpeedTrainingEngine, load_deepspeed_config, zero_stage
 from dualner.backend.placement import AsyncHostCopy, HostSyncCounter, pin_memory_wanted, to_device
 from dualner.checkpoint import CheckpointManager, write_json_atomic
-from dualner.config import Config, config_to_dict, save_config
+from dualner.config import Config, config_to_dict, evaluation_head, save_config
 from dualner.data.batching import BatchLayout, derive_batch_layout
 from dualner.data.loader import default_workers
 from dualner.data.packing import Collator
@@ -421,7 +421,8 @@ class Run:
     # -- evaluation -------------------------------------------------------------------------------
     def evaluate(self, eval_sets: list[EvalSet]) -> dict:
         self.engine.eval()
-        results = evaluate_sets(self.engine, eval_sets, self.label_set, self.cfg.eval.head,
+        results = evaluate_sets(self.engine, eval_sets, self.label_set,
+                                evaluation_head(self.cfg.model.variant, self.cfg.eval.head),
                                 self.cfg.eval.batch_size, self.eval_collator, self.device)
         self.engine.train()
         return results

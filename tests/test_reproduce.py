@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 import yaml
 
 from conftest import REPO, child_env
@@ -21,8 +22,12 @@ TINY_FRAGMENT = {
 
 
 def test_reproduce_tiny_scale(tmp_path):
+    """Two seeds for the seeded systems, one for the rest: per-seed runs paired across stages, mean and
+    sd, the gain's interval, CLA and SPAN, a config-choice variant."""
     scale = {"name": "tiny", "data_root": "data/panx-sample", "target_languages": ["de", "zh"],
-             "fractions": [0.5], "output_dir": str(tmp_path / "runs"),
+             "fractions": [0.5], "seeds": 2, "output_dir": str(tmp_path / "runs"),
+             "single_seed": ["cla", "span", "wo_mse", "w_selfkl", "wo_trg", "mlt_p50", "dualner_p50", "dualner_shared"],
+             "variants": {"dualner_shared": {"stage2.loss_normalization": "shared"}},
              "results": str(tmp_path / "reproduction.json"), "plots_dir": str(tmp_path / "plots"),
              "results_markdown": str(tmp_path / "RESULTS.md"), "diagnostic_sentences": 16,
              "stage1": TINY_FRAGMENT, "stage2": TINY_FRAGMENT}
@@ -30,39 +35,76 @@ def test_reproduce_tiny_scale(tmp_path):
     config.write_text(yaml.safe_dump(scale), encoding="utf-8")
     (tmp_path / "RESULTS.md").write_text("# Results\n\nearlier text stays\n", encoding="utf-8")
     command = [sys.executable, "bench/reproduce.py", "--config", str(config)]
-    first = subprocess.run(command, cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=900)
+    first = subprocess.run(command, cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=1200)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
 
     report = json.loads((tmp_path / "reproduction.json").read_text())
-    names = {"mlt", "dualner_trggold", "wo_mse", "w_selfkl", "wo_trg", "mlt_p50", "dualner_p50"}
+    names = {"mlt", "dualner_trggold", "cla", "span", "wo_mse", "w_selfkl", "wo_trg", "mlt_p50", "dualner_p50",
+             "dualner_shared"}
     assert set(report["systems"]) == names
     for name, entry in report["systems"].items():
-        assert set(entry["per_language"]) == {"de", "zh"}, name  # English is reported apart
-        assert abs(entry["average"] - sum(entry["per_language"].values()) / 2) < 1e-9
-        assert 0 <= entry["english"] <= 100
-    stage2 = report["systems"]["dualner_trggold"]
-    assert stage2["stage"] == 2 and stage2["teacher_head_agreement"] is not None
-    assert report["systems"]["wo_mse"]["mse_first_last"] == [0.0, 0.0]  # lambda = 0: the term is not computed
+        seeds = [0] if name in scale["single_seed"] else [0, 1]
+        assert entry["seeds"] == seeds and sorted(entry["runs"]) == [str(s) for s in seeds], name
+        averages = [run["average"] for run in entry["runs"].values()]
+        for run in entry["runs"].values():
+            assert set(run["per_language"]) == {"de", "zh"}, name  # English is reported apart
+            assert abs(run["average"] - sum(run["per_language"].values()) / 2) < 1e-9
+            assert 0 <= run["english"] <= 100
+        assert entry["average"]["n"] == len(seeds)
+        assert abs(entry["average"]["mean"] - sum(averages) / len(averages)) < 1e-9
+        if len(seeds) == 2:  # sample sd of two values = |a - b| / sqrt(2)
+            assert abs(entry["average"]["sd"] - abs(averages[0] - averages[1]) / 2 ** 0.5) < 1e-9
+    # seed k of a stage-2 system starts from seed k of its stage-1 system, with its own run.seed
+    for seed in (0, 1):
+        generated = yaml.safe_load((tmp_path / "runs" / "configs" / f"dualner_trggold_seed{seed}.yaml").read_text())
+        assert generated["stage2"]["init_from"].endswith(f"mlt/seed{seed}") and generated["run"]["seed"] == 42 + seed
+        assert generated["data"]["max_eval_sentences"] == 24
+    assert yaml.safe_load((tmp_path / "runs" / "configs" / "cla_seed0.yaml").read_text())["model"]["variant"] == "cla"
+    gain = report["gains"]["dualner_trggold - mlt"]
+    paired = [report["systems"]["dualner_trggold"]["runs"][s]["per_language"][lang]
+              - report["systems"]["mlt"]["runs"][s]["per_language"][lang] for s in ("0", "1") for lang in ("de", "zh")]
+    assert gain["seeds"] == [0, 1] and abs(gain["mean"] - sum(paired) / 4) < 1e-9
+    assert min(paired) - 1e-9 <= gain["ci95"][0] <= gain["mean"] <= gain["ci95"][1] <= max(paired) + 1e-9
+    assert report["gains"]["dualner_shared - mlt"]["seeds"] == [0]
+    assert report["systems"]["wo_mse"]["runs"]["0"]["mse_first_last"] is None  # lambda = 0: not computed, not logged
     assert report["systems"]["mlt_p50"]["source_fraction"] == 0.5
     assert set(report["teacher_pseudo_label_f1"]) == {"span", "seq"}
-    # the generated configs are the record of each run and reload as launcher configs
-    generated = yaml.safe_load((tmp_path / "runs" / "configs" / "wo_trg.yaml").read_text())
-    assert generated["stage2"]["target"] == {} and generated["stage2"]["init_from"].endswith("mlt")
-    assert yaml.safe_load((tmp_path / "runs" / "configs" / "dualner_p50.yaml").read_text())["data"]["train_fraction"] == 0.5
+    generated = yaml.safe_load((tmp_path / "runs" / "configs" / "wo_trg_seed0.yaml").read_text())
+    assert generated["stage2"]["target"] == {} and generated["stage2"]["init_from"].endswith("mlt/seed0")
+    assert yaml.safe_load((tmp_path / "runs" / "configs" / "dualner_p50_seed0.yaml").read_text())["data"]["train_fraction"] == 0.5
 
     markdown = (tmp_path / "RESULTS.md").read_text()
     assert "earlier text stays" in markdown and markdown.count("<!-- reproduction:tiny:begin -->") == 1
-    assert "| w/o MSE |" in markdown and "| 50% |" in markdown
+    assert "| w/o MSE |" in markdown and "| 50% |" in markdown and "| CLA (sequence head only) | 1 |" in markdown
+    assert "| DualNER + TRGGold | 2 |" in markdown and " ± " in markdown
     try:
         import matplotlib  # noqa: F401
     except ImportError:
         assert "plots skipped" in first.stdout
     else:
-        for plot in ("reproduction_tiny_per_language.png", "reproduction_tiny_source_fraction.png"):
-            assert (tmp_path / "plots" / plot).read_bytes()[:4] == b"\x89PNG"
+        for plot in ("per_language", "source_fraction", "gain_sorted"):
+            assert (tmp_path / "plots" / f"reproduction_tiny_{plot}.png").read_bytes()[:4] == b"\x89PNG"
 
     second = subprocess.run(command, cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=300)
     assert second.returncode == 0, second.stderr[-3000:]
-    assert second.stdout.count("done earlier") == len(names)
+    assert second.stdout.count("done earlier") == 2 * 2 + 8
     assert "finished in" not in second.stdout and ": stage " not in second.stdout  # nothing retrained
     assert (tmp_path / "RESULTS.md").read_text().count("<!-- reproduction:tiny:begin -->") == 1
+
+
+def test_paired_gain_interval():
+    """A gain that is the same on every seed and language has a point interval at that value; noise
+    widens it around the mean; seeds only one side has are left out of the pairing."""
+    import numpy as np
+    sys.path.insert(0, str(REPO / "bench"))
+    from reproduce import paired_gain
+    languages = [f"l{i}" for i in range(8)]
+    rng = np.random.default_rng(0)
+    base = {seed: {lang: float(rng.uniform(30, 80)) for lang in languages} for seed in range(3)}
+    constant = paired_gain({s: {lang: f + 2.5 for lang, f in row.items()} for s, row in base.items()}, base, languages)
+    assert constant["mean"] == pytest.approx(2.5) and constant["ci95"] == pytest.approx([2.5, 2.5])
+    noisy = {s: {lang: f + 2.5 + float(rng.normal(0, 3)) for lang, f in row.items()} for s, row in base.items() if s < 2}
+    gain = paired_gain(noisy, base, languages, samples=2000)
+    assert gain["seeds"] == [0, 1]
+    assert gain["ci95"][0] < gain["mean"] < gain["ci95"][1] and gain["ci95"][1] - gain["ci95"][0] > 0.5
+    assert paired_gain(noisy, {5: base[0]}, languages) is None

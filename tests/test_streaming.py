@@ -116,6 +116,29 @@ def test_parallel_pairs_a_translation_with_its_source(tmp_path):
                             + json.dumps({"tokens": ["rien"], "src_id": "99"}) + "\n")
     shards = make_shards([str(translations)], "fr", "translation", 1, 1, pair_with=str(source))
     rows = list(shard_stream(shards, False))
-    assert [(r["kind"], r["words"], r["src_id"]) for r in rows] == [
-        ("translation", ["Paris", "!"], "3"), ("source", ["Paris"], "3"), ("translation", ["rien"], "99")]
-    assert rows[1]["tags"] == ["B-LOC"] and rows[0]["tags"] == []
+    # the source travels inside its translation's record: one unit of the stream
+    assert [(r["kind"], r["words"], r["src_id"], r["pair_words"]) for r in rows] == [
+        ("translation", ["Paris", "!"], "3", ["Paris"]), ("translation", ["rien"], "99", [])]
+    assert rows[0]["pair_tags"] == ["B-LOC"] and rows[0]["tags"] == []
+
+
+def test_a_translation_and_its_source_always_share_a_micro_batch(tmp_path, tiny_tokenizer):
+    """Pairs are units: however the pool is cut and shuffled, no pair is split between micro batches
+    (a translation and its source used to be neighbours that a micro-batch boundary could separate)."""
+    source = tmp_path / "source.jsonl"
+    source.write_text("".join(json.dumps({"tokens": [f"w{i}", "x"], "tags": ["B-LOC", "O"], "src_id": str(i)}) + "\n"
+                              for i in range(40)))
+    translations = tmp_path / "fr.jsonl"
+    translations.write_text("".join(json.dumps({"tokens": [f"v{i}"] * (1 + i % 5), "src_id": str(i)}) + "\n"
+                                    for i in range(40)))
+    encoder = WindowTokenizer(tiny_tokenizer, LABELS, 32)
+    shards = make_shards([str(translations)], "fr", "translation", 1, 1, pair_with=str(source))
+    stream = Stage2Stream([(shards, 1.0)], encoder, 5, seed=0, rank=0, collate=stream_collator(tiny_tokenizer, pair_translations=True),
+                          pool=16, workers=0, repeat=False)
+    paired = 0
+    for batch in stream:
+        kinds, ids = batch["meta"]["kind"], batch["meta"]["src_id"]
+        translated = {i for k, i in zip(kinds, ids) if k == "translation"}
+        assert translated == {i for k, i in zip(kinds, ids) if k == "source"}
+        paired += batch["pairs"].shape[0]
+    assert paired == 40

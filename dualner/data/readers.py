@@ -51,3 +51,20 @@ def iter_jsonl(path: Path, language: str = "", keep_empty: bool = False) -> Iter
         if words or keep_empty:
             yield {"words": words, "tags": tags, "language": record.get("lang", language),
                    "src_id": str(record.get("src_id", "")), "sample_id": f"{path}:{line_number}"}
+
+
+def count_sentences(path: Path) -> int:
+    """Sentences in a corpus file without parsing them: blank-line-separated blocks of a CoNLL file,
+    non-empty lines of text and JSONL (for stream weights by corpus size)."""
+    conll = path.suffix.lower() in {".tsv", ".conll", ".iob", ".bio"}
+    count, inside = 0, False
+    with path.open("rb") as handle:
+        for line in handle:
+            blank = not line.strip()
+            if conll:
+                if not blank and not inside:
+                    count += 1
+                inside = not blank
+            elif not blank:
+                count += 1
+    return count

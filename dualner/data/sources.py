@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -44,6 +45,30 @@ def read_source(cfg) -> tuple[list[Sentence], list[Sentence]]:
     for index, sentence in enumerate(sentences):
         sentence.source = str(index)
     return split_source_fraction(sentences, cfg.data.train_fraction, cfg.run.seed)
+
+
+def check_same_split(cfg, stage1_config: "Path") -> None:
+    """Stage 2 with a source fraction below 1 must split the labeled source exactly as its stage-1
+    run did (same files, cap, fraction and seed), else labels stage 1 never saw (or saw, and stage 2
+    treats as unlabeled) leak into the source-fraction experiment."""
+    import yaml
+    if not stage1_config.is_file():
+        return  # a checkpoint without its run's config (moved): nothing to compare with
+    first = (yaml.safe_load(stage1_config.read_text(encoding="utf-8")) or {})
+    ours = {"data.train": cfg.data.train, "data.max_train_sentences": cfg.data.max_train_sentences,
+            "data.train_fraction": cfg.data.train_fraction, "run.seed": cfg.run.seed}
+    theirs = {"data.train": first.get("data", {}).get("train"),
+              "data.max_train_sentences": first.get("data", {}).get("max_train_sentences"),
+              "data.train_fraction": first.get("data", {}).get("train_fraction", 1.0),
+              "run.seed": first.get("run", {}).get("seed")}
+    if ours["data.train_fraction"] >= 1.0 and theirs["data.train_fraction"] >= 1.0:
+        return
+    for key in ours:
+        if ours[key] != theirs[key]:
+            raise ConfigError(f"{key}={ours[key]!r} differs from the stage-1 run's {theirs[key]!r} ({stage1_config}): "
+                              f"with a source fraction below 1 both stages must split the labeled source the same "
+                              f"way; set data.train, data.max_train_sentences, data.train_fraction and run.seed as "
+                              f"stage 1 did")
 
 
 def check_entity_types(sentences: Sequence[Sentence], label_set: LabelSet, key: str) -> None:

@@ -31,7 +31,7 @@ from datasets import IterableDataset
 from dualner.data.conll import DataFormatError, iter_conll
 from dualner.errors import MissingPathError
 from dualner.data.encoding import WindowTokenizer
-from dualner.data.packing import Collator, token_budget_micro_batches
+from dualner.data.packing import Collator
 from dualner.data.readers import JSONL_SUFFIXES, TEXT_SUFFIXES, iter_jsonl, iter_text
 
 KIND_SOURCE, KIND_TARGET, KIND_TRANSLATION = "source", "target", "translation"
@@ -46,7 +46,8 @@ class Shard:
     language: str
     kind: str
     # For translations under the "parallel" MSE: the labeled source JSONL whose sentence with the
-    # translation's src_id is emitted right after it, so the pair meets in one micro batch.
+    # translation's src_id travels inside the translation's record (pair_*), so the two are one unit
+    # of the stream and always meet in one micro batch.
     pair_with: str = ""
 
 
@@ -126,11 +127,12 @@ def _iter_sentences(shard: Shard) -> Iterator[dict]:
         if index % shard.stride == shard.offset:
             if shard.kind != KIND_SOURCE:
                 sentence["tags"] = []  # unlabeled text: any label column is ignored
-            yield sentence
             if shard.pair_with and sentence["src_id"]:
                 source = _source_by_id(shard.pair_with).get(sentence["src_id"])
                 if source is not None:
-                    yield {**source, "kind": KIND_SOURCE}
+                    sentence = {**sentence, "pair_words": source["words"], "pair_tags": source["tags"],
+                                "pair_language": source["language"], "pair_sample_id": source["sample_id"]}
+            yield sentence
 
 
 def check_corpus(files: Sequence[str], language: str, kind: str, key: str) -> None:
@@ -149,11 +151,14 @@ def check_corpus(files: Sequence[str], language: str, kind: str, key: str) -> No
             raise DataFormatError(f"{key}: {path} holds no sentence")
 
 
+_NO_PAIR = {"pair_words": [], "pair_tags": [], "pair_language": "", "pair_sample_id": ""}
+
+
 def _generate(shards: list[Shard]) -> Iterator[dict]:
     # `shards` is a list in gen_kwargs, which is how `datasets` splits work across loader workers.
     for shard in shards:
         for sentence in _iter_sentences(shard):
-            yield {"kind": shard.kind, **sentence}
+            yield {"kind": shard.kind, **_NO_PAIR, **sentence}
 
 
 _FEATURES = datasets.Features({
@@ -161,7 +166,50 @@ _FEATURES = datasets.Features({
     "tags": datasets.Sequence(datasets.Value("string")),
     "language": datasets.Value("string"), "src_id": datasets.Value("string"),
     "sample_id": datasets.Value("string"), "kind": datasets.Value("string"),
+    "pair_words": datasets.Sequence(datasets.Value("string")),
+    "pair_tags": datasets.Sequence(datasets.Value("string")),
+    "pair_language": datasets.Value("string"), "pair_sample_id": datasets.Value("string"),
 })
+
+
+def _units(batch: dict) -> dict:
+    """A pool's records as encoder rows with a `unit` column: a translation and its source (the
+    pair_* fields) become two rows of one unit, next to each other."""
+    rows: dict[str, list] = {name: [] for name in ("words", "tags", "language", "src_id", "sample_id", "kind", "unit")}
+    for index in range(len(batch["words"])):
+        members = [(batch["words"][index], batch["tags"][index], batch["language"][index], batch["sample_id"][index],
+                    batch["kind"][index])]
+        if batch["pair_words"][index]:
+            members.append((batch["pair_words"][index], batch["pair_tags"][index], batch["pair_language"][index],
+                            batch["pair_sample_id"][index], KIND_SOURCE))
+        for words, tags, language, sample_id, kind in members:
+            for name, value in zip(("words", "tags", "language", "src_id", "sample_id", "kind", "unit"),
+                                   (words, tags, language, batch["src_id"][index], sample_id, kind, index)):
+                rows[name].append(value)
+    return rows
+
+
+def cut_units(units: list[list[int]], lengths: Sequence[int], micro_batch_size: int,
+              rows: int | None, row_length: int) -> list[list[int]]:
+    """Micro batches of whole units (a unit's windows are never split): up to `micro_batch_size`
+    windows each, or, with `rows`, what fits `rows` packed rows of `row_length` tokens. A unit larger
+    than that gets a micro batch of its own."""
+    from dualner.data.packing import first_fit_decreasing
+    batches: list[list[int]] = []
+    current: list[int] = []
+    for unit in units:
+        candidate = current + unit
+        if rows is None:
+            fits = len(candidate) <= micro_batch_size
+        else:
+            fits = len(first_fit_decreasing([lengths[i] for i in candidate], row_length)) <= rows
+        if current and not fits:
+            batches.append(current)
+            candidate = list(unit)
+        current = candidate
+    if current:
+        batches.append(current)
+    return batches
 
 
 def shard_stream(shards: list[Shard], repeat: bool) -> IterableDataset:
@@ -220,28 +268,28 @@ class Stage2Stream:
         self._iterator = None
 
     def _micro_batches_of_pool(self, batch: dict) -> dict:
-        """Tokenize a pool and cut it into micro batches (one output element each). The pool's order
-        is shuffled (padded rows: sorted by length, then the batches shuffled) by a seed from the
-        pool's content, so a resumed stream repeats it exactly. Unpooled (pool=0, parallel MSE)
-        keeps the stream order. The last micro batch of a pool may be smaller."""
-        rows = self.encoder.encode_batch(batch)
-        order = list(range(len(rows["input_ids"])))
+        """Tokenize a pool and cut it into micro batches (one output element each) of whole units (a
+        sentence, or a translation with its source). The pool's units are shuffled (padded rows:
+        sorted by length first, then the batches shuffled) by a seed from the pool's content, so a
+        resumed stream repeats it exactly; unpooled (pool=0) keeps the stream order. The last micro
+        batch of a pool may be smaller."""
+        rows = self.encoder.encode_batch(_units(batch))
+        lengths = [len(ids) for ids in rows["input_ids"]]
+        units: dict[int, list[int]] = {}
+        for window, unit in enumerate(rows["unit"]):
+            units.setdefault(unit, []).append(window)
+        ordered = list(units.values())
         # Seeded by the pool's tokens, not its sample ids: those name the run folder.
-        content = zlib.crc32(repr((rows["input_ids"][0], rows["input_ids"][-1], len(order))).encode())
+        content = zlib.crc32(repr((rows["input_ids"][0], rows["input_ids"][-1], len(lengths))).encode())
         shuffle = random.Random(self.seed * 2**32 + content).shuffle
         if self.sort_pools:
-            order.sort(key=lambda i: len(rows["input_ids"][i]))
+            ordered.sort(key=lambda unit: sum(lengths[i] for i in unit))
         elif self.pooled:
-            shuffle(order)
-        if self.token_rows:
-            lengths = [len(rows["input_ids"][i]) for i in order]
-            chunks = [[order[i] for i in chunk]
-                      for chunk in token_budget_micro_batches(lengths, self.row_length, self.token_rows)]
-        else:
-            size = self.micro_batch_size
-            chunks = [order[start:start + size] for start in range(0, len(order), size)]
-            if self.sort_pools:
-                shuffle(chunks)
+            shuffle(ordered)
+        chunks = cut_units(ordered, lengths, self.micro_batch_size, self.token_rows, self.row_length)
+        if self.sort_pools:
+            shuffle(chunks)
+        rows.pop("unit")
         return {name: [[values[i] for i in chunk] for chunk in chunks] for name, values in rows.items()}
 
     def __iter__(self):
