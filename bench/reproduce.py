@@ -271,8 +271,9 @@ def summarize(scale: Scale, output: Path, listed: list[System], teacher: dict, m
                              "source_language": scale.source_language,
                              "target_languages": scale.target_languages, "seeds": scale.seeds,
                              "single_seed": scale.single_seed, "variants": scale.variants,
-                             "test_sets": "full" if scale.stage1.get("data", {}).get("full_test_sets")
-                             else f"first {scale.stage1.get('data', {}).get('max_eval_sentences')} sentences",
+                             "test_sets": "full test sets" if scale.stage1.get("data", {}).get("full_test_sets")
+                             or not scale.stage1.get("data", {}).get("max_eval_sentences")
+                             else f"test sets capped at {scale.stage1['data']['max_eval_sentences']} sentences",
                              "average": "unweighted mean test F1 (percent) over the target languages",
                              "sd": "sample standard deviation over seeds",
                              "date": time.strftime("%Y-%m-%d"), "paper": PAPER},
@@ -314,8 +315,8 @@ def _gain(gain: dict | None) -> str:
 def markdown(report: dict, scale: Scale) -> str:
     systems_, gains = report["systems"], report["gains"]
     meta = report["meta"]
-    lines = [f"Test F1 averaged over the {len(scale.target_languages)} target languages ({meta['test_sets']} "
-             f"of each test set), mean ± sd over seeds (n = seeds run); the gain of a stage-2 system is "
+    lines = [f"Test F1 averaged over the {len(scale.target_languages)} target languages ({meta['test_sets']}), "
+             f"mean ± sd over seeds (n = seeds run); the gain of a stage-2 system is "
              f"paired with its stage-1 teacher seed by seed, with a 95% bootstrap interval over seeds and "
              f"languages.", "",
              "| system | seeds | target avg (ours) | gain over its teacher | English (ours) | paper avg (XLM-R base) |",
@@ -383,6 +384,16 @@ def plot(report: dict, scale: Scale, folder: Path) -> list[Path]:
     languages = scale.target_languages
     encoder = report["meta"]["encoder"]
 
+    def finish(figure, axes, ylabel: str, title: str, name: str) -> Path:
+        axes.set_ylabel(ylabel)
+        axes.set_title(title)
+        axes.legend()
+        figure.tight_layout()
+        path = folder / f"reproduction_{scale.name}_{name}.png"
+        figure.savefig(path, dpi=120)
+        plt.close(figure)
+        return path
+
     # per language, error bars = sd over seeds
     shown = [name for name in ("mlt", "dualner_trggold") if name in systems_]
     figure, axes = plt.subplots(figsize=(max(6, 0.55 * len(languages) + 2), 4))
@@ -393,14 +404,8 @@ def plot(report: dict, scale: Scale, folder: Path) -> list[Path]:
                  [s["mean"] for s in stats], width, yerr=[s["sd"] for s in stats], capsize=2,
                  label=f"{LABELS[name]} (avg {_ms(systems_[name]['average'])}, {systems_[name]['average']['n']} seeds)")
     axes.set_xticks(range(len(languages)), languages)
-    axes.set_ylabel("test F1 (mean ± sd over seeds)")
-    axes.set_title(f"Zero-shot test F1 per target language ({encoder}, {scale.name} scale)")
-    axes.legend()
-    figure.tight_layout()
-    bars = folder / f"reproduction_{scale.name}_per_language.png"
-    figure.savefig(bars, dpi=120)
-    plt.close(figure)
-    written = [bars]
+    written = [finish(figure, axes, "test F1 (mean ± sd over seeds)",
+                      f"Zero-shot test F1 per target language ({encoder}, {scale.name} scale)", "per_language")]
 
     gain = report["gains"].get("dualner_trggold - mlt")
     if gain is not None:
@@ -413,14 +418,8 @@ def plot(report: dict, scale: Scale, folder: Path) -> list[Path]:
                      label=f"average {gain['mean']:+.2f} (95% CI {gain['ci95'][0]:+.2f}..{gain['ci95'][1]:+.2f})")
         axes.axhline(0, color="grey", linewidth=0.8)
         axes.set_xticks(range(len(ordered)), ordered)
-        axes.set_ylabel("DualNER − MLT, test F1 (mean ± sd)")
-        axes.set_title(f"Gain per target language, sorted ({len(gain['seeds'])} paired seeds)")
-        axes.legend()
-        figure.tight_layout()
-        sorted_gain = folder / f"reproduction_{scale.name}_gain_sorted.png"
-        figure.savefig(sorted_gain, dpi=120)
-        plt.close(figure)
-        written.append(sorted_gain)
+        written.append(finish(figure, axes, "DualNER − MLT, test F1 (mean ± sd)",
+                              f"Gain per target language, sorted ({len(gain['seeds'])} paired seeds)", "gain_sorted"))
 
     fractions = [*scale.fractions, 1.0]
     names = [("mlt", "dualner_trggold") if p == 1.0 else (f"mlt_p{round(p * 100):02d}", f"dualner_p{round(p * 100):02d}")
@@ -431,14 +430,9 @@ def plot(report: dict, scale: Scale, folder: Path) -> list[Path]:
         axes.errorbar([100 * p for p in fractions], [s["mean"] for s in stats], yerr=[s["sd"] for s in stats],
                       marker="o", capsize=3, label=label)
     axes.set_xlabel("labeled English used in stage 1 (%)")
-    axes.set_ylabel("average test F1, target languages")
-    axes.set_title("Source fraction (paper Fig. 3)")
-    axes.legend()
-    figure.tight_layout()
-    curve = folder / f"reproduction_{scale.name}_source_fraction.png"
-    figure.savefig(curve, dpi=120)
-    plt.close(figure)
-    return [*written, curve]
+    written.append(finish(figure, axes, "average test F1, target languages", "Source fraction (paper Fig. 3)",
+                          "source_fraction"))
+    return written
 
 
 def main(argv: list[str] | None = None) -> None:
