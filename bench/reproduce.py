@@ -71,6 +71,9 @@ class Scale:
     fractions: list[float] = field(default_factory=lambda: [0.2, 0.5])  # Figure 3, besides 1.0
     seeds: int = 1  # runs per system (--seeds overrides)
     single_seed: list[str] = field(default_factory=list)  # systems run with the first seed only
+    # systems whose best checkpoint is also evaluated on the whole test sets (final numbers) when the
+    # fragments cap them (data.max_eval_sentences) for speed
+    full_test_systems: list[str] = field(default_factory=list)
     # extra DualNER + TRGGold systems: name -> dotted config overrides (the method's config choices)
     variants: dict[str, dict] = field(default_factory=dict)
     output_dir: str = "runs/reproduce"
@@ -100,9 +103,10 @@ def load_scale(path: Path) -> Scale:
     if scale.seeds < 1:
         raise SystemExit(f"{path}: seeds: {scale.seeds} (at least 1)")
     known = {system.name for system in systems(scale)}
-    for name in scale.single_seed:
-        if name not in known:
-            raise SystemExit(f"{path}: single_seed: {name!r} is not a system ({', '.join(sorted(known))})")
+    for key in ("single_seed", "full_test_systems"):
+        for name in getattr(scale, key):
+            if name not in known:
+                raise SystemExit(f"{path}: {key}: {name!r} is not a system ({', '.join(sorted(known))})")
     return scale
 
 
@@ -114,13 +118,18 @@ class System:
     init_from: str = ""  # the stage-1 system a stage-2 system starts from
     targets: bool = True  # stage 2 reads the target languages' unlabeled text
     overrides: dict = field(default_factory=dict)  # dotted keys
+    compare_to: str = ""  # the system its gain is paired with (default: init_from)
+
+    @property
+    def baseline(self) -> str:
+        return self.compare_to or self.init_from
 
 
 def systems(scale: Scale) -> list[System]:
     """Main comparison first, so a partial run already answers the first question."""
     listed = [System("mlt", 1), System("dualner_trggold", 2, init_from="mlt"),
-              System("cla", 1, overrides={"model.variant": "cla"}),
-              System("span", 1, overrides={"model.variant": "span"}),
+              System("cla", 1, overrides={"model.variant": "cla"}, compare_to="mlt"),
+              System("span", 1, overrides={"model.variant": "span"}, compare_to="mlt"),
               System("wo_mse", 2, init_from="mlt", overrides={"stage2.mse_weight": 0.0}),
               System("w_selfkl", 2, init_from="mlt", overrides={"stage2.teaching": "self_kl"}),
               System("wo_trg", 2, init_from="mlt", targets=False)]
@@ -194,6 +203,23 @@ def train(scale: Scale, system: System, seed: int, output: Path, launcher: list[
     return True
 
 
+def evaluate_full_test(scale: Scale, system: System, seed: int, output: Path, launcher: list[str]) -> bool:
+    """The best checkpoint of one run on the whole test sets (test_full.json in its folder), unless done."""
+    folder = run_dir(output, system.name, seed)
+    path = folder / "test_full.json"
+    if path.is_file():
+        return False
+    root = Path(scale.data_root)
+    data = [f"{lang}={root / lang / 'test.tsv'}" for lang in [scale.source_language, *scale.target_languages]]
+    print(f"{system.name} seed {seed}: full test sets", flush=True)
+    command = [*launcher, str(REPO / "launchers" / "evaluate.py"), "--checkpoint", str(folder / "checkpoints"),
+               "--output", str(path), "--data", *data]
+    completed = subprocess.run(command, cwd=REPO)
+    if completed.returncode != 0:
+        raise SystemExit(f"{system.name} seed {seed}: `{shlex.join(command)}` exited with {completed.returncode}")
+    return True
+
+
 def diagnose_teacher(scale: Scale, output: Path, launcher: list[str]) -> dict:
     """How good the first teacher's pseudo labels are on the unlabeled target text: F1 of each head
     of MLT (seed 0) on the first sentences of every target train split against its (held back) gold
@@ -248,12 +274,19 @@ def _losses(folder: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
+def test_scores(scale: Scale, scores: dict) -> dict:
+    """Target languages, their average, English apart, from {"per_language": ...}."""
+    per_language = {lang: scores["per_language"][lang] for lang in scale.target_languages}
+    return {"per_language": per_language, "average": sum(per_language.values()) / len(per_language),
+            "english": scores["per_language"][scale.source_language]}
+
+
 def run_entry(scale: Scale, system: System, folder: Path) -> dict:
     results = json.loads((folder / "results.json").read_text(encoding="utf-8"))
-    per_language = {lang: results["test"]["per_language"][lang] for lang in scale.target_languages}
-    entry = {"per_language": per_language, "average": sum(per_language.values()) / len(per_language),
-             "english": results["test"]["per_language"][scale.source_language],
-             "dev_average": results["best_score"], "best_step": results["best_step"], "steps": results["steps"]}
+    entry = test_scores(scale, results["test"]) | {
+        "dev_average": results["best_score"], "best_step": results["best_step"], "steps": results["steps"]}
+    if (folder / "test_full.json").is_file():
+        entry["full_test"] = test_scores(scale, json.loads((folder / "test_full.json").read_text(encoding="utf-8")))
     if system.stage == 2:
         losses = _losses(folder)
         agreement = [row["teacher/agreement"] for row in losses if "teacher/agreement" in row]
@@ -266,34 +299,48 @@ def run_entry(scale: Scale, system: System, folder: Path) -> dict:
     return entry
 
 
+def statistics(runs: list[dict], languages: list[str]) -> dict:
+    """Mean and sd over seeds of the average, English and each language."""
+    return {"average": mean_sd([r["average"] for r in runs]), "english": mean_sd([r["english"] for r in runs]),
+            "per_language": {lang: mean_sd([r["per_language"][lang] for r in runs]) for lang in languages}}
+
+
 def summarize(scale: Scale, output: Path, listed: list[System], teacher: dict, minutes: dict) -> dict:
     report: dict = {"meta": {"scale": scale.name, "encoder": scale.stage1.get("model", {}).get("encoder"),
                              "source_language": scale.source_language,
                              "target_languages": scale.target_languages, "seeds": scale.seeds,
                              "single_seed": scale.single_seed, "variants": scale.variants,
+                             "full_test_systems": scale.full_test_systems,
                              "test_sets": "full test sets" if scale.stage1.get("data", {}).get("full_test_sets")
                              or not scale.stage1.get("data", {}).get("max_eval_sentences")
                              else f"test sets capped at {scale.stage1['data']['max_eval_sentences']} sentences",
                              "average": "unweighted mean test F1 (percent) over the target languages",
                              "sd": "sample standard deviation over seeds",
                              "date": time.strftime("%Y-%m-%d"), "paper": PAPER},
-                    "systems": {}, "gains": {}}
+                    "systems": {}, "gains": {}, "gains_full_test": {}}
     languages = scale.target_languages
     for system in listed:
         runs = {seed: run_entry(scale, system, run_dir(output, system.name, seed)) for seed in seeds_of(scale, system)}
         entry = {"stage": system.stage, "source_fraction": system.fraction, "init_from": system.init_from,
-                 "overrides": system.overrides, "seeds": sorted(runs),
-                 "average": mean_sd([r["average"] for r in runs.values()]),
-                 "english": mean_sd([r["english"] for r in runs.values()]),
-                 "per_language": {lang: mean_sd([r["per_language"][lang] for r in runs.values()]) for lang in languages},
+                 "baseline": system.baseline, "overrides": system.overrides, "seeds": sorted(runs),
+                 **statistics(list(runs.values()), languages),
                  "runs": {str(seed): run | ({"minutes": minutes[f"{system.name}/seed{seed}"]}
                                             if f"{system.name}/seed{seed}" in minutes else {})
                           for seed, run in runs.items()}}
+        if all("full_test" in run for run in runs.values()):
+            entry["full_test"] = statistics([run["full_test"] for run in runs.values()], languages)
         report["systems"][system.name] = entry
-        if system.stage == 2:
-            base = {int(s): r["per_language"] for s, r in report["systems"][system.init_from]["runs"].items()}
-            gain = paired_gain({s: r["per_language"] for s, r in runs.items()}, base, languages)
-            report["gains"][f"{system.name} - {system.init_from}"] = gain
+    for name, entry in report["systems"].items():  # each gain paired seed by seed with its baseline
+        if not entry["baseline"]:
+            continue
+        base = report["systems"][entry["baseline"]]
+        for key, scores in (("gains", lambda run: run), ("gains_full_test", lambda run: run.get("full_test"))):
+            mine = {int(s): scores(r) for s, r in entry["runs"].items() if scores(r)}
+            theirs = {int(s): scores(r) for s, r in base["runs"].items() if scores(r)}
+            if mine and theirs:
+                report[key][f"{name} - {entry['baseline']}"] = paired_gain(
+                    {s: r["per_language"] for s, r in mine.items()}, {s: r["per_language"] for s, r in theirs.items()},
+                    languages)
     report["teacher_pseudo_label_f1"] = {
         head: {"per_language": scores["per_language"], "average": scores["average"]}
         for head, scores in teacher.items()}
@@ -312,41 +359,61 @@ def _gain(gain: dict | None) -> str:
     return f"{gain['mean']:+.2f} [{gain['ci95'][0]:+.2f}, {gain['ci95'][1]:+.2f}]"
 
 
-def markdown(report: dict, scale: Scale) -> str:
-    systems_, gains = report["systems"], report["gains"]
-    meta = report["meta"]
-    lines = [f"Test F1 averaged over the {len(scale.target_languages)} target languages ({meta['test_sets']}), "
-             f"mean ± sd over seeds (n = seeds run); the gain of a stage-2 system is "
-             f"paired with its stage-1 teacher seed by seed, with a 95% bootstrap interval over seeds and "
-             f"languages.", "",
-             "| system | seeds | target avg (ours) | gain over its teacher | English (ours) | paper avg (XLM-R base) |",
+def _label(name: str, entry: dict) -> str:
+    return LABELS.get(name, f"{name} ({', '.join(f'{k}={v}' for k, v in entry['overrides'].items())})")
+
+
+def _system_table(report: dict, names: list[str], test: str) -> list[str]:
+    """One row per system: seeds, target average, the paired gain over its baseline, English, paper."""
+    systems_ = report["systems"]
+    gains = report["gains_full_test" if test == "full_test" else "gains"]
+    lines = ["| system | seeds | target avg (ours) | gain over | English (ours) | paper avg (XLM-R base) |",
              "|---|---|---|---|---|---|"]
-    ordered = [name for name in LABELS if name in systems_] + [name for name in scale.variants if name in systems_]
-    for name in ordered:
+    for name in names:
         entry = systems_[name]
-        label = LABELS.get(name, f"{name} ({', '.join(f'{k}={v}' for k, v in entry['overrides'].items())})")
-        gain = gains.get(f"{name} - {entry['init_from']}")
+        scores = entry[test] if test == "full_test" else entry
+        gain = gains.get(f"{name} - {entry['baseline']}")
+        against = f"{_gain(gain)} ({entry['baseline']})" if gain else "-"
         paper = f"{PAPER[name]:.2f}" if name in PAPER else "-"
-        lines.append(f"| {label} | {entry['average']['n']} | {_ms(entry['average'])} | {_gain(gain)} | "
-                     f"{_ms(entry['english'])} | {paper} |")
-    lines += ["", "Source fraction (Figure 3): average test F1 over the target languages.", "",
+        lines.append(f"| {_label(name, entry)} | {scores['average']['n']} | {_ms(scores['average'])} | {against} | "
+                     f"{_ms(scores['english'])} | {paper} |")
+    return lines
+
+
+def markdown(report: dict, scale: Scale) -> str:
+    systems_, meta = report["systems"], report["meta"]
+    ordered = [name for name in LABELS if name in systems_] + [name for name in scale.variants if name in systems_]
+    full = [name for name in ordered if "full_test" in systems_[name]]
+    intro = (f"Test F1 averaged over the {len(scale.target_languages)} target languages, mean ± sd over seeds "
+             f"(sample sd; n = seeds run). A gain is paired seed by seed with the system named after it (a "
+             f"stage-2 system's stage-1 teacher), with a 95% interval from a bootstrap over seeds and languages.")
+    lines = [intro, ""]
+    if full:
+        lines += ["Final numbers, full test sets:", "", *_system_table(report, full, "full_test"), ""]
+    lines += [f"Every system ({meta['test_sets']}; the ablations and config choices are compared here):", "",
+              *_system_table(report, ordered, "test"), ""]
+    gains = report["gains"]
+    lines += ["Source fraction (Figure 3): average test F1 over the target languages "
+              f"({meta['test_sets']}).", "",
               "| labeled English | MLT | DualNER + TRGGold | gain |", "|---|---|---|---|"]
     for fraction in [*scale.fractions, 1.0]:
         suffix = "" if fraction == 1.0 else f"_p{round(fraction * 100):02d}"
         mlt_name, dual_name = f"mlt{suffix}", "dualner_trggold" if fraction == 1.0 else f"dualner{suffix}"
         lines.append(f"| {fraction:.0%} | {_ms(systems_[mlt_name]['average'])} | "
                      f"{_ms(systems_[dual_name]['average'])} | {_gain(gains.get(f'{dual_name} - {mlt_name}'))} |")
-    columns = [name for name in ("cla", "span", "mlt", "dualner_trggold", "wo_mse", "w_selfkl", "wo_trg")
-               if name in systems_]
-    lines += ["", "Per language (test F1, mean ± sd over seeds):", "",
+    columns = [name for name in ("cla", "span", "mlt", "dualner_trggold") if name in systems_]
+    test = "full_test" if all("full_test" in systems_[c] for c in columns) else "test"
+    per_language = (lambda c: systems_[c]["full_test"]) if test == "full_test" else (lambda c: systems_[c])
+    main_gain = report["gains_full_test" if test == "full_test" else "gains"].get("dualner_trggold - mlt")
+    lines += ["", f"Per language (test F1, {'full test sets' if test == 'full_test' else meta['test_sets']}, "
+              f"mean ± sd over seeds):", "",
               "| language | " + " | ".join(LABELS[c] for c in columns) + " | DualNER − MLT |",
               "|---|" + "---|" * (len(columns) + 1)]
-    main_gain = gains.get("dualner_trggold - mlt")
     for lang in scale.target_languages:
-        cells = [_ms(systems_[c]["per_language"][lang]) for c in columns]
+        cells = [_ms(per_language(c)["per_language"][lang]) for c in columns]
         gain = main_gain["per_language"][lang] if main_gain else None
-        lines.append(f"| {lang} | " + " | ".join(cells) + (f" | {gain['mean']:+.2f} |" if gain else " | - |"))
-    lines.append("| **average** | " + " | ".join(f"**{_ms(systems_[c]['average'])}**" for c in columns)
+        lines.append(f"| {lang} | " + " | ".join(cells) + (f" | {_ms(gain)} |" if gain else " | - |"))
+    lines.append("| **average** | " + " | ".join(f"**{_ms(per_language(c)['average'])}**" for c in columns)
                  + f" | **{_gain(main_gain)}** |")
     teacher = report["teacher_pseudo_label_f1"]
     dual = systems_["dualner_trggold"]["runs"]["0"]
@@ -396,18 +463,21 @@ def plot(report: dict, scale: Scale, folder: Path) -> list[Path]:
 
     # per language, error bars = sd over seeds
     shown = [name for name in ("mlt", "dualner_trggold") if name in systems_]
+    full = all("full_test" in systems_[name] for name in shown)
+    scores = {name: systems_[name]["full_test"] if full else systems_[name] for name in shown}
+    which = "full test sets" if full else report["meta"]["test_sets"]
     figure, axes = plt.subplots(figsize=(max(6, 0.55 * len(languages) + 2), 4))
     width = 0.8 / len(shown)
     for column, name in enumerate(shown):
-        stats = [systems_[name]["per_language"][lang] for lang in languages]
+        stats = [scores[name]["per_language"][lang] for lang in languages]
         axes.bar([i + (column - (len(shown) - 1) / 2) * width for i in range(len(languages))],
                  [s["mean"] for s in stats], width, yerr=[s["sd"] for s in stats], capsize=2,
-                 label=f"{LABELS[name]} (avg {_ms(systems_[name]['average'])}, {systems_[name]['average']['n']} seeds)")
+                 label=f"{LABELS[name]} (avg {_ms(scores[name]['average'])}, {scores[name]['average']['n']} seeds)")
     axes.set_xticks(range(len(languages)), languages)
-    written = [finish(figure, axes, "test F1 (mean ± sd over seeds)",
+    written = [finish(figure, axes, f"test F1 (mean ± sd over seeds; {which})",
                       f"Zero-shot test F1 per target language ({encoder}, {scale.name} scale)", "per_language")]
 
-    gain = report["gains"].get("dualner_trggold - mlt")
+    gain = report["gains_full_test" if full else "gains"].get("dualner_trggold - mlt")
     if gain is not None:
         ordered = sorted(languages, key=lambda lang: gain["per_language"][lang]["mean"])
         figure, axes = plt.subplots(figsize=(max(6, 0.45 * len(languages) + 2), 4))
@@ -468,8 +538,15 @@ def main(argv: list[str] | None = None) -> None:
     started = time.monotonic()
     for index, (system, seed) in enumerate(plan, 1):
         began = time.monotonic()
-        if train(scale, system, seed, output, launcher, index, len(plan)):
+        trained = train(scale, system, seed, output, launcher, index, len(plan))
+        if trained:
             minutes[f"{system.name}/seed{seed}"] = round((time.monotonic() - began) / 60, 2)
+        if system.name in scale.full_test_systems:
+            began = time.monotonic()
+            if evaluate_full_test(scale, system, seed, output, launcher):
+                minutes[f"{system.name}/seed{seed}/full_test"] = round((time.monotonic() - began) / 60, 2)
+                trained = True
+        if trained:
             output.mkdir(parents=True, exist_ok=True)
             minutes_path.write_text(json.dumps(minutes, indent=1))
     if args.systems:

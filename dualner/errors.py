@@ -55,6 +55,7 @@ class RunLockedError(UserError):
 
 class NonFiniteLossError(UserError, FloatingPointError):
     exit_code = EXIT_NONFINITE
+    every_rank = True  # the rank that saw it names the micro batch; the others say "on another rank"
 
 
 _WRITE_ERRNOS = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",
@@ -96,9 +97,10 @@ def run_entry_point(main: Callable[[], int | None]) -> None:
     except UserError as error:
         if debug:
             raise
-        # Every rank detects the same input mistakes; one line from rank 0 is enough.
-        if _rank() == 0:
-            print(f"dualner: error: {error}", file=sys.stderr, flush=True)
+        # Every rank detects the same input mistakes; one line from rank 0 is enough, unless the
+        # error is about what one rank saw.
+        if _rank() == 0 or getattr(error, "every_rank", False):
+            print(f"dualner: error{f' (rank {_rank()})' if _rank() else ''}: {error}", file=sys.stderr, flush=True)
         code = error.exit_code
     except Exception as error:  # noqa: BLE001 (only operating-system mistakes are turned into a line)
         message = describe_os_error(error)

@@ -105,8 +105,8 @@ def test_empty_sentences_are_skipped_not_errors(tmp_path):
     assert [s.words for s in read_conll(path)] == [["Paris"], ["Bob"]]
 
 
-def test_stage2_without_max_steps(tmp_path):
-    with pytest.raises(ConfigError, match="train.max_steps: stage 2 streams corpora of unknown length"):
+def test_stage2_without_a_length(tmp_path):
+    with pytest.raises(ConfigError, match=r"stage 2's length: set train.max_steps \(optimizer steps\) or stage2.epochs"):
         build_stage2(load_config(REPO / "configs" / "tiny_stage2.yaml",
                                   [f"run.output_dir={tmp_path}", "train.max_steps=null"]))
 

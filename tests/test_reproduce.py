@@ -25,9 +25,10 @@ def test_reproduce_tiny_scale(tmp_path):
     """Two seeds for the seeded systems, one for the rest: per-seed runs paired across stages, mean and
     sd, the gain's interval, CLA and SPAN, a config-choice variant."""
     scale = {"name": "tiny", "data_root": "data/panx-sample", "target_languages": ["de", "zh"],
-             "fractions": [0.5], "seeds": 2, "output_dir": str(tmp_path / "runs"),
-             "single_seed": ["cla", "span", "wo_mse", "w_selfkl", "wo_trg", "mlt_p50", "dualner_p50", "dualner_shared"],
+             "fractions": [], "seeds": 2, "output_dir": str(tmp_path / "runs"),
+             "single_seed": ["cla", "span", "wo_mse", "w_selfkl", "wo_trg", "dualner_shared"],
              "variants": {"dualner_shared": {"stage2.loss_normalization": "shared"}},
+             "full_test_systems": ["mlt", "dualner_trggold"],
              "results": str(tmp_path / "reproduction.json"), "plots_dir": str(tmp_path / "plots"),
              "results_markdown": str(tmp_path / "RESULTS.md"), "diagnostic_sentences": 16,
              "stage1": TINY_FRAGMENT, "stage2": TINY_FRAGMENT}
@@ -39,8 +40,7 @@ def test_reproduce_tiny_scale(tmp_path):
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
 
     report = json.loads((tmp_path / "reproduction.json").read_text())
-    names = {"mlt", "dualner_trggold", "cla", "span", "wo_mse", "w_selfkl", "wo_trg", "mlt_p50", "dualner_p50",
-             "dualner_shared"}
+    names = {"mlt", "dualner_trggold", "cla", "span", "wo_mse", "w_selfkl", "wo_trg", "dualner_shared"}
     assert set(report["systems"]) == names
     for name, entry in report["systems"].items():
         seeds = [0] if name in scale["single_seed"] else [0, 1]
@@ -66,17 +66,23 @@ def test_reproduce_tiny_scale(tmp_path):
     assert gain["seeds"] == [0, 1] and abs(gain["mean"] - sum(paired) / 4) < 1e-9
     assert min(paired) - 1e-9 <= gain["ci95"][0] <= gain["mean"] <= gain["ci95"][1] <= max(paired) + 1e-9
     assert report["gains"]["dualner_shared - mlt"]["seeds"] == [0]
+    assert report["gains"]["cla - mlt"]["seeds"] == [0]  # Table 1: a stage-1 variant against MLT
+    # the full test sets (the fragment caps them at 24 sentences): every seed of the two systems
+    for name in ("mlt", "dualner_trggold"):
+        full = json.loads((tmp_path / "runs" / name / "seed1" / "test_full.json").read_text())
+        assert report["systems"][name]["runs"]["1"]["full_test"]["per_language"]["zh"] == full["per_language"]["zh"]
+        assert report["systems"][name]["full_test"]["average"]["n"] == 2
+    assert "full_test" not in report["systems"]["cla"]
+    assert report["gains_full_test"]["dualner_trggold - mlt"]["seeds"] == [0, 1]
     assert report["systems"]["wo_mse"]["runs"]["0"]["mse_first_last"] is None  # lambda = 0: not computed, not logged
-    assert report["systems"]["mlt_p50"]["source_fraction"] == 0.5
     assert set(report["teacher_pseudo_label_f1"]) == {"span", "seq"}
     generated = yaml.safe_load((tmp_path / "runs" / "configs" / "wo_trg_seed0.yaml").read_text())
     assert generated["stage2"]["target"] == {} and generated["stage2"]["init_from"].endswith("mlt/seed0")
-    assert yaml.safe_load((tmp_path / "runs" / "configs" / "dualner_p50_seed0.yaml").read_text())["data"]["train_fraction"] == 0.5
 
     markdown = (tmp_path / "RESULTS.md").read_text()
     assert "earlier text stays" in markdown and markdown.count("<!-- reproduction:tiny:begin -->") == 1
-    assert "| w/o MSE |" in markdown and "| 50% |" in markdown and "| CLA (sequence head only) | 1 |" in markdown
-    assert "| DualNER + TRGGold | 2 |" in markdown and " ± " in markdown
+    assert "| w/o MSE |" in markdown and "| 100% |" in markdown and "| CLA (sequence head only) | 1 |" in markdown
+    assert "| DualNER + TRGGold | 2 |" in markdown and " ± " in markdown and "Final numbers, full test sets" in markdown
     try:
         import matplotlib  # noqa: F401
     except ImportError:
@@ -87,7 +93,7 @@ def test_reproduce_tiny_scale(tmp_path):
 
     second = subprocess.run(command, cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=300)
     assert second.returncode == 0, second.stderr[-3000:]
-    assert second.stdout.count("done earlier") == 2 * 2 + 8
+    assert second.stdout.count("done earlier") == 2 * 2 + 6
     assert "finished in" not in second.stdout and ": stage " not in second.stdout  # nothing retrained
     assert (tmp_path / "RESULTS.md").read_text().count("<!-- reproduction:tiny:begin -->") == 1
 

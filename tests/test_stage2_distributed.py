@@ -104,9 +104,16 @@ def test_variants_run_from_config_alone(stage1_run, tmp_path, variant):
     english = read_conll(REPO / "data" / "panx-sample" / "en" / "train.tsv", "en", max_sentences=200)
     translations.write_text("".join(json.dumps({"tokens": s.words[::-1], "lang": "fr", "src_id": str(i)})
                                     + "\n" for i, s in enumerate(english)))
-    run = tmp_path / "run"
+    run, init_from = tmp_path / "run", stage1_run
+    if "data.train_fraction=0.5" in variant:
+        # stage 2 splits the labeled source as its stage-1 run did, so that run saw the same half
+        init_from = tmp_path / "stage1_half"
+        launch("launchers/stage1.py", ["--config", str(REPO / "configs" / "tiny.yaml"), f"run.output_dir={init_from}",
+                                       "data.train_fraction=0.5", "train.max_steps=2", "train.eval_every=2",
+                                       "data.max_eval_sentences=8", "eval.head=seq",
+                                       f"deepspeed.config={REPO / 'ds_configs' / 'zero0_fp32.json'}"])
     launch("launchers/stage2.py", ["--config", str(REPO / "configs" / "tiny_stage2.yaml"),
-                                   f"run.output_dir={run}", f"stage2.init_from={stage1_run}",
+                                   f"run.output_dir={run}", f"stage2.init_from={init_from}",
                                    "train.max_steps=3", "train.eval_every=3", "train.log_every=1",
                                    "data.max_eval_sentences=20", f"stage2.translations.fr={translations}",
                                    "stage2.sample_log=true",
