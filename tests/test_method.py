@@ -86,6 +86,9 @@ def test_a_matching_split_is_accepted(tmp_path):
     first = load_config(STAGE1, ["data.train_fraction=0.5", "run.seed=3"])
     save_config(first, tmp_path / "config.yaml")
     check_same_split(load_config(STAGE2, ["data.train_fraction=0.5", "run.seed=3"]), tmp_path / "config.yaml")
+    absolute = REPO / "data" / "panx-sample" / "en" / "train.tsv"  # the same file written another way
+    check_same_split(load_config(STAGE2, ["data.train_fraction=0.5", "run.seed=3", f"data.train.en={absolute}"]),
+                     tmp_path / "config.yaml")
     # all of the source in both stages: nothing to leak, whatever the seeds
     save_config(load_config(STAGE1, ["run.seed=3"]), tmp_path / "config.yaml")
     check_same_split(load_config(STAGE2, ["run.seed=4"]), tmp_path / "config.yaml")

@@ -55,9 +55,12 @@ def check_same_split(cfg, stage1_config: "Path") -> None:
     if not stage1_config.is_file():
         return  # a checkpoint without its run's config (moved): nothing to compare with
     first = (yaml.safe_load(stage1_config.read_text(encoding="utf-8")) or {})
-    ours = {"data.train": cfg.data.train, "data.max_train_sentences": cfg.data.max_train_sentences,
+    def resolved(train: dict | None) -> dict | None:  # the same files, however their paths are written
+        return {lang: str(Path(path).resolve()) for lang, path in train.items()} if train else train
+
+    ours = {"data.train": resolved(cfg.data.train), "data.max_train_sentences": cfg.data.max_train_sentences,
             "data.train_fraction": cfg.data.train_fraction, "run.seed": cfg.run.seed}
-    theirs = {"data.train": first.get("data", {}).get("train"),
+    theirs = {"data.train": resolved(first.get("data", {}).get("train")),
               "data.max_train_sentences": first.get("data", {}).get("max_train_sentences"),
               "data.train_fraction": first.get("data", {}).get("train_fraction", 1.0),
               "run.seed": first.get("run", {}).get("seed")}
