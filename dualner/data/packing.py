@@ -31,9 +31,14 @@ LABEL_COLUMNS = (("seq_labels", "tag_ids"), ("start_labels", "start_ids"), ("end
 def first_fit_decreasing(lengths: Sequence[int], capacity: int) -> list[list[int]]:
     """Bins (rows) of window indices, each holding at most `capacity` tokens; longest first, each into
     the first row with room. Deterministic; a row lists its windows in decreasing length."""
+    return first_fit(lengths, capacity, sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)))
+
+
+def first_fit(lengths: Sequence[int], capacity: int, order: Sequence[int] | None = None) -> list[list[int]]:
+    """Bins of window indices taken in `order` (default: as given), each into the first row with room."""
     rows: list[list[int]] = []
     room: list[int] = []
-    for index in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+    for index in range(len(lengths)) if order is None else order:
         length = lengths[index]
         if length > capacity:
             raise ValueError(f"a window of {length} tokens does not fit a row of {capacity}")
@@ -55,6 +60,12 @@ def pack_rows(lengths: Sequence[int], row_length: int, rows: int | None = None) 
     every window, so the last row's emptiness is shared out instead of computed."""
     bins = first_fit_decreasing(lengths, row_length)
     if rows is not None:
+        if len(bins) > rows:
+            # First fit decreasing is not always at least as tight as first fit in arrival order
+            # (e.g. 10,2,5,3,2,6,2 into rows of 10: three rows in order, four sorted), and token
+            # budgets (`token_budget_micro_batches`) are cut by first fit in arrival order, so
+            # that order always fits.
+            bins = first_fit(lengths, row_length)
         if len(bins) > rows:
             raise ValueError(f"{len(lengths)} windows ({sum(lengths)} tokens) need {len(bins)} rows of "
                              f"{row_length}; the micro batch has {rows}")
