@@ -523,7 +523,7 @@ def plot(report: dict, scale: Scale, folder: Path) -> list[Path]:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     where = parser.add_mutually_exclusive_group(required=True)
-    where.add_argument("--scale", help="a scale under bench/configs/reproduce_<scale>.yaml: cpu or paper")
+    where.add_argument("--scale", help="a scale under bench/configs/reproduce_<scale>.yaml: cpu, cpu_main or paper")
     where.add_argument("--config", type=Path, help="a scale file")
     parser.add_argument("--launcher", default=sys.executable,
                         help='how each run is started, e.g. "deepspeed --num_gpus 8" (default: this python)')
