@@ -123,6 +123,7 @@ def test_paired_gain_interval():
     ({"systems": ["cla"], "fractions": [0.2]}, r"fractions: 0.2 needs systems \['mlt_p20', 'dualner_p20'\]"),
     ({"single_seed": ["w_selfkl"], "systems": ["cla"], "fractions": []}, "single_seed: 'w_selfkl' is not a system"),
     ({"seeds": 0}, "seeds: 0"),
+    ({"full_test_seeds": 0}, "full_test_seeds: 0"),
 ])
 def test_scale_files_are_checked(tmp_path, keys, message):
     sys.path.insert(0, str(REPO / "bench"))
@@ -131,3 +132,39 @@ def test_scale_files_are_checked(tmp_path, keys, message):
     path.write_text(yaml.safe_dump({"name": "x", "data_root": "d", "target_languages": ["de"], **keys}))
     with pytest.raises(SystemExit, match=message):
         load_scale(path)
+
+
+def test_full_test_sets_for_the_first_seeds_only(tmp_path):
+    """`full_test_seeds: 1`: only seed 0 of the full-test systems is evaluated on the full test sets;
+    its statistics say n = 1, the gain pairs that seed only, and the per-language table keeps the
+    capped sets, which every seed has."""
+    sys.path.insert(0, str(REPO / "bench"))
+    from reproduce import Scale, markdown, run_dir, summarize, systems, wants_full_test
+    scale = Scale(name="x", data_root="d", target_languages=["de", "zh"], fractions=[], seeds=2,
+                  full_test_systems=["mlt", "dualner_trggold"], full_test_seeds=1,
+                  stage1={"data": {"max_eval_sentences": 24}})
+    listed = systems(Scale(**{**scale.__dict__, "systems": []}))
+    assert [s.name for s in listed] == ["mlt", "dualner_trggold"]
+    assert [wants_full_test(scale, s, seed) for s in listed for seed in (0, 1)] == [True, False, True, False]
+    for system, offset in zip(listed, (0.0, 5.0)):
+        for seed in (0, 1):
+            folder = run_dir(tmp_path, system.name, seed)
+            folder.mkdir(parents=True)
+            scores = {"per_language": {"en": 80.0, "de": 60.0 + offset + seed, "zh": 40.0 + offset}}
+            (folder / "results.json").write_text(json.dumps(
+                {"test": scores, "best_score": 50.0, "best_step": 10, "steps": 20}))
+            (folder / "losses.jsonl").write_text("")
+            if seed == 0:
+                full = {"per_language": {"en": 81.0, "de": 61.0 + 2 * offset, "zh": 41.0 + 2 * offset}}
+                (folder / "test_full.json").write_text(json.dumps(full))
+    teacher = {head: {"per_language": {"de": 50.0, "zh": 30.0}, "average": 40.0} for head in ("span", "seq")}
+    report = summarize(scale, tmp_path, listed, teacher, {})
+    dual = report["systems"]["dualner_trggold"]
+    assert dual["average"]["n"] == 2 and dual["full_test"]["average"]["n"] == 1
+    assert dual["full_test"]["average"]["mean"] == pytest.approx(61.0)
+    assert report["gains"]["dualner_trggold - mlt"]["mean"] == pytest.approx(5.0)
+    assert report["gains_full_test"]["dualner_trggold - mlt"]["seeds"] == [0]
+    assert report["gains_full_test"]["dualner_trggold - mlt"]["mean"] == pytest.approx(10.0)
+    table = markdown(report, scale)
+    assert "Final numbers, full test sets:" in table
+    assert "Per language (test F1, test sets capped at 24 sentences" in table
