@@ -6,8 +6,8 @@ there is one (CUDA kernels profiled too), else the CPU.
     python bench/profile_stage1.py --smoke     # tiny random encoder (CI)
 
 The model and DeepSpeed engine are built as the stage-1 launcher builds them (fp32 ZeRO-0 by
-default; --ds-config for bf16), micro batches packed as the launcher packs them (--padded for one
-window per row). Each step is timed by phase (collate on the host, forward + losses, backward,
+default; --ds-config for bf16), micro batches laid out as the launcher lays them out on this device
+(data.packing=auto: packed on GPUs, length-bucketed padded on CPU; --layout packed|padded to choose). Each step is timed by phase (collate on the host, forward + losses, backward,
 optimizer step) with a device synchronisation between phases, and one step is recorded with
 torch.profiler (the most expensive operators by self time, CPU and CUDA). Tokenizing the training
 sentences happens once per run, before training; its cost per sentence is measured too.
@@ -30,7 +30,9 @@ def profile(args, freeze: bool) -> dict:
     import torch
     from transformers import AutoTokenizer
     from dualner.backend.deepspeed_engine import DeepSpeedTrainingEngine, load_deepspeed_config
+    from dualner.backend.comm import accelerator_device
     from dualner.backend.placement import to_device
+    from dualner.data.packing import packs_by_default
     from dualner.config import TrainConfig
     from dualner.data.batching import bucketed_micro_batches, derive_batch_layout
     from dualner.data.conll import read_conll
@@ -50,12 +52,13 @@ def profile(args, freeze: bool) -> dict:
     rows = WindowTokenizer(tokenizer, label_set, 128).encode(sentences).to_list()
     tokenize_seconds = time.perf_counter() - started
     lengths = [len(row["input_ids"]) for row in rows]
-    batches = bucketed_micro_batches(lengths, args.batch, seed=0, epoch=0, pool_batches=1 if not args.padded else 50)
+    packed = args.layout == "packed" or (args.layout == "auto" and packs_by_default(accelerator_device(0)))
+    batches = bucketed_micro_batches(lengths, args.batch, seed=0, epoch=0, pool_batches=1 if packed else 50)
 
     model = DualNERModel.from_pretrained_encoder(folder, len(label_set.entity_types))
     if freeze:
         model.freeze_word_embeddings()
-    collate = Collator(tokenizer.pad_token_id, packed=not args.padded and model.supports_packing, row_length=128,
+    collate = Collator(tokenizer.pad_token_id, packed=packed and model.supports_packing, row_length=128,
                        position_offset=model.position_offset or 0)
     train = TrainConfig(global_batch_size=args.batch, micro_batch_size=args.batch, lr=1e-4, warmup_steps=0)
     engine = DeepSpeedTrainingEngine(model, load_deepspeed_config(REPO / args.ds_config, derive_batch_layout(train, 1)),
@@ -110,7 +113,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--encoder", default="multilingual-e5-small")
     parser.add_argument("--data", default=str(SHARED_DATA / "en" / "train.tsv"))
-    parser.add_argument("--padded", action="store_true", help="one window per row (no packing)")
+    parser.add_argument("--layout", choices=["auto", "packed", "padded"], default="auto",
+                        help="micro batch layout (auto: as data.packing=auto on this device)")
     parser.add_argument("--embeddings", choices=["both", "trained", "frozen"], default="both")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--steps", type=int, default=5)
@@ -126,7 +130,7 @@ def main() -> None:
     runs = [profile(args, freeze) for freeze in (False, True)
             if args.embeddings == "both" or args.embeddings == ("frozen" if freeze else "trained")]
     result = {"command": "python bench/profile_stage1.py " + " ".join(sys.argv[1:]), "date": time.strftime("%Y-%m-%d"),
-              **device_facts(), "packed": not args.padded, "encoder": args.encoder, "batch": args.batch, "ds_config": args.ds_config, "runs": runs,
+              **device_facts(), "layout": args.layout, "encoder": args.encoder, "batch": args.batch, "ds_config": args.ds_config, "runs": runs,
               **({"frozen_speedup": runs[0]["seconds_per_step"] / runs[1]["seconds_per_step"]} if len(runs) == 2 else {})}
     write_result(args.output, result)
     for run in runs:

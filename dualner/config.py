@@ -78,9 +78,11 @@ class DataConfig:
     # Final numbers: the test sets are read whole even when max_eval_sentences caps them for dev.
     full_test_sets: bool = False
     # Pack windows into rows of `pack_length` tokens (default: max_length) with block-diagonal
-    # attention and per-window positions: no padding computed, same results as unpacked. Encoder
-    # families whose position ids are unknown are trained unpacked whatever this says.
-    packing: bool = True
+    # attention and per-window positions: no padding computed, same results as unpacked. "auto":
+    # packed on accelerators (and for token budgets), length-bucketed padded batches on CPU, where
+    # packing measured slower (dualner.data.packing.packs_by_default). Encoder families whose
+    # position ids are unknown are trained unpacked whatever this says.
+    packing: bool | Literal["auto"] = "auto"
     pack_length: int | None = bounded(None, minimum=3)
     # Loader worker processes per rank (tokenizing, packing, pinning off the training thread);
     # default: 0 on CPU, up to 4 per GPU as the node's cores allow.

@@ -24,7 +24,7 @@ def evaluate_checkpoint(checkpoint: str | Path, data: dict[str, str], output: st
     encoder = WindowTokenizer(loaded.tokenizer, loaded.label_set, loaded.max_length)
     eval_sets = load_eval_sets(data, "--data", encoder, loaded.label_set, max_sentences)
     results = evaluate_sets(model, eval_sets, loaded.label_set, head, batch_size,
-                            inference_collator(loaded), device)
+                            inference_collator(loaded, device), device)
     if info.is_main:
         log.info("%s (%s head):\n%s", loaded.checkpoint, head, format_table(results, "F1"))
         if output:

@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModelForTokenClassification, AutoTokenizer
 
 from dualner.checkpoint import load_model_state, resolve_checkpoint
-from dualner.data.packing import Collator
+from dualner.data.packing import Collator, packs_by_default
 from dualner.errors import CheckpointError, MissingPathError
 from dualner.labels import LabelSet
 from dualner.model import DualNERModel, with_encoder_dropout
@@ -84,10 +84,10 @@ def load_trained_model(path: str | Path, encoder_dropout: float | None = None,
                        meta.get("variant", "mlt"))
 
 
-def inference_collator(loaded: LoadedModel) -> Collator:
-    """Packed rows where the encoder family allows it (same results, no padding computed)."""
+def inference_collator(loaded: LoadedModel, device: torch.device) -> Collator:
+    """Packed rows where the encoder family allows it and packing pays on `device` (same results)."""
     offset = loaded.model.position_offset
-    return Collator(pad_id=loaded.tokenizer.pad_token_id, packed=offset is not None,
+    return Collator(pad_id=loaded.tokenizer.pad_token_id, packed=offset is not None and packs_by_default(device),
                     row_length=loaded.max_length, position_offset=offset or 0)
 
 

@@ -53,7 +53,7 @@ class Predictor:
         self.model = loaded.model.to(self.device).eval()
         self.label_set = loaded.label_set
         self.encoder = WindowTokenizer(loaded.tokenizer, loaded.label_set, loaded.max_length)
-        self.collate = inference_collator(loaded)
+        self.collate = inference_collator(loaded, self.device)
         self.head, self.batch_size = evaluation_head(loaded.variant, head), batch_size
 
     @torch.no_grad()

@@ -34,7 +34,7 @@ from dualner.checkpoint import CheckpointManager, write_json_atomic
 from dualner.config import Config, config_to_dict, evaluation_head, save_config
 from dualner.data.batching import BatchLayout, derive_batch_layout
 from dualner.data.loader import default_workers
-from dualner.data.packing import Collator
+from dualner.data.packing import Collator, packs_by_default
 from dualner.errors import ConfigError, NonFiniteLossError
 from dualner.evaluate import EvalSet, evaluate_sets, format_table
 from dualner.logging import ScalarWriter, get_logger
@@ -239,7 +239,10 @@ class Run:
     def collator(self, pad_id: int, position_offset: int | None, **extra) -> Collator:
         """Packed rows when the config asks for them and the encoder family allows it."""
         cfg = self.cfg
-        packed = cfg.data.packing and position_offset is not None
+        packing = cfg.data.packing
+        if packing == "auto":
+            packing = cfg.train.batch_unit == "tokens" or packs_by_default(self.device)
+        packed = packing and position_offset is not None
         if cfg.train.batch_unit == "tokens" and not packed:
             raise ConfigError("train.batch_unit=tokens needs packed rows (data.packing=true and an "
                               "encoder family dualner.attention knows)")

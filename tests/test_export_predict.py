@@ -43,7 +43,7 @@ def test_export_predict_matches_checkpoint_evaluation(zero3_run, tmp_path):
         loaded = load_trained_model(zero3_run)
         rows = WindowTokenizer(loaded.tokenizer, loaded.label_set, loaded.max_length).encode(sentences).to_list()
         from_checkpoint = predict_tags(loaded.model, rows, loaded.label_set, head, 16,
-                                       inference_collator(loaded), torch.device("cpu"))
+                                       inference_collator(loaded, torch.device("cpu")), torch.device("cpu"))
         if head == "seq":  # evaluation reads raw BIO argmax; entities re-read as chunks are the same
             from dualner.labels import extract_entities
             from_checkpoint = {i: sequential(extract_entities(t), len(t)) for i, t in from_checkpoint.items()}

@@ -239,3 +239,27 @@ def test_launchers_train_the_same_with_and_without_packing(tmp_path, tiny_encode
             for name, value in padded[step].items():
                 if name.startswith("loss/"):
                     assert packed[step][name] == pytest.approx(value, abs=1e-4), (stage, step, name)
+
+
+@pytest.mark.parametrize("setting, device, unit, packed", [
+    ("auto", "cpu", "sentences", False), ("auto", "cuda", "sentences", True), ("auto", "cpu", "tokens", True),
+    (True, "cpu", "sentences", True), (False, "cuda", "sentences", False)])
+def test_packing_auto_packs_on_accelerators_and_for_token_budgets(setting, device, unit, packed):
+    """data.packing=auto: packed rows on GPUs, padded length buckets on CPU (packing measured slower
+    there), packed whenever token budgets need the fixed shape; true/false are obeyed."""
+    from types import SimpleNamespace
+
+    from dualner.config import Config
+    from dualner.data.packing import packs_by_default
+    from dualner.errors import ConfigError
+    from dualner.train import Run
+    cfg = Config()
+    cfg.data.packing, cfg.train.batch_unit, cfg.train.micro_batch_size = setting, unit, 256
+    run = SimpleNamespace(cfg=cfg, device=torch.device(device))
+    assert Run.collator(run, pad_id=1, position_offset=2).packed is packed
+    if unit == "sentences":  # a family whose position ids are unknown is never packed
+        assert Run.collator(run, pad_id=1, position_offset=None).packed is False
+    else:
+        with pytest.raises(ConfigError, match="needs packed rows"):
+            Run.collator(run, pad_id=1, position_offset=None)
+    assert packs_by_default(torch.device(device)) is (device != "cpu")
