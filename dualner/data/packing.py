@@ -1,9 +1,9 @@
 """Micro batches as model tensors: windows packed into rows of a fixed length, or padded one per row.
 
 Packed (the default on accelerators where the encoder family supports it, `packs_by_default`):
-several windows share a row of `row_length` tokens, each window a *segment*; attention is block-diagonal (no token sees another
-segment, see dualner.attention) and positions restart at every segment, so every window gets
-exactly the hidden states it would get alone. Padding (at the end of a row) forms a segment of its
+several windows share a row of `row_length` tokens, each window a *segment*; attention is
+block-diagonal (no token sees another segment, see dualner.attention) and positions restart at
+every segment, so every window gets exactly the hidden states it would get alone. Padding (at the end of a row) forms a segment of its
 own and is never labeled. Unpacked: one window per row, padded to the longest (`attention_mask`).
 
 Both layouts carry the same word-level bookkeeping, so losses, pseudo labels, the MSE term and
