@@ -7,9 +7,9 @@ there is one (CUDA kernels profiled too), else the CPU.
 
 The model and DeepSpeed engine are built as the stage-1 launcher builds them (fp32 ZeRO-0 by
 default; --ds-config for bf16), micro batches laid out as the launcher lays them out on this device
-(data.packing=auto: packed on GPUs, length-bucketed padded on CPU; --layout packed|padded to choose). Each step is timed by phase (collate on the host, forward + losses, backward,
-optimizer step) with a device synchronisation between phases, and one step is recorded with
-torch.profiler (the most expensive operators by self time, CPU and CUDA). Tokenizing the training
+(data.packing=auto: packed on GPUs, length-bucketed padded on CPU; --layout packed|padded to
+choose). Each step is timed by phase (collate on the host, forward + losses, backward, optimizer
+step) with a device synchronisation between phases, and one step is recorded with torch.profiler (the most expensive operators by self time, CPU and CUDA). Tokenizing the training
 sentences happens once per run, before training; its cost per sentence is measured too.
 """
 
@@ -101,7 +101,7 @@ def profile(args, freeze: bool) -> dict:
            for event in sorted(profiler.key_averages(), key=lambda e: getattr(e, key, 0), reverse=True)[:12]]
     total = sum(phases.values())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return {"frozen_word_embeddings": freeze, "trainable_parameters": trainable,
+    return {"frozen_word_embeddings": freeze, "packed": collate.packed, "trainable_parameters": trainable,
             "seconds_per_step": total / args.steps,
             "phase_seconds_per_step": {name: value / args.steps for name, value in phases.items()},
             "phase_share": {name: value / total for name, value in phases.items()},
