@@ -9,8 +9,9 @@ The model and DeepSpeed engine are built as the stage-1 launcher builds them (fp
 default; --ds-config for bf16), micro batches laid out as the launcher lays them out on this device
 (data.packing=auto: packed on GPUs, length-bucketed padded on CPU; --layout packed|padded to
 choose). Each step is timed by phase (collate on the host, forward + losses, backward, optimizer
-step) with a device synchronisation between phases, and one step is recorded with torch.profiler (the most expensive operators by self time, CPU and CUDA). Tokenizing the training
-sentences happens once per run, before training; its cost per sentence is measured too.
+step) with a device synchronisation between phases, and one step is recorded with torch.profiler
+(the most expensive operators by self time, CPU and CUDA). Tokenizing the training sentences happens
+once per run, before training; its cost per sentence is measured too.
 """
 
 from __future__ import annotations
