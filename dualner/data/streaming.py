@@ -1,308 +1,813 @@
-"""The stage-2 streaming loader: local files and globs (CoNLL, plain pre-tokenized text, JSONL) as
-`datasets.IterableDataset`s, sharded by rank and by loader worker, mixed with configured weights,
-tokenized on the fly, and resumable to the exact sentence.
+"""The stage-2 loader: every corpus read once per pass across all ranks and loader workers, mixed
+with configured weights, tokenized on the fly (or read tokenized from a prepared corpus), and
+resumable exactly, in O(1) of the position, on any number of ranks and workers.
 
-Sharding. Every file is cut into `parts` line-strided virtual shards (file, offset, stride) so that
-there are at least ranks x workers shards even when a corpus has fewer files than that. Rank r takes
-shards r, r + world, ...; `datasets` hands a rank's shards to its loader workers. A reader of a
-strided shard reads the whole file but keeps only its own sentences, so nothing is tokenized twice
-and the ranks and workers together cover every sentence exactly once per pass.
+Pieces (ranges). Each stream (a kind and language: the labeled source, a target language's text,
+a language's translations) is cut into ranges: byte ranges of uncompressed files
+(dualner.data.corpus: any cut reads every record once), a compressed file whole, or runs of
+sentence ids of a prepared corpus (dualner.data.prepared). There are at least as many ranges per
+stream as readers (ranks x workers) where the data allows, and each range belongs to one reader:
+range j of a stream goes to reader (j + offset) mod readers. A reader's rate therefore does not
+depend on how many readers there are, and the file system serves each byte once per pass.
 
-Position. `datasets` keeps the state of every iterable (shard, example, repeat count, mixing RNG) and
-`torchdata`'s StatefulDataLoader keeps the workers' states and the order in which they were read;
-their `state_dict()` is saved in every checkpoint, so a resumed run neither repeats nor skips.
-Nothing is ever loaded whole: memory holds one tokenization pool per worker plus the prefetch queue.
+A range has its own pass counter and cursor (the next record's byte, or the next index of the
+pass's permutation of a prepared range). A reader walks its ranges in an order drawn anew for
+every pass; a range that reaches its end starts its next pass. Within a pass of a range every
+record is used exactly once; ranges of one stream may be a pass apart when readers go at
+different speeds.
+
+Pools. A reader draws `pool` records at a time, choosing the stream of each by weight (a stream's
+weight is scaled by readers / readers holding it, so the global mix stays as configured when a
+stream has fewer ranges than readers), tokenizes them together, shuffles them (padded rows: sorts
+them by length) with a seed of its own, and cuts them into micro batches of whole units. A pool is
+described by its segments: (stream, file, range, pass, first record, records), enough to read it
+again anywhere.
+
+Position. The main process of each rank sees which micro batches were trained (every batch carries
+its pool's description and its index in the pool) and keeps: each range's pass and cursor (past
+every pool it has seen), the pools it has seen only in part (with how many of their micro batches
+were trained), and how many pools each reader made. A checkpoint saves the ranks' positions, which
+together form one global position. On resume, ranges are assigned to the new readers (re-cut where
+more readers than ranges), pools seen in part go to readers that read them again and skip the
+micro batches already trained, and readers continue at the range cursors: nothing is replayed and
+nothing repeats or goes missing within a pass. On the same number of ranks and workers the
+continuation is identical to the uninterrupted run; on another number, the mixing draws a new
+order (which record follows which changes; which records a pass holds does not).
 """
 
 from __future__ import annotations
 
 import glob
+import json
 import random
 import zlib
-from functools import lru_cache, partial
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import Iterator, Sequence
 
-import datasets
 import torch
-from datasets import IterableDataset
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from dualner.data.conll import DataFormatError, iter_conll
-from dualner.errors import MissingPathError
+from dualner.data.corpus import (BadRecord, CorpusFile, RecordReader, describe_file, lines_before,
+                                 parse_jsonl_line, parse_record)
 from dualner.data.encoding import WindowTokenizer
-from dualner.data.packing import Collator
-from dualner.data.readers import JSONL_SUFFIXES, TEXT_SUFFIXES, iter_jsonl, iter_text
+from dualner.data.packing import Collator, first_fit
+from dualner.errors import DataFormatError, MissingPathError
 
 KIND_SOURCE, KIND_TARGET, KIND_TRANSLATION = "source", "target", "translation"
-_CONLL_SUFFIXES = {".tsv", ".conll", ".iob", ".bio"}
-
-
-@dataclass(frozen=True)
-class Shard:
-    path: str
-    offset: int  # keep sentences whose index in the file is offset (mod stride)
-    stride: int
-    language: str
-    kind: str
-    # For translations under the "parallel" MSE: the labeled source JSONL whose sentence with the
-    # translation's src_id travels inside the translation's record (pair_*), so the two are one unit
-    # of the stream and always meet in one micro batch.
-    pair_with: str = ""
-
-
 HUB_PREFIX = "hf:"
+STREAM_META = ("language", "kind", "sample_id", "src_id", "word_offset", "pass")
+POSITION_VERSION = 1
+DEFAULT_RANGE_BYTES = 64 << 20
+DEFAULT_RANGE_SENTENCES = 1 << 16
 
 
+# -- the streams and their pieces ------------------------------------------------------------------
 def expand_files(pattern: str, key: str) -> list[str]:
     """A path or glob -> sorted files; an error naming the config key when nothing matches.
 
     `hf:NAME[:CONFIG]@SPLIT` names a `datasets` dataset (a hub name, or a local folder) with a
-    `tokens` column, streamed rather than downloaded whole."""
+    `tokens` column, streamed rather than downloaded whole. A folder holding a prepared corpus
+    (its manifest.json) is one entry."""
+    from dualner.data.prepared import is_prepared
     if pattern.startswith(HUB_PREFIX):
         return [pattern]
+    if is_prepared(pattern):
+        return [str(pattern)]
     files = sorted(glob.glob(pattern, recursive=True)) if glob.has_magic(pattern) else [pattern]
+    if not glob.has_magic(pattern) and Path(pattern).is_dir():
+        raise MissingPathError(f"{key}: {pattern} is a folder; name a file, a glob (e.g. {pattern}/*.txt) "
+                               f"or a prepared corpus folder (python -m dualner prepare)")
     files = [f for f in files if Path(f).is_file()]
     if not files:
         raise MissingPathError(f"{key}: {pattern!r} matches no file")
     return files
 
 
-def make_shards(files: Sequence[str], language: str, kind: str, world_size: int,
-                workers: int, pair_with: str = "") -> list[Shard]:
-    wanted = world_size * max(1, workers)
-    parts = max(1, -(-wanted // len(files)))  # at least ranks x workers shards in all
-    return [Shard(path, offset, parts, language, kind, pair_with)
-            for path in files for offset in range(parts)]
+@dataclass
+class StreamSpec:
+    """One stream of stage 2: its files (raw corpus files, hub datasets or one prepared corpus)."""
+
+    name: str  # "target/de"
+    kind: str
+    language: str
+    sources: list  # CorpusFile | HubSource | PreparedCorpus
+    weight: float
+    pair_with: str = ""  # translations under the parallel MSE: the labeled source JSONL
+
+    @property
+    def seed_key(self) -> int:
+        return zlib.crc32(self.name.encode())
+
+    def identity(self) -> list:
+        return [source.identity() for source in self.sources]
 
 
-def _iter_hub(shard: Shard) -> Iterator[dict]:
-    spec, _, split = shard.path[len(HUB_PREFIX):].rpartition("@")
-    if not spec:
-        raise DataFormatError(f"{shard.path}: expected hf:NAME[:CONFIG]@SPLIT")
-    name, _, config = spec.partition(":") if not Path(spec).exists() else (spec, "", "")
-    stream = datasets.load_dataset(name, config or None, split=split, streaming=True)
-    if stream.num_shards >= shard.stride:  # the dataset's own files split the work
-        stream, stride, offset = stream.shard(num_shards=shard.stride, index=shard.offset), 1, 0
-    else:
-        stride, offset = shard.stride, shard.offset
-    for index, record in enumerate(stream):
-        if index % stride != offset:
+def open_sources(files: Sequence[str], key: str) -> list:
+    from dualner.data.prepared import PreparedCorpus, is_prepared
+    sources = []
+    for path in files:
+        if path.startswith(HUB_PREFIX):
+            sources.append(HubSource(path))
+        elif is_prepared(path):
+            sources.append(PreparedCorpus.open(path, key))
+        else:
+            sources.append(describe_file(path, key))
+    return sources
+
+
+def check_corpus(sources: Sequence, language: str, kind: str, key: str) -> None:
+    """The first record of every raw corpus file, before anything is written: a known format,
+    UTF-8, and at least one sentence (the rest is read as training streams it)."""
+    for source in sources:
+        if not isinstance(source, CorpusFile):
             continue
-        if "tokens" not in record:
-            raise DataFormatError(f"{shard.path}: record {index} has no 'tokens' column "
-                                  f"(columns: {sorted(record)})")
-        yield {"words": list(record["tokens"]), "tags": [], "language": record.get("lang") or shard.language,
-               "src_id": str(record.get("src_id", "")), "sample_id": f"{shard.path}#{index}"}
+        try:
+            first = next((s for s in iter_sentences(source, language, kind == KIND_SOURCE)), None)
+        except BadRecord as error:
+            raise DataFormatError(f"{key}: {error}") from None
+        if first is None:
+            raise DataFormatError(f"{key}: {source.path} holds no sentence")
+
+
+def iter_sentences(file: CorpusFile, language: str, labeled: bool) -> Iterator[dict]:
+    """Every sentence of a raw file in order (audits, tests, `prepare`); BadRecord on the first bad one."""
+    for record in RecordReader(file, 0, file.end):
+        sentence = parse_record(record, file, language, labeled)
+        if sentence is not None:
+            yield sentence
+
+
+class HubSource:
+    """`hf:NAME[:CONFIG]@SPLIT` streamed with `datasets`: one range per dataset shard; a position is
+    a record index in the shard (resuming skips that many records: hub streams replay)."""
+
+    def __init__(self, spec: str):
+        self.path = spec
+        rest = spec[len(HUB_PREFIX):]
+        name, _, split = rest.rpartition("@")
+        if not name:
+            raise DataFormatError(f"{spec}: expected hf:NAME[:CONFIG]@SPLIT")
+        self.name, self.split = name, split
+
+    def identity(self) -> list:
+        return [self.path]
+
+    def _stream(self):
+        import datasets
+        name, config = (self.name, "") if Path(self.name).exists() else self.name.partition(":")[::2]
+        return datasets.load_dataset(name, config or None, split=self.split, streaming=True)
+
+    def ranges(self) -> list[tuple[int, int]]:
+        shards = max(1, self._stream().num_shards)
+        return [(index, shards) for index in range(shards)]
+
+    def read(self, start: int, end: int, cursor: int) -> Iterator[tuple[int, int, dict | BadRecord]]:
+        stream = self._stream()
+        if end > 1:
+            stream = stream.shard(num_shards=end, index=start)
+        for index, record in enumerate(stream.skip(max(0, cursor)) if cursor > 0 else stream):
+            position = max(0, cursor) + index
+            if "tokens" not in record:
+                yield position, position + 1, BadRecord(self.path, position, None,
+                                                        f"record has no 'tokens' column (columns: {sorted(record)})")
+                continue
+            yield position, position + 1, {
+                "words": list(record["tokens"]), "tags": [], "language": record.get("lang") or "",
+                "src_id": str(record.get("src_id") or ""), "sample_id": f"{self.path}#{start}.{position}"}
+
+
+def initial_ranges(source, range_bytes: int, range_sentences: int) -> list[list[int]]:
+    """(start, end) pieces of one source before any reading: bytes, sentence ids, hub shards."""
+    from dualner.data.prepared import PreparedCorpus
+    if isinstance(source, HubSource):
+        return [[start, end] for start, end in source.ranges()]
+    if isinstance(source, PreparedCorpus):
+        return [[start, min(start + range_sentences, source.sentences)]
+                for start in range(0, source.sentences, range_sentences)]
+    if not source.splittable or source.size == 0:
+        return [[0, source.end]]
+    return [[start, min(start + range_bytes, source.size)] for start in range(0, source.size, range_bytes)]
+
+
+# A range's state: [file index, start, end, pass, cursor]; cursor -1: at the start of its pass.
+FILE, START, END, PASS, CURSOR = range(5)
+_MIN_SPLIT_BYTES = 64
+
+
+def refine(ranges: list[list[int]], sources: Sequence, readers: int) -> list[list[int]]:
+    """Split ranges (largest remainder first) until there are at least `readers`, where the data
+    allows: byte ranges at the middle of what is left of them (the part before the cursor is
+    done for the pass), prepared ranges only before their pass has started."""
+    from dualner.data.prepared import PreparedCorpus
+    ranges = [list(r) for r in ranges]
+    while len(ranges) < readers:
+        best, best_left = None, 0
+        for index, (file, start, end, _, cursor) in enumerate(ranges):
+            source = sources[file]
+            if isinstance(source, PreparedCorpus):
+                left = end - start if cursor < 0 and end - start >= 2 else 0
+            elif isinstance(source, CorpusFile) and source.splittable:
+                left = end - (start if cursor < 0 else cursor)
+                left = left if left >= 2 * _MIN_SPLIT_BYTES else 0
+            else:
+                left = 0
+            if left > best_left:
+                best, best_left = index, left
+        if best is None:
+            break
+        file, start, end, pass_, cursor = ranges[best]
+        if isinstance(sources[file], PreparedCorpus):
+            middle = start + (end - start) // 2
+            pieces = [[file, start, middle, pass_, -1], [file, middle, end, pass_, -1]]
+        else:
+            begin = start if cursor < 0 else cursor
+            middle = begin + (end - begin) // 2
+            # the second piece starts mid-line (cursor -1: aligned when read); the first keeps the cursor
+            pieces = [[file, start, middle, pass_, cursor], [file, middle, end, pass_, -1]]
+        ranges[best:best + 1] = pieces
+    return ranges
+
+
+# -- reading one range -------------------------------------------------------------------------------
+def read_range(spec: StreamSpec, state: list[int], cursor: int, counter: list[int] | None = None
+               ) -> Iterator[tuple[int, int, object]]:
+    """(record position, next cursor, unit or BadRecord) of a range from `cursor` (-1: its start).
+    A unit is a list of members: sentence dicts to tokenize, or prepared window lists."""
+    from dualner.data.prepared import PreparedCorpus
+    source = spec.sources[state[FILE]]
+    start, end, pass_ = state[START], state[END], state[PASS]
+    if isinstance(source, PreparedCorpus):
+        for position, after, windows in source.read(start, end, pass_, max(0, cursor), counter, spec.seed_key):
+            for window in windows:
+                window["kind"], window["pass"] = spec.kind, pass_
+                window["language"] = window["language"] or spec.language
+            unit: list = [windows]
+            if spec.pair_with and windows and windows[0]["src_id"]:
+                paired = _source_by_id(spec.pair_with).get(windows[0]["src_id"])
+                if paired is not None:
+                    unit.append({**paired, "kind": KIND_SOURCE, "pass": pass_})
+            yield position, after, unit
+        return
+    if isinstance(source, HubSource):
+        for position, after, item in source.read(start, end, cursor):
+            if counter is not None:
+                counter[0] += 1
+            if isinstance(item, dict):
+                item["language"] = item["language"] or spec.language
+                item["kind"], item["pass"] = spec.kind, pass_
+                item = [item]
+            yield position, after, item
+        return
+    reader = RecordReader(source, start, end, None if cursor < 0 else cursor)
+    labeled = spec.kind == KIND_SOURCE
+    for record in reader:
+        if counter is not None:
+            counter[0] += 1
+        try:
+            sentence = parse_record(record, source, spec.language, labeled)
+        except BadRecord as bad:
+            yield record.start, record.end, bad
+            continue
+        if sentence is None:
+            yield record.start, record.end, None
+            continue
+        sentence["kind"], sentence["pass"] = spec.kind, pass_
+        unit = [sentence]
+        if spec.pair_with and sentence["src_id"]:
+            paired = _source_by_id(spec.pair_with).get(sentence["src_id"])
+            if paired is not None:
+                unit.append({**paired, "kind": KIND_SOURCE, "pass": pass_})
+        yield record.start, record.end, unit
 
 
 @lru_cache(maxsize=4)
 def _source_by_id(path: str) -> dict[str, dict]:
-    # The labeled source is small (it was labeled by hand); one dict per loader process.
-    return {sentence["src_id"]: sentence for sentence in iter_jsonl(Path(path), "")}
+    """The labeled source by src_id (it is small: labeled by hand); one dict per loader process."""
+    sentences = {}
+    with open(path, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if line.strip():
+                parsed = parse_jsonl_line(line, f"{path}:{number}")
+                parsed["sample_id"] = f"{path}@{_line_offsets(path)[number - 1]}"
+                parsed["language"] = parsed["language"] or ""
+                sentences[parsed["src_id"]] = parsed
+    return sentences
 
 
-def rank_shards(shards: Sequence[Shard], rank: int, world_size: int) -> list[Shard]:
-    return list(shards[rank::world_size])
+@lru_cache(maxsize=4)
+def _line_offsets(path: str) -> list[int]:
+    offsets, position = [], 0
+    with open(path, "rb") as handle:
+        for line in handle:
+            offsets.append(position)
+            position += len(line)
+    return offsets
 
 
-def _iter_sentences(shard: Shard) -> Iterator[dict]:
-    if shard.path.startswith(HUB_PREFIX):
-        yield from _iter_hub(shard)
-        return
-    path = Path(shard.path)
-    suffix = path.suffix.lower()
-    if suffix in JSONL_SUFFIXES:
-        reader = iter_jsonl(path, shard.language)
-    elif suffix in TEXT_SUFFIXES:
-        reader = iter_text(path, shard.language)
-    elif suffix in _CONLL_SUFFIXES:
-        labeled = shard.kind == KIND_SOURCE
-        reader = ({"words": s.words, "tags": s.tags or [], "language": shard.language,
-                   "src_id": "", "sample_id": s.source} for s in iter_conll(path, shard.language, labeled))
-    else:
-        raise DataFormatError(f"{path}: unknown corpus format {suffix!r} (expected one of "
-                              f"{sorted(_CONLL_SUFFIXES | JSONL_SUFFIXES | TEXT_SUFFIXES)})")
-    for index, sentence in enumerate(reader):
-        if index % shard.stride == shard.offset:
-            if shard.kind != KIND_SOURCE:
-                sentence["tags"] = []  # unlabeled text: any label column is ignored
-            if shard.pair_with and sentence["src_id"]:
-                source = _source_by_id(shard.pair_with).get(sentence["src_id"])
-                if source is not None:
-                    sentence = {**sentence, "pair_words": source["words"], "pair_tags": source["tags"],
-                                "pair_language": source["language"], "pair_sample_id": source["sample_id"]}
-            yield sentence
+# -- a reader ------------------------------------------------------------------------------------------
+@dataclass
+class Cut:
+    """How a pool becomes micro batches: saved with a pool so it can be cut again the same way."""
+
+    micro_batch_size: int
+    rows: int | None
+    row_length: int
+    sort: bool  # padded rows: units sorted by length, then the micro batches shuffled
+
+    def key(self) -> list:
+        return [self.micro_batch_size, self.rows, self.row_length, self.sort]
 
 
-def check_corpus(files: Sequence[str], language: str, kind: str, key: str) -> None:
-    """The first read of every corpus file, before anything is written: a known format, UTF-8, and
-    at least one sentence (the rest is read as training streams it)."""
-    for path in files:
-        if path.startswith(HUB_PREFIX):
-            continue
-        try:
-            first = next(_iter_sentences(Shard(path, 0, 1, language, kind)), None)
-        except UnicodeDecodeError as error:
-            raise DataFormatError(f"{key}: {path}: not UTF-8 text ({error.reason} at byte {error.start})") from None
-        except DataFormatError as error:
-            raise DataFormatError(f"{key}: {error}") from None
-        if first is None:
-            raise DataFormatError(f"{key}: {path} holds no sentence")
-
-
-_NO_PAIR = {"pair_words": [], "pair_tags": [], "pair_language": "", "pair_sample_id": ""}
-
-
-def _generate(shards: list[Shard]) -> Iterator[dict]:
-    # `shards` is a list in gen_kwargs, which is how `datasets` splits work across loader workers.
-    for shard in shards:
-        for sentence in _iter_sentences(shard):
-            yield {"kind": shard.kind, **_NO_PAIR, **sentence}
-
-
-_FEATURES = datasets.Features({
-    "words": datasets.Sequence(datasets.Value("string")),
-    "tags": datasets.Sequence(datasets.Value("string")),
-    "language": datasets.Value("string"), "src_id": datasets.Value("string"),
-    "sample_id": datasets.Value("string"), "kind": datasets.Value("string"),
-    "pair_words": datasets.Sequence(datasets.Value("string")),
-    "pair_tags": datasets.Sequence(datasets.Value("string")),
-    "pair_language": datasets.Value("string"), "pair_sample_id": datasets.Value("string"),
-})
-
-
-def _units(batch: dict) -> dict:
-    """A pool's records as encoder rows with a `unit` column: a translation and its source (the
-    pair_* fields) become two rows of one unit, next to each other."""
-    rows: dict[str, list] = {name: [] for name in ("words", "tags", "language", "src_id", "sample_id", "kind", "unit")}
-    for index in range(len(batch["words"])):
-        members = [(batch["words"][index], batch["tags"][index], batch["language"][index], batch["sample_id"][index],
-                    batch["kind"][index])]
-        if batch["pair_words"][index]:
-            members.append((batch["pair_words"][index], batch["pair_tags"][index], batch["pair_language"][index],
-                            batch["pair_sample_id"][index], KIND_SOURCE))
-        for words, tags, language, sample_id, kind in members:
-            for name, value in zip(("words", "tags", "language", "src_id", "sample_id", "kind", "unit"),
-                                   (words, tags, language, batch["src_id"][index], sample_id, kind, index)):
-                rows[name].append(value)
-    return rows
-
-
-def cut_units(units: list[list[int]], lengths: Sequence[int], micro_batch_size: int,
+def cut_units(units: Sequence[Sequence[int]], lengths: Sequence[int], micro_batch_size: int,
               rows: int | None, row_length: int) -> list[list[int]]:
-    """Micro batches of whole units (a unit's windows are never split): up to `micro_batch_size`
-    windows each, or, with `rows`, what fits `rows` packed rows of `row_length` tokens. A unit larger
-    than that gets a micro batch of its own."""
-    from dualner.data.packing import first_fit_decreasing
+    """Micro batches of whole units (a unit's windows are never split), in one linear pass: up to
+    `micro_batch_size` windows each, or, with `rows`, what first fit in arrival order places in
+    `rows` rows of `row_length` tokens (dualner.data.packing.pack_rows then packs them the same
+    way). A unit larger than that gets a micro batch of its own."""
     batches: list[list[int]] = []
     current: list[int] = []
+    room = [row_length] * (rows or 0)
     for unit in units:
-        candidate = current + unit
         if rows is None:
-            fits = len(candidate) <= micro_batch_size
+            fits = len(current) + len(unit) <= micro_batch_size
         else:
-            fits = len(first_fit_decreasing([lengths[i] for i in candidate], row_length)) <= rows
+            trial = list(room)
+            fits = True
+            for window in unit:
+                row = next((r for r, free in enumerate(trial) if free >= lengths[window]), None)
+                if row is None:
+                    fits = False
+                    break
+                trial[row] -= lengths[window]
         if current and not fits:
             batches.append(current)
-            candidate = list(unit)
-        current = candidate
+            current, room = [], [row_length] * (rows or 0)
+            if rows is not None:
+                trial = list(room)
+                for window in unit:
+                    rows_free = [r for r, free in enumerate(trial) if free >= lengths[window]]
+                    if rows_free:
+                        trial[rows_free[0]] -= lengths[window]
+        current = current + list(unit)
+        if rows is not None:
+            room = trial
     if current:
         batches.append(current)
     return batches
 
 
-def shard_stream(shards: list[Shard], repeat: bool) -> IterableDataset:
-    stream = IterableDataset.from_generator(_generate, gen_kwargs={"shards": shards}, features=_FEATURES)
-    return stream.repeat(None) if repeat else stream
+class _StreamCursor:
+    """One stream as one reader sees it: its ranges in this pass's order, and the open one."""
+
+    def __init__(self, spec: StreamSpec, index: int, ranges: list[list[int]], seed: int, one_pass: bool):
+        self.spec, self.index, self.ranges, self.seed, self.one_pass = spec, index, ranges, seed, one_pass
+        self.counter = [0]  # records read (tests: resume reads O(1) records)
+        self._open: tuple[list[int], Iterator] | None = None
+        self.segment: list | None = None
+
+    def _order(self, state: list[int]) -> tuple[int, int]:
+        return state[PASS], zlib.crc32(json.dumps([self.seed, self.index, state[FILE], state[START],
+                                                   state[PASS]]).encode())
+
+    @property
+    def exhausted(self) -> bool:
+        return not self.ranges or (self.one_pass and all(r[PASS] >= 1 for r in self.ranges))
+
+    def next(self, segments: list) -> tuple[list[int], object] | None:
+        """(range state, unit / BadRecord / None) of the next record, the segment list updated."""
+        while True:
+            if self._open is None:
+                if self.exhausted:
+                    return None
+                state = min(self.ranges, key=self._order)
+                if self.one_pass and state[PASS] >= 1:
+                    return None
+                self._open = (state, read_range(self.spec, state, state[CURSOR], self.counter))
+                self.segment = None
+            state, records = self._open
+            item = next(records, StopIteration)
+            if item is StopIteration:  # the range's pass is done
+                if self.segment is not None:
+                    self.segment[-1] = True
+                state[PASS], state[CURSOR] = state[PASS] + 1, -1
+                self._open, self.segment = None, None
+                continue
+            position, after, unit = item
+            if self.segment is None:
+                # [stream, file, start, end, pass, first record, records, cursor after, range done]
+                self.segment = [self.index, state[FILE], state[START], state[END], state[PASS], position, 0, after, False]
+                segments.append(self.segment)
+            self.segment[6] += 1
+            self.segment[7] = after
+            state[CURSOR] = after
+            return state, unit
+
+    def close_segment(self) -> None:
+        self.segment = None
 
 
-def collate_micro_batch(columns: dict, collate: Collator) -> dict:
-    """One element of the pooled stream (columns of one micro batch) into model tensors + meta."""
-    names = list(columns)
-    return collate([dict(zip(names, values)) for values in zip(*columns.values())])
+def read_segment(spec: StreamSpec, segment: list, counter: list[int] | None = None) -> list:
+    """The records of a pool's segment, read again (units, None, BadRecord), in order."""
+    _, file, start, end, pass_, first, count, *_ = segment
+    items = []
+    for _, _, unit in read_range(spec, [file, start, end, pass_, first], first, counter):
+        items.append(unit)
+        if len(items) == count:
+            break
+    return items
 
 
-STREAM_META = ("language", "kind", "sample_id", "src_id", "word_offset")
+class Stage2Reader:
+    """What one reader (a rank's loader worker, or the rank itself) makes: pools of its ranges, then
+    micro batches; the pools it was handed to finish first."""
+
+    def __init__(self, streams: Sequence[StreamSpec], plan: "ReaderPlan", encoder: WindowTokenizer,
+                 collate: Collator, cut: Cut, pool: int, seed: int, one_pass: bool):
+        self.streams, self.plan, self.encoder, self.collate = streams, plan, encoder, collate
+        self.cut, self.pool, self.seed, self.one_pass = cut, max(1, pool), seed, one_pass
+        # the reader reads ahead of what is trained: its own copy of the range states
+        self.cursors = [_StreamCursor(spec, index, [list(r) for r in plan.ranges.get(spec.name, [])], seed, one_pass)
+                        for index, spec in enumerate(streams)]
+        self._reports: list[dict] = []  # bad records not yet sent with a micro batch
+        self._reread = [0]  # records of pools read again
+
+    def records_read(self) -> int:
+        return self._reread[0] + sum(cursor.counter[0] for cursor in self.cursors)
+
+    def __iter__(self) -> Iterator[dict]:
+        plan = self.plan
+        for pool in plan.leftover:
+            yield from self._micro_batches(pool, self._read_again(pool))
+        number = plan.pools_made
+        while True:
+            drawn = self._draw(number)
+            if drawn is None:
+                return
+            yield from self._micro_batches(*drawn)
+            number += 1
+
+    def _draw(self, number: int) -> tuple[dict, list] | None:
+        rng = random.Random(zlib.crc32(json.dumps([self.seed, self.plan.reader, number]).encode()))
+        segments: list = []
+        drawn_into: dict[int, list] = {}
+        live = [c for c in self.cursors if not c.exhausted]
+        weights = [self.plan.weights.get(c.spec.name, 0.0) for c in live]
+        drawn = 0
+        while drawn < self.pool and live:
+            cursor = rng.choices(live, weights)[0] if len(live) > 1 else live[0]
+            step = cursor.next(segments)
+            if step is None:
+                index = live.index(cursor)
+                live.pop(index)
+                weights.pop(index)
+                continue
+            drawn += 1
+            drawn_into.setdefault(id(cursor.segment), []).append(step[1])
+        for cursor in self.cursors:
+            cursor.close_segment()
+        if not segments:
+            return None
+        # the pool's canonical order is segment by segment, as reading the segments again gives it
+        items = [item for segment in segments for item in drawn_into.get(id(segment), [])]
+        description = {"reader": self.plan.reader, "number": number, "segments": segments,
+                       "seed": rng.getrandbits(32), "cut": self.cut.key(), "skip": [], "consumed": 0}
+        return description, items
+
+    def _read_again(self, pool: dict) -> list:
+        return [item for segment in pool["segments"]
+                for item in read_segment(self.streams[segment[0]], segment, self._reread)]
+
+    def _micro_batches(self, pool: dict, items: list) -> Iterator[dict]:
+        """The pool's micro batches from the first one not yet trained. Units are numbered in the
+        pool's canonical order; `skip` lists those trained under an earlier micro-batch shape."""
+        if pool["consumed"] == 0:
+            self._reports += [self._report(item) for item in items if isinstance(item, BadRecord)]
+        skip = set(pool["skip"])
+        units = [(number, unit) for number, unit in enumerate(item for item in items if isinstance(item, list))
+                 if number not in skip]
+        windows, unit_windows = self._encode([unit for _, unit in units])
+        unit_of_window = {w: number for (number, _), indices in zip(units, unit_windows) for w in indices}
+        lengths = [len(window["input_ids"]) for window in windows]
+        ordered = [indices for indices in unit_windows if indices]
+        micro, rows, row_length, sort = pool["cut"]
+        shuffle = random.Random(pool["seed"]).shuffle
+        if sort:
+            ordered.sort(key=lambda unit: sum(lengths[i] for i in unit))
+        else:
+            shuffle(ordered)
+        chunks = cut_units(ordered, lengths, micro, rows, row_length)
+        if sort:
+            shuffle(chunks)
+        first = pool["consumed"]
+        if list(pool["cut"]) != self.cut.key():
+            # the micro-batch shape changed since this pool was cut (another number of ranks): what
+            # was trained is known under the old shape; the rest is a pool of its own, cut anew
+            trained = sorted(skip | {unit_of_window[w] for chunk in chunks[:first] for w in chunk})
+            yield from self._micro_batches({**pool, "cut": self.cut.key(), "skip": trained, "consumed": 0}, items)
+            return
+        for index in range(first, len(chunks)):
+            batch = self.collate([windows[i] for i in chunks[index]])
+            reports, self._reports = self._reports, []
+            batch["position"] = {"reader": pool["reader"], "number": pool["number"], "index": index,
+                                 "batches": len(chunks), "segments": pool["segments"], "seed": pool["seed"],
+                                 "cut": pool["cut"], "skip": pool["skip"], "bad": reports}
+            yield batch
+
+    def _report(self, bad: BadRecord) -> dict:
+        line = bad.line
+        if line is None:  # a record read from the middle of a file: count its line (rare: bad records only)
+            found = [s for spec in self.streams for s in spec.sources
+                     if isinstance(s, CorpusFile) and s.path == bad.path]
+            line = lines_before(found[0], bad.byte) + 1 if found else None
+        return {"path": bad.path, "byte": bad.byte, "line": line, "reason": bad.reason}
+
+    def _encode(self, units: list) -> tuple[list[dict], list[list[int]]]:
+        """Windows of every unit (raw sentences tokenized in one batch, prepared ones as stored)
+        and each unit's window indices."""
+        raw = [member for unit in units for member in unit if isinstance(member, dict)]
+        windows_of_member: dict[int, list[dict]] = {}
+        if raw:
+            columns = {name: [member[name] for member in raw]
+                       for name in ("words", "language", "src_id", "sample_id", "kind", "pass")}
+            columns["tags"] = [member.get("tags") or [] for member in raw]
+            columns["_member"] = list(range(len(raw)))
+            encoded = self.encoder.encode_batch(columns)
+            names = [name for name in encoded if name != "_member"]
+            for row, member in enumerate(encoded["_member"]):
+                windows_of_member.setdefault(member, []).append({name: encoded[name][row] for name in names})
+        windows: list[dict] = []
+        unit_windows: list[list[int]] = []
+        raw_index = 0
+        for unit in units:
+            indices = []
+            for member in unit:
+                if isinstance(member, dict):
+                    member_windows = windows_of_member.get(raw_index, [])
+                    raw_index += 1
+                else:  # a prepared sentence: its windows as stored
+                    member_windows = member
+                for window in member_windows:
+                    indices.append(len(windows))
+                    windows.append(window)
+            unit_windows.append(indices)
+        return windows, unit_windows
+
+
+class _ReaderFactory:
+    """What a loader worker needs to build its reader (picklable without the loader itself)."""
+
+    def __init__(self, streams, plans, encoder, collate, cut, pool, seed, one_pass, rank, readers_per_rank):
+        self.streams, self.plans, self.encoder, self.collate = streams, plans, encoder, collate
+        self.cut, self.pool, self.seed, self.one_pass = cut, pool, seed, one_pass
+        self.rank, self.readers_per_rank = rank, readers_per_rank
+        self.built: list[Stage2Reader] = []
+
+    def __call__(self, local: int) -> Stage2Reader:
+        reader = Stage2Reader(self.streams, self.plans[self.rank * self.readers_per_rank + local], self.encoder,
+                              self.collate, self.cut, self.pool, self.seed, self.one_pass)
+        self.built.append(reader)
+        return reader
+
+
+# -- the plan: which reader holds what ------------------------------------------------------------------
+@dataclass
+class ReaderPlan:
+    reader: int
+    ranges: dict  # stream name -> [range state, ...]
+    weights: dict  # stream name -> this reader's weight
+    leftover: list  # pools seen in part before the resume: finished first
+    pools_made: int  # the number of this reader's next pool (its seed)
+
+
+@dataclass
+class GlobalPosition:
+    """Every stream's ranges, the pools seen in part, the pools each reader made, bad records."""
+
+    ranges: dict = field(default_factory=dict)  # stream name -> [range state, ...]
+    identity: dict = field(default_factory=dict)  # stream name -> its files' identities
+    pools: list = field(default_factory=list)
+    pools_made: dict = field(default_factory=dict)  # reader -> pools made
+    readers: int = 0
+    next_worker: dict = field(default_factory=dict)  # rank -> the worker whose batch comes next
+    bad_records: int = 0
+
+    @staticmethod
+    def merge(rank_states: Sequence[dict]) -> "GlobalPosition":
+        """The global position from every rank's `RankPosition.state_dict()` of one checkpoint."""
+        merged = GlobalPosition()
+        for state in rank_states:
+            if not isinstance(state, dict) or state.get("version") != POSITION_VERSION:
+                raise DataFormatError("the checkpoint's stream position was written by another DualNER version; "
+                                      "resume it with that version, or start stage 2 in a new run.output_dir")
+            for name, ranges in state["ranges"].items():
+                merged.ranges.setdefault(name, []).extend(ranges)
+            merged.identity.update(state["identity"])
+            merged.pools += state["pools"]
+            merged.pools_made.update({int(k): v for k, v in state["pools_made"].items()})
+            merged.readers = state["readers"]
+            merged.next_worker[int(state["rank"])] = state["next_worker"]
+            merged.bad_records += state["bad_records"]
+        for ranges in merged.ranges.values():
+            ranges.sort(key=lambda r: (r[FILE], r[START]))
+        merged.pools.sort(key=lambda pool: (pool["reader"], pool["number"]))
+        return merged
+
+
+def global_ranges(streams: Sequence[StreamSpec], position: GlobalPosition | None, readers: int,
+                  range_bytes: int, range_sentences: int, log=None) -> dict[str, list[list[int]]]:
+    """Every stream's ranges for `readers` readers: the checkpoint's (re-cut where there are more
+    readers than ranges), or new ones."""
+    ranges: dict[str, list[list[int]]] = {}
+    for spec in streams:
+        saved = position.ranges.get(spec.name) if position else None
+        if saved is not None and position.identity.get(spec.name) != spec.identity():
+            if log is not None:
+                log.warning("stage 2: the files of %s changed since the checkpoint (names, sizes or modification "
+                            "times): its positions start over", spec.name)
+            saved = None
+        if saved is None:
+            saved = [[file, start, end, 0, -1] for file, source in enumerate(spec.sources)
+                     for start, end in initial_ranges(source, range_bytes, range_sentences)]
+        ranges[spec.name] = refine(saved, spec.sources, readers)
+    return ranges
+
+
+# -- the main process: what was trained ---------------------------------------------------------------
+class RankPosition:
+    """One rank's part of the global position, updated from the micro batches it trains: the range
+    states its readers own, the pools seen in part, the pools each of its readers made."""
+
+    def __init__(self, rank: int, readers_per_rank: int, readers: int, names: list[str], owned: dict,
+                 leftover: list, pools_made: dict, identity: dict, bad_records: int, next_worker: int):
+        self.rank, self.readers_per_rank, self.readers, self.names = rank, readers_per_rank, readers, names
+        self.owned = owned  # stream name -> [range state, ...] (this rank's readers')
+        self._index = {(name, r[FILE], r[START], r[END]): r for name, states in owned.items() for r in states}
+        self.pools = {(p["reader"], p["number"]): dict(p) for p in leftover}
+        self.pools_made = dict(pools_made)
+        self.identity, self.bad_records, self.next_worker = identity, bad_records, next_worker
+        self.bad_seen: list[dict] = []  # reports the recipe has not taken yet
+
+    def consumed(self, position: dict) -> None:
+        key = (position["reader"], position["number"])
+        pool = self.pools.get(key)
+        if pool is None:  # a new pool: its records are taken from their ranges
+            for stream, file, start, end, pass_, _, _, after, done in position["segments"]:
+                state = self._index[(self.names[stream], file, start, end)]
+                state[PASS], state[CURSOR] = (pass_ + 1, -1) if done else (pass_, after)
+            pool = {"reader": position["reader"], "number": position["number"], "segments": position["segments"],
+                    "seed": position["seed"]}
+            self.pools[key] = pool
+            reader = position["reader"]
+            self.pools_made[reader] = max(self.pools_made.get(reader, 0), position["number"] + 1)
+        pool.update(cut=position["cut"], skip=position["skip"], consumed=position["index"] + 1)
+        if pool["consumed"] >= position["batches"]:
+            del self.pools[key]
+        if position["bad"]:
+            self.bad_records += len(position["bad"])
+            self.bad_seen += position["bad"]
+        local = position["reader"] - self.rank * self.readers_per_rank
+        if 0 <= local < self.readers_per_rank:
+            self.next_worker = (local + 1) % self.readers_per_rank
+
+    def state_dict(self) -> dict:
+        return {"version": POSITION_VERSION, "rank": self.rank, "readers": self.readers,
+                "ranges": {name: [list(r) for r in states] for name, states in self.owned.items()},
+                "identity": self.identity, "pools": [dict(p) for p in self.pools.values()],
+                "pools_made": {str(k): v for k, v in self.pools_made.items()},
+                "next_worker": self.next_worker, "bad_records": self.bad_records}
+
+
+# -- the loader ------------------------------------------------------------------------------------------
+class _ReaderDataset(IterableDataset):
+    """The readers of one rank: its loader worker w (or the rank itself) runs one of them."""
+
+    def __init__(self, factory: _ReaderFactory, readers_per_rank: int, rotation: int):
+        self.factory, self.readers_per_rank, self.rotation = factory, readers_per_rank, rotation
+
+    def __iter__(self):
+        info = get_worker_info()
+        worker = 0 if info is None else info.id
+        # the worker whose batch came next when the checkpoint was written comes first again
+        yield from self.factory((worker + self.rotation) % self.readers_per_rank)
 
 
 class Stage2Stream:
-    """One rank's mixed, tokenized, pooled stream of stage-2 micro batches, resumable.
+    """One rank's stream of stage-2 micro batches: its readers behind a DataLoader, and the position
+    of what it trained. `state_dict()` is this rank's part of the global position; `load_state_dict`
+    takes every rank's part of a checkpoint (written by any number of ranks and workers)."""
 
-    `collate` (dualner.data.packing.Collator, with meta_columns=STREAM_META) makes the tensors in the
-    loader workers; with a fixed number of rows (token batches) the pool is cut into micro batches
-    that fill them."""
-
-    def __init__(self, sources: Sequence[tuple[list[Shard], float]], encoder: WindowTokenizer,
-                 micro_batch_size: int, seed: int, rank: int, collate: Collator, pool: int = 2048,
-                 workers: int = 0, repeat: bool = True, pin_memory: bool = False):
-        weighted = [(shards, weight) for shards, weight in sources if weight > 0 and shards]
-        if not weighted:
+    def __init__(self, streams: Sequence[StreamSpec], encoder: WindowTokenizer, micro_batch_size: int,
+                 seed: int, rank: int, world_size: int, collate: Collator, pool: int = 2048, workers: int = 0,
+                 repeat: bool = True, pin_memory: bool = False, range_bytes: int = DEFAULT_RANGE_BYTES,
+                 range_sentences: int = DEFAULT_RANGE_SENTENCES, log=None):
+        streams = [spec for spec in streams if spec.weight > 0 and spec.sources]
+        if not streams:
             raise ValueError("stage 2 has no data to read (every stream is empty or has weight 0)")
-        # Training repeats every stream forever (steps, not passes, end stage 2); one pass is for audits.
-        streams = [shard_stream(shards, repeat=repeat) for shards, _ in weighted]
-        total = sum(weight for _, weight in weighted)
-        mixed = streams[0] if len(streams) == 1 else datasets.interleave_datasets(
-            streams, probabilities=[weight / total for _, weight in weighted], seed=seed + rank,
-            stopping_strategy="all_exhausted")
-        self.encoder = encoder
-        self.pooled = pool > 0
-        self.sort_pools = self.pooled and not collate.packed  # padded rows: sort for less padding
-        self.micro_batch_size = micro_batch_size
-        self.token_rows = collate.rows  # token batches: fixed rows of collate.row_length
-        self.row_length = collate.row_length
-        self.seed = seed
-        # Each element of `encoded` is one whole micro batch, cut inside its pool, so a batch never
-        # straddles two pools.
-        encoded = mixed.map(self._micro_batches_of_pool, batched=True,
-                            batch_size=pool if pool > 0 else micro_batch_size,
-                            remove_columns=list(_FEATURES))
-        from torchdata.stateful_dataloader import StatefulDataLoader
+        self.streams, self.encoder, self.collate, self.seed = list(streams), encoder, collate, seed
+        self.rank, self.world_size, self.workers = rank, world_size, workers
+        self.readers_per_rank = max(1, workers)
+        self.readers = world_size * self.readers_per_rank
+        self.pool, self.one_pass, self.pin_memory, self.log = pool, not repeat, pin_memory, log
+        self.range_bytes, self.range_sentences = range_bytes, range_sentences
+        # pool 0: micro batches in stream order (a pool of one micro batch, not shuffled)
+        self.cut = Cut(micro_batch_size, collate.rows, collate.row_length, sort=pool > 0 and not collate.packed)
+        total = sum(spec.weight for spec in self.streams)
+        self.mix = {spec.name: spec.weight / total for spec in self.streams}
+        self._start(None)
+
+    def _start(self, position: GlobalPosition | None) -> None:
+        ranges = global_ranges(self.streams, position, self.readers, self.range_bytes, self.range_sentences, self.log)
+        same_readers = position is not None and position.readers == self.readers
+        owner: dict[int, dict[str, list]] = {}
+        holders: dict[str, set] = {}
+        offset = 0
+        for spec in self.streams:  # range j of a stream -> reader (j + offset) mod readers
+            for index, state in enumerate(ranges[spec.name]):
+                reader = (index + offset) % self.readers
+                owner.setdefault(reader, {}).setdefault(spec.name, []).append(state)
+                holders.setdefault(spec.name, set()).add(reader)
+            offset += len(ranges[spec.name])
+        # a stream held by fewer readers than all is drawn more often by those that hold it
+        weights = {spec.name: spec.weight * self.readers / max(1, len(holders.get(spec.name, ())))
+                   for spec in self.streams}
+        leftover = position.pools if position is not None else []
+        handed: dict[int, list] = {}
+        for index, pool in enumerate(leftover):
+            handed.setdefault(pool["reader"] if same_readers else index % self.readers, []).append(pool)
+        # pool numbers (seeds) go on where they stopped; after a change of readers, above every old one
+        fresh = 1 + max([pool["number"] for pool in leftover] + [-1])
+        mine = range(self.rank * self.readers_per_rank, (self.rank + 1) * self.readers_per_rank)
+        self.plans = {reader: ReaderPlan(reader, owner.get(reader, {}), weights, handed.get(reader, []),
+                                         position.pools_made.get(reader, 0) if same_readers else fresh)
+                      for reader in mine}
+        if not any(plan.ranges or plan.leftover for plan in self.plans.values()):
+            raise DataFormatError(
+                f"stage 2: rank {self.rank} has nothing to read: {self.readers} readers (ranks x loader workers) "
+                f"for fewer pieces of data ({', '.join(f'{n}: {len(r)}' for n, r in ranges.items())}); a "
+                f"compressed file is one piece: prepare it (python -m dualner prepare), split it, or set fewer "
+                f"data.loader_workers")
+        self._warn_unsplit(ranges)
+        rotation = position.next_worker.get(self.rank, 0) if same_readers else 0
+        owned = {spec.name: [state for reader in mine for state in owner.get(reader, {}).get(spec.name, [])]
+                 for spec in self.streams}
+        self.position = RankPosition(
+            self.rank, self.readers_per_rank, self.readers, [spec.name for spec in self.streams], owned,
+            [pool for reader in mine for pool in handed.get(reader, [])],
+            {reader: self.plans[reader].pools_made for reader in mine},
+            {spec.name: spec.identity() for spec in self.streams},
+            position.bad_records if position is not None and self.rank == 0 else 0, rotation)
+        self.factory = _ReaderFactory(self.streams, self.plans, self.encoder, self.collate, self.cut,
+                                      self.pool if self.pool > 0 else self.cut.micro_batch_size, self.seed,
+                                      self.one_pass, self.rank, self.readers_per_rank)
         # A generator of its own: creating an iterator draws a base seed, and drawing it from the
         # global RNG would shift the dropout masks of a resumed run.
-        self.loader = StatefulDataLoader(
-            encoded, batch_size=None, num_workers=workers, pin_memory=pin_memory,
-            prefetch_factor=4 if workers else None,
-            generator=torch.Generator().manual_seed(seed + rank),
-            collate_fn=partial(collate_micro_batch, collate=collate))
+        self.loader = DataLoader(_ReaderDataset(self.factory, self.readers_per_rank, rotation), batch_size=None,
+                                 num_workers=self.workers, pin_memory=self.pin_memory,
+                                 prefetch_factor=4 if self.workers else None,
+                                 generator=torch.Generator().manual_seed(self.seed + self.rank))
         self._iterator = None
 
-    def _micro_batches_of_pool(self, batch: dict) -> dict:
-        """Tokenize a pool and cut it into micro batches (one output element each) of whole units (a
-        sentence, or a translation with its source). The pool's units are shuffled (padded rows:
-        sorted by length first, then the batches shuffled) by a seed from the pool's content, so a
-        resumed stream repeats it exactly; unpooled (pool=0) keeps the stream order. The last micro
-        batch of a pool may be smaller."""
-        rows = self.encoder.encode_batch(_units(batch))
-        lengths = [len(ids) for ids in rows["input_ids"]]
-        units: dict[int, list[int]] = {}
-        for window, unit in enumerate(rows["unit"]):
-            units.setdefault(unit, []).append(window)
-        ordered = list(units.values())
-        # Seeded by the pool's tokens, not its sample ids: those name the run folder.
-        content = zlib.crc32(repr((rows["input_ids"][0], rows["input_ids"][-1], len(lengths))).encode())
-        shuffle = random.Random(self.seed * 2**32 + content).shuffle
-        if self.sort_pools:
-            ordered.sort(key=lambda unit: sum(lengths[i] for i in unit))
-        elif self.pooled:
-            shuffle(ordered)
-        chunks = cut_units(ordered, lengths, self.micro_batch_size, self.token_rows, self.row_length)
-        if self.sort_pools:
-            shuffle(chunks)
-        rows.pop("unit")
-        return {name: [[values[i] for i in chunk] for chunk in chunks] for name, values in rows.items()}
+    def _warn_unsplit(self, ranges: dict) -> None:
+        if self.log is None or self.rank != 0:
+            return
+        for spec in self.streams:
+            pieces = len(ranges[spec.name])
+            if pieces < self.readers:
+                self.log.warning(
+                    "stage 2: %s has %d piece(s) for %d readers (ranks x loader workers): %d reader(s) draw none "
+                    "of it and the others draw it more often (the mix holds, but these readers' speed bounds "
+                    "it). A compressed file is one piece: run `python -m dualner prepare` on it, or split it "
+                    "into more files", spec.name, pieces, self.readers, self.readers - pieces)
 
-    def __iter__(self):
-        return iter(self.loader)
+    # -- reading ---------------------------------------------------------------------------------------
+    def __iter__(self) -> Iterator[dict]:
+        while True:
+            try:
+                yield self.next_batch()
+            except StopIteration:
+                return
 
     def next_batch(self) -> dict:
         if self._iterator is None:
             self._iterator = iter(self.loader)
-        return next(self._iterator)
+        batch = next(self._iterator)
+        self.position.consumed(batch["position"])
+        return batch
 
+    def records_read(self) -> int:
+        """Records read by this process's readers (workers=0): what a resume costs, for tests."""
+        return sum(reader.records_read() for reader in self.factory.built)
+
+    def take_bad_records(self) -> list[dict]:
+        reports, self.position.bad_seen = self.position.bad_seen, []
+        return reports
+
+    # -- position ---------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        return self.loader.state_dict()
+        return self.position.state_dict()
 
-    def load_state_dict(self, state: dict) -> None:
-        self.loader.load_state_dict(state)
-        self._iterator = None
+    def load_state_dict(self, rank_states: Sequence[dict]) -> None:
+        """Continue from a checkpoint: every rank's `state_dict()` of it."""
+        self._start(GlobalPosition.merge(rank_states))

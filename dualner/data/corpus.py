@@ -1,0 +1,380 @@
+"""Stage-2 corpus files, read record by record from any byte range: plain pre-tokenized text (a
+sentence per line), JSONL (`{"tokens": [...], ...}` per line) and CoNLL (blank-line separated
+blocks), each optionally compressed (`.gz`, `.xz`, `.zst`/`.zstd`, `.bz2`).
+
+Ranges. An uncompressed file can be cut anywhere: a range [a, b) owns the records whose first byte
+`p` lies in a <= p < b (Hadoop's LineRecordReader rule, shifted to half-open ranges). A reader of
+[a, b) steps back one byte, skips to the end of that line (a CoNLL reader also to the end of the
+block it landed in) and reads records while they start before b. Any partition of [0, size) into
+ranges therefore reads every record exactly once, whatever the number of pieces, so ranges can be
+re-cut between jobs (dualner.data.streaming). A compressed file cannot be entered in the middle:
+it is one range, and positions in it are offsets in the decompressed bytes (resuming at offset X
+decompresses and discards X bytes: prepare such corpora, dualner.data.prepared).
+
+Records. A record is parsed on its own: a malformed or non-UTF-8 record raises `BadRecord` (with
+its file, byte and line) instead of ending the file, so the stream can skip and count it
+(`data.max_bad_records`).
+"""
+
+from __future__ import annotations
+
+import bz2
+import gzip
+import io
+import json
+import lzma
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO, Iterator
+
+from dualner.errors import DataFormatError
+from dualner.labels import is_valid_tag
+
+TEXT_SUFFIXES = (".txt", ".text")
+JSONL_SUFFIXES = (".jsonl", ".json")
+CONLL_SUFFIXES = (".tsv", ".conll", ".iob", ".bio")
+COMPRESSION_SUFFIXES = {".gz": "gzip", ".xz": "xz", ".bz2": "bz2", ".zst": "zstd", ".zstd": "zstd"}
+FORMAT_OF_SUFFIX = {**{s: "text" for s in TEXT_SUFFIXES}, **{s: "jsonl" for s in JSONL_SUFFIXES},
+                    **{s: "conll" for s in CONLL_SUFFIXES}}
+UNBOUNDED = 1 << 62  # the end of a compressed file's only range (its decompressed size is unknown)
+_BLOCK = 1 << 20
+
+
+class BadRecord(Exception):
+    """One record that cannot be used; the stream skips and counts it (data.max_bad_records)."""
+
+    def __init__(self, path: str, byte: int, line: int | None, reason: str):
+        super().__init__(f"{path}:{line if line is not None else '?'} (byte {byte}): {reason}")
+        self.path, self.byte, self.line, self.reason = path, byte, line, reason
+
+    def describe(self) -> str:
+        return str(self)
+
+
+@dataclass(frozen=True)
+class CorpusFile:
+    """A corpus file as stage 2 sees it: its format and compression from its name, and its size and
+    modification time (a checkpoint's positions are byte offsets into exactly this file)."""
+
+    path: str
+    format: str  # text | jsonl | conll
+    compression: str  # "" | gzip | xz | bz2 | zstd
+    size: int
+    mtime_ns: int
+
+    @property
+    def splittable(self) -> bool:
+        return not self.compression
+
+    @property
+    def end(self) -> int:
+        """The end of the file's positions: its size, or unbounded when compressed."""
+        return self.size if self.splittable else UNBOUNDED
+
+    def identity(self) -> list:
+        return [self.path, self.size, self.mtime_ns]
+
+
+def corpus_format(path: str | Path) -> tuple[str, str] | None:
+    """(format, compression) from a file name (`de.jsonl.zst` -> ("jsonl", "zstd")), None if unknown."""
+    suffixes = [s.lower() for s in Path(path).suffixes]
+    compression = ""
+    if suffixes and suffixes[-1] in COMPRESSION_SUFFIXES:
+        compression = COMPRESSION_SUFFIXES[suffixes.pop()]
+    if not suffixes or suffixes[-1] not in FORMAT_OF_SUFFIX:
+        return None
+    return FORMAT_OF_SUFFIX[suffixes[-1]], compression
+
+
+def describe_file(path: str | Path, key: str) -> CorpusFile:
+    found = corpus_format(path)
+    if found is None:
+        known = sorted(FORMAT_OF_SUFFIX)
+        raise DataFormatError(f"{key}: {path}: unknown corpus format (expected a name ending in one of {known}, "
+                              f"optionally followed by one of {sorted(COMPRESSION_SUFFIXES)})")
+    stat = os.stat(path)
+    if found[1] == "zstd":
+        _zstd_module(key)
+    return CorpusFile(str(path), found[0], found[1], stat.st_size, stat.st_mtime_ns)
+
+
+def _zstd_module(key: str = ""):
+    try:
+        import zstandard
+    except ImportError:  # pragma: no cover - a runtime dependency; a broken install only
+        raise DataFormatError(f"{key}: reading .zst corpora needs the zstandard package "
+                              f"(pip install zstandard)") from None
+    return zstandard
+
+
+def open_decompressed(file: CorpusFile) -> BinaryIO:
+    """The file's (decompressed) bytes, buffered so that readline() is fast."""
+    if file.compression == "gzip":
+        return gzip.open(file.path, "rb")
+    if file.compression == "xz":
+        return lzma.open(file.path, "rb")
+    if file.compression == "bz2":
+        return bz2.open(file.path, "rb")
+    if file.compression == "zstd":
+        zstandard = _zstd_module()
+        raw = open(file.path, "rb")
+        reader = zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True, closefd=True)
+        return io.BufferedReader(reader, buffer_size=_BLOCK)
+    return open(file.path, "rb", buffering=_BLOCK)
+
+
+def skip_to(handle: BinaryIO, file: CorpusFile, position: int) -> None:
+    """Move to `position`: a seek in a plain file, decompress-and-discard in a compressed one."""
+    if file.splittable:
+        handle.seek(position)
+        return
+    left = position
+    while left > 0:
+        chunk = handle.read(min(left, _BLOCK))
+        if not chunk:
+            break
+        left -= len(chunk)
+
+
+def _is_blank(line: bytes) -> bool:
+    return not line.strip()
+
+
+@dataclass
+class RawRecord:
+    start: int  # byte of its first line
+    end: int  # byte after its last line (where the next record may begin)
+    lines: list[bytes]
+    line: int | None  # its first line's number in the file, when known
+
+
+class RecordReader:
+    """The records of one range of one file, from its start or from a cursor (a record start found
+    by an earlier read); counts what it reads (`records_read`), so tests can check that a resume
+    reads O(1) records."""
+
+    def __init__(self, file: CorpusFile, start: int, end: int, cursor: int | None = None):
+        self.file, self.start, self.end = file, start, end
+        self.cursor = cursor  # None: begin at the range's start (alignment needed)
+        self.records_read = 0
+
+    def __iter__(self) -> Iterator[RawRecord]:
+        file = self.file
+        with open_decompressed(file) as handle:
+            if self.cursor is not None:
+                position = self.cursor
+                skip_to(handle, file, position)
+                line_number = None
+            else:
+                position = self._align(handle)
+                line_number = 1 if self.start == 0 else None
+            conll = file.format == "conll"
+            block: list[bytes] = []
+            block_start = block_line = None
+            while True:
+                if not block and position >= self.end:
+                    return
+                line = handle.readline()
+                if not line:
+                    break
+                here = position
+                position += len(line)
+                if conll:
+                    if _is_blank(line):
+                        if block:
+                            self.records_read += 1
+                            yield RawRecord(block_start, here, block, block_line)
+                            block = []
+                    else:
+                        if not block:
+                            if here >= self.end:
+                                return
+                            block_start, block_line = here, line_number
+                        block.append(line)
+                elif not _is_blank(line):
+                    self.records_read += 1
+                    yield RawRecord(here, position, [line], line_number)
+                if line_number is not None:
+                    line_number += 1
+            if block:
+                self.records_read += 1
+                yield RawRecord(block_start, position, block, block_line)
+
+    def _align(self, handle: BinaryIO) -> int:
+        """Position the handle at the first record starting at or after the range's start."""
+        if self.start == 0:
+            return 0
+        handle.seek(self.start - 1)
+        partial = handle.readline()  # the rest of the line holding byte start-1
+        position = self.start - 1 + len(partial)
+        if self.file.format != "conll":
+            return position
+        # A CoNLL record starts at a non-blank line after a blank one: if the line we stepped into
+        # was not blank, the block it belongs to started before this range; skip to its end.
+        if not self._line_ending_at_is_blank(handle, position, partial):
+            while True:
+                line = handle.readline()
+                if not line:
+                    return position
+                position += len(line)
+                if _is_blank(line):
+                    break
+        handle.seek(position)
+        return position
+
+    def _line_ending_at_is_blank(self, handle: BinaryIO, position: int, suffix: bytes) -> bool:
+        """Whether the line that ends at `position` (of which `suffix` is the tail) is blank."""
+        if suffix.strip():
+            return False
+        # the suffix is whitespace: look back for the rest of that line
+        cursor = position - len(suffix)
+        while cursor > 0:
+            step = min(cursor, 4096)
+            handle.seek(cursor - step)
+            chunk = handle.read(step)
+            newline = chunk.rfind(b"\n")
+            part = chunk[newline + 1:] if newline >= 0 else chunk
+            if part.strip():
+                return False
+            if newline >= 0:
+                return True
+            cursor -= step
+        return True
+
+
+def lines_before(file: CorpusFile, position: int) -> int:
+    """Newlines in the file's bytes before `position` (for naming a record's line, on error paths)."""
+    count, left = 0, position
+    with open_decompressed(file) as handle:
+        while left > 0:
+            chunk = handle.read(min(left, 1 << 24))
+            if not chunk:
+                break
+            count += chunk.count(b"\n")
+            left -= len(chunk)
+    return count
+
+
+# -- parsing one record ------------------------------------------------------------------------------
+def _decode(record: RawRecord, file: CorpusFile) -> list[str]:
+    try:
+        return [line.decode("utf-8") for line in record.lines]
+    except UnicodeDecodeError as error:
+        raise BadRecord(file.path, record.start, record.line,
+                        f"not UTF-8 text ({error.reason} at byte {record.start + error.start})") from None
+
+
+def parse_jsonl_line(text: str, where: str) -> dict | None:
+    """One JSONL record -> {words, tags, language, src_id}, None for a record without tokens;
+    DataFormatError (naming `where`) when it is malformed. Shared by every JSONL reader."""
+    try:
+        record = json.loads(text)
+        words = record["tokens"]
+    except (json.JSONDecodeError, KeyError, TypeError) as error:
+        raise DataFormatError(f"{where}: expected a JSON object with a 'tokens' list ({error})") from None
+    if not isinstance(words, list) or not all(isinstance(w, str) and w and not w.isspace() for w in words):
+        raise DataFormatError(f"{where}: 'tokens' must be a list of non-empty strings")
+    tags = record.get("tags") or []
+    if tags and (not isinstance(tags, list) or len(tags) != len(words) or not all(map(is_valid_tag, tags))):
+        raise DataFormatError(f"{where}: 'tags' must be one valid BIO tag per token")
+    language = record.get("lang")
+    return {"words": words, "tags": tags, "language": language if isinstance(language, str) else None,
+            "src_id": "" if record.get("src_id") is None else str(record["src_id"])}
+
+
+def parse_record(record: RawRecord, file: CorpusFile, language: str, labeled: bool) -> dict | None:
+    """A raw record -> a sentence dict (words, tags, language, src_id, sample_id), None when it holds
+    no sentence; BadRecord when it cannot be used."""
+    lines = _decode(record, file)
+    sample_id = f"{file.path}@{record.start}"
+    where = f"{file.path}:{record.line if record.line is not None else '?'} (byte {record.start})"
+    if file.format == "text":
+        words = lines[0].split()
+        return {"words": words, "tags": [], "language": language, "src_id": "", "sample_id": sample_id} if words else None
+    if file.format == "jsonl":
+        try:
+            parsed = parse_jsonl_line(lines[0], where)
+        except DataFormatError as error:
+            raise BadRecord(file.path, record.start, record.line, str(error).split(": ", 1)[-1]) from None
+        if not parsed["words"]:
+            return None
+        parsed["language"] = parsed["language"] or language
+        parsed["sample_id"] = sample_id
+        if not labeled:
+            parsed["tags"] = []
+        return parsed
+    words, tags = [], []
+    for offset, text in enumerate(lines):
+        columns = text.rstrip("\r\n").split("\t")
+        word = _strip_prefix(columns[0].strip(), language)
+        if not word:
+            raise BadRecord(file.path, record.start, None if record.line is None else record.line + offset,
+                            "empty token")
+        words.append(word)
+        if labeled:
+            tag = columns[1].strip() if len(columns) == 2 else ""
+            if len(columns) != 2 or not is_valid_tag(tag):
+                raise BadRecord(file.path, record.start, None if record.line is None else record.line + offset,
+                                f"expected `token<TAB>label` with a BIO label, found {text.strip()[:80]!r}")
+            tags.append(tag)
+    return {"words": words, "tags": tags, "language": language, "src_id": "", "sample_id": sample_id}
+
+
+def _strip_prefix(token: str, language: str) -> str:
+    from dualner.data.conll import _strip_language_prefix
+    return _strip_language_prefix(token, language)
+
+
+# -- sizes without reading everything ---------------------------------------------------------------
+_SAMPLE_POINTS = 16
+_SAMPLE_BYTES = 1 << 16
+EXACT_COUNT_BYTES = 4 << 20  # files up to this size are counted exactly
+
+
+def estimate_records(file: CorpusFile) -> tuple[int, bool]:
+    """(records, exact): counted exactly in a small file; else estimated from records per byte in 16
+    evenly spaced 64 KiB samples (a compressed file: its first 1 MiB decompressed, scaled by the
+    bytes it took) — start-up reads O(1) of a corpus of any size."""
+    if file.splittable and file.size <= EXACT_COUNT_BYTES:
+        return sum(1 for _ in RecordReader(file, 0, file.size)), True
+    if file.splittable:
+        records = sampled = 0
+        for point in range(_SAMPLE_POINTS):
+            start = file.size * point // _SAMPLE_POINTS
+            reader = RecordReader(file, start, min(file.size, start + _SAMPLE_BYTES))
+            records += sum(1 for _ in reader)
+            sampled += min(file.size, start + _SAMPLE_BYTES) - start
+        return max(1, round(records * file.size / max(1, sampled))), False
+    with open(file.path, "rb") as raw:
+        compressed = _compressed_reader(file, raw)
+        data = compressed.read(EXACT_COUNT_BYTES)
+        more = bool(compressed.read(1))
+        taken = raw.tell()
+    counted = _count_in_bytes(data, file.format)
+    if not more:
+        return counted, True
+    return max(1, round(counted * file.size / max(1, taken))), False
+
+
+def _compressed_reader(file: CorpusFile, raw: BinaryIO) -> BinaryIO:
+    if file.compression == "gzip":
+        return gzip.GzipFile(fileobj=raw)
+    if file.compression == "xz":
+        return lzma.LZMAFile(raw)
+    if file.compression == "bz2":
+        return bz2.BZ2File(raw)
+    return _zstd_module().ZstdDecompressor().stream_reader(raw, read_across_frames=True)
+
+
+def _count_in_bytes(data: bytes, format: str) -> int:
+    lines = data.split(b"\n")
+    if format != "conll":
+        return sum(1 for line in lines if line.strip())
+    count, inside = 0, False
+    for line in lines:
+        blank = not line.strip()
+        if not blank and not inside:
+            count += 1
+        inside = not blank
+    return count

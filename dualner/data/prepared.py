@@ -1,0 +1,339 @@
+"""A prepared corpus: unlabeled stage-2 text tokenized once into memory-mapped shards (Megatron-LM's
+indexed datasets: ids + index), read by stage 2 with no tokenization and no start-up scan.
+
+    python -m dualner prepare --tokenizer runs/stage1 --max-length 128 --language de \
+        --output prepared/de corpus/de/*.txt.xz [--workers 16] [--shard-mb 64]
+
+Layout of the output folder:
+    manifest.json             tokenizer fingerprint, max_length, inputs (size, mtime), shards and
+                              their sentence counts; written last: its presence means complete
+    NNNN-MMMMMM.tokens.npy    int32 subword ids of every window, back to back
+    NNNN-MMMMMM.word_index.npy int16 word index at each first subword, -1 elsewhere (as encoded)
+    NNNN-MMMMMM.windows.npy   int64 (windows, 3): first token, end token, word offset
+    NNNN-MMMMMM.sentences.npy int64 (sentences, 5): first window, windows, words, byte of the record
+                              in its input (decompressed), src_id (-1: none)
+    NNNN-MMMMMM.done.json     the shard's counts; a shard with it is not redone when prepare is
+                              run again after an interruption
+
+A shard is one piece of one input: a byte range of an uncompressed file (each tokenizing process
+reads its own), or the next ~shard-mb of a compressed one (decompressed once, sequentially, by the
+main process and handed out). Windows are made by dualner.data.encoding.WindowTokenizer, so stage 2
+gets exactly the windows the raw path would make of the same sentences.
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import json
+import multiprocessing
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from dualner.data.corpus import (BadRecord, CorpusFile, RawRecord, RecordReader, describe_file, open_decompressed,
+                                 parse_record)
+from dualner.errors import ConfigError, DataFormatError, MissingPathError
+
+MANIFEST = "manifest.json"
+FORMAT_NAME = "dualner-prepared"
+VERSION = 1
+
+
+def is_prepared(path: str | os.PathLike) -> bool:
+    return (Path(path) / MANIFEST).is_file()
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """The same for two tokenizers that split text into the same ids."""
+    vocab = sorted(tokenizer.get_vocab().items(), key=lambda item: item[1])
+    digest = hashlib.sha256(json.dumps([type(tokenizer).__name__, vocab, tokenizer.all_special_ids],
+                                       ensure_ascii=False).encode())
+    return digest.hexdigest()[:16]
+
+
+# -- reading ----------------------------------------------------------------------------------------------
+@dataclass
+class _Shard:
+    name: str
+    first: int  # global id of its first sentence
+    sentences: int
+    source: str  # the input file its records came from
+
+
+class PreparedCorpus:
+    """A prepared folder, memory-mapped on first use (opening reads only the manifest)."""
+
+    def __init__(self, folder: Path, manifest: dict):
+        self.folder, self.manifest = folder, manifest
+        self.path = str(folder)
+        self.max_length = manifest["max_length"]
+        self.fingerprint = manifest["tokenizer"]["fingerprint"]
+        self.shards: list[_Shard] = []
+        first = 0
+        for shard in manifest["shards"]:
+            self.shards.append(_Shard(shard["name"], first, shard["sentences"],
+                                      manifest["inputs"][shard["input"]]["path"]))
+            first += shard["sentences"]
+        self.sentences = first
+        self._starts = [shard.first for shard in self.shards]
+        self._arrays: dict[str, dict[str, np.ndarray]] = {}
+
+    @staticmethod
+    def open(path: str | os.PathLike, key: str = "") -> "PreparedCorpus":
+        folder = Path(path)
+        try:
+            manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise DataFormatError(f"{key}: {folder / MANIFEST}: unreadable ({error})") from None
+        if manifest.get("format") != FORMAT_NAME or manifest.get("version") != VERSION:
+            raise DataFormatError(f"{key}: {folder}: not a prepared corpus of this DualNER version "
+                                  f"(format {manifest.get('format')!r}, version {manifest.get('version')!r}); "
+                                  f"prepare it again")
+        return PreparedCorpus(folder, manifest)
+
+    def identity(self) -> list:
+        return [self.path, self.sentences, self.fingerprint]
+
+    def check_tokenizer(self, tokenizer, max_length: int, key: str) -> None:
+        if self.max_length != max_length:
+            raise ConfigError(f"{key}: {self.path} was prepared with max_length {self.max_length}; this run has "
+                              f"data.max_length={max_length}: prepare it again with --max-length {max_length}")
+        if self.fingerprint != tokenizer_fingerprint(tokenizer):
+            raise ConfigError(f"{key}: {self.path} was prepared with another tokenizer "
+                              f"({self.manifest['tokenizer'].get('name')}) than this run's model: prepare it again "
+                              f"with --tokenizer naming the stage-1 run")
+
+    def _shard_arrays(self, shard: _Shard) -> dict[str, np.ndarray]:
+        arrays = self._arrays.get(shard.name)
+        if arrays is None:
+            arrays = {part: np.load(self.folder / f"{shard.name}.{part}.npy", mmap_mode="r")
+                      for part in ("tokens", "word_index", "windows", "sentences")}
+            self._arrays[shard.name] = arrays
+        return arrays
+
+    def windows_of(self, sentence: int) -> list[dict]:
+        """The stored windows of a sentence (global id), as WindowTokenizer.encode_batch rows."""
+        shard = self.shards[bisect.bisect_right(self._starts, sentence) - 1]
+        arrays = self._shard_arrays(shard)
+        first_window, count, words, byte, src_id = arrays["sentences"][sentence - shard.first].tolist()
+        rows = arrays["windows"][first_window:first_window + count].tolist()
+        tokens, word_index = arrays["tokens"], arrays["word_index"]
+        sample_id = f"{shard.source}@{byte}"
+        return [{"input_ids": tokens[start:end].tolist(), "word_index": word_index[start:end].tolist(),
+                 "word_offset": offset, "num_words": words, "tag_ids": [], "start_ids": [], "end_ids": [],
+                 "language": "", "src_id": "" if src_id < 0 else str(src_id), "sample_id": sample_id}
+                for start, end, offset in rows]
+
+    def read(self, start: int, end: int, pass_: int, cursor: int, counter: list[int] | None,
+             seed_key: int) -> Iterator[tuple[int, int, list[dict]]]:
+        """The sentences of range [start, end) in this pass's order (a permutation drawn from the
+        range and the pass), from position `cursor` of that order."""
+        order = np.random.default_rng([seed_key, start, pass_]).permutation(end - start)
+        for position in range(cursor, end - start):
+            if counter is not None:
+                counter[0] += 1
+            yield position, position + 1, self.windows_of(start + int(order[position]))
+
+
+# -- writing -------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Piece:
+    """One shard's input: a byte range of an uncompressed file, or records handed over in memory."""
+
+    input: int
+    number: int
+    start: int = 0
+    end: int = 0
+
+    @property
+    def name(self) -> str:
+        return f"{self.input:04d}-{self.number:06d}"
+
+
+_worker_state: dict = {}
+
+
+def _init_worker(tokenizer_path: str, max_length: int, language: str, output: str, max_bad: int) -> None:
+    from transformers import AutoTokenizer
+
+    from dualner.data.encoding import WindowTokenizer
+    from dualner.labels import LabelSet
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
+    _worker_state.update(encoder=WindowTokenizer(tokenizer, LabelSet(()), max_length), language=language,
+                         output=Path(output), max_bad=max_bad)
+
+
+def _records_of(file: CorpusFile, piece: Piece, lines: list | None) -> Iterator[RawRecord]:
+    if lines is None:
+        yield from RecordReader(file, piece.start, piece.end)
+    else:
+        yield from lines
+
+
+def _write_shard(task: tuple) -> dict:
+    """Tokenize one piece into one shard (in a worker process); returns its counts."""
+    file, piece, records = task
+    state = _worker_state
+    encoder, output = state["encoder"], state["output"]
+    sentences, bad = [], []
+    for record in _records_of(file, piece, records):
+        try:
+            sentence = parse_record(record, file, state["language"], labeled=False)
+        except BadRecord as error:
+            bad.append(error.describe())
+            continue
+        if sentence is not None:
+            sentences.append((record.start, sentence))
+    tokens, word_index, windows, table = [], [], [], []
+    batch = 512
+    for begin in range(0, len(sentences), batch):
+        chunk = sentences[begin:begin + batch]
+        encoded = encoder.encode_batch({"words": [s["words"] for _, s in chunk], "tags": [[] for _ in chunk],
+                                        "_row": list(range(len(chunk)))})
+        previous = -1
+        for row in range(len(encoded["input_ids"])):
+            member = encoded["_row"][row]
+            if member != previous:
+                byte, sentence = chunk[member]
+                src_id = sentence["src_id"]
+                if src_id and not src_id.lstrip("-").isdigit():
+                    bad.append(f"{file.path} (byte {byte}): src_id {src_id!r} is not an integer "
+                               f"(the index of a labeled source sentence)")
+                    src_id = ""
+                table.append([len(windows), 0, encoded["num_words"][row], byte, int(src_id) if src_id else -1])
+                previous = member
+            table[-1][1] += 1
+            start = windows[-1][1] if windows else 0
+            ids = encoded["input_ids"][row]
+            windows.append([start, start + len(ids), encoded["word_offset"][row]])
+            tokens.append(ids)
+            word_index.append(encoded["word_index"][row])
+    name = piece.name
+    flat_tokens = np.fromiter((t for ids in tokens for t in ids), dtype=np.int32)
+    flat_index = np.fromiter((w for row in word_index for w in row), dtype=np.int16)
+    for part, array in (("tokens", flat_tokens), ("word_index", flat_index),
+                        ("windows", np.asarray(windows, dtype=np.int64).reshape(-1, 3)),
+                        ("sentences", np.asarray(table, dtype=np.int64).reshape(-1, 5))):
+        temporary = output / f".{name}.{part}.npy.tmp"
+        with open(temporary, "wb") as handle:
+            np.save(handle, array)
+        os.replace(temporary, output / f"{name}.{part}.npy")
+    counts = {"name": name, "input": piece.input, "sentences": len(table), "windows": len(windows),
+              "tokens": int(flat_tokens.size), "bad_records": bad}
+    done = output / f".{name}.done.json.tmp"
+    done.write_text(json.dumps(counts), encoding="utf-8")
+    os.replace(done, output / f"{name}.done.json")
+    return counts
+
+
+def _pieces(files: list[CorpusFile], shard_bytes: int) -> Iterator[tuple[CorpusFile, Piece, list | None]]:
+    """Every shard's input in order; compressed files decompressed here, once."""
+    for index, file in enumerate(files):
+        if file.splittable:
+            for number, start in enumerate(range(0, max(1, file.size), shard_bytes)):
+                yield file, Piece(index, number, start, min(file.size, start + shard_bytes)), None
+            continue
+        number, batch, size = 0, [], 0
+        for record in RecordReader(file, 0, file.end):
+            batch.append(record)
+            size += record.end - record.start
+            if size >= shard_bytes:
+                yield file, Piece(index, number), batch
+                number, batch, size = number + 1, [], 0
+        if batch or number == 0:
+            yield file, Piece(index, number), batch
+
+
+def prepare(inputs: list[str], output: str, tokenizer_path: str, max_length: int, language: str = "",
+            workers: int | None = None, shard_bytes: int = 64 << 20, max_bad_records: int = 0,
+            log=print) -> dict:
+    """Tokenize `inputs` into a prepared corpus in `output` (resumable); returns the manifest."""
+    from transformers import AutoTokenizer
+    if not inputs:
+        raise ConfigError("prepare: name at least one input file")
+    tokenizer_path = str(Path(tokenizer_path) / "model") if (Path(tokenizer_path) / "model").is_dir() else tokenizer_path
+    files = []
+    for path in inputs:
+        if not Path(path).is_file():
+            raise MissingPathError(f"prepare: input not found: {path}")
+        files.append(describe_file(path, "prepare"))
+    folder = Path(output)
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
+    inputs_record = [{"path": str(Path(f.path).resolve()), "size": f.size, "mtime_ns": f.mtime_ns} for f in files]
+    plan_file = folder / "prepare.json"
+    plan = {"inputs": inputs_record, "max_length": max_length, "language": language, "shard_bytes": shard_bytes,
+            "tokenizer": tokenizer_fingerprint(tokenizer)}
+    if plan_file.is_file() and json.loads(plan_file.read_text(encoding="utf-8")) != plan:
+        raise ConfigError(f"prepare: {folder} holds a preparation of other inputs or settings; choose another "
+                          f"--output or remove it")
+    plan_file.write_text(json.dumps(plan, indent=1), encoding="utf-8")
+    (folder / MANIFEST).unlink(missing_ok=True)
+    workers = workers or os.cpu_count() or 1
+    context = multiprocessing.get_context("spawn")
+    results = []
+
+    def todo():
+        for file, piece, records in _pieces(files, shard_bytes):
+            done = folder / f"{piece.name}.done.json"
+            if done.is_file():
+                results.append(json.loads(done.read_text(encoding="utf-8")))
+                continue
+            yield file, piece, records
+
+    args = (tokenizer_path, max_length, language, str(folder), max_bad_records)
+    if workers == 1:
+        _init_worker(*args)
+        results += [_write_shard(task) for task in todo()]
+    else:
+        with context.Pool(workers, initializer=_init_worker, initargs=args) as pool:
+            for counts in pool.imap_unordered(_write_shard, todo(), chunksize=1):
+                results.append(counts)
+                log(f"prepare: {counts['name']}: {counts['sentences']} sentences")
+    results.sort(key=lambda counts: counts["name"])
+    bad = [message for counts in results for message in counts["bad_records"]]
+    if len(bad) > max_bad_records:
+        raise DataFormatError(f"prepare: {len(bad)} bad record(s), more than --max-bad-records={max_bad_records}; "
+                              f"the first: {bad[0]} (fix or remove it, or raise --max-bad-records; the shards "
+                              f"done are kept: run prepare again to finish)")
+    for message in bad:
+        log(f"prepare: skipped a bad record: {message}")
+    manifest = {"format": FORMAT_NAME, "version": VERSION, "language": language, "max_length": max_length,
+                "tokenizer": {"name": tokenizer.name_or_path, "fingerprint": plan["tokenizer"]},
+                "inputs": inputs_record,
+                "shards": [{key: counts[key] for key in ("name", "input", "sentences", "windows", "tokens")}
+                           for counts in results],
+                "sentences": sum(counts["sentences"] for counts in results),
+                "bad_records": len(bad)}
+    temporary = folder / f".{MANIFEST}.tmp"
+    temporary.write_text(json.dumps(manifest, indent=1), encoding="utf-8")
+    os.replace(temporary, folder / MANIFEST)
+    return manifest
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+    parser = argparse.ArgumentParser(prog="dualner prepare", description=(
+        "Tokenize unlabeled stage-2 corpora once into memory-mapped shards (stage2.target.LANG or "
+        "stage2.translations.LANG can then name the output folder). Resumable: run it again after an "
+        "interruption."))
+    parser.add_argument("inputs", nargs="+", help="corpus files (.txt, .jsonl, .tsv/.conll; .gz .xz .zst .bz2)")
+    parser.add_argument("--output", required=True, help="the prepared corpus folder")
+    parser.add_argument("--tokenizer", required=True,
+                        help="the stage-1 run folder (its model/), an exported model, or a tokenizer name")
+    parser.add_argument("--max-length", type=int, required=True, help="data.max_length of the stage-2 run")
+    parser.add_argument("--language", default="", help="the corpus's language code")
+    parser.add_argument("--workers", type=int, default=None, help="tokenizing processes (default: every core)")
+    parser.add_argument("--shard-mb", type=int, default=64, help="input megabytes per shard")
+    parser.add_argument("--max-bad-records", type=int, default=0,
+                        help="malformed or non-UTF-8 records to skip (each reported) before failing")
+    args = parser.parse_args(argv)
+    if not 3 <= args.max_length <= 32767 or args.shard_mb < 1:
+        raise ConfigError("prepare: --max-length must be in [3, 32767] and --shard-mb >= 1")
+    manifest = prepare(args.inputs, args.output, args.tokenizer, args.max_length, args.language, args.workers,
+                       args.shard_mb << 20, args.max_bad_records)
+    print(f"prepared {manifest['sentences']} sentences in {len(manifest['shards'])} shard(s) -> {args.output}")
