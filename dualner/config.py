@@ -87,6 +87,10 @@ class DataConfig:
     # Loader worker processes per rank (tokenizing, packing, pinning off the training thread);
     # default: 0 on CPU, up to 4 per GPU as the node's cores allow.
     loader_workers: int | None = bounded(None, minimum=0)
+    # Stage 2's corpora: malformed or non-UTF-8 records skipped (each logged with file, line and
+    # byte, counted in TensorBoard as data/bad_records) before the run stops with a checkpoint and
+    # an error naming the last one. 0: the first bad record stops the run (after a checkpoint).
+    max_bad_records: int = bounded(0, minimum=0)
 
     @property
     def test_sentence_cap(self) -> int | None:
@@ -163,6 +167,14 @@ class Stage2Config:
     # Sentences read, tokenized and cut into micro batches together (sorted by length first when
     # unpacked, for less padding); 0 keeps stream order.
     bucket_pool: int = bounded(2048, minimum=0)
+    # Uncompressed corpus files are read in byte ranges of at most this many MiB, each by one reader
+    # (more, smaller ones where there are more readers than ranges); compressed files are one range.
+    range_mb: int = bounded(64, minimum=1)
+    # The frozen teacher under ZeRO-3: "replica" keeps a whole copy on every device (no parameter
+    # gathering in its forward; XLM-R large is 1.1 GB in bf16), "partitioned" lets ZeRO-3 partition
+    # it like the student, "auto": a replica when it takes under a quarter of the device's memory.
+    # ZeRO 0-2 always hold it whole.
+    teacher_placement: Literal["auto", "replica", "partitioned"] = "auto"
     sample_log: bool = False  # write every consumed sample id per rank (data audits, resume tests)
 
 

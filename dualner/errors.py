@@ -53,6 +53,12 @@ class RunLockedError(UserError):
     """Another live run holds the output folder."""
 
 
+class BadRecordsError(DataFormatError):
+    """More bad corpus records than data.max_bad_records; raised on every rank after a checkpoint."""
+
+    every_rank = True  # the rank that read the record names it
+
+
 class NonFiniteLossError(UserError, FloatingPointError):
     exit_code = EXIT_NONFINITE
     every_rank = True  # the rank that saw it names the micro batch; the others say "on another rank"

@@ -78,3 +78,8 @@ class Recipe:
 
     def on_new_best(self) -> None:
         pass
+
+    def data_problem(self) -> str | None:
+        """Called by every rank after every step: a reason to stop for bad input data (the loop
+        checkpoints, then stops), the same decision on every rank."""
+        return None

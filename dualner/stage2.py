@@ -24,10 +24,12 @@ from dualner.config import Config, Stage2Config
 from dualner.data.encoding import WindowTokenizer
 from dualner.data.packing import Collator, model_inputs
 from dualner.data.sources import check_same_split, read_source
-from dualner.data.readers import count_sentences
-from dualner.data.streaming import (HUB_PREFIX, KIND_SOURCE, KIND_TARGET, KIND_TRANSLATION, STREAM_META,
-                                    Stage2Stream, check_corpus, expand_files, make_shards, rank_shards)
-from dualner.errors import ConfigError
+from dualner.backend import comm
+from dualner.data.corpus import CorpusFile, describe_file, estimate_records
+from dualner.data.prepared import PreparedCorpus
+from dualner.data.streaming import (KIND_SOURCE, KIND_TARGET, KIND_TRANSLATION, STREAM_META, HubSource,
+                                    Stage2Stream, StreamSpec, check_corpus, expand_files, open_sources)
+from dualner.errors import ConfigError, DataFormatError
 from dualner.evaluate import load_eval_sets
 from dualner.labels import IGNORE_INDEX
 from dualner.losses import centroid_mse, entity_representations, head_kl, parallel_mse, token_cross_entropy
@@ -126,6 +128,11 @@ class Stage2Recipe(Recipe):
         self.accumulation_steps = accumulation_steps  # micro batches per step (mse_pool=step)
         self._micro_batch = 0
         self._pool = StepPool()
+        self.max_bad_records = 0  # data.max_bad_records
+        self.config_key_of: dict[str, str] = {}  # corpus file -> its config key, for error messages
+        self._bad_total = 0.0  # bad records over every rank, agreed one step late
+        self._bad_pending: comm.PendingHostReduce | None = None
+        self._last_bad: dict | None = None
 
     def batches(self, start_step: int):
         self._step = start_step
@@ -147,7 +154,7 @@ class Stage2Recipe(Recipe):
             # later windows of a long sentence carry their first word: "file:line+offset"
             ids = [f"{sample}+{offset}" if offset else sample
                    for sample, offset in zip(meta["sample_id"], meta["word_offset"])]
-            handle.write(json.dumps({"step": step, "samples": ids}) + "\n")
+            handle.write(json.dumps({"step": step, "samples": ids, "passes": meta["pass"]}) + "\n")
 
     def forward(self, batch: dict) -> Forward:
         if self._micro_batch % self.accumulation_steps == 0:
@@ -183,7 +190,7 @@ class Stage2Recipe(Recipe):
         entities = sums["entities_per_language"]
         entities = entities if isinstance(entities, list) else [entities]
         scalars = {"teacher/agreement": sums["agreement_words"] / max(1.0, sums["words"]),
-                   "teacher/refreshes": float(self.teacher_refreshes)}
+                   "teacher/refreshes": float(self.teacher_refreshes), "data/bad_records": self._bad_total}
         if "mse" in self.weights and sums.get("total"):
             # the MSE term's size: its weighted share of the total loss (loss/mse is the raw term)
             scalars["loss/mse_share"] = self.weights["mse"] * sums["mse"] / sums["total"]
@@ -201,11 +208,33 @@ class Stage2Recipe(Recipe):
         return {"stream": self.stream.state_dict()}
 
     def load_state(self, shared: dict, mine: dict | None) -> None:
-        if mine is None:
-            raise ConfigError(f"the checkpoint's stream positions were written by {len(shared['ranks'])} "
-                              f"rank(s); stage 2 resumes its streams on the same number of ranks only")
-        self.stream.load_state_dict(mine["stream"])
+        # Every rank's stream position together is one global position, which resumes on any
+        # number of ranks and loader workers (dualner.data.streaming).
+        self.stream.load_state_dict([rank["stream"] for rank in shared["ranks"]])
         self.teacher_refreshes = shared["teacher_refreshes"]
+
+    def data_problem(self) -> str | None:
+        """Bad corpus records (data.max_bad_records): each skipped one is logged by the rank that
+        read it; the count over every rank is agreed through a host reduction read one step later.
+        Past the limit, the reason to stop (the loop checkpoints first), the same on every rank."""
+        log = self.stream.log
+        for report in self.stream.take_bad_records():
+            self._last_bad = report
+            if log is not None:
+                log.warning("skipped a bad record of %s: %s:%s (byte %d): %s",
+                            self.config_key_of.get(report["path"], "stage 2"), report["path"],
+                            report["line"] if report["line"] is not None else "?", report["byte"], report["reason"])
+        if self._bad_pending is not None:
+            self._bad_total = self._bad_pending.result()[0]
+        self._bad_pending = comm.PendingHostReduce([float(self.stream.position.bad_records)], "sum")
+        if self._bad_total <= self.max_bad_records:
+            return None
+        last = self._last_bad
+        where = (f"the last on this rank: {self.config_key_of.get(last['path'], 'stage 2')}: {last['path']}:"
+                 f"{last['line'] if last['line'] is not None else '?'} (byte {last['byte']}): {last['reason']}"
+                 if last else "read on another rank")
+        return (f"{int(self._bad_total)} bad record(s) in stage 2's corpora, more than data.max_bad_records="
+                f"{self.max_bad_records}; {where}")
 
 
 def build_stage2(cfg: Config) -> tuple[Run, Stage2Recipe]:
@@ -233,12 +262,16 @@ def build_stage2(cfg: Config) -> tuple[Run, Stage2Recipe]:
     for group, key, kind in ((stage2.target, "stage2.target", KIND_TARGET),
                              (stage2.translations, "stage2.translations", KIND_TRANSLATION)):
         for language, pattern in group.items():
-            corpora[(kind, language)] = expand_files(pattern, f"{key}.{language}")
-            check_corpus(corpora[(kind, language)], language, kind, f"{key}.{language}")
+            sources = open_sources(expand_files(pattern, f"{key}.{language}"), f"{key}.{language}")
+            check_corpus(sources, language, kind, f"{key}.{language}")
+            for source in sources:
+                if isinstance(source, PreparedCorpus):
+                    source.check_tokenizer(tokenizer, cfg.data.max_length, f"{key}.{language}")
+            corpora[(kind, language)] = (sources, f"{key}.{language}")
     if cfg.data.train:
         check_same_split(cfg, initial.checkpoint.parent.parent / "config.yaml")
     source = read_source(cfg) if cfg.data.train else None
-    sizes = corpus_sizes(cfg, corpora, source) if stage2.mix == "size" else None
+    sizes = corpus_sizes(cfg, corpora, source, run.log) if stage2.mix == "size" else None
     total_steps = cfg.train.max_steps or math.ceil(stage2.epochs * sum(sizes.values()) / cfg.train.global_batch_size)
     collate = run.collator(tokenizer.pad_token_id, initial.model.position_offset, meta_columns=STREAM_META,
                            languages=tuple(languages), pair_translations=stage2.mse == "parallel")
@@ -267,6 +300,8 @@ def build_stage2(cfg: Config) -> tuple[Run, Stage2Recipe]:
     sample_log = run.run_dir / f"samples_rank{run.info.rank}.jsonl" if stage2.sample_log else None
     recipe = Stage2Recipe(run.engine, teacher_engine, stream, stage2, label_set, languages, weights,
                           dev_sets, test_sets, sample_log, run.layout.accumulation_steps)
+    recipe.max_bad_records = cfg.data.max_bad_records
+    recipe.config_key_of = {source.path: key for sources, key in corpora.values() for source in sources}
     return run, recipe
 
 
@@ -290,15 +325,29 @@ def write_source_files(run: Run, source: tuple[list, list]) -> tuple[Path, Path 
     return labeled, (remainder if remainder.stat().st_size > 0 else None)
 
 
-def corpus_sizes(cfg: Config, corpora: dict, source: tuple[list, list] | None) -> dict:
+def corpus_sizes(cfg: Config, corpora: dict, source: tuple[list, list] | None, log=None) -> dict:
     """Sentences per stream (stage2.mix=size): {(kind, language): count}, the labeled source and its
-    unlabeled remainder included."""
-    sizes = {}
-    for (kind, language), files in corpora.items():
-        if any(f.startswith(HUB_PREFIX) for f in files):
-            raise ConfigError(f"stage2.mix=size counts every corpus's sentences, which a hub dataset "
-                              f"({files[0]}) does not tell in advance; use stage2.mix=equal")
-        sizes[(kind, language)] = sum(count_sentences(Path(f)) for f in files)
+    unlabeled remainder included. Start-up reads O(1) of each corpus: a prepared corpus's count is
+    in its manifest; a raw file up to 4 MiB is counted, a larger one estimated from 16 samples
+    (dualner.data.corpus.estimate_records)."""
+    sizes, estimated = {}, []
+    for (kind, language), (sources, key) in corpora.items():
+        total = 0
+        for corpus in sources:
+            if isinstance(corpus, HubSource):
+                raise ConfigError(f"{key}: stage2.mix=size counts every corpus's sentences, which a hub dataset "
+                                  f"({corpus.path}) does not tell in advance; use stage2.mix=equal")
+            if isinstance(corpus, PreparedCorpus):
+                total += corpus.sentences
+                continue
+            count, exact = estimate_records(corpus)
+            total += count
+            if not exact:
+                estimated.append(corpus.path)
+        sizes[(kind, language)] = total
+    if estimated and log is not None:
+        log.info("stage 2: sentence counts of %d large raw file(s) estimated from samples (prepare them for exact "
+                 "counts): %s", len(estimated), ", ".join(estimated[:4]) + (" ..." if len(estimated) > 4 else ""))
     if source is not None:
         sizes[(KIND_SOURCE, cfg.data.source_language)] = len(source[0])
         if source[1]:
@@ -312,36 +361,34 @@ def build_stream(cfg: Config, run: Run, windows_of: WindowTokenizer, collate: Co
     times its kind's weight; mix=equal: the labeled source carries `source_weight`, and
     `target_weight` / `translation_weight` are shared equally by the target languages (the unlabeled
     source remainder counts as one) and by the translation languages."""
-    stage2, world, rank, workers = cfg.stage2, run.info.world_size, run.info.rank, run.loader_workers
+    stage2 = cfg.stage2
     labeled, remainder = write_source_files(run, source) if source is not None else (None, None)
-    targets = {language: files for (kind, language), files in corpora.items() if kind == KIND_TARGET}
+    targets = {language: sources for (kind, language), (sources, _) in corpora.items() if kind == KIND_TARGET}
     if remainder is not None:
-        targets[f"{cfg.data.source_language}-remainder"] = [str(remainder)]
-    translations = {language: files for (kind, language), files in corpora.items() if kind == KIND_TRANSLATION}
-    streams = [(KIND_SOURCE, cfg.data.source_language, [str(labeled)], stage2.source_weight)] if labeled else []
+        targets[f"{cfg.data.source_language}-remainder"] = [describe_file(remainder, "data.train")]
+    translations = {language: sources for (kind, language), (sources, _) in corpora.items()
+                    if kind == KIND_TRANSLATION}
+    streams = ([(KIND_SOURCE, cfg.data.source_language, [describe_file(labeled, "data.train")],
+                 stage2.source_weight)] if labeled else [])
     for kind, group, weight in ((KIND_TARGET, targets, stage2.target_weight),
                                 (KIND_TRANSLATION, translations, stage2.translation_weight)):
-        streams += [(kind, language, files, weight / len(group)) for language, files in group.items()]
+        streams += [(kind, language, sources, weight / len(group)) for language, sources in group.items()]
     if sizes is not None:  # kind weight x sentences
         kind_weight = {KIND_SOURCE: stage2.source_weight, KIND_TARGET: stage2.target_weight,
                        KIND_TRANSLATION: stage2.translation_weight}
-        streams = [(kind, language, files, kind_weight[kind] * sizes[(kind, language)])
-                   for kind, language, files, _ in streams]
+        streams = [(kind, language, sources, kind_weight[kind] * sizes[(kind, language)])
+                   for kind, language, sources, _ in streams]
     pair_with = str(labeled) if stage2.mse == "parallel" and labeled is not None else ""
-    sources = []
-    for kind, language, files, weight in streams:
-        shards = make_shards(files, language.removesuffix("-remainder"), kind, world, workers,
-                             pair_with if kind == KIND_TRANSLATION else "")
-        sources.append((rank_shards(shards, rank, world), weight))
-    run.log.info("stage 2 streams over %d rank(s) x %d worker(s): %s", world, max(1, workers),
-                 ", ".join(f"{kind}/{language} ({len(files)} file(s), weight {weight:.3g})"
-                           for kind, language, files, weight in streams))
+    specs = [StreamSpec(f"{kind}/{language}", kind, language.removesuffix("-remainder"), sources, weight,
+                        pair_with if kind == KIND_TRANSLATION else "")
+             for kind, language, sources, weight in streams]
+    run.log.info("stage 2 streams over %d rank(s) x %d loader worker(s): %s", run.info.world_size,
+                 max(1, run.loader_workers), ", ".join(f"{spec.name} ({len(spec.sources)} file(s), weight "
+                                                       f"{spec.weight:.3g})" for spec in specs))
     # a translation and its source travel as one unit of the stream (dualner.data.streaming)
-    stream = Stage2Stream(sources, windows_of, run.layout.micro_batch_size, cfg.run.seed, rank, collate,
-                          pool=stage2.bucket_pool, workers=workers, pin_memory=run.pin_memory)
-    total = sum(weight for *_, weight in streams)
-    stream.mix = {f"{kind}/{language}": weight / total for kind, language, _, weight in streams}  # for the record
-    return stream
+    return Stage2Stream(specs, windows_of, run.layout.micro_batch_size, cfg.run.seed, run.info.rank,
+                        run.info.world_size, collate, pool=stage2.bucket_pool, workers=run.loader_workers,
+                        pin_memory=run.pin_memory, range_bytes=stage2.range_mb << 20, log=run.log)
 
 
 def run_stage2(cfg: Config) -> dict:

@@ -35,7 +35,7 @@ from dualner.config import Config, config_to_dict, evaluation_head, save_config
 from dualner.data.batching import BatchLayout, derive_batch_layout
 from dualner.data.loader import default_workers
 from dualner.data.packing import Collator, packs_by_default
-from dualner.errors import ConfigError, NonFiniteLossError
+from dualner.errors import BadRecordsError, ConfigError, NonFiniteLossError
 from dualner.evaluate import EvalSet, evaluate_sets, format_table
 from dualner.logging import ScalarWriter, get_logger
 from dualner.recipe import Recipe
@@ -76,6 +76,12 @@ def train(run: "Run", recipe: Recipe) -> dict:
         if step % cfg.log_every == 0 or last or stop:
             window = run.log_window(window, recipe)
         run.check_nonfinite(step if last or stop else step - 1, recipe)  # lag one
+        problem = recipe.data_problem()  # bad corpus records past data.max_bad_records (lag one)
+        if problem:
+            run.save(recipe)
+            raise BadRecordsError(f"{problem}. Stopped with checkpoint {run.checkpoints.root / f'step-{step}'}: "
+                                  f"fix or remove the record(s), or raise data.max_bad_records, and run again "
+                                  f"(run.resume=auto continues after them)")
         with window.paused():  # evaluation and saving stay out of the throughput window
             improved = bool(recipe.dev_sets) and (step % cfg.eval_every == 0 or last) and run.evaluate_dev(recipe)
             if run.checkpoints.due(step, last=last, improved=improved, job_done=stop):
@@ -473,7 +479,9 @@ class Run:
             if best is not None and best["step"] != self.state.step:
                 # Test F1 of the selected model, not the last one. A full load: DeepSpeed's
                 # load_module_only ignores the tag under ZeRO-3.
-                self.checkpoints.load(self.engine, self.checkpoints.root / best["path"])
+                # Any number of ranks: a best written by another number goes through the
+                # universal checkpoint, like a resume.
+                self.checkpoints.load(self.engine, self.checkpoints.root / best["path"], self.info.world_size)
             summary["test"] = self.evaluate(recipe.test_sets)
             self.log.info("test F1:\n%s", format_table(summary["test"], "test F1"))
         if self.info.is_main:

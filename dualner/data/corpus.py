@@ -212,7 +212,9 @@ class RecordReader:
             return position
         # A CoNLL record starts at a non-blank line after a blank one: if the line we stepped into
         # was not blank, the block it belongs to started before this range; skip to its end.
-        if not self._line_ending_at_is_blank(handle, position, partial):
+        previous_blank = self._line_ending_at_is_blank(handle, position, partial)
+        handle.seek(position)
+        if not previous_blank:
             while True:
                 line = handle.readline()
                 if not line:
@@ -259,7 +261,10 @@ def lines_before(file: CorpusFile, position: int) -> int:
 # -- parsing one record ------------------------------------------------------------------------------
 def _decode(record: RawRecord, file: CorpusFile) -> list[str]:
     try:
-        return [line.decode("utf-8") for line in record.lines]
+        lines = [line.decode("utf-8") for line in record.lines]
+        if record.start == 0 and lines[0].startswith("\ufeff"):  # a byte-order mark is not text
+            lines[0] = lines[0][1:]
+        return lines
     except UnicodeDecodeError as error:
         raise BadRecord(file.path, record.start, record.line,
                         f"not UTF-8 text ({error.reason} at byte {record.start + error.start})") from None

@@ -39,6 +39,7 @@ from dualner.data.corpus import (BadRecord, CorpusFile, RawRecord, RecordReader,
 from dualner.errors import ConfigError, DataFormatError, MissingPathError
 
 MANIFEST = "manifest.json"
+BLOCK = 1 << 16  # sentences shuffled together within a pass (and the largest piece a reader gets)
 FORMAT_NAME = "dualner-prepared"
 VERSION = 1
 
@@ -130,13 +131,21 @@ class PreparedCorpus:
 
     def read(self, start: int, end: int, pass_: int, cursor: int, counter: list[int] | None,
              seed_key: int) -> Iterator[tuple[int, int, list[dict]]]:
-        """The sentences of range [start, end) in this pass's order (a permutation drawn from the
-        range and the pass), from position `cursor` of that order."""
-        order = np.random.default_rng([seed_key, start, pass_]).permutation(end - start)
-        for position in range(cursor, end - start):
+        """The sentences at positions [start, end) of the pass's order, from `cursor` (-1: start). The
+        order permutes each block of BLOCK sentence ids anew for every pass; a position p is
+        sentence block + permutation(block, pass)[p - block], so ranges of positions split and
+        resume like byte ranges."""
+        position = start if cursor < 0 else cursor
+        permutation, block = None, -1
+        while position < end:
+            if position // BLOCK != block:
+                block = position // BLOCK
+                size = min(BLOCK, self.sentences - block * BLOCK)
+                permutation = np.random.default_rng([seed_key, block, pass_]).permutation(size)
             if counter is not None:
                 counter[0] += 1
-            yield position, position + 1, self.windows_of(start + int(order[position]))
+            yield position, position + 1, self.windows_of(block * BLOCK + int(permutation[position - block * BLOCK]))
+            position += 1
 
 
 # -- writing -------------------------------------------------------------------------------------------------

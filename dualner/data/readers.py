@@ -1,16 +1,15 @@
 """Readers of the sentence files other than labeled CoNLL (dualner.data.conll): JSONL
 (`{"tokens": [...], "lang": "xx", "src_id": "...", "tags": [...]}`) and plain pre-tokenized text
-(one sentence per line). The stage-2 streams and prediction read them through here, with the same
-checks; every error names the file and line."""
+(one sentence per line), whole files as prediction reads them; every error names the file and line.
+Stage 2 reads its corpora record by record through dualner.data.corpus, with the same JSONL parser."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Iterator
 
+from dualner.data.corpus import parse_jsonl_line
 from dualner.errors import DataFormatError
-from dualner.labels import is_valid_tag
 
 JSONL_SUFFIXES = {".jsonl", ".json"}
 TEXT_SUFFIXES = {".txt", ".text"}
@@ -18,7 +17,7 @@ TEXT_SUFFIXES = {".txt", ".text"}
 
 def _lines(path: Path) -> Iterator[tuple[int, str]]:
     try:
-        with path.open(encoding="utf-8") as handle:
+        with path.open(encoding="utf-8-sig") as handle:  # a leading byte-order mark is not text
             yield from enumerate(handle, start=1)
     except UnicodeDecodeError as error:
         raise DataFormatError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start})") from None
@@ -34,23 +33,13 @@ def iter_text(path: Path, language: str = "") -> Iterator[dict]:
 def iter_jsonl(path: Path, language: str = "", keep_empty: bool = False) -> Iterator[dict]:
     """Records with a `tokens` list of non-empty strings (and, when given, one valid BIO tag per
     token); a record with no tokens is skipped unless `keep_empty` (prediction keeps input and
-    output lines aligned)."""
+    output lines aligned). One parser for every JSONL reader (dualner.data.corpus)."""
     for line_number, line in _lines(path):
         if not line.strip():
             continue
-        try:
-            record = json.loads(line)
-            words = record["tokens"]
-        except (json.JSONDecodeError, KeyError, TypeError) as error:
-            raise DataFormatError(f"{path}:{line_number}: expected a JSON object with a 'tokens' list ({error})") from None
-        if not isinstance(words, list) or not all(isinstance(w, str) and w for w in words):
-            raise DataFormatError(f"{path}:{line_number}: 'tokens' must be a list of non-empty strings")
-        tags = record.get("tags") or []
-        if tags and (len(tags) != len(words) or not all(map(is_valid_tag, tags))):
-            raise DataFormatError(f"{path}:{line_number}: 'tags' must be one valid BIO tag per token")
-        if words or keep_empty:
-            yield {"words": words, "tags": tags, "language": record.get("lang", language),
-                   "src_id": str(record.get("src_id", "")), "sample_id": f"{path}:{line_number}"}
+        parsed = parse_jsonl_line(line, f"{path}:{line_number}")
+        if parsed["words"] or keep_empty:
+            yield {**parsed, "language": parsed["language"] or language, "sample_id": f"{path}:{line_number}"}
 
 
 def count_sentences(path: Path) -> int:

@@ -183,9 +183,10 @@ def initial_ranges(source, range_bytes: int, range_sentences: int) -> list[list[
     from dualner.data.prepared import PreparedCorpus
     if isinstance(source, HubSource):
         return [[start, end] for start, end in source.ranges()]
-    if isinstance(source, PreparedCorpus):
-        return [[start, min(start + range_sentences, source.sentences)]
-                for start in range(0, source.sentences, range_sentences)]
+    if isinstance(source, PreparedCorpus):  # positions in a pass's order, within one block each
+        from dualner.data.prepared import BLOCK
+        step = min(range_sentences, BLOCK)
+        return [[start, min(start + step, source.sentences)] for start in range(0, source.sentences, step)]
     if not source.splittable or source.size == 0:
         return [[0, source.end]]
     return [[start, min(start + range_bytes, source.size)] for start in range(0, source.size, range_bytes)]
@@ -197,36 +198,29 @@ _MIN_SPLIT_BYTES = 64
 
 
 def refine(ranges: list[list[int]], sources: Sequence, readers: int) -> list[list[int]]:
-    """Split ranges (largest remainder first) until there are at least `readers`, where the data
-    allows: byte ranges at the middle of what is left of them (the part before the cursor is
-    done for the pass), prepared ranges only before their pass has started."""
+    """Split ranges (the largest remainder first) until there are at least `readers`, where the data
+    allows: at the middle of what is left of them (the part before the cursor is done for this
+    pass). Byte ranges and prepared ranges (positions in a pass's order) split alike; a compressed
+    file or a hub shard does not."""
     from dualner.data.prepared import PreparedCorpus
     ranges = [list(r) for r in ranges]
     while len(ranges) < readers:
         best, best_left = None, 0
         for index, (file, start, end, _, cursor) in enumerate(ranges):
             source = sources[file]
-            if isinstance(source, PreparedCorpus):
-                left = end - start if cursor < 0 and end - start >= 2 else 0
-            elif isinstance(source, CorpusFile) and source.splittable:
-                left = end - (start if cursor < 0 else cursor)
-                left = left if left >= 2 * _MIN_SPLIT_BYTES else 0
-            else:
-                left = 0
-            if left > best_left:
+            smallest = 2 if isinstance(source, PreparedCorpus) else 2 * _MIN_SPLIT_BYTES
+            splittable = isinstance(source, PreparedCorpus) or (isinstance(source, CorpusFile) and source.splittable)
+            left = end - (start if cursor < 0 else cursor) if splittable else 0
+            if left >= smallest and left > best_left:
                 best, best_left = index, left
         if best is None:
             break
         file, start, end, pass_, cursor = ranges[best]
-        if isinstance(sources[file], PreparedCorpus):
-            middle = start + (end - start) // 2
-            pieces = [[file, start, middle, pass_, -1], [file, middle, end, pass_, -1]]
-        else:
-            begin = start if cursor < 0 else cursor
-            middle = begin + (end - begin) // 2
-            # the second piece starts mid-line (cursor -1: aligned when read); the first keeps the cursor
-            pieces = [[file, start, middle, pass_, cursor], [file, middle, end, pass_, -1]]
-        ranges[best:best + 1] = pieces
+        begin = start if cursor < 0 else cursor
+        middle = begin + (end - begin) // 2
+        # the first piece keeps the cursor; the second starts at the middle (a byte range: mid-line,
+        # aligned when read) at the same pass
+        ranges[best:best + 1] = [[file, start, middle, pass_, cursor], [file, middle, end, pass_, -1]]
     return ranges
 
 
@@ -239,7 +233,7 @@ def read_range(spec: StreamSpec, state: list[int], cursor: int, counter: list[in
     source = spec.sources[state[FILE]]
     start, end, pass_ = state[START], state[END], state[PASS]
     if isinstance(source, PreparedCorpus):
-        for position, after, windows in source.read(start, end, pass_, max(0, cursor), counter, spec.seed_key):
+        for position, after, windows in source.read(start, end, pass_, cursor, counter, spec.seed_key):
             for window in windows:
                 window["kind"], window["pass"] = spec.kind, pass_
                 window["language"] = window["language"] or spec.language
@@ -456,7 +450,7 @@ class Stage2Reader:
         weights = [self.plan.weights.get(c.spec.name, 0.0) for c in live]
         drawn = 0
         while drawn < self.pool and live:
-            cursor = rng.choices(live, weights)[0] if len(live) > 1 else live[0]
+            cursor = rng.choices(live, weights if sum(weights) > 0 else None)[0] if len(live) > 1 else live[0]
             step = cursor.next(segments)
             if step is None:
                 index = live.index(cursor)
@@ -729,9 +723,6 @@ class Stage2Stream:
                 owner.setdefault(reader, {}).setdefault(spec.name, []).append(state)
                 holders.setdefault(spec.name, set()).add(reader)
             offset += len(ranges[spec.name])
-        # a stream held by fewer readers than all is drawn more often by those that hold it
-        weights = {spec.name: spec.weight * self.readers / max(1, len(holders.get(spec.name, ())))
-                   for spec in self.streams}
         leftover = position.pools if position is not None else []
         handed: dict[int, list] = {}
         for index, pool in enumerate(leftover):
@@ -739,7 +730,8 @@ class Stage2Stream:
         # pool numbers (seeds) go on where they stopped; after a change of readers, above every old one
         fresh = 1 + max([pool["number"] for pool in leftover] + [-1])
         mine = range(self.rank * self.readers_per_rank, (self.rank + 1) * self.readers_per_rank)
-        self.plans = {reader: ReaderPlan(reader, owner.get(reader, {}), weights, handed.get(reader, []),
+        self.plans = {reader: ReaderPlan(reader, owner.get(reader, {}), self._reader_mix(reader, holders),
+                                         handed.get(reader, []),
                                          position.pools_made.get(reader, 0) if same_readers else fresh)
                       for reader in mine}
         if not any(plan.ranges or plan.leftover for plan in self.plans.values()):
@@ -768,6 +760,24 @@ class Stage2Stream:
                                  prefetch_factor=4 if self.workers else None,
                                  generator=torch.Generator().manual_seed(self.seed + self.rank))
         self._iterator = None
+
+    def _reader_mix(self, reader: int, holders: dict[str, set]) -> dict[str, float]:
+        """The probability with which `reader` draws each stream, such that over all readers the
+        streams mix as configured. A stream held by fewer readers than all (fewer pieces than
+        readers) is drawn more often by its holders: share x readers / holders; the streams every
+        reader holds fill the rest of each reader's draws in proportion to their shares (the other
+        readers draw more of them), which keeps each one's global share. Exact while no reader's
+        partial streams ask for more than all its draws."""
+        share = self.mix
+        partial = {name: min(1.0, share[name] * self.readers / len(holders[name]))
+                   for name in share if 0 < len(holders.get(name, ())) < self.readers}
+        full = {name: share[name] for name in share if len(holders.get(name, ())) == self.readers}
+        mine = {name: q for name, q in partial.items() if reader in holders[name]}
+        taken = sum(mine.values())
+        if taken > 1.0 or not full:
+            return {name: q / taken for name, q in mine.items()} if taken > 0 else dict(full)
+        total_full = sum(full.values())
+        return mine | {name: (1.0 - taken) * value / total_full for name, value in full.items()}
 
     def _warn_unsplit(self, ranges: dict) -> None:
         if self.log is None or self.rank != 0:
