@@ -60,14 +60,14 @@ def mixed_stream(root: Path, encoder, batch: int, pool: int, collate=None, worke
     """The stage-2 loader over labeled English and every target language's train text, weighted as
     stage 2 weights them (source 1, the targets sharing 1)."""
     from dualner.data.packing import Collator
-    from dualner.data.streaming import KIND_SOURCE, KIND_TARGET, STREAM_META, Stage2Stream, make_shards
+    from dualner.data.streaming import KIND_SOURCE, KIND_TARGET, STREAM_META, Stage2Stream, StreamSpec, open_sources
     targets = [lang for lang in TARGETS if (root / lang / "train.tsv").is_file()]
-    sources = [(make_shards([str(root / "en" / "train.tsv")], "en", KIND_SOURCE, 1, workers), 1.0)]
-    sources += [(make_shards([str(root / lang / "train.tsv")], lang, KIND_TARGET, 1, workers), 1.0 / len(targets))
-                for lang in targets]
+    specs = [StreamSpec("source/en", KIND_SOURCE, "en", open_sources([str(root / "en" / "train.tsv")], "en"), 1.0)]
+    specs += [StreamSpec(f"target/{lang}", KIND_TARGET, lang, open_sources([str(root / lang / "train.tsv")], lang),
+                         1.0 / len(targets)) for lang in targets]
     collate = collate or Collator(encoder.tokenizer.pad_token_id, packed=False, meta_columns=STREAM_META)
-    return ["en", *targets], Stage2Stream(sources, encoder, batch, seed=0, rank=0, collate=collate, pool=pool,
-                                          workers=workers, pin_memory=pin_memory)
+    return ["en", *targets], Stage2Stream(specs, encoder, batch, seed=0, rank=0, world_size=1, collate=collate,
+                                          pool=pool, workers=workers, pin_memory=pin_memory)
 
 
 def device_facts() -> dict:

@@ -23,7 +23,7 @@ from transformers import AutoTokenizer  # noqa: E402
 
 from dualner.data.encoding import WindowTokenizer  # noqa: E402
 from dualner.data.packing import Collator  # noqa: E402
-from dualner.data.streaming import KIND_TARGET, STREAM_META, Stage2Stream, make_shards  # noqa: E402
+from dualner.data.streaming import KIND_TARGET, STREAM_META, Stage2Stream, StreamSpec, open_sources  # noqa: E402
 from dualner.encoders import resolve_encoder  # noqa: E402
 from dualner.labels import LabelSet  # noqa: E402
 
@@ -67,8 +67,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
         files = generate_corpus(Path(folder), args.sentences, args.files)
         corpus_mb = sum(Path(f).stat().st_size for f in files) / 2**20
-        stream = Stage2Stream([(make_shards(files, "xx", KIND_TARGET, 1, args.workers), 1.0)], encoder,
-                              args.micro_batch, seed=0, rank=0,
+        stream = Stage2Stream([StreamSpec("target/xx", KIND_TARGET, "xx", open_sources(files, "xx"), 1.0)], encoder,
+                              args.micro_batch, seed=0, rank=0, world_size=1,
                               collate=Collator(tokenizer.pad_token_id, meta_columns=STREAM_META), pool=512,
                               workers=args.workers, repeat=False)
         samples, checkpoints, started = 0, [], time.perf_counter()

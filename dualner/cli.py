@@ -4,6 +4,7 @@ functions.
 
     python -m dualner stage1   --config configs/tiny.yaml [key=value ...]
     python -m dualner stage2   --config configs/tiny_stage2.yaml [key=value ...]
+    python -m dualner prepare  corpus/de/*.txt.xz --tokenizer runs/x --max-length 128 --output prepared/de
     python -m dualner evaluate --checkpoint runs/x --data de=de/test.tsv [--head seq] [--output f1.json]
     python -m dualner export   --checkpoint runs/x --output exported/
     python -m dualner predict  --model exported/ --input sentences.txt --output entities.jsonl
@@ -102,6 +103,12 @@ def predict(argv: list[str]) -> int:
     return 0
 
 
+def prepare(argv: list[str]) -> int:
+    from dualner.data.prepared import main as prepare_main
+    prepare_main(argv)
+    return 0
+
+
 def report(argv: list[str]) -> int:
     from dualner.report import main as report_main
     report_main(argv)
@@ -116,7 +123,7 @@ def config(argv: list[str]) -> int:
 
 COMMANDS: dict[str, Callable[[list[str]], int]] = {
     "stage1": stage1, "stage2": stage2, "evaluate": evaluate, "export": export, "predict": predict,
-    "report": report, "config": config}
+    "report": report, "config": config, "prepare": prepare}
 
 
 def dispatch(argv: list[str]) -> int:

@@ -18,7 +18,7 @@ from typing import NamedTuple
 import torch
 
 from dualner.backend.comm import barrier
-from dualner.backend.deepspeed_engine import DeepSpeedTeacher
+from dualner.backend.deepspeed_engine import build_teacher
 from dualner.checkpoint import load_model_state, read_best
 from dualner.config import Config, Stage2Config
 from dualner.data.encoding import WindowTokenizer
@@ -116,7 +116,7 @@ class Stage2Recipe(Recipe):
              **{f"pseudo_{head}": _pseudo(head) for head in ("seq", "start", "end")},
              "mse": entity_mse}
 
-    def __init__(self, engine, teacher: DeepSpeedTeacher, stream: Stage2Stream, settings: Stage2Config,
+    def __init__(self, engine, teacher, stream: Stage2Stream, settings: Stage2Config,
                  label_set, languages: list[str], weights: dict[str, float], dev_sets: list, test_sets: list,
                  sample_log: Path | None, accumulation_steps: int = 1):
         super().__init__(weights, dev_sets, test_sets)
@@ -293,7 +293,7 @@ def build_stage2(cfg: Config) -> tuple[Run, Stage2Recipe]:
         teacher.load_state_dict(student.state_dict())
     run.log.info("stage 2: student from %s, teacher from %s", initial.checkpoint, teacher_source)
     run.build_engine(student, total_steps, tokenizer.pad_token_id, label_set)
-    teacher_engine = DeepSpeedTeacher(teacher, run.ds_config)
+    teacher_engine = build_teacher(teacher, run.ds_config, stage2.teacher_placement)
     run.open_folder(lambda run_dir: save_model_assets(run_dir, tokenizer, student.encoder.config, label_set,
                                                       cfg.model.variant, cfg.data.max_length))
     stream = build_stream(cfg, run, windows_of, collate, source, corpora, sizes)
@@ -314,12 +314,13 @@ def write_source_files(run: Run, source: tuple[list, list]) -> tuple[Path, Path 
         folder.mkdir(parents=True, exist_ok=True)
         kept, rest = source
         for path, part, with_tags in ((labeled, kept, True), (remainder, rest, False)):
+            text = "".join(json.dumps({"tokens": sentence.words, "lang": sentence.language, "src_id": sentence.source,
+                                       **({"tags": sentence.tags} if with_tags else {})}, ensure_ascii=False) + "\n"
+                           for sentence in part).encode("utf-8")
+            if path.is_file() and path.read_bytes() == text:
+                continue  # a resumed run: unchanged, so the checkpoint's positions in it still hold
             temporary = path.with_suffix(".tmp")
-            with temporary.open("w", encoding="utf-8") as handle:
-                for sentence in part:
-                    handle.write(json.dumps({"tokens": sentence.words, "lang": sentence.language,
-                                             "src_id": sentence.source, **({"tags": sentence.tags} if with_tags else {})},
-                                            ensure_ascii=False) + "\n")
+            temporary.write_bytes(text)
             temporary.replace(path)
     barrier()
     return labeled, (remainder if remainder.stat().st_size > 0 else None)

@@ -49,6 +49,17 @@ def samples_by_step(run_dir, rank):
     return dict(steps)
 
 
+def src_ids_by_sample(path, run_dir=None):
+    """{sample id (file@byte): src_id} of a JSONL file (the run folder written as RUN, as in logs)."""
+    ids, position = {}, 0
+    for line in path.read_bytes().splitlines(keepends=True):
+        name = str(path).replace(run_dir, "RUN") if run_dir else str(path)
+        if line.strip():
+            ids[f"{name}@{position}"] = str(json.loads(line).get("src_id"))
+        position += len(line)
+    return ids
+
+
 def test_stop_and_resume_repeats_the_uninterrupted_run(stage1_run, tmp_path):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     stage2(straight, stage1_run, "ds_configs/zero2_fp32.json")
@@ -124,9 +135,11 @@ def test_variants_run_from_config_alone(stage1_run, tmp_path, variant):
         assert all(e.get("loss/mse", 0) == 0 for e in log.values())  # a term of weight 0 is not computed
     if "stage2.mse=parallel" in variant:
         # a translation and its English source travel as one unit: they meet in a micro batch
-        together = [sample.rsplit(":", 1)[1] for step in samples_by_step(run, 0).values()
+        src_id = src_ids_by_sample(translations) | src_ids_by_sample(run / "stage2_data" / "source_labeled.jsonl",
+                                                                      str(run))
+        together = [src_id[sample] for step in samples_by_step(run, 0).values()
                     for sample in step if "fr.jsonl" in sample]
-        sources = {sample.rsplit(":", 1)[1] for step in samples_by_step(run, 0).values()
+        sources = {src_id[sample] for step in samples_by_step(run, 0).values()
                    for sample in step if "source_labeled" in sample}
         assert together and set(together) <= sources
     if "data.train_fraction=0.5" in variant:

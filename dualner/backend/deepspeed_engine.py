@@ -244,6 +244,83 @@ class DeepSpeedTeacher:
                 target.data.copy_(source.data)
 
 
+def _compute_dtype(ds_config: dict) -> torch.dtype:
+    """The dtype a model's weights have under this config (torch autocast keeps fp32 weights)."""
+    for key, dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16)):
+        section = ds_config.get(key)
+        if isinstance(section, dict) and section.get("enabled"):
+            return dtype
+    return torch.float32
+
+
+def _autocast_dtype(ds_config: dict) -> torch.dtype | None:
+    section = ds_config.get("torch_autocast")
+    if isinstance(section, dict) and section.get("enabled"):
+        return {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(str(section.get("dtype", "bfloat16")),
+                                                                           torch.bfloat16)
+    return None
+
+
+def device_memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    import os
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+class ReplicaTeacher:
+    """The frozen teacher as a whole copy on this rank's device, outside DeepSpeed, in the student's
+    compute dtype: its forward gathers nothing, so under ZeRO-3 it costs one forward and no
+    collectives (DeepSpeedTeacher under ZeRO-3 gathers every partitioned parameter again for each
+    forward). A refresh gathers the student's partitions one parameter at a time."""
+
+    def __init__(self, model: torch.nn.Module, ds_config: dict):
+        self.device = comm.accelerator_device(comm.current().local_rank)
+        for parameter in model.parameters():
+            parameter.requires_grad_(False)
+        self._module = model.to(device=self.device, dtype=_compute_dtype(ds_config)).eval()
+        self._autocast = _autocast_dtype(ds_config)
+
+    @staticmethod
+    def fits(model: torch.nn.Module, ds_config: dict, fraction: float = 0.25) -> bool:
+        """Whether a whole copy takes under `fraction` of the device's memory (teacher_placement=auto)."""
+        device = comm.accelerator_device(comm.current().local_rank)
+        size = sum(p.numel() for p in model.parameters()) * torch.tensor([], dtype=_compute_dtype(ds_config)).element_size()
+        return size < fraction * device_memory_bytes(device)
+
+    @property
+    def module(self) -> torch.nn.Module:
+        return self._module
+
+    @torch.no_grad()
+    def __call__(self, *args, **kwargs):
+        if self._autocast is None:
+            return self._module(*args, **kwargs)
+        with torch.autocast(self.device.type, dtype=self._autocast):
+            return self._module(*args, **kwargs)
+
+    @torch.no_grad()
+    def copy_from(self, student: DeepSpeedTrainingEngine) -> None:
+        """Student -> teacher; under ZeRO-3 each parameter is gathered in turn (every rank calls this)."""
+        import deepspeed
+        for source, target in zip(student.module.parameters(), self._module.parameters()):
+            if hasattr(source, "ds_tensor"):
+                with deepspeed.zero.GatheredParameters([source], modifier_rank=None):
+                    target.copy_(source.data.to(target.dtype))
+            else:
+                target.copy_(source.data.to(target.dtype))
+
+
+def build_teacher(model: torch.nn.Module, ds_config: dict, placement: str):
+    """The frozen teacher: a replica (ReplicaTeacher) under ZeRO-3 when `placement` asks for it (or
+    "auto" and it fits in a quarter of the device), else DeepSpeed's (DeepSpeedTeacher: whole on
+    every rank under ZeRO 0-2, partitioned like the student under ZeRO-3)."""
+    if zero_stage(ds_config) == 3 and (placement == "replica" or (
+            placement == "auto" and ReplicaTeacher.fits(model, ds_config))):
+        return ReplicaTeacher(model, ds_config)
+    return DeepSpeedTeacher(model, ds_config)
+
+
 def written_by_ranks(path: Path) -> int | None:
     """How many data-parallel ranks wrote a ZeRO (1-3) checkpoint; None for ZeRO-0 (whole states)."""
     optimizer_files = list(path.glob("*zero_pp_rank_*_optim_states.pt"))

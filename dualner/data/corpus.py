@@ -108,8 +108,9 @@ def _zstd_module(key: str = ""):
     return zstandard
 
 
-def open_decompressed(file: CorpusFile) -> BinaryIO:
-    """The file's (decompressed) bytes, buffered so that readline() is fast."""
+def open_decompressed(file: CorpusFile, buffer: int = _BLOCK) -> BinaryIO:
+    """The file's (decompressed) bytes, buffered so that readline() is fast (a small range: a
+    small buffer, or opening it would read a whole MiB)."""
     if file.compression == "gzip":
         return gzip.open(file.path, "rb")
     if file.compression == "xz":
@@ -121,7 +122,7 @@ def open_decompressed(file: CorpusFile) -> BinaryIO:
         raw = open(file.path, "rb")
         reader = zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True, closefd=True)
         return io.BufferedReader(reader, buffer_size=_BLOCK)
-    return open(file.path, "rb", buffering=_BLOCK)
+    return open(file.path, "rb", buffering=max(1 << 13, min(buffer, _BLOCK)))
 
 
 def skip_to(handle: BinaryIO, file: CorpusFile, position: int) -> None:
@@ -161,7 +162,7 @@ class RecordReader:
 
     def __iter__(self) -> Iterator[RawRecord]:
         file = self.file
-        with open_decompressed(file) as handle:
+        with open_decompressed(file, self.end - self.start + (1 << 16)) as handle:
             if self.cursor is not None:
                 position = self.cursor
                 skip_to(handle, file, position)

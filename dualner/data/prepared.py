@@ -111,7 +111,8 @@ class PreparedCorpus:
     def _shard_arrays(self, shard: _Shard) -> dict[str, np.ndarray]:
         arrays = self._arrays.get(shard.name)
         if arrays is None:
-            arrays = {part: np.load(self.folder / f"{shard.name}.{part}.npy", mmap_mode="r")
+            # plain ndarray views of the maps: slicing a np.memmap costs a Python-level finalizer
+            arrays = {part: np.load(self.folder / f"{shard.name}.{part}.npy", mmap_mode="r").view(np.ndarray)
                       for part in ("tokens", "word_index", "windows", "sentences")}
             self._arrays[shard.name] = arrays
         return arrays

@@ -482,7 +482,6 @@ class Stage2Reader:
         units = [(number, unit) for number, unit in enumerate(item for item in items if isinstance(item, list))
                  if number not in skip]
         windows, unit_windows = self._encode([unit for _, unit in units])
-        unit_of_window = {w: number for (number, _), indices in zip(units, unit_windows) for w in indices}
         lengths = [len(window["input_ids"]) for window in windows]
         ordered = [indices for indices in unit_windows if indices]
         micro, rows, row_length, sort = pool["cut"]
@@ -498,6 +497,7 @@ class Stage2Reader:
         if list(pool["cut"]) != self.cut.key():
             # the micro-batch shape changed since this pool was cut (another number of ranks): what
             # was trained is known under the old shape; the rest is a pool of its own, cut anew
+            unit_of_window = {w: number for (number, _), indices in zip(units, unit_windows) for w in indices}
             trained = sorted(skip | {unit_of_window[w] for chunk in chunks[:first] for w in chunk})
             yield from self._micro_batches({**pool, "cut": self.cut.key(), "skip": trained, "consumed": 0}, items)
             return
@@ -674,6 +674,12 @@ class RankPosition:
 
 
 # -- the loader ------------------------------------------------------------------------------------------
+def _as_made(batch: dict) -> dict:
+    """The loader's collate step: the readers made the tensors already (torch's default would walk
+    every list of the batch's metadata)."""
+    return batch
+
+
 class _ReaderDataset(IterableDataset):
     """The readers of one rank: its loader worker w (or the rank itself) runs one of them."""
 
@@ -756,7 +762,7 @@ class Stage2Stream:
         # A generator of its own: creating an iterator draws a base seed, and drawing it from the
         # global RNG would shift the dropout masks of a resumed run.
         self.loader = DataLoader(_ReaderDataset(self.factory, self.readers_per_rank, rotation), batch_size=None,
-                                 num_workers=self.workers, pin_memory=self.pin_memory,
+                                 num_workers=self.workers, pin_memory=self.pin_memory, collate_fn=_as_made,
                                  prefetch_factor=4 if self.workers else None,
                                  generator=torch.Generator().manual_seed(self.seed + self.rank))
         self._iterator = None
