@@ -127,7 +127,7 @@ def resume_cost(tokenizer, repeats: int, folder: Path) -> dict:
     offsets, position = [], 0
     with path.open("wb") as handle:
         for i in range(2_000_000):
-            line = f"sentence {i} of two million\n".encode()
+            line = f"sentence {i:07d} of two million\n".encode()  # one shape: the position is all that differs
             offsets.append(position)
             handle.write(line)
             position += len(line)

@@ -79,7 +79,8 @@ class Recipe:
     def on_new_best(self) -> None:
         pass
 
-    def data_problem(self) -> str | None:
+    def data_problem(self, final: bool = False) -> str | None:
         """Called by every rank after every step: a reason to stop for bad input data (the loop
-        checkpoints, then stops), the same decision on every rank."""
+        checkpoints, then stops), the same decision on every rank; `final`: the job's last step
+        (nothing may be left undecided)."""
         return None

@@ -213,7 +213,7 @@ class Stage2Recipe(Recipe):
         self.stream.load_state_dict([rank["stream"] for rank in shared["ranks"]])
         self.teacher_refreshes = shared["teacher_refreshes"]
 
-    def data_problem(self) -> str | None:
+    def data_problem(self, final: bool = False) -> str | None:
         """Bad corpus records (data.max_bad_records): each skipped one is logged by the rank that
         read it; the count over every rank is agreed through a host reduction read one step later.
         Past the limit, the reason to stop (the loop checkpoints first), the same on every rank."""
@@ -227,6 +227,9 @@ class Stage2Recipe(Recipe):
         if self._bad_pending is not None:
             self._bad_total = self._bad_pending.result()[0]
         self._bad_pending = comm.PendingHostReduce([float(self.stream.position.bad_records)], "sum")
+        if final:  # the job ends here: decide on this step's count, not the last one's
+            self._bad_total = self._bad_pending.result()[0]
+            self._bad_pending = None
         if self._bad_total <= self.max_bad_records:
             return None
         last = self._last_bad

@@ -76,7 +76,7 @@ def train(run: "Run", recipe: Recipe) -> dict:
         if step % cfg.log_every == 0 or last or stop:
             window = run.log_window(window, recipe)
         run.check_nonfinite(step if last or stop else step - 1, recipe)  # lag one
-        problem = recipe.data_problem()  # bad corpus records past data.max_bad_records (lag one)
+        problem = recipe.data_problem(final=last or stop)  # bad corpus records past data.max_bad_records
         if problem:
             run.save(recipe)
             raise BadRecordsError(f"{problem}. Stopped with checkpoint {run.checkpoints.root / f'step-{step}'}: "

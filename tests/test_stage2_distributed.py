@@ -3,6 +3,7 @@ losses as the uninterrupted run; ZeRO-3 with the on-the-fly teacher completes; t
 refresh copies the student exactly."""
 
 import json
+import re
 from collections import defaultdict
 
 import pytest
@@ -146,3 +147,27 @@ def test_variants_run_from_config_alone(stage1_run, tmp_path, variant):
         remainder = (run / "stage2_data" / "source_remainder.jsonl").read_text().splitlines()
         labeled = (run / "stage2_data" / "source_labeled.jsonl").read_text().splitlines()
         assert abs(len(remainder) - len(labeled)) <= 1 and '"tags"' not in remainder[0]
+
+
+def test_a_bad_record_deep_in_a_corpus_stops_with_a_checkpoint_then_is_skipped(stage1_run, tmp_path):
+    """data.max_bad_records=0: the run checkpoints and stops naming the key, file, line and byte;
+    rerun with a limit of 1, it resumes after the skipped record and counts it in its log."""
+    target = tmp_path / "de.jsonl"
+    lines = [json.dumps({"tokens": ["Satz", str(i), "in", "Berlin"]}) + "\n" for i in range(30)]
+    lines[11] = '{"tokens": ["kaputt", \n'
+    target.write_text("".join(lines))
+    run = tmp_path / "run"
+    args = ["--config", str(REPO / "configs" / "tiny_stage2.yaml"), f"run.output_dir={run}",
+            f"stage2.init_from={stage1_run}", f"stage2.target={{de: {target}}}", "stage2.mix=equal",
+            "stage2.bucket_pool=8", "train.max_steps=8", "train.eval_every=100", "train.log_every=1",
+            "data.max_eval_sentences=8", "eval.head=seq"]
+    failed = launch("launchers/stage2.py", args, expect=2)
+    message = failed.stderr
+    byte = sum(len(line) for line in lines[:11])
+    assert f"stage2.target.de: {target}:12 (byte {byte})" in message and "data.max_bad_records=0" in message
+    stopped_at = re.search(r"checkpoint (\S+step-(\d+)):", message)
+    assert stopped_at and (run / "checkpoints" / f"step-{stopped_at.group(2)}" / "COMPLETE").is_file()
+    assert int(stopped_at.group(2)) < 8
+    launch("launchers/stage2.py", [*args, "data.max_bad_records=1"])
+    log = read_log(run)
+    assert max(log) == 8 and log[8]["data/bad_records"] == 1.0

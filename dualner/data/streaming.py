@@ -318,35 +318,31 @@ def cut_units(units: Sequence[Sequence[int]], lengths: Sequence[int], micro_batc
               rows: int | None, row_length: int) -> list[list[int]]:
     """Micro batches of whole units (a unit's windows are never split), in one linear pass: up to
     `micro_batch_size` windows each, or, with `rows`, what first fit in arrival order places in
-    `rows` rows of `row_length` tokens (dualner.data.packing.pack_rows then packs them the same
-    way). A unit larger than that gets a micro batch of its own."""
+    `rows` rows of `row_length` tokens (dualner.data.packing.pack_rows packs them the same way). A
+    unit larger than that gets a micro batch of its own."""
+    def placed(room: list[int], unit: Sequence[int]) -> list[int] | None:
+        room = list(room)
+        for window in unit:
+            row = next((r for r, free in enumerate(room) if free >= lengths[window]), None)
+            if row is None:
+                return None
+            room[row] -= lengths[window]
+        return room
+
     batches: list[list[int]] = []
     current: list[int] = []
-    room = [row_length] * (rows or 0)
+    empty = [row_length] * (rows or 0)
+    room = empty
     for unit in units:
-        if rows is None:
-            fits = len(current) + len(unit) <= micro_batch_size
-        else:
-            trial = list(room)
-            fits = True
-            for window in unit:
-                row = next((r for r, free in enumerate(trial) if free >= lengths[window]), None)
-                if row is None:
-                    fits = False
-                    break
-                trial[row] -= lengths[window]
+        after = None if rows is None else placed(room, unit)
+        fits = len(current) + len(unit) <= micro_batch_size if rows is None else after is not None
         if current and not fits:
             batches.append(current)
-            current, room = [], [row_length] * (rows or 0)
-            if rows is not None:
-                trial = list(room)
-                for window in unit:
-                    rows_free = [r for r, free in enumerate(trial) if free >= lengths[window]]
-                    if rows_free:
-                        trial[rows_free[0]] -= lengths[window]
+            current, room = [], empty
+            after = None if rows is None else placed(room, unit)
         current = current + list(unit)
         if rows is not None:
-            room = trial
+            room = after if after is not None else [0] * rows  # too large for the shape: alone
     if current:
         batches.append(current)
     return batches
