@@ -107,10 +107,10 @@ def test_stage2_resumes_on_2_1_2_3_ranks_using_every_sentence_once_per_pass(tmp_
         for entry in map(json.loads, log.read_text().splitlines()):
             if "samples" in entry:
                 trained += list(zip(entry["samples"], entry["passes"]))
-    assert len(trained) == 16 * 12
+    assert len(trained) >= 16 * 12  # 12 windows a step (a long sentence's windows stay together: a few more)
     assert len(trained) == len(set(trained))  # no window twice within a pass
     first_pass = {sample for sample, passes in trained if passes == 0}
     target_ids = {f"{target}@{sum(len(f'Satz {j} in Berlin .') + 1 for j in range(i))}" for i in range(40)}
     assert target_ids <= first_pass  # every target sentence in the first pass
-    assert len([s for s in first_pass if "source_labeled" in s]) == 24  # and every labeled one
+    assert len({s.split("+")[0] for s in first_pass if "source_labeled" in s}) == 24  # and every labeled one
     assert max(passes for _, passes in trained) >= 1  # the run went on into further passes
