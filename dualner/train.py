@@ -42,6 +42,15 @@ from dualner.recipe import Recipe
 
 # Config sections whose change means "a different run", not "the same run continued".
 _RUN_IDENTITY = ("model", "data", "stage2")
+# ... except these, which say how to run it, not what it is: a resume may change them.
+_OPERATIONAL = {"data": ("loader_workers", "max_bad_records"), "stage2": ("sample_log", "teacher_placement")}
+
+
+def _identity(config: dict, section: str):
+    values = config.get(section)
+    if not isinstance(values, dict):
+        return values
+    return {key: value for key, value in values.items() if key not in _OPERATIONAL.get(section, ())}
 
 
 def train(run: "Run", recipe: Recipe) -> dict:
@@ -292,7 +301,7 @@ class Run:
             if saved.is_file() and not cfg.run.overwrite and manager.holds_checkpoints():
                 previous = yaml.safe_load(saved.read_text(encoding="utf-8")) or {}
                 current = config_to_dict(cfg)
-                changed = [name for name in _RUN_IDENTITY if previous.get(name) != current.get(name)]
+                changed = [name for name in _RUN_IDENTITY if _identity(previous, name) != _identity(current, name)]
                 if changed:
                     manager.release_lock()
                     raise ConfigError(

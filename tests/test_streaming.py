@@ -246,7 +246,7 @@ def test_bad_records_are_skipped_and_reported_with_file_line_and_byte(tmp_path, 
     assert [(r["line"], r["byte"]) for r in reports] == [
         (12, sum(len(l) for l in lines[:11])), (22, sum(len(l) for l in lines[:21]))]
     assert "JSON" in reports[0]["reason"] and "not UTF-8" in reports[1]["reason"]
-    assert stream.state_dict()["bad_records"] == 2
+    assert stream.position.bad_records == 2 and len(stream.state_dict()["bad"]) == 2
     with pytest.raises(BadRecord, match=r"c.jsonl:12 \(byte \d+\)"):
         list(iter_sentences(describe_file(path, "k"), "xx", False))
 

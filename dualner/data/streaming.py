@@ -581,7 +581,7 @@ class GlobalPosition:
     pools_made: dict = field(default_factory=dict)  # reader -> pools made
     readers: int = 0
     next_worker: dict = field(default_factory=dict)  # rank -> the worker whose batch comes next
-    bad_records: int = 0
+    bad: set = field(default_factory=set)  # (file, byte) of every bad record skipped so far
 
     @staticmethod
     def merge(rank_states: Sequence[dict]) -> "GlobalPosition":
@@ -598,7 +598,7 @@ class GlobalPosition:
             merged.pools_made.update({int(k): v for k, v in state["pools_made"].items()})
             merged.readers = state["readers"]
             merged.next_worker[int(state["rank"])] = state["next_worker"]
-            merged.bad_records += state["bad_records"]
+            merged.bad |= {tuple(key) for key in state["bad"]}
         for ranges in merged.ranges.values():
             ranges.sort(key=lambda r: (r[FILE], r[START]))
         merged.pools.sort(key=lambda pool: (pool["reader"], pool["number"]))
@@ -630,13 +630,16 @@ class RankPosition:
     states its readers own, the pools seen in part, the pools each of its readers made."""
 
     def __init__(self, rank: int, readers_per_rank: int, readers: int, names: list[str], owned: dict,
-                 leftover: list, pools_made: dict, identity: dict, bad_records: int, next_worker: int):
+                 leftover: list, pools_made: dict, identity: dict, known_bad: set, next_worker: int):
         self.rank, self.readers_per_rank, self.readers, self.names = rank, readers_per_rank, readers, names
         self.owned = owned  # stream name -> [range state, ...] (this rank's readers')
         self._index = {(name, r[FILE], r[START], r[END]): r for name, states in owned.items() for r in states}
         self.pools = {(p["reader"], p["number"]): dict(p) for p in leftover}
         self.pools_made = dict(pools_made)
-        self.identity, self.bad_records, self.next_worker = identity, bad_records, next_worker
+        self.identity, self.next_worker = identity, next_worker
+        # Bad records are counted once each, however many passes read them: those of earlier jobs
+        # (every rank knows them; rank 0 counts them) and the new ones this rank's readers found.
+        self.known_bad, self.new_bad = known_bad, set()
         self.bad_seen: list[dict] = []  # reports the recipe has not taken yet
 
     def consumed(self, position: dict) -> None:
@@ -654,9 +657,11 @@ class RankPosition:
         pool.update(cut=position["cut"], skip=position["skip"], consumed=position["index"] + 1)
         if pool["consumed"] >= position["batches"]:
             del self.pools[key]
-        if position["bad"]:
-            self.bad_records += len(position["bad"])
-            self.bad_seen += position["bad"]
+        for report in position["bad"]:
+            key = (report["path"], report["byte"])
+            if key not in self.known_bad and key not in self.new_bad:
+                self.new_bad.add(key)
+                self.bad_seen.append(report)
         local = position["reader"] - self.rank * self.readers_per_rank
         if 0 <= local < self.readers_per_rank:
             self.next_worker = (local + 1) % self.readers_per_rank
@@ -666,7 +671,13 @@ class RankPosition:
                 "ranges": {name: [list(r) for r in states] for name, states in self.owned.items()},
                 "identity": self.identity, "pools": [dict(p) for p in self.pools.values()],
                 "pools_made": {str(k): v for k, v in self.pools_made.items()},
-                "next_worker": self.next_worker, "bad_records": self.bad_records}
+                "next_worker": self.next_worker,
+                "bad": sorted(self.new_bad | (self.known_bad if self.rank == 0 else set()))}
+
+    @property
+    def bad_records(self) -> int:
+        """This rank's share of the distinct bad records: summed over ranks, the run's count."""
+        return len(self.new_bad) + (len(self.known_bad) if self.rank == 0 else 0)
 
 
 # -- the loader ------------------------------------------------------------------------------------------
@@ -751,7 +762,7 @@ class Stage2Stream:
             [pool for reader in mine for pool in handed.get(reader, [])],
             {reader: self.plans[reader].pools_made for reader in mine},
             {spec.name: spec.identity() for spec in self.streams},
-            position.bad_records if position is not None and self.rank == 0 else 0, rotation)
+            set(position.bad) if position is not None else set(), rotation)
         self.factory = _ReaderFactory(self.streams, self.plans, self.encoder, self.collate, self.cut,
                                       self.pool if self.pool > 0 else self.cut.micro_batch_size, self.seed,
                                       self.one_pass, self.rank, self.readers_per_rank)
