@@ -82,6 +82,7 @@ class PreparedCorpus:
         self.sentences = first
         self._starts = [shard.first for shard in self.shards]
         self._arrays: dict[str, dict[str, np.ndarray]] = {}
+        self._orders: dict[tuple, np.ndarray] = {}
 
     @staticmethod
     def open(path: str | os.PathLike, key: str = "") -> "PreparedCorpus":
@@ -117,6 +118,16 @@ class PreparedCorpus:
             self._arrays[shard.name] = arrays
         return arrays
 
+    def _permutation(self, seed_key: int, block: int, pass_: int) -> np.ndarray:
+        """A block's order in a pass (the last few kept: a reader's ranges share blocks)."""
+        key = (seed_key, block, pass_)
+        if key not in self._orders:
+            size = min(BLOCK, self.sentences - block * BLOCK)
+            if len(self._orders) >= 4:
+                self._orders.pop(next(iter(self._orders)))
+            self._orders[key] = np.random.default_rng([seed_key, block, pass_]).permutation(size)
+        return self._orders[key]
+
     def windows_of(self, sentence: int) -> list[dict]:
         """The stored windows of a sentence (global id), as WindowTokenizer.encode_batch rows."""
         shard = self.shards[bisect.bisect_right(self._starts, sentence) - 1]
@@ -141,8 +152,7 @@ class PreparedCorpus:
         while position < end:
             if position // BLOCK != block:
                 block = position // BLOCK
-                size = min(BLOCK, self.sentences - block * BLOCK)
-                permutation = np.random.default_rng([seed_key, block, pass_]).permutation(size)
+                permutation = self._permutation(seed_key, block, pass_)
             if counter is not None:
                 counter[0] += 1
             yield position, position + 1, self.windows_of(block * BLOCK + int(permutation[position - block * BLOCK]))
