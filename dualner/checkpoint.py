@@ -127,25 +127,38 @@ def verify(path: Path, checksums: bool = True) -> str | None:
     return None
 
 
+def _select(path: Path) -> tuple[Path, str]:
+    """(the step-N folder to read for `path`, why that one)."""
+    if _STEP_DIR.match(path.name):
+        return path, "the checkpoint named"
+    root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+    best = read_best(root)
+    complete = [p for _, p in step_dirs(root) if is_complete(p)]
+    if best and is_complete(root / best["path"]):
+        return root / best["path"], "its best checkpoint (best.json)"
+    if not complete:
+        raise CheckpointError(f"{path}: holds no complete step-N checkpoint")
+    why = (f"best.json names {best['path']}, which is gone" if best else "the run has no best.json")
+    return complete[-1], f"its newest complete checkpoint: {why}"
+
+
 def resolve_checkpoint(path: str | Path) -> Path:
     """A step-N folder, a checkpoints folder or a run folder -> the step-N folder to read (the best
     one where a best is recorded, else the newest complete one), checked against its record."""
     path = Path(path)
     if not path.exists():
         raise MissingPathError(f"checkpoint not found: {path}")
-    if _STEP_DIR.match(path.name):
-        chosen = path
-    else:
-        root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
-        best = read_best(root)
-        complete = [p for _, p in step_dirs(root) if is_complete(p)]
-        chosen = root / best["path"] if best and is_complete(root / best["path"]) else (complete[-1] if complete else None)
-        if chosen is None:
-            raise CheckpointError(f"{path}: holds no complete step-N checkpoint")
+    chosen, _ = _select(path)
     problem = verify(chosen)
     if problem:
         raise CheckpointError(f"{problem}; use another checkpoint")
     return chosen
+
+
+def checkpoint_choice(path: str | Path) -> str:
+    """Which checkpoint `resolve_checkpoint(path)` reads and why, for the user to see."""
+    chosen, why = _select(Path(path))
+    return f"{chosen.name} of {chosen.parent.parent}: {why}" if why != "the checkpoint named" else str(chosen)
 
 
 def load_model_state(checkpoint: Path) -> dict[str, torch.Tensor]:
