@@ -69,10 +69,10 @@ def run_entries(run_dir: Path) -> list[Path]:
 
 
 def flatten(tree: dict, prefix: str = "") -> dict:
-    """{"train": {"lr": 1}} -> {"train.lr": 1} (an empty mapping stays one value)."""
+    """{"train": {"lr": 1}} -> {"train.lr": 1}; an empty mapping adds nothing (it equals no key)."""
     flat = {}
     for key, value in tree.items():
-        if isinstance(value, dict) and value:
+        if isinstance(value, dict):
             flat.update(flatten(value, f"{prefix}{key}."))
         else:
             flat[f"{prefix}{key}"] = value
