@@ -176,10 +176,13 @@ def plan_folder(cfg: Config, manager: CheckpointManager, zero_stage: int, log=No
             if log is not None:
                 log.warning("skipping a damaged checkpoint: %s", problem)
         if chosen is None and holds_run:
+            damaged = any(is_complete(path) for _, path in step_dirs(manager.root))
             raise CheckpointError(
-                f"run.output_dir={run_dir} holds {_run_summary(run_dir, manager)} but none of its checkpoints "
-                f"verifies (see the warnings above); set run.overwrite=true to start a new run (the old one is "
-                f"moved aside), or choose another run.output_dir")
+                f"run.output_dir={run_dir} holds {_run_summary(run_dir, manager)} but "
+                + ("none of its checkpoints verifies (see the warnings above)" if damaged
+                   else "no checkpoint to continue from (they were removed)")
+                + "; set run.overwrite=true to start a new run (the old one is moved aside), or choose another "
+                  "run.output_dir")
     else:
         chosen = resolve_resume(resume, manager)
     if chosen is None:  # a new run: leftovers of a start that never checkpointed go aside

@@ -463,3 +463,21 @@ def test_predict_reads_a_byte_order_mark_and_docstart_as_meant(tmp_path):
     conll = tmp_path / "in.conll"
     conll.write_bytes(b"-DOCSTART- -X- O O\r\n\r\nAngela B-PER\r\nMerkel\r\n")
     assert list(read_input(conll)) == [["Angela", "Merkel"]]
+
+
+def test_batch_size_flags_take_positive_numbers():
+    import argparse
+    from dualner.cli import _positive
+    assert _positive("--batch-size")("8") == 8
+    for text in ("0", "-3", "x"):
+        with pytest.raises(argparse.ArgumentTypeError, match="--batch-size"):
+            _positive("--batch-size")(text)
+
+
+def test_a_finished_run_whose_checkpoints_are_gone_is_not_silently_retrained(populated, tmp_path):
+    run = copy_of(populated, tmp_path)
+    shutil.rmtree(run / "checkpoints")
+    before = snapshot(run)
+    with pytest.raises(CheckpointError, match=r"holds a finished run but no checkpoint to continue from"):
+        build_stage1(config(run))
+    assert snapshot(run) == before
