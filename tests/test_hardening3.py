@@ -481,3 +481,17 @@ def test_a_finished_run_whose_checkpoints_are_gone_is_not_silently_retrained(pop
     with pytest.raises(CheckpointError, match=r"holds a finished run but no checkpoint to continue from"):
         build_stage1(config(run))
     assert snapshot(run) == before
+
+
+def test_a_checkpoint_tells_its_zero_stage(tmp_path):
+    from dualner.checkpoint import checkpoint_zero_stage
+    recorded = tmp_path / "step-2"
+    recorded.mkdir()
+    (recorded / COMPLETE_MARKER).write_text(json.dumps({"step": 2, "zero_stage": 2, "files": {}}))
+    assert checkpoint_zero_stage(recorded) == 2
+    older = tmp_path / "step-4"  # written before the stage was recorded: ZeRO-3 by its file names
+    older.mkdir()
+    (older / COMPLETE_MARKER).write_text(json.dumps({"step": 4, "files": {}}))
+    assert checkpoint_zero_stage(older) is None
+    (older / "zero_pp_rank_0_mp_rank_00_model_states.pt").write_bytes(b"")
+    assert checkpoint_zero_stage(older) == 3
