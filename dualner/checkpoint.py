@@ -36,7 +36,7 @@ import torch
 from dualner import faults
 from dualner.backend import comm
 from dualner.backend.deepspeed_engine import consolidated_state_dict
-from dualner.errors import CheckpointError, MissingPathError, RunLockedError
+from dualner.errors import CheckpointError, MissingPathError, RunLockedError, describe_os_error
 
 COMPLETE_MARKER = "COMPLETE"
 BEST_POINTER = "best.json"
@@ -67,6 +67,28 @@ def is_complete(path: Path) -> bool:
 def read_best(root: Path) -> dict | None:
     pointer = root / BEST_POINTER
     return json.loads(pointer.read_text(encoding="utf-8")) if pointer.is_file() else None
+
+
+def checkpoint_zero_stage(path: Path) -> int | None:
+    """The ZeRO stage a checkpoint was written under: recorded in its COMPLETE record; for older
+    checkpoints told by the file names (ZeRO-3 only: 0-2 look alike), else None."""
+    try:
+        record = json.loads((path / COMPLETE_MARKER).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        record = {}
+    if isinstance(record, dict) and isinstance(record.get("zero_stage"), int):
+        return record["zero_stage"]
+    return 3 if any(path.glob("zero_pp_rank_*_model_states.pt")) else None
+
+
+def prunable(root: Path, keep_last: int) -> list[Path]:
+    """The complete checkpoints retention may remove: never the best one (best.json), never the
+    newest complete one, never one of the newest `keep_last`."""
+    best = read_best(root)
+    best_path = root / best["path"] if best else None
+    complete = [path for _, path in step_dirs(root) if is_complete(path)]
+    kept = set(complete[-max(1, keep_last):])
+    return [path for path in complete if path not in kept and path != best_path]
 
 
 # -- integrity -----------------------------------------------------------------------------------
@@ -105,25 +127,38 @@ def verify(path: Path, checksums: bool = True) -> str | None:
     return None
 
 
+def _select(path: Path) -> tuple[Path, str]:
+    """(the step-N folder to read for `path`, why that one)."""
+    if _STEP_DIR.match(path.name):
+        return path, "the checkpoint named"
+    root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+    best = read_best(root)
+    complete = [p for _, p in step_dirs(root) if is_complete(p)]
+    if best and is_complete(root / best["path"]):
+        return root / best["path"], "its best checkpoint (best.json)"
+    if not complete:
+        raise CheckpointError(f"{path}: holds no complete step-N checkpoint")
+    why = (f"best.json names {best['path']}, which is gone" if best else "the run has no best.json")
+    return complete[-1], f"its newest complete checkpoint: {why}"
+
+
 def resolve_checkpoint(path: str | Path) -> Path:
     """A step-N folder, a checkpoints folder or a run folder -> the step-N folder to read (the best
     one where a best is recorded, else the newest complete one), checked against its record."""
     path = Path(path)
     if not path.exists():
         raise MissingPathError(f"checkpoint not found: {path}")
-    if _STEP_DIR.match(path.name):
-        chosen = path
-    else:
-        root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
-        best = read_best(root)
-        complete = [p for _, p in step_dirs(root) if is_complete(p)]
-        chosen = root / best["path"] if best and is_complete(root / best["path"]) else (complete[-1] if complete else None)
-        if chosen is None:
-            raise CheckpointError(f"{path}: holds no complete step-N checkpoint")
+    chosen, _ = _select(path)
     problem = verify(chosen)
     if problem:
         raise CheckpointError(f"{problem}; use another checkpoint")
     return chosen
+
+
+def checkpoint_choice(path: str | Path) -> str:
+    """Which checkpoint `resolve_checkpoint(path)` reads and why, for the user to see."""
+    chosen, why = _select(Path(path))
+    return f"{chosen.name} of {chosen.parent.parent}: {why}" if why != "the checkpoint named" else str(chosen)
 
 
 def load_model_state(checkpoint: Path) -> dict[str, torch.Tensor]:
@@ -161,8 +196,7 @@ class RunLock:
             handle.seek(0)
             holder = handle.read().strip() or "{}"
             handle.close()
-            raise RunLockedError(f"run.output_dir={self.run_dir} is in use by another run ({_describe(holder)}); "
-                                 f"wait for it to finish, stop it, or choose another run.output_dir") from None
+            raise self._locked(holder) from None
         handle.seek(0)
         previous = handle.read().strip()
         handle.seek(0)
@@ -173,6 +207,25 @@ class RunLock:
         handle.flush()
         self._handle = handle
         return f"took over the lock of a run that ended without releasing it ({_describe(previous)})" if previous else None
+
+    def probe(self) -> None:
+        """RunLockedError when a live run holds the folder; reads only (creates nothing)."""
+        try:
+            handle = open(self.path, encoding="utf-8")
+        except OSError:
+            return  # no lock file: no live run
+        with handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except OSError as error:
+                if error.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                    raise
+                raise self._locked(handle.read().strip() or "{}") from None
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+    def _locked(self, holder: str) -> RunLockedError:
+        return RunLockedError(f"run.output_dir={self.run_dir} is in use by another run ({_describe(holder)}); "
+                              f"wait for it to finish, stop it, or choose another run.output_dir")
 
     def release(self) -> None:
         if self._handle is not None:
@@ -238,12 +291,20 @@ class CheckpointManager:
         if self.info.is_main and path.exists():  # a half-written leftover of a crashed run
             shutil.rmtree(path)
         comm.barrier()
-        engine.save(self.root, tag, client_state)
-        faults.disk_full_if_due(self.info.rank, step, path / "mp_rank_00_model_states.pt")
+        try:
+            engine.save(self.root, tag, client_state)
+            faults.disk_full_if_due(self.info.rank, step, path / "mp_rank_00_model_states.pt")
+        except Exception as error:  # noqa: BLE001 (only a full disk or the like becomes a user error)
+            problem = describe_os_error(error)
+            if problem is None:
+                raise
+            raise CheckpointError(f"checkpoint {tag} ({path}) not saved: {problem}; the rerun resumes from "
+                                  f"the newest complete checkpoint") from error
         faults.kill_if_due("kill_in_save", self.info.rank, step)
         comm.barrier()
         if self.info.is_main:
-            write_json_atomic(path / COMPLETE_MARKER, {"step": step, "files": file_manifest(path)})
+            write_json_atomic(path / COMPLETE_MARKER, {"step": step, "zero_stage": getattr(engine, "zero_stage", None),
+                                                       "files": file_manifest(path)})
         comm.barrier()
         self.prune()
         return path
@@ -257,15 +318,12 @@ class CheckpointManager:
         comm.barrier()
 
     def prune(self) -> None:
-        """Keep the newest `keep_last` complete checkpoints and the best one; drop the rest."""
+        """Drop the complete checkpoints that are neither the best, nor the newest complete one, nor
+        among the newest `keep_last` (so `keep_last=0` keeps the best and the newest only)."""
         if not self.info.is_main:
             return
-        best = read_best(self.root)
-        best_path = self.root / best["path"] if best else None
-        complete = [path for _, path in step_dirs(self.root) if is_complete(path)]
-        for path in complete[:-self.keep_last] if self.keep_last > 0 else complete:
-            if path != best_path:
-                shutil.rmtree(path, ignore_errors=True)
+        for path in prunable(self.root, self.keep_last):
+            shutil.rmtree(path, ignore_errors=True)
 
     def mark_stopped(self, step: int, reason: str) -> None:
         if self.info.is_main:
@@ -279,31 +337,6 @@ class CheckpointManager:
     def best(self) -> dict | None:
         """best.json, the same answer on every rank."""
         return comm.broadcast_object(read_best(self.root) if self.info.is_main else None)
-
-    def resume_point(self, resume: str) -> Path | None:
-        """The checkpoint to resume from (every rank gets rank 0's answer): `auto` takes the newest
-        complete one whose files match their record, naming each damaged one it skips; a `step-N`
-        path must verify. Half-written folders are cleared first."""
-        choice = None
-        if self.info.is_main:
-            for _, path in step_dirs(self.root):
-                if not is_complete(path):
-                    shutil.rmtree(path, ignore_errors=True)
-            if resume == "auto":
-                for _, path in reversed(step_dirs(self.root)):
-                    problem = verify(path)
-                    if problem is None:
-                        choice = ("ok", str(path))
-                        break
-                    if self.log is not None:
-                        self.log.warning("skipping a damaged checkpoint: %s", problem)
-            elif resume != "none":
-                problem = verify(Path(resume))
-                choice = ("error", f"run.resume={resume}: {problem}") if problem else ("ok", resume)
-        choice = comm.broadcast_object(choice)
-        if choice and choice[0] == "error":
-            raise CheckpointError(choice[1])
-        return Path(choice[1]) if choice else None
 
     def load(self, engine, path: Path, world_size: int | None = None) -> dict:
         if not is_complete(path):

@@ -33,6 +33,18 @@ def _training_parser(command: str, description: str) -> argparse.ArgumentParser:
     return parser
 
 
+def _positive(flag: str) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{flag} takes a whole number, got {text!r}") from None
+        if value < 1:
+            raise argparse.ArgumentTypeError(f"{flag} must be at least 1, got {value}")
+        return value
+    return parse
+
+
 def parse_training_args(description: str, argv: list[str] | None = None, command: str = "train"):
     from dualner.config import load_config
     args = _training_parser(command, description).parse_args(argv)
@@ -60,8 +72,9 @@ def evaluate(argv: list[str]) -> int:
     parser.add_argument("--output", help="JSON file for {per_language, average}")
     parser.add_argument("--head", choices=["auto", "span", "seq"], default="auto",
                         help="auto: the span head, or the sequence head of a cla model")
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--max-sentences", type=int, default=None, help="first N sentences per file")
+    parser.add_argument("--batch-size", type=_positive("--batch-size"), default=64)
+    parser.add_argument("--max-sentences", type=_positive("--max-sentences"), default=None,
+                        help="first N sentences per file")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     data = {}
@@ -81,8 +94,10 @@ def export(argv: list[str]) -> int:
     parser.add_argument("--checkpoint", required=True, help="a run folder (its best) or a step-N folder")
     parser.add_argument("--output", required=True)
     args = parser.parse_args(argv)
+    from dualner.checkpoint import checkpoint_choice
     from dualner.model_io import export_model
-    print(export_model(args.checkpoint, args.output))
+    output = export_model(args.checkpoint, args.output)
+    print(f"exported {checkpoint_choice(args.checkpoint)} -> {output}")
     return 0
 
 
@@ -94,7 +109,7 @@ def predict(argv: list[str]) -> int:
     parser.add_argument("--output", required=True)
     parser.add_argument("--head", choices=["auto", "span", "seq"], default="auto",
                         help="auto: the span head, or the sequence head of a cla model")
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--batch-size", type=_positive("--batch-size"), default=64)
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if present)")
     args = parser.parse_args(argv)
     from dualner.predict import predict_file
@@ -127,6 +142,9 @@ COMMANDS: dict[str, Callable[[list[str]], int]] = {
 
 
 def dispatch(argv: list[str]) -> int:
+    if argv and argv[0] in ("-h", "--help", "help"):
+        print(__doc__)
+        return 0
     if not argv or argv[0] not in COMMANDS:
         print(__doc__, file=sys.stderr)
         raise ConfigError(f"expected a command, one of {', '.join(COMMANDS)}"

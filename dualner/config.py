@@ -7,6 +7,7 @@ Unknown keys are rejected with the valid ones listed; values are checked against
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import types
 import typing
@@ -309,11 +310,25 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             tree = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
         except yaml.YAMLError as error:
             raise ConfigError(f"{path}: not valid YAML: {error}") from error
+    file_tree = copy.deepcopy(tree)
     for override in overrides:
         _apply_override(tree, override)
-    cfg = build_dataclass(Config, tree, path)
-    check_combinations(cfg, path)
+    try:
+        cfg = build_dataclass(Config, tree)
+        check_combinations(cfg)
+    except ConfigError as error:
+        # name the YAML file only when the mistake is in it (the file alone fails the same way)
+        raise ConfigError(f"{path}: {error}" if path and _fails_alone(file_tree, str(error))
+                          else f"{error} (command-line override)" if overrides else str(error)) from None
     return cfg
+
+
+def _fails_alone(tree: dict, message: str) -> bool:
+    try:
+        check_combinations(build_dataclass(Config, tree))
+    except ConfigError as error:
+        return str(error) == message
+    return False
 
 
 # The heads each variant trains, by the head evaluation reads (SPEC "Ablations and variants").
@@ -325,6 +340,13 @@ def evaluation_head(variant: str, head: str = "auto") -> str:
     if head == "auto":
         return "seq" if variant == "cla" else "span"
     return head
+
+
+def check_head(variant: str, head: str) -> None:
+    """Prediction's `--head` must read a head the model was trained with."""
+    if evaluation_head(variant, head) not in _TRAINED_HEADS[variant]:
+        raise ConfigError(f"--head {head}: this model (variant {variant}) never trained that head; use --head "
+                          f"auto (or {sorted(_TRAINED_HEADS[variant])[0]})")
 
 
 def check_combinations(cfg: "Config", source: str | Path | None = None) -> None:

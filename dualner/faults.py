@@ -6,24 +6,51 @@
     DUALNER_FAULT=nan:rank=0:step=3            make rank 0's loss NaN in step 3
     DUALNER_FAULT=enospc_in_save:rank=0:step=4 the step-4 checkpoint's write fails: no space left
 
-Unset (always, outside tests) every hook is a no-op.
+Only a test reaches it: `DUALNER_FAULT` is read when the test switch `DUALNER_TEST_FAULTS=1` is set as
+well, and then its value is checked before anything is written (`check`, called by every training
+run at start). Without the switch every hook is a no-op and `DUALNER_FAULT` is ignored.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import signal
 from functools import lru_cache
+
+from dualner.errors import ConfigError
+
+SWITCH = "DUALNER_TEST_FAULTS"
+KINDS = ("kill", "kill_in_save", "nan", "enospc_in_save")
+_SPEC = re.compile(r"^(?P<kind>[a-z_]+):rank=(?P<rank>\d+):step=(?P<step>\d+)$")
+
+
+def enabled() -> bool:
+    return os.environ.get(SWITCH) == "1"
+
+
+def parse(spec: str) -> tuple[str, int, int]:
+    """`KIND:rank=R:step=S` -> (kind, rank, step); anything else is refused naming the variable."""
+    match = _SPEC.match(spec.strip())
+    if match is None or match["kind"] not in KINDS:
+        raise ConfigError(f"DUALNER_FAULT={spec!r}: expected KIND:rank=R:step=S with KIND one of "
+                          f"{', '.join(KINDS)} (a test hook; unset it)")
+    return match["kind"], int(match["rank"]), int(match["step"])
 
 
 @lru_cache(maxsize=1)
 def _planned() -> tuple[str, int, int] | None:
     spec = os.environ.get("DUALNER_FAULT", "")
-    if not spec:
+    if not spec or not enabled():
         return None
-    kind, *fields = spec.split(":")
-    values = dict(field.split("=", 1) for field in fields)
-    return kind, int(values["rank"]), int(values["step"])
+    return parse(spec)
+
+
+def check() -> None:
+    """At the start of a run, before anything is written: a fault asked for under the test switch
+    must be well formed."""
+    _planned.cache_clear()
+    _planned()
 
 
 def _due(kind: str, rank: int, step: int) -> bool:

@@ -23,6 +23,7 @@ from dualner.checkpoint import load_model_state, resolve_checkpoint
 from dualner.data.packing import Collator, packs_by_default
 from dualner.errors import CheckpointError, MissingPathError
 from dualner.labels import LabelSet
+from dualner.limits import usable_max_length
 from dualner.model import DualNERModel, with_encoder_dropout
 
 MODEL_ASSETS = "model"  # the folder, inside a run folder
@@ -80,8 +81,8 @@ def load_trained_model(path: str | Path, encoder_dropout: float | None = None,
     model = DualNERModel.from_encoder_config(encoder_config, len(label_set.entity_types),
                                              attention_mode=attention_mode)
     load_weights(model, load_model_state(checkpoint), checkpoint).eval()
-    return LoadedModel(model, AutoTokenizer.from_pretrained(assets), label_set, meta["max_length"], checkpoint,
-                       meta.get("variant", "mlt"))
+    return LoadedModel(model, AutoTokenizer.from_pretrained(assets), label_set,
+                       usable_max_length(meta["max_length"], encoder_config), checkpoint, meta.get("variant", "mlt"))
 
 
 def inference_collator(loaded: LoadedModel, device: torch.device) -> Collator:
@@ -155,12 +156,14 @@ def load_exported(path: str | Path) -> LoadedModel:
         else:
             state[name] = tensor
     load_weights(model, state, path).eval()
-    return LoadedModel(model, AutoTokenizer.from_pretrained(path), label_set, config.dualner_max_length, path,
-                       getattr(config, "dualner_variant", "mlt"))
+    return LoadedModel(model, AutoTokenizer.from_pretrained(path), label_set,
+                       usable_max_length(config.dualner_max_length, config), path, getattr(config, "dualner_variant", "mlt"))
 
 
 def load_any(path: str | Path) -> LoadedModel:
     """An exported folder, or a run / step-N checkpoint folder."""
     if not Path(path).exists():
         raise MissingPathError(f"--model: no such folder {path}")
+    if not Path(path).is_dir():
+        raise MissingPathError(f"--model: {path} is a file; name an exported folder, a run folder or a step-N folder")
     return load_exported(path) if is_export(path) else load_trained_model(path)

@@ -9,6 +9,7 @@ at the last; with the BIO head, the mean probability of the entity's tags.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Iterator
 
@@ -16,10 +17,10 @@ import numpy as np
 import torch
 
 from dualner.backend.placement import to_device
-from dualner.config import evaluation_head
-from dualner.data.conll import iter_conll
+from dualner.config import check_head, evaluation_head
+from dualner.data.conll import BOM, CONLL_SUFFIXES, iter_conll
 from dualner.data.readers import JSONL_SUFFIXES, iter_jsonl, iter_text
-from dualner.errors import MissingPathError
+from dualner.errors import ConfigError, MissingPathError
 from dualner.data.encoding import WindowTokenizer
 from dualner.data.packing import model_inputs
 from dualner.evaluate import scatter_to_words
@@ -29,27 +30,76 @@ from dualner.labels import Entity, decode_spans, extract_entities
 _BATCH_SENTENCES = 256  # sentences read, encoded and predicted together
 
 
+def check_input(path: Path) -> None:
+    if path.is_dir():
+        raise MissingPathError(f"--input: {path} is a folder; name a file (plain text, CoNLL or JSONL)")
+    if not path.is_file():
+        raise MissingPathError(f"--input: no such file {path}")
+
+
+def check_output(output: Path, input_path: Path) -> None:
+    """Before the model is loaded: the output must be a file we can write, and not the input."""
+    if output.is_dir():
+        raise ConfigError(f"--output: {output} is a folder; name the file to write (e.g. {output / 'entities.jsonl'})")
+    if not output.parent.is_dir():
+        raise MissingPathError(f"--output: the folder {output.parent} does not exist; create it or choose "
+                               f"another --output")
+    if output.exists() and output.resolve() == input_path.resolve():
+        raise ConfigError(f"--output {output} is the --input file; prediction would replace it: choose another "
+                          f"--output")
+    if not os.access(output.parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"--output: cannot write in {output.parent} (read-only or no permission)")
+
+
 def read_input(path: Path) -> Iterator[list[str]]:
     """Sentences of a prediction input (JSONL `{"tokens": [...]}`, CoNLL, or plain text); a JSONL
     sentence may be empty (it gets an empty entity list). Errors name the file and line."""
-    if not path.is_file():
-        raise MissingPathError(f"--input: no such file {path}")
+    check_input(path)
     suffix = path.suffix.lower()
     if suffix in JSONL_SUFFIXES:
         records = iter_jsonl(path, keep_empty=True)
-    elif suffix in (".tsv", ".conll", ".iob", ".bio"):
+    elif suffix in CONLL_SUFFIXES:
         records = ({"words": sentence.words} for sentence in iter_conll(path, labeled=False))
     else:  # plain text: one pre-tokenized sentence per line
         records = iter_text(path)
+    first = True
     for record in records:
-        yield record["words"]
+        words = record["words"]
+        if first and words and words[0].startswith(BOM):  # a byte-order mark is no part of the first word
+            words = [words[0].lstrip(BOM), *words[1:]] if words[0] != BOM else words[1:]
+            if not words and suffix not in JSONL_SUFFIXES:
+                continue  # a line holding only the mark: a blank line
+        first = False
+        yield words
+
+
+def resolve_device(device: str | None) -> torch.device:
+    """`--device`: cpu, cuda or cuda:N, checked against the machine (default: cuda if present)."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        chosen = torch.device(device)
+    except RuntimeError:
+        raise ConfigError(f"--device {device!r}: not a device; use cpu, cuda or cuda:N") from None
+    if chosen.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"--device {device}: this machine has no CUDA device; use --device cpu")
+        if chosen.index is not None and chosen.index >= torch.cuda.device_count():
+            raise ConfigError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s) "
+                              f"(cuda:0 to cuda:{torch.cuda.device_count() - 1})")
+    elif chosen.type != "cpu":
+        raise ConfigError(f"--device {device}: use cpu, cuda or cuda:N")
+    return chosen
 
 
 class Predictor:
     def __init__(self, model_path: str | Path, head: str = "auto", batch_size: int = 64,
                  device: str | None = None):
+        if batch_size < 1:
+            raise ConfigError(f"--batch-size {batch_size}: must be at least 1")
+        self.device = resolve_device(device)
         loaded = load_any(model_path)
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        check_head(loaded.variant, head)
         self.model = loaded.model.to(self.device).eval()
         self.label_set = loaded.label_set
         self.encoder = WindowTokenizer(loaded.tokenizer, loaded.label_set, loaded.max_length)
@@ -104,8 +154,8 @@ def predict_file(model: str | Path, input_path: str | Path, output_path: str | P
                  head: str = "auto", batch_size: int = 64, device: str | None = None) -> int:
     """Stream `input_path` through the model into `output_path` (written whole, then renamed)."""
     input_path, output_path = Path(input_path), Path(output_path)
-    if not input_path.is_file():
-        raise MissingPathError(f"--input: no such file {input_path}")
+    check_input(input_path)
+    check_output(output_path, input_path)
     predictor = Predictor(model, head, batch_size, device)
     temporary = output_path.with_name(f".{output_path.name}.partial")
     count = 0

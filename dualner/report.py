@@ -9,7 +9,7 @@ import argparse
 import json
 from pathlib import Path
 
-from dualner.errors import MissingPathError
+from dualner.errors import DataFormatError, MissingPathError
 
 
 def side_by_side(runs: dict[str, dict], split: str) -> str:
@@ -36,9 +36,23 @@ def main(argv: list[str] | None = None) -> None:
     runs = {}
     for run in args.runs:
         path = run / "results.json"
+        if not run.exists():
+            raise MissingPathError(f"{run}: no such run folder")
+        if not run.is_dir():
+            raise MissingPathError(f"{run}: a file, not a run folder")
         if not path.is_file():
-            raise MissingPathError(f"{path}: no results (has the run finished?)")
-        runs[run.name] = json.loads(path.read_text(encoding="utf-8"))
+            stopped = run / "stopped.json"
+            if stopped.is_file():
+                raise MissingPathError(f"{run}: the run stopped before its last step ({stopped.name}); run its "
+                                       f"command again to finish it, then report")
+            if not (run / "config.yaml").is_file():
+                raise MissingPathError(f"{run}: not a DualNER run folder (no config.yaml, no results.json)")
+            raise MissingPathError(f"{path}: no results yet: the run has not finished (or is still running)")
+        try:
+            runs[run.name] = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise DataFormatError(f"{path}: not a readable results file ({error}); rerun the run to rewrite "
+                                  f"it") from None
     print(side_by_side(runs, args.split))
 
 

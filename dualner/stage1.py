@@ -18,6 +18,7 @@ from dualner.data.sources import read_source
 from dualner.encoders import resolve_encoder
 from dualner.errors import ConfigError
 from dualner.evaluate import load_eval_sets
+from dualner.limits import check_max_length, check_vocabulary
 from dualner.labels import LabelSet
 from dualner.losses import VARIANT_TERMS, token_cross_entropy
 from dualner.model import DualNERModel, HeadOutputs
@@ -60,6 +61,17 @@ class Stage1Recipe(Recipe):
         return {"data_position": {"steps_per_epoch": self.steps_per_epoch, "world_size": self.plan.world_size}}
 
 
+def check_batch_fits(cfg: Config, lengths: list[int], sentences: int) -> None:
+    """One optimizer step must not need more than the training data holds (it would repeat windows
+    within the step and still report the asked-for global batch)."""
+    unit = cfg.train.batch_unit
+    available = len(lengths) if unit == "sentences" else sum(lengths)
+    if cfg.train.global_batch_size > available:
+        raise ConfigError(f"train.global_batch_size={cfg.train.global_batch_size} {unit} is more than the "
+                          f"training data holds ({available} {unit if unit == 'tokens' else 'windows'} from "
+                          f"{sentences} sentences of data.train); lower it or give more data")
+
+
 def build_stage1(cfg: Config) -> tuple[Run, Stage1Recipe]:
     """Read and check every input, build the model and engine, then open the run folder."""
     if not cfg.data.train:
@@ -69,13 +81,13 @@ def build_stage1(cfg: Config) -> tuple[Run, Stage1Recipe]:
     tokenizer_path = resolve_encoder(cfg.model.tokenizer, "model.tokenizer") if cfg.model.tokenizer else encoder_path
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
     encoder_config = AutoConfig.from_pretrained(encoder_path)
-    if len(tokenizer) > encoder_config.vocab_size:
-        raise ConfigError(f"model.tokenizer: {tokenizer_path} has {len(tokenizer)} tokens but the encoder "
-                          f"{encoder_path} has {encoder_config.vocab_size} embeddings; they do not belong together")
+    check_vocabulary(tokenizer, encoder_config, tokenizer_path, encoder_path)
+    check_max_length(cfg.data.max_length, encoder_config, f"model.encoder={cfg.model.encoder}")
     sentences, _ = read_source(cfg)
     label_set = LabelSet.from_tags([t for s in sentences for t in s.tags])
     windows_of = WindowTokenizer(tokenizer, label_set, cfg.data.max_length)
     windows = windows_of.encode(sentences).to_list()
+    check_batch_fits(cfg, [len(w["input_ids"]) for w in windows], len(sentences))
     dev_sets = load_eval_sets(cfg.data.dev, "data.dev", windows_of, label_set, cfg.data.max_eval_sentences)
     test_sets = load_eval_sets(cfg.data.test, "data.test", windows_of, label_set, cfg.data.test_sentence_cap)
     collate = run.collator(tokenizer.pad_token_id, position_offset(encoder_config))

@@ -12,15 +12,17 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 from typing import NamedTuple
 
 import torch
+import yaml
 
 from dualner.backend.comm import barrier
 from dualner.backend.deepspeed_engine import build_teacher
-from dualner.checkpoint import load_model_state, read_best
-from dualner.config import Config, Stage2Config
+from dualner.checkpoint import load_model_state, read_best, resolve_checkpoint
+from dualner.config import Config, ModelConfig, Stage2Config
 from dualner.data.encoding import WindowTokenizer
 from dualner.data.packing import Collator, model_inputs
 from dualner.data.sources import check_same_split, read_source
@@ -28,9 +30,11 @@ from dualner.backend import comm
 from dualner.data.corpus import CorpusFile, describe_file, estimate_records
 from dualner.data.prepared import PreparedCorpus
 from dualner.data.streaming import (KIND_SOURCE, KIND_TARGET, KIND_TRANSLATION, STREAM_META, HubSource,
-                                    Stage2Stream, StreamSpec, check_corpus, expand_files, open_sources)
+                                    Stage2Stream, StreamSpec, check_corpus, expand_files, iter_sentences,
+                                    open_sources)
 from dualner.errors import ConfigError, DataFormatError
 from dualner.evaluate import load_eval_sets
+from dualner.limits import check_max_length
 from dualner.labels import IGNORE_INDEX
 from dualner.losses import centroid_mse, entity_representations, head_kl, parallel_mse, token_cross_entropy
 from dualner.model import DualNERModel, HeadOutputs
@@ -254,9 +258,13 @@ def build_stage2(cfg: Config) -> tuple[Run, Stage2Recipe]:
                           "train.batch_unit=sentences")
     if cfg.model.variant != "mlt":
         raise ConfigError(f"model.variant={cfg.model.variant}: dual teaching needs both heads (mlt)")
+    adopt_stage1_encoder(cfg)
     run = Run(cfg, "stage 2")
     initial = load_trained_model(stage2.init_from, cfg.model.encoder_dropout, cfg.model.attention)
     tokenizer, label_set = initial.tokenizer, initial.label_set
+    check_max_length(cfg.data.max_length, initial.model.encoder.config,
+                     f"the stage-1 model's encoder (stage2.init_from={stage2.init_from})")
+    warn_if_unfinished(stage2.init_from, initial.checkpoint, run.log)
     windows_of = WindowTokenizer(tokenizer, label_set, cfg.data.max_length)
     dev_sets = load_eval_sets(cfg.data.dev, "data.dev", windows_of, label_set, cfg.data.max_eval_sentences)
     test_sets = load_eval_sets(cfg.data.test, "data.test", windows_of, label_set, cfg.data.test_sentence_cap)
@@ -274,6 +282,10 @@ def build_stage2(cfg: Config) -> tuple[Run, Stage2Recipe]:
     if cfg.data.train:
         check_same_split(cfg, initial.checkpoint.parent.parent / "config.yaml")
     source = read_source(cfg) if cfg.data.train else None
+    if stage2.mse == "parallel":
+        for (kind, language), (sources, key) in corpora.items():
+            if kind == KIND_TRANSLATION:
+                check_translation_pairs(sources, key, source)
     sizes = corpus_sizes(cfg, corpora, source, run.log) if stage2.mix == "size" else None
     total_steps = cfg.train.max_steps or math.ceil(stage2.epochs * sum(sizes.values()) / cfg.train.global_batch_size)
     collate = run.collator(tokenizer.pad_token_id, initial.model.position_offset, meta_columns=STREAM_META,
@@ -287,7 +299,7 @@ def build_stage2(cfg: Config) -> tuple[Run, Stage2Recipe]:
         student.freeze_word_embeddings()
     teacher = DualNERModel.from_encoder_config(student.encoder.config, len(label_set.entity_types),
                                                attention_mode=cfg.model.attention)
-    best = read_best(run.checkpoints.root) if cfg.run.resume != "none" else None
+    best = read_best(run.checkpoints.root) if run.folder.resume_from else None
     if best:  # resuming: the teacher is this run's best model so far
         teacher_source = run.checkpoints.root / best["path"]
         load_weights(teacher, load_model_state(teacher_source), teacher_source)
@@ -306,6 +318,79 @@ def build_stage2(cfg: Config) -> tuple[Run, Stage2Recipe]:
     recipe.max_bad_records = cfg.data.max_bad_records
     recipe.config_key_of = {source.path: key for sources, key in corpora.values() for source in sources}
     return run, recipe
+
+
+def adopt_stage1_encoder(cfg: Config) -> None:
+    """Stage 2 continues the stage-1 model, so its encoder and tokenizer are the stage-1 run's. A
+    `model.encoder` / `model.tokenizer` naming another is refused; one left at its default takes the
+    stage-1 run's value, so config.yaml records what is trained."""
+    checkpoint = resolve_checkpoint(cfg.stage2.init_from)
+    saved = checkpoint.parent.parent / "config.yaml"
+    if not saved.is_file():
+        return
+    theirs = (yaml.safe_load(saved.read_text(encoding="utf-8")) or {}).get("model") or {}
+    for key in ("encoder", "tokenizer"):
+        ours, default = getattr(cfg.model, key), getattr(ModelConfig(), key)
+        if key not in theirs or _same_model(ours, theirs[key]):
+            continue
+        if ours == default:
+            setattr(cfg.model, key, theirs[key])
+            continue
+        raise ConfigError(f"model.{key}={ours}: stage 2 continues the model of stage2.init_from="
+                          f"{cfg.stage2.init_from}, whose {key} is {theirs[key]!r} ({saved}); remove model.{key} "
+                          f"from the stage-2 config or set it to {theirs[key]!r}")
+
+
+def _same_model(ours: str, theirs: str) -> bool:
+    if ours == theirs:
+        return True
+    return bool(ours and theirs) and Path(ours).exists() and Path(theirs).exists() and \
+        Path(ours).resolve() == Path(theirs).resolve()
+
+
+def warn_if_unfinished(init_from: str, checkpoint: Path, log) -> None:
+    """A stage-1 run folder without best.json or results.json is unfinished: say which checkpoint
+    stage 2 starts from."""
+    if re.match(r"^step-\d+$", Path(init_from).name):
+        return  # a checkpoint named on purpose
+    run_dir = checkpoint.parent.parent
+    if read_best(checkpoint.parent) is None:
+        log.warning("stage2.init_from=%s: the stage-1 run has no best checkpoint (no dev evaluation yet: "
+                    "unfinished?); starting from its newest complete checkpoint, %s", init_from, checkpoint.name)
+    elif not (run_dir / "results.json").is_file():
+        log.warning("stage2.init_from=%s: the stage-1 run has not finished (no results.json); starting from "
+                    "its best checkpoint so far, %s", init_from, checkpoint.name)
+
+
+def check_translation_pairs(sources: list, key: str, source, sample: int = 200) -> None:
+    """stage2.mse=parallel pairs a translation with its source sentence by `src_id`: a corpus whose
+    records carry none (or name no source sentence) would make the MSE term 0 at every step. The
+    first `sample` records of each file are checked (start-up reads O(1) of a corpus)."""
+    known = {sentence.source for sentence in source[0]} if source is not None else None
+    for corpus in sources:
+        if isinstance(corpus, HubSource):
+            continue
+        if isinstance(corpus, PreparedCorpus):
+            records = ({"src_id": corpus.windows_of(i)[0]["src_id"], "sample_id": f"{corpus.path}#{i}"}
+                       for i in range(min(sample, corpus.sentences)))
+        elif corpus.format != "jsonl":
+            raise ConfigError(f"{key}: {corpus.path}: stage2.mse=parallel pairs each translation with its source "
+                              f"by `src_id`, which only JSONL records carry; use stage2.mse=centroid")
+        else:
+            records = iter_sentences(corpus, "", False)
+        matched, seen = 0, 0
+        for record in records:
+            if not record["src_id"]:
+                raise ConfigError(f"{key}: {record['sample_id']}: no src_id; stage2.mse=parallel pairs each "
+                                  f"translation with its source sentence by src_id; add it or use stage2.mse=centroid")
+            matched += known is None or record["src_id"] in known
+            seen += 1
+            if seen >= sample:
+                break
+        if seen and not matched:
+            raise ConfigError(f"{key}: {corpus.path}: none of the first {seen} src_ids names a labeled source "
+                              f"sentence (src_id is the sentence's index in data.train, 0 to {len(known) - 1}); "
+                              f"stage2.mse=parallel would have no pair to compare")
 
 
 def write_source_files(run: Run, source: tuple[list, list]) -> tuple[Path, Path | None]:

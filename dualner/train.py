@@ -24,33 +24,21 @@ from typing import Callable
 
 import numpy as np
 import torch
-import yaml
 
 from dualner import faults
 from dualner.backend import comm
 from dualner.backend.deepspeed_engine import DeepSpeedTrainingEngine, load_deepspeed_config, zero_stage
 from dualner.backend.placement import AsyncHostCopy, HostSyncCounter, pin_memory_wanted, to_device
 from dualner.checkpoint import CheckpointManager, write_json_atomic
-from dualner.config import Config, config_to_dict, evaluation_head, save_config
+from dualner.config import Config, evaluation_head
 from dualner.data.batching import BatchLayout, derive_batch_layout
 from dualner.data.loader import default_workers
 from dualner.data.packing import Collator, packs_by_default
-from dualner.errors import BadRecordsError, ConfigError, NonFiniteLossError
+from dualner.errors import BadRecordsError, ConfigError, NonFiniteLossError, UserError
 from dualner.evaluate import EvalSet, evaluate_sets, format_table
 from dualner.logging import ScalarWriter, get_logger
 from dualner.recipe import Recipe
-
-# Config sections whose change means "a different run", not "the same run continued".
-_RUN_IDENTITY = ("model", "data", "stage2")
-# ... except these, which say how to run it, not what it is: a resume may change them.
-_OPERATIONAL = {"data": ("loader_workers", "max_bad_records"), "stage2": ("sample_log", "teacher_placement")}
-
-
-def _identity(config: dict, section: str):
-    values = config.get(section)
-    if not isinstance(values, dict):
-        return values
-    return {key: value for key, value in values.items() if key not in _OPERATIONAL.get(section, ())}
+from dualner.run_folder import FolderPlan, apply_plan, clear_incomplete, plan_folder
 
 
 def train(run: "Run", recipe: Recipe) -> dict:
@@ -240,6 +228,8 @@ class Run:
         self.layout: BatchLayout = derive_batch_layout(cfg.train, self.info.world_size)
         self.device = comm.accelerator_device(self.info.local_rank)
         self.ds_config = load_deepspeed_config(cfg.deepspeed.config, self.layout, self.device)
+        faults.check()
+        self.folder: FolderPlan = self._plan_folder()  # refusals about the folder: nothing written yet
         self.loader_workers = default_workers(cfg.data.loader_workers, self.device,
                                               int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
         self.pin_memory = pin_memory_wanted(self.device)
@@ -289,26 +279,30 @@ class Run:
             self.cfg.deepspeed.config,
             f"packed {self.eval_collator.row_length}-token" if self.eval_collator.packed else "padded")
 
+    def _plan_folder(self) -> FolderPlan:
+        """What this job does with its folder (dualner.run_folder), decided by rank 0 reading only;
+        every rank gets the answer, or raises the same refusal."""
+        outcome = None
+        if self.info.is_main:
+            try:
+                outcome = ("ok", plan_folder(self.cfg, self.checkpoints, zero_stage(self.ds_config), self.log))
+            except UserError as error:
+                outcome = ("refused", error)
+        outcome = comm.broadcast_object(outcome)
+        if outcome[0] == "refused":
+            raise outcome[1]
+        return outcome[1]
+
     def open_folder(self, write_assets: Callable[[Path], None]) -> None:
-        """Take the run lock, refuse a folder whose checkpoints belong to another run, save the
-        config and (rank 0) the model assets, start TensorBoard. A folder left by a start that
-        failed before its first checkpoint is no other run."""
+        """Take the run lock, carry out the folder plan (move an earlier run aside, save the config,
+        record the job in config_history.jsonl), write (rank 0) the model assets, start TensorBoard."""
         cfg, manager = self.cfg, self.checkpoints
         manager.take_lock()
         atexit.register(manager.release_lock)
-        saved = self.run_dir / "config.yaml"
         if self.info.is_main:
-            if saved.is_file() and not cfg.run.overwrite and manager.holds_checkpoints():
-                previous = yaml.safe_load(saved.read_text(encoding="utf-8")) or {}
-                current = config_to_dict(cfg)
-                changed = [name for name in _RUN_IDENTITY if _identity(previous, name) != _identity(current, name)]
-                if changed:
-                    manager.release_lock()
-                    raise ConfigError(
-                        f"run.output_dir={self.run_dir} holds another run (its config.yaml differs in "
-                        f"section(s) {', '.join(changed)}); choose a new output_dir or set run.overwrite=true")
-            save_config(cfg, saved)
-            write_assets(self.run_dir)
+            apply_plan(self.folder, cfg, self.run_dir, self.log)
+            if self.folder.resume_from is None or not (self.run_dir / "model").is_dir():
+                write_assets(self.run_dir)
         comm.barrier()
         self.writer = ScalarWriter(self.run_dir / "tensorboard", cfg.logging.tensorboard)
         self.progress = _progress(self.info.is_main and cfg.logging.progress_bar, self.total_steps,
@@ -327,12 +321,14 @@ class Run:
     # -- checkpoints ------------------------------------------------------------------------------
     def resume(self, recipe: Recipe) -> None:
         self.checkpoints.clear_stopped()
-        path = self.checkpoints.resume_point(self.cfg.run.resume)
+        if self.info.is_main:
+            clear_incomplete(self.checkpoints)
+        path = Path(self.folder.resume_from) if self.folder.resume_from else None
         if path is not None:
             client_state = self.checkpoints.load(self.engine, path, self.info.world_size)
             if "trainer" not in client_state or "ranks" not in client_state:
                 raise ConfigError(f"{path}: not a DualNER checkpoint of this version (no trainer/rank state); "
-                                  f"start a new run.output_dir or set run.resume=none")
+                                  f"start a new run.output_dir or set run.overwrite=true")
             state = dict(client_state["trainer"])
             state.setdefault("skipped_steps", state.pop("skipped_micro_batches", 0))
             self.state = RunState(**state)

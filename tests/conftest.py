@@ -25,7 +25,7 @@ def tiny_tokenizer(tiny_encoder):
 
 
 DISTRIBUTED_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT",
-                         "DUALNER_FAULT")
+                         "DUALNER_FAULT", "DUALNER_TEST_FAULTS")
 
 
 def child_env(**extra: str) -> dict[str, str]:

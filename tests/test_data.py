@@ -24,7 +24,7 @@ def test_reader_strips_language_prefix_and_splits_sentences(tmp_path):
 
 
 @pytest.mark.parametrize("text, message", [
-    ("Paris B-LOC\n", "data.tsv:1: expected `token<TAB>label`, found 1"),
+    ("Paris\n", "data.tsv:1: expected `token<TAB>label`, found 1"),
     ("a\tO\nParis\tB-LOC\textra\n", "data.tsv:2: expected `token<TAB>label`, found 3"),
     ("a\tO\nb\tB-FOO-\n\nc\tX-LOC\n", "data.tsv:4: unknown tag 'X-LOC'"),
     ("", "file is empty"),

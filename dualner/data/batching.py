@@ -104,9 +104,10 @@ class BatchPlan:
         around) to the first epoch's number of steps."""
         steps = len(self.micro_batches(0)) // self.micro_batches_per_step
         if steps == 0:
-            raise ValueError(
+            raise ConfigError(
                 f"{len(self.lengths)} training windows do not fill one optimizer step of "
-                f"{self.micro_batches_per_step} micro batches of {self.micro_batch_size}")
+                f"{self.micro_batches_per_step} micro batches of {self.micro_batch_size}; lower "
+                f"train.global_batch_size or give more data")
         return steps
 
     def rank_step(self, epoch: int, step_in_epoch: int, rank: int) -> list[list[int]]:

@@ -1,4 +1,18 @@
-"""Readers for CoNLL / PAN-X files: `token<TAB>label` per line, a blank line between sentences."""
+"""Readers for CoNLL / PAN-X files: `token<TAB>label` per line, a blank line between sentences.
+
+What real files carry is read as meant, or refused naming the file and line:
+- a UTF-8 byte-order mark, Windows (CRLF) or old Mac (CR) line ends, trailing whitespace, lines of
+  only whitespace or zero-width characters (sentence breaks), a missing final newline: read as meant;
+- `token label` separated by spaces instead of a tab (one token per line, so unambiguous);
+- `-DOCSTART-` lines (CoNLL-2003 document markers): a sentence break, never a word;
+- tags in lower case (`b-per`) or in the IOBES / BILOU schemes (`S-`, `E-`, `U-`, `L-`): rewritten
+  to BIO (`B-per`, ...) exactly, since a single or last word maps to B or I one to one;
+- the language prefix XTREME writes (`en:Paris`) is dropped: the file's language prefix, or, for a
+  file read without a language, a prefix every word of the sentence shares;
+- refused: NUL bytes (a binary or UTF-16 file), bytes that are not UTF-8 (with the byte offset and
+  line), a labeled line without exactly two columns, an unknown tag, an empty token, and a file that
+  is empty or holds no sentence.
+"""
 
 from __future__ import annotations
 
@@ -10,15 +24,71 @@ from typing import Iterator
 from dualner.errors import DataFormatError, MissingPathError  # DataFormatError re-exported
 from dualner.labels import is_valid_tag
 
+CONLL_SUFFIXES = (".tsv", ".conll", ".iob", ".bio")
+BOM = "\ufeff"
+DOCSTART = "-DOCSTART-"
+# Characters that show nothing: a line of only these is a blank line; a tag is read without them.
+INVISIBLE = "\u200b\u200c\u200d\u2060" + BOM
 # XTREME writes PAN-X tokens as `en:Paris`; the prefix is a language code, never part of the word.
-_LANGUAGE_PREFIX = re.compile(r"^[a-z]{2,3}:(?=.)")
+_LANGUAGE_PREFIX = re.compile(r"^([a-z]{2,3}):(?=.)")
+# IOBES / BILOU prefixes -> BIO (a single-word entity starts one; a last word continues one)
+_PREFIXES = {"B": "B", "I": "I", "S": "B", "U": "B", "E": "I", "L": "I"}
+
+
+def normalize_tag(tag: str) -> str:
+    """`O`, `B-X`, `I-X` as they are; lower-case prefixes and IOBES / BILOU prefixes rewritten to BIO.
+    Anything else is returned unchanged (and refused by the caller)."""
+    tag = tag.strip().strip(INVISIBLE).strip()
+    if tag in ("O", "o"):
+        return "O"
+    if len(tag) > 2 and tag[1] == "-" and tag[0].upper() in _PREFIXES:
+        return f"{_PREFIXES[tag[0].upper()]}-{tag[2:]}"
+    return tag
 
 
 def _strip_language_prefix(token: str, language: str) -> str:
-    if language:
-        prefix = f"{language}:"
-        return token[len(prefix):] if token.startswith(prefix) and len(token) > len(prefix) else token
-    return _LANGUAGE_PREFIX.sub("", token)
+    prefix = f"{language}:"
+    return token[len(prefix):] if token.startswith(prefix) and len(token) > len(prefix) else token
+
+
+def _shared_prefix(words: list[str]) -> str:
+    """The `xx` of an `xx:` prefix every word has, else ""."""
+    prefixes = {match.group(1) if (match := _LANGUAGE_PREFIX.match(word)) else None for word in words}
+    return next(iter(prefixes)) if len(prefixes) == 1 and None not in prefixes else ""
+
+
+class _PrefixDetector:
+    """A file read without a language drops a language prefix only when its words carry one: decided
+    on the first sentence of two words or more (all its words share the prefix), or on all sentences
+    when none is that long, so `ftp://x` or `tel:0123` in an unprefixed file stay as they are."""
+
+    PATIENCE = 100  # one-word sentences held back before deciding
+
+    def __init__(self, language: str):
+        self.prefix = language or None  # None: not decided yet
+        self.pending: list[Sentence] = []
+
+    def push(self, sentence: Sentence) -> list[Sentence]:
+        if self.prefix is not None:
+            return [self._strip(sentence)]
+        self.pending.append(sentence)
+        if len(sentence.words) >= 2:
+            self.prefix = _shared_prefix(sentence.words)
+        elif len(self.pending) >= self.PATIENCE:
+            self.prefix = ""
+        return self.flush() if self.prefix is not None else []
+
+    def flush(self) -> list[Sentence]:
+        if self.prefix is None:  # only one-word sentences: a prefix if they all share one (two or more)
+            words = [w for s in self.pending for w in s.words]
+            self.prefix = _shared_prefix(words) if len(words) >= 2 else ""
+        pending, self.pending = self.pending, []
+        return [self._strip(sentence) for sentence in pending]
+
+    def _strip(self, sentence: Sentence) -> Sentence:
+        if self.prefix:
+            sentence.words = [_strip_language_prefix(word, self.prefix) for word in sentence.words]
+        return sentence
 
 
 @dataclass
@@ -29,49 +99,82 @@ class Sentence:
     source: str = field(default="", repr=False)  # "file:line" of the first word, for error messages
 
 
+def _lines(path: Path) -> Iterator[tuple[int, str]]:
+    """(line number, text) of a UTF-8 file, decoded line by line so an error names the line and the
+    file's byte; a byte-order mark and CR / CRLF line ends are taken off."""
+    offset = 0
+    with path.open("rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            if number == 1 and raw[:2] in (b"\xff\xfe", b"\xfe\xff"):
+                raise DataFormatError(f"{path}: not UTF-8 text (a UTF-16 byte-order mark at byte 0); save it as UTF-8")
+            nul = raw.find(b"\x00")
+            if nul >= 0:
+                raise DataFormatError(f"{path}:{number}: a NUL byte at byte {offset + nul} (a binary file, or "
+                                      f"UTF-16 text?); give UTF-8 text")
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as error:
+                raise DataFormatError(f"{path}: not UTF-8 text ({error.reason} at byte {offset + error.start}, "
+                                      f"line {number}); save it as UTF-8") from None
+            offset += len(raw)
+            text = text.rstrip("\n").rstrip("\r").lstrip(BOM)
+            for piece in text.split("\r"):  # old Mac line ends, as universal newlines read them
+                yield number, piece
+
+
 def iter_conll(path: str | Path, language: str = "", labeled: bool = True) -> Iterator[Sentence]:
     """Stream sentences from a CoNLL file; malformed lines raise `DataFormatError` naming the line.
 
     With `labeled=False` the label column is optional and ignored (unlabeled target text)."""
     path = Path(path)
+    if path.is_dir():
+        raise MissingPathError(f"{path} is a folder, not a data file; name the file (e.g. {path / 'train.tsv'})")
     if not path.is_file():
         raise MissingPathError(f"data file not found: {path}")
     words: list[str] = []
     tags: list[str] = []
-    first_line = 0
-    try:
-        with path.open(encoding="utf-8") as handle:
-            line_number = 0
-            for line_number, line in enumerate(handle, start=1):
-                line = line.rstrip("\n").rstrip("\r")
-                if not line.strip():
-                    if words:
-                        yield Sentence(words, tags if labeled else None, language, f"{path}:{first_line}")
-                        words, tags = [], []
-                    continue
-                columns = line.split("\t")
-                if labeled and len(columns) != 2:
-                    raise DataFormatError(
-                        f"{path}:{line_number}: expected `token<TAB>label`, found {len(columns)} "
-                        f"column(s): {line[:80]!r}")
-                word = _strip_language_prefix(columns[0], language)
-                if not word:
-                    raise DataFormatError(f"{path}:{line_number}: empty token")
-                if labeled:
-                    tag = columns[1].strip()
-                    if not is_valid_tag(tag):
-                        raise DataFormatError(
-                            f"{path}:{line_number}: unknown tag {tag!r} (expected O, B-TYPE or I-TYPE)")
-                    tags.append(tag)
-                if not words:
-                    first_line = line_number
-                words.append(word)
+    first_line = line_number = sentences = 0
+
+    prefixes = _PrefixDetector(language)
+
+    def sentence() -> list[Sentence]:
+        return prefixes.push(Sentence(words, tags if labeled else None, language, f"{path}:{first_line}"))
+
+    for line_number, line in _lines(path):
+        line = line.rstrip()
+        blank = not line.strip().strip(INVISIBLE).strip()
+        columns = line.split("\t") if "\t" in line else line.split()
+        if blank or columns[0].strip() == DOCSTART:
             if words:
-                yield Sentence(words, tags if labeled else None, language, f"{path}:{first_line}")
-            if line_number == 0:
-                raise DataFormatError(f"{path}: file is empty")
-    except UnicodeDecodeError as error:
-        raise DataFormatError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start})") from error
+                yield from sentence()
+                sentences += 1
+                words, tags = [], []
+            continue
+        if labeled and len(columns) != 2:
+            raise DataFormatError(
+                f"{path}:{line_number}: expected `token<TAB>label`, found {len(columns)} column(s): {line[:80]!r}"
+                + ("; keep only the token and NER columns" if len(columns) > 2 else ""))
+        word = columns[0].strip()
+        if not word:
+            raise DataFormatError(f"{path}:{line_number}: empty token")
+        if labeled:
+            tag = normalize_tag(columns[1])
+            if not is_valid_tag(tag):
+                raise DataFormatError(
+                    f"{path}:{line_number}: unknown tag {columns[1].strip()!r} (expected O, B-TYPE or I-TYPE; "
+                    f"IOBES and lower case are read too)")
+            tags.append(tag)
+        if not words:
+            first_line = line_number
+        words.append(word)
+    if words:
+        yield from sentence()
+        sentences += 1
+    yield from prefixes.flush()
+    if line_number == 0:
+        raise DataFormatError(f"{path}: file is empty")
+    if sentences == 0:
+        raise DataFormatError(f"{path}: holds no sentence (only blank or -DOCSTART- lines)")
 
 
 def read_conll(path: str | Path, language: str = "", labeled: bool = True,

@@ -16,11 +16,20 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
 
-from dualner.errors import MissingPathError
+from dualner.errors import ConfigError, MissingPathError
 
 
 def default_cache_dir() -> Path:
-    return Path(os.environ.get("DUALNER_CACHE", Path.home() / ".cache" / "dualner"))
+    configured = os.environ.get("DUALNER_CACHE")
+    path = Path(configured) if configured else Path.home() / ".cache" / "dualner"
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if existing.exists() and not existing.is_dir():
+        where = f"DUALNER_CACHE={configured}" if configured else f"the encoder cache {path}"
+        raise ConfigError(f"{where}: {existing} is a file, not a folder; point DUALNER_CACHE at a folder "
+                          f"(or unset it)")
+    return path
 
 
 @contextmanager

@@ -1,0 +1,280 @@
+"""What a training job does with the folder it is given (`run.output_dir`; README "Run folders").
+
+Everything is decided first, reading only (`plan_folder`, rank 0, before anything is written: a
+refusal leaves the folder's bytes as they were), then carried out once the run lock is held
+(`apply_plan`):
+
+    folder                                          what the job does
+    fresh (no earlier run in it)                    a new run
+    a run, same settings, run.resume=auto           continues it from its newest complete checkpoint
+    a run, other train/eval/logging settings        continues it; the changes are logged and recorded
+                                                    in config_history.jsonl (config.yaml stays the
+                                                    config the run was started with)
+    a run, other model/data/stage2 settings         refused (run.overwrite=true: a new run)
+    a run, run.resume=none                          refused (run.overwrite=true: a new run)
+    a run, run.resume=step-N                        continues from that checkpoint of the run
+    run.overwrite=true                              a new run: the earlier run's files are moved to
+                                                    `<output_dir>.old-<time>` first, never resumed
+    only leftovers of a start that never            a new run: the leftovers (logs, config) are moved
+    checkpointed                                    aside the same way, so one run per losses.jsonl
+
+Only the files a run writes are moved (RUN_ENTRIES); anything else in the folder stays.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from dualner.checkpoint import (COMPLETE_MARKER, CheckpointManager, checkpoint_zero_stage, is_complete,
+                                step_dirs, verify)
+from dualner.config import Config, config_to_dict, save_config
+from dualner.errors import CheckpointError, ConfigError
+
+CONFIG = "config.yaml"
+HISTORY = "config_history.jsonl"
+# Everything a run writes in its folder (besides the lock), what overwrite moves aside.
+RUN_ENTRIES = (CONFIG, HISTORY, "model", "checkpoints", "tensorboard", "losses.jsonl", "results.json",
+               "stopped.json", "stage2_data")
+RUN_ENTRY_PATTERNS = ("samples_rank*.jsonl",)
+# Config sections whose change means "a different run", not "the same run continued".
+RUN_IDENTITY = ("model", "data", "stage2")
+# ... except these, which say how to run it, not what it is: a resume may change them (another
+# number of loader workers after a requeue, a higher bad-record limit after a stop).
+OPERATIONAL = {"data": ("loader_workers", "max_bad_records"), "stage2": ("sample_log", "teacher_placement")}
+
+
+def run_identity(config: dict, section: str):
+    values = config.get(section)
+    if not isinstance(values, dict):
+        return values
+    return {key: value for key, value in values.items() if key not in OPERATIONAL.get(section, ())}
+# Keys that say where and how a job starts, not how the model is trained: never "a change".
+_NOT_SETTINGS = {"run.output_dir", "run.resume", "run.overwrite"}
+_STEP_NAME = re.compile(r"^step-(\d+)$")
+
+
+@dataclass
+class FolderPlan:
+    resume_from: str | None = None  # the step-N folder this job continues from; None: a new run
+    aside: str | None = None  # move the earlier run's files there first
+    changes: dict = field(default_factory=dict)  # dotted key -> [previous job's value, this job's]
+    job: int = 1  # this job's number in the run (config_history.jsonl)
+
+
+def run_entries(run_dir: Path) -> list[Path]:
+    if not run_dir.is_dir():
+        return []
+    found = [run_dir / name for name in RUN_ENTRIES if (run_dir / name).exists()]
+    for pattern in RUN_ENTRY_PATTERNS:
+        found += sorted(run_dir.glob(pattern))
+    return found
+
+
+def flatten(tree: dict, prefix: str = "") -> dict:
+    """{"train": {"lr": 1}} -> {"train.lr": 1}; an empty mapping adds nothing (it equals no key)."""
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _read_yaml(path: Path) -> dict:
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as error:
+        raise ConfigError(f"{path}: the run's saved config cannot be read ({str(error).splitlines()[0]}); "
+                          f"set run.overwrite=true to start a new run there, or choose another run.output_dir") from None
+
+
+def _history(run_dir: Path) -> list[dict]:
+    path = run_dir / HISTORY
+    if not path.is_file():
+        return []
+    entries = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            entries.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue  # a line cut short by a crash: the others still tell the story
+    return entries
+
+
+def aside_name(run_dir: Path) -> Path:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    candidate = run_dir.with_name(f"{run_dir.name}.old-{stamp}")
+    number = 1
+    while candidate.exists():
+        number += 1
+        candidate = run_dir.with_name(f"{run_dir.name}.old-{stamp}-{number}")
+    return candidate
+
+
+def _run_summary(run_dir: Path, manager: CheckpointManager) -> str:
+    steps = [path.name for _, path in step_dirs(manager.root) if is_complete(path)]
+    finished = (run_dir / "results.json").is_file()
+    return (("a finished run" if finished else "an unfinished run")
+            + (f" (checkpoints {', '.join(steps)})" if steps else ""))
+
+
+def resolve_resume(resume: str, manager: CheckpointManager) -> Path:
+    """`run.resume=step-N` (a checkpoint of this run) or a path to a step-N folder, checked."""
+    path = manager.root / resume if _STEP_NAME.match(resume) else Path(resume)
+    if not path.is_dir():
+        steps = [p.name for _, p in step_dirs(manager.root) if is_complete(p)]
+        raise CheckpointError(f"run.resume={resume}: no such step; the run has "
+                              f"{', '.join(steps) if steps else 'no complete checkpoint'}"
+                              + ("; use one of them or run.resume=auto" if steps else ""))
+    problem = verify(path)
+    if problem:
+        raise CheckpointError(f"run.resume={resume}: {problem}; use another checkpoint or run.resume=auto")
+    return path
+
+
+def plan_folder(cfg: Config, manager: CheckpointManager, zero_stage: int, log=None) -> FolderPlan:
+    """Decide what this job does with its folder, reading only; refusals raise here."""
+    run_dir = manager.run_dir
+    manager.lock.probe()  # a live run in the folder: say so, rather than judge its files
+    entries = run_entries(run_dir)
+    current = config_to_dict(cfg)
+    overwrite, resume = cfg.run.overwrite, cfg.run.resume
+    if overwrite:
+        if resume not in ("auto", "none"):
+            raise ConfigError(f"run.resume={resume} and run.overwrite=true contradict each other: overwrite "
+                              f"starts a new run; drop one of them")
+        if not entries:
+            return FolderPlan()
+        _check_aside_writable(run_dir)
+        return FolderPlan(aside=str(aside_name(run_dir)))
+    holds_run = manager.holds_checkpoints()
+    saved = run_dir / CONFIG
+    if holds_run and saved.is_file():
+        previous = _read_yaml(saved)
+        changed = [name for name in RUN_IDENTITY if run_identity(previous, name) != run_identity(current, name)]
+        if changed:
+            keys = _differing_keys({n: run_identity(previous, n) for n in changed},
+                                   {n: run_identity(current, n) for n in changed}, changed)
+            raise ConfigError(
+                f"run.output_dir={run_dir} holds another run (its config.yaml differs in section(s) "
+                f"{', '.join(changed)}: {keys}); choose a new run.output_dir or set run.overwrite=true "
+                f"(the old run is then moved to {run_dir.name}.old-<time>)")
+    if resume == "none":
+        if holds_run:
+            raise ConfigError(
+                f"run.resume=none: run.output_dir={run_dir} holds {_run_summary(run_dir, manager)}; a new run "
+                f"would mix with it. Set run.overwrite=true to start a new run (the old one is moved to "
+                f"{run_dir.name}.old-<time>), choose another run.output_dir, or run.resume=auto to continue it")
+        chosen = None
+    elif resume == "auto":
+        chosen = None
+        for _, path in reversed(step_dirs(manager.root)):
+            if not is_complete(path):
+                continue  # half-written: cleared when the job starts
+            problem = verify(path)
+            if problem is None:
+                chosen = path
+                break
+            if log is not None:
+                log.warning("skipping a damaged checkpoint: %s", problem)
+        if chosen is None and holds_run:
+            damaged = any(is_complete(path) for _, path in step_dirs(manager.root))
+            raise CheckpointError(
+                f"run.output_dir={run_dir} holds {_run_summary(run_dir, manager)} but "
+                + ("none of its checkpoints verifies (see the warnings above)" if damaged
+                   else "no checkpoint to continue from (they were removed)")
+                + "; set run.overwrite=true to start a new run (the old one is moved aside), or choose another "
+                  "run.output_dir")
+    else:
+        chosen = resolve_resume(resume, manager)
+    if chosen is None:  # a new run: leftovers of a start that never checkpointed go aside
+        if entries:
+            _check_aside_writable(run_dir)
+            return FolderPlan(aside=str(aside_name(run_dir)))
+        return FolderPlan()
+    _check_zero_stage(chosen, zero_stage, cfg)
+    history = _history(run_dir)
+    if history and isinstance(history[-1].get("config"), dict):
+        before = history[-1]["config"]
+    else:
+        before = _read_yaml(saved) if saved.is_file() else current
+    old, new = flatten(before), flatten(current)
+    changes = {key: [old.get(key), new.get(key)] for key in sorted(set(old) | set(new))
+               if key not in _NOT_SETTINGS and old.get(key) != new.get(key)}
+    return FolderPlan(resume_from=str(chosen), changes=changes, job=(len(history) or 1) + 1)
+
+
+def _differing_keys(previous: dict, current: dict, sections: list[str]) -> str:
+    old = flatten({name: previous.get(name) or {} for name in sections})
+    new = flatten({name: current.get(name) or {} for name in sections})
+    keys = [f"{key} {old.get(key)!r} -> {new.get(key)!r}" for key in sorted(set(old) | set(new))
+            if old.get(key) != new.get(key)]
+    return ", ".join(keys[:3]) + (", ..." if len(keys) > 3 else "")
+
+
+def _check_aside_writable(run_dir: Path) -> None:
+    parent = run_dir.resolve().parent
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"run.output_dir={run_dir}: the earlier run's files would be moved to "
+                          f"{run_dir.name}.old-<time> beside it, but {parent} is not writable; "
+                          f"choose another run.output_dir")
+
+
+def _check_zero_stage(checkpoint: Path, zero_stage: int, cfg: Config) -> None:
+    written = checkpoint_zero_stage(checkpoint)
+    # checkpoints that do not record it: ZeRO-3's files are told apart by their names, 0-2 are not
+    differs = written != zero_stage if written is not None else zero_stage == 3
+    if differs:
+        told = f"ZeRO stage {written}" if written is not None else "ZeRO stage 0, 1 or 2"
+        raise CheckpointError(
+            f"run.resume: {checkpoint} was written under {told}, but deepspeed.config={cfg.deepspeed.config} "
+            f"is stage {zero_stage}; resume with a DeepSpeed JSON of the checkpoint's stage, or start a new "
+            f"run (run.overwrite=true, or another run.output_dir)")
+
+
+def apply_plan(plan: FolderPlan, cfg: Config, run_dir: Path, log=None) -> None:
+    """Rank 0, holding the run lock: move the earlier run aside, save the config, record the job."""
+    if plan.aside:
+        aside = Path(plan.aside)
+        aside.mkdir(parents=True)
+        moved = run_entries(run_dir)
+        for entry in moved:
+            os.replace(entry, aside / entry.name)
+        if log is not None:
+            log.warning("run.output_dir=%s: moved the earlier run's files (%s) to %s; this is a new run",
+                        run_dir, ", ".join(entry.name for entry in moved), aside)
+    config = config_to_dict(cfg)
+    saved = run_dir / CONFIG
+    if plan.resume_from is None or not saved.is_file():
+        save_config(cfg, saved)
+    entry = {"job": plan.job, "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+             "from_step": _step_of(plan.resume_from), "resumed_from": plan.resume_from,
+             "changes": plan.changes, "config": config}
+    with (run_dir / HISTORY).open("a", encoding="utf-8") as handle:
+        handle.write(json.dumps(entry) + "\n")
+    if plan.changes and log is not None:
+        log.warning("resuming %s with other settings than its previous job: %s (recorded in %s; config.yaml "
+                    "keeps the settings the run started with)", run_dir,
+                    ", ".join(f"{key} {old!r} -> {new!r}" for key, (old, new) in plan.changes.items()),
+                    run_dir / HISTORY)
+
+
+def _step_of(path: str | None) -> int:
+    match = _STEP_NAME.match(Path(path).name) if path else None
+    return int(match.group(1)) if match else 0
+
+
+def clear_incomplete(manager: CheckpointManager) -> None:
+    """Half-written step-N folders (no COMPLETE marker) of a crashed save: never loaded, removed."""
+    for _, path in step_dirs(manager.root):
+        if not (path / COMPLETE_MARKER).is_file():
+            shutil.rmtree(path, ignore_errors=True)
