@@ -12,7 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from dualner.data.corpus import BadRecord, RecordReader, describe_file, estimate_records
+from dualner.data.corpus import BadRecord, RecordReader, describe_file, estimate_records, parse_record
 from dualner.data.encoding import WindowTokenizer
 from dualner.data.packing import Collator
 from dualner.data.streaming import (KIND_TARGET, STREAM_META, Stage2Stream, StreamSpec, check_corpus,
@@ -384,3 +384,36 @@ def test_token_budget_cut_keeps_units_whole_and_always_packs(units, rows):
         if len(members) > 1:  # a unit too large for the shape alone gets its own micro batch
             bins, width = pack_rows([lengths[w] for w in batch], 32, rows)
             assert width == 32 and len(bins) == rows
+
+
+def test_real_world_anomalies_in_stage2_corpora(tmp_path):
+    """What real corpora carry: a byte-order mark, CRLF, -DOCSTART- markers, zero-width-only
+    tokens and lines, space-separated CoNLL columns, IOBES / lower-case tags, null fields, NUL bytes
+    and a pretty-printed JSON document; each read as meant or skipped as a bad record that says why."""
+    text = tmp_path / "t.txt"
+    text.write_bytes("\ufeffEins zwei\r\n-DOCSTART-\r\n\u200b\r\ndrei \u200b vier\r\nbin\x00är\n".encode())
+    file = describe_file(text, "k")
+    read, bad = [], []
+    for record in RecordReader(file, 0, file.end):
+        try:
+            sentence = parse_record(record, file, "de", False)
+        except BadRecord as error:
+            bad.append(error)
+            continue
+        if sentence is not None:
+            read.append(sentence["words"])
+    assert read == [["Eins", "zwei"], ["drei", "vier"]]
+    assert len(bad) == 1 and "NUL byte" in bad[0].reason
+    conll = tmp_path / "c.tsv"
+    conll.write_text("-DOCSTART- O\n\nParis s-loc\nist o\n\u200b\nNew b-org\nYork E-ORG\n")
+    labeled = list(iter_sentences(describe_file(conll, "k"), "fr", True))
+    assert [(s["words"], s["tags"]) for s in labeled] == [(["Paris", "ist"], ["B-loc", "O"]),
+                                                           (["New", "York"], ["B-org", "I-ORG"])]
+    jsonl = tmp_path / "j.jsonl"
+    jsonl.write_text(json.dumps({"tokens": ["Ana", "vive"], "tags": ["s-per", "o"], "src_id": None, "lang": None}) + "\n")
+    record = next(iter_sentences(describe_file(jsonl, "k"), "es", True))
+    assert record["tags"] == ["B-per", "O"] and record["src_id"] == "" and record["language"] == "es"
+    pretty = tmp_path / "p.json"
+    pretty.write_text('[\n  {"tokens": ["a"]}\n]\n')
+    with pytest.raises(BadRecord, match="one JSON object per line"):
+        list(iter_sentences(describe_file(pretty, "k"), "xx", False))

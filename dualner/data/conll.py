@@ -99,7 +99,7 @@ class Sentence:
     source: str = field(default="", repr=False)  # "file:line" of the first word, for error messages
 
 
-def _lines(path: Path) -> Iterator[tuple[int, str]]:
+def text_lines(path: Path) -> Iterator[tuple[int, str]]:
     """(line number, text) of a UTF-8 file, decoded line by line so an error names the line and the
     file's byte; a byte-order mark and CR / CRLF line ends are taken off."""
     offset = 0
@@ -140,7 +140,7 @@ def iter_conll(path: str | Path, language: str = "", labeled: bool = True) -> It
     def sentence() -> list[Sentence]:
         return prefixes.push(Sentence(words, tags if labeled else None, language, f"{path}:{first_line}"))
 
-    for line_number, line in _lines(path):
+    for line_number, line in text_lines(path):
         line = line.rstrip()
         blank = not line.strip().strip(INVISIBLE).strip()
         columns = line.split("\t") if "\t" in line else line.split()

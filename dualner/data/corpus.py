@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Iterator
 
+from dualner.data.conll import DOCSTART, INVISIBLE, normalize_tag
 from dualner.errors import DataFormatError
 from dualner.labels import is_valid_tag
 
@@ -138,8 +139,17 @@ def skip_to(handle: BinaryIO, file: CorpusFile, position: int) -> None:
         left -= len(chunk)
 
 
+_INVISIBLE_BYTES = tuple(c.encode() for c in "\u200b\u200c\u200d\u2060\ufeff")
+
+
 def _is_blank(line: bytes) -> bool:
-    return not line.strip()
+    """Whitespace and characters that show nothing (zero-width, byte-order mark): a blank line."""
+    stripped = line.strip()
+    if not stripped or stripped[0] < 0x80:
+        return not stripped
+    for invisible in _INVISIBLE_BYTES:
+        stripped = stripped.replace(invisible, b"")
+    return not stripped.strip()
 
 
 @dataclass
@@ -261,6 +271,10 @@ def lines_before(file: CorpusFile, position: int) -> int:
 
 # -- parsing one record ------------------------------------------------------------------------------
 def _decode(record: RawRecord, file: CorpusFile) -> list[str]:
+    for offset, line in enumerate(record.lines):
+        if b"\x00" in line:
+            raise BadRecord(file.path, record.start, None if record.line is None else record.line + offset,
+                            "a NUL byte (binary data, or UTF-16 text?)")
     try:
         lines = [line.decode("utf-8") for line in record.lines]
         if record.start == 0 and lines[0].startswith("\ufeff"):  # a byte-order mark is not text
@@ -278,10 +292,14 @@ def parse_jsonl_line(text: str, where: str) -> dict | None:
         record = json.loads(text)
         words = record["tokens"]
     except (json.JSONDecodeError, KeyError, TypeError) as error:
-        raise DataFormatError(f"{where}: expected a JSON object with a 'tokens' list ({error})") from None
+        hint = ("; JSONL is one JSON object per line, not one JSON document"
+                if text.strip() in ("[", "{") or text.lstrip().startswith("[") else "")
+        raise DataFormatError(f"{where}: expected a JSON object with a 'tokens' list ({error}){hint}") from None
     if not isinstance(words, list) or not all(isinstance(w, str) and w and not w.isspace() for w in words):
         raise DataFormatError(f"{where}: 'tokens' must be a list of non-empty strings")
     tags = record.get("tags") or []
+    if tags and isinstance(tags, list) and all(isinstance(t, str) for t in tags):
+        tags = [normalize_tag(tag) for tag in tags]  # lower case and IOBES read as BIO, as in CoNLL
     if tags and (not isinstance(tags, list) or len(tags) != len(words) or not all(map(is_valid_tag, tags))):
         raise DataFormatError(f"{where}: 'tags' must be one valid BIO tag per token")
     language = record.get("lang")
@@ -296,7 +314,9 @@ def parse_record(record: RawRecord, file: CorpusFile, language: str, labeled: bo
     sample_id = f"{file.path}@{record.start}"
     where = f"{file.path}:{record.line if record.line is not None else '?'} (byte {record.start})"
     if file.format == "text":
-        words = lines[0].split()
+        words = [word for word in lines[0].split() if word.strip(INVISIBLE)]
+        if words and words[0] == DOCSTART:
+            return None
         return {"words": words, "tags": [], "language": language, "src_id": "", "sample_id": sample_id} if words else None
     if file.format == "jsonl":
         try:
@@ -312,18 +332,23 @@ def parse_record(record: RawRecord, file: CorpusFile, language: str, labeled: bo
         return parsed
     words, tags = [], []
     for offset, text in enumerate(lines):
-        columns = text.rstrip("\r\n").split("\t")
+        text = text.rstrip()
+        columns = text.split("\t") if "\t" in text else text.split()
+        if columns[0].strip() == DOCSTART:
+            continue
         word = _strip_prefix(columns[0].strip(), language)
         if not word:
             raise BadRecord(file.path, record.start, None if record.line is None else record.line + offset,
                             "empty token")
         words.append(word)
         if labeled:
-            tag = columns[1].strip() if len(columns) == 2 else ""
+            tag = normalize_tag(columns[1]) if len(columns) == 2 else ""
             if len(columns) != 2 or not is_valid_tag(tag):
                 raise BadRecord(file.path, record.start, None if record.line is None else record.line + offset,
                                 f"expected `token<TAB>label` with a BIO label, found {text.strip()[:80]!r}")
             tags.append(tag)
+    if not words:  # a -DOCSTART- block
+        return None
     return {"words": words, "tags": tags, "language": language, "src_id": "", "sample_id": sample_id}
 
 

@@ -8,25 +8,19 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterator
 
+from dualner.data.conll import DOCSTART, INVISIBLE, text_lines  # one line reader: BOM, CR/CRLF, NUL, bad bytes' offsets
 from dualner.data.corpus import parse_jsonl_line
-from dualner.errors import DataFormatError
 
 JSONL_SUFFIXES = {".jsonl", ".json"}
 TEXT_SUFFIXES = {".txt", ".text"}
 
 
-def _lines(path: Path) -> Iterator[tuple[int, str]]:
-    try:
-        with path.open(encoding="utf-8-sig") as handle:  # a leading byte-order mark is not text
-            yield from enumerate(handle, start=1)
-    except UnicodeDecodeError as error:
-        raise DataFormatError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start})") from None
-
-
 def iter_text(path: Path, language: str = "") -> Iterator[dict]:
-    for line_number, line in _lines(path):
-        words = line.split()
-        if words:
+    """A sentence per non-blank line; `-DOCSTART-` lines and tokens that show nothing (zero-width
+    characters) are not words."""
+    for line_number, line in text_lines(path):
+        words = [word for word in line.split() if word.strip(INVISIBLE)]
+        if words and words[0] != DOCSTART:
             yield {"words": words, "tags": [], "language": language, "src_id": "", "sample_id": f"{path}:{line_number}"}
 
 
@@ -34,7 +28,7 @@ def iter_jsonl(path: Path, language: str = "", keep_empty: bool = False) -> Iter
     """Records with a `tokens` list of non-empty strings (and, when given, one valid BIO tag per
     token); a record with no tokens is skipped unless `keep_empty` (prediction keeps input and
     output lines aligned). One parser for every JSONL reader (dualner.data.corpus)."""
-    for line_number, line in _lines(path):
+    for line_number, line in text_lines(path):
         if not line.strip():
             continue
         parsed = parse_jsonl_line(line, f"{path}:{line_number}")
@@ -43,17 +37,8 @@ def iter_jsonl(path: Path, language: str = "", keep_empty: bool = False) -> Iter
 
 
 def count_sentences(path: Path) -> int:
-    """Sentences in a corpus file without parsing them: blank-line-separated blocks of a CoNLL file,
-    non-empty lines of text and JSONL (for stream weights by corpus size)."""
-    conll = path.suffix.lower() in {".tsv", ".conll", ".iob", ".bio"}
-    count, inside = 0, False
-    with path.open("rb") as handle:
-        for line in handle:
-            blank = not line.strip()
-            if conll:
-                if not blank and not inside:
-                    count += 1
-                inside = not blank
-            elif not blank:
-                count += 1
-    return count
+    """Sentences (records) in a corpus file, counted exactly as the stage-2 reader cuts them
+    (dualner.data.corpus): blank-line-separated blocks of CoNLL, non-blank lines of text and JSONL."""
+    from dualner.data.corpus import RecordReader, describe_file
+    file = describe_file(path, str(path))
+    return sum(1 for _ in RecordReader(file, 0, file.end))
