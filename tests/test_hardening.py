@@ -133,7 +133,7 @@ def test_a_failed_start_leaves_nothing_that_blocks_the_corrected_rerun(tmp_path,
 
 @pytest.mark.parametrize("content, message", [
     ("", r"stage2.target.de: .*empty.tsv: file is empty"),
-    (b"\xff\xfe\x00bad\tO\n", r"stage2.target.de: .*bad.tsv: not UTF-8"),
+    (b"\xff\xfe\x00bad\tO\n", r"stage2.target.de: .*bad.tsv:1 \(byte 0\): not UTF-8"),
 ])
 def test_stage2_with_an_unreadable_target_file_writes_nothing(tmp_path, trained_run, content, message):
     corpus = tmp_path / ("empty.tsv" if content == "" else "bad.tsv")

@@ -389,22 +389,23 @@ def test_stage2_from_an_unfinished_stage1_run_says_so(populated, tmp_path):
 
 def test_translations_without_src_id_are_refused_under_parallel_mse(tmp_path):
     from dualner.data.conll import Sentence
+    from dualner.data.streaming import open_sources
     source = ([Sentence(["Paris"], ["B-LOC"], "en", "0"), Sentence(["Bob"], ["B-PER"], "en", "1")], [])
     missing = tmp_path / "de.jsonl"
     missing.write_text(json.dumps({"tokens": ["Paris"]}) + "\n")
-    with pytest.raises(ConfigError, match=r"stage2.translations.de: .*de.jsonl:1: no src_id"):
-        check_translation_pairs([str(missing)], "stage2.translations.de", source)
+    with pytest.raises(ConfigError, match=r"stage2.translations.de: .*de.jsonl@0: no src_id"):
+        check_translation_pairs(open_sources([str(missing)], "k"), "stage2.translations.de", source)
     strangers = tmp_path / "fr.jsonl"
     strangers.write_text(json.dumps({"tokens": ["Paris"], "src_id": "s-17"}) + "\n")
     with pytest.raises(ConfigError, match=r"none of the first 1 src_ids names a labeled source sentence"):
-        check_translation_pairs([str(strangers)], "stage2.translations.fr", source)
+        check_translation_pairs(open_sources([str(strangers)], "k"), "stage2.translations.fr", source)
     text = tmp_path / "es.txt"
     text.write_text("Paris\n")
     with pytest.raises(ConfigError, match=r"only JSONL records carry"):
-        check_translation_pairs([str(text)], "stage2.translations.es", source)
+        check_translation_pairs(open_sources([str(text)], "k"), "stage2.translations.es", source)
     good = tmp_path / "it.jsonl"
     good.write_text(json.dumps({"tokens": ["Parigi"], "src_id": "0"}) + "\n")
-    check_translation_pairs([str(good)], "stage2.translations.it", source)
+    check_translation_pairs(open_sources([str(good)], "k"), "stage2.translations.it", source)
 
 
 # -- the readers: what real files carry ----------------------------------------------------------------

@@ -271,6 +271,8 @@ def lines_before(file: CorpusFile, position: int) -> int:
 
 # -- parsing one record ------------------------------------------------------------------------------
 def _decode(record: RawRecord, file: CorpusFile) -> list[str]:
+    if record.start == 0 and record.lines[0][:2] in (b"\xff\xfe", b"\xfe\xff"):
+        raise BadRecord(file.path, 0, 1, "not UTF-8 text (a UTF-16 byte-order mark); save it as UTF-8")
     for offset, line in enumerate(record.lines):
         if b"\x00" in line:
             raise BadRecord(file.path, record.start, None if record.line is None else record.line + offset,

@@ -128,7 +128,7 @@ def check_corpus(sources: Sequence, language: str, kind: str, key: str) -> None:
         except BadRecord as error:
             raise DataFormatError(f"{key}: {error}") from None
         if first is None:
-            raise DataFormatError(f"{key}: {source.path} holds no sentence")
+            raise DataFormatError(f"{key}: {source.path}: " + ("file is empty" if source.size == 0 else "holds no sentence"))
 
 
 def iter_sentences(file: CorpusFile, language: str, labeled: bool) -> Iterator[dict]:
