@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import lzma
+import os
 import statistics
 import sys
 import tempfile
@@ -29,6 +30,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# One core per loader process, as in training: the tokenizer's own thread pool is off in forked
+# loader workers, so the raw path's rate per process is its single-threaded rate.
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from bench.common import write_result  # noqa: E402
 from dualner.data.corpus import RecordReader, describe_file, parse_record  # noqa: E402
