@@ -20,6 +20,7 @@ Every figure is the median of --repeats interleaved repetitions (min-max beside 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import lzma
 import os
@@ -156,6 +157,9 @@ def resume_cost(tokenizer, repeats: int, folder: Path) -> dict:
     reads = {}
     for _ in range(repeats):
         for sentence in timings:
+            # a full collection first, as training does before its first step (gc.freeze): else a
+            # generation-2 pass over this script's heap lands in one timing or the other
+            gc.collect()
             started = time.perf_counter()
             resumed = stream()
             resumed.load_state_dict([at(sentence)])
