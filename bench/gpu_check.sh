@@ -2,7 +2,8 @@
 # DualNER on one GPU, in one pass of under 8 minutes on an H100 (XLM-R base shape, random weights,
 # bf16, every parameter trained, English PAN-X):
 #   check     packed rows against one window per row on the GPU's kernels (fp32/bf16, each attention path)
-#   profile   where a stage-1 step's time goes (phases, top CUDA kernels)
+#   profile_b128, profile_t16k   the stage-1 launcher's real step under the `profile:` config block
+#             (torch.profiler over 2-3 steps: trace, top operators, operator calls per step)
 #   b128      stage-1 tokens/s against HF Trainer at batch 128, same GPU (target >= 3x)
 #   t16k      stage-1 tokens/s and MFU with 16,384-token steps (target >= 250,000 tokens/s, >= 12%)
 #   costs     stage-2 / stage-1 step time at batch 128 (target <= 1.4x); the stage-2 loader with the
@@ -111,18 +112,29 @@ TPUT="python3 bench/throughput_vs_hf.py --encoder '$ENC' --data '$EN' --precisio
 
 step check 60 15 "python3 bench/packing_check.py --encoder '$ENC' --data '$EN' --output '$WORK/steps/check.json'"
 required check $?
-step profile 90 40 "python3 bench/profile_stage1.py --encoder '$ENC' --data '$EN' --batch $S_B --steps 5 \
---embeddings trained --ds-config $DS --output '$WORK/steps/profile.json'"
+# launcher runs: the same data and schedule (overrides later on a command line win)
+COMMON="model.encoder='$ENC' data.train.en='$EN' data.max_train_sentences=null data.max_length=128 'data.dev={en: $EN}' \
+data.max_eval_sentences=256 'data.test={}' train.global_batch_size=$RUN_BATCH train.micro_batch_size=$RUN_BATCH \
+train.max_steps=$RUN_STEPS train.log_every=$RUN_LOG train.eval_every=$RUN_STEPS train.warmup_steps=5 \
+logging.tensorboard=false logging.progress_bar=false"
+# the real launcher step (stage 1, $DS, dropout on, as trained) under the `profile:` config block, at
+# the batch-128 and the 16k-token shape: trace, top operators and operator counts in $OUT/profile_<shape>/
+PSTART=$(( RUN_STEPS / 2 )); PSTEPS=3; [ "$DRY" = 1 ] && PSTEPS=2
+for shape in b128 t16k; do
+  SHAPE_ARGS=""
+  [ $shape = t16k ] && SHAPE_ARGS="train.batch_unit=tokens data.pack_length=128 train.global_batch_size=$TOKENS \
+train.micro_batch_size=$TOKENS"
+  step "profile_$shape" 120 40 "python3 launchers/stage1.py --config configs/tiny.yaml run.output_dir='$WORK/runs/profile_$shape' \
+deepspeed.config=$DS $COMMON $SHAPE_ARGS profile.enabled=true profile.start_step=$PSTART profile.steps=$PSTEPS \
+&& mkdir -p '$OUT/profile_$shape' && cd '$WORK/runs/profile_$shape/profile' && cp top_ops_*.txt summary_*.json \
+'$OUT/profile_$shape/' && for t in *.pt.trace.json; do gzip -c \$t > '$OUT/profile_$shape/'\$t.gz; done"
+done
 step b128 110 40 "$TPUT --batch $S_B --output '$WORK/steps/b128.json'"
 step t16k 90 30 "$TPUT --unit tokens --batch $TOKENS --no-baseline --output '$WORK/steps/t16k.json'"
 step costs 150 60 "python3 bench/stage2_costs.py --encoder '$ENC' --data-root '$DATA' $C_ARGS --ds-config $DS \
 --output '$WORK/steps/costs.json'"
 
 # the launchers under ZeRO-2 / ZeRO-3 (stage 1) and ZeRO-3 (stage 2, from the ZeRO-3 stage-1 run)
-COMMON="model.encoder='$ENC' data.train.en='$EN' data.max_train_sentences=null data.max_length=128 'data.dev={en: $EN}' \
-data.max_eval_sentences=256 'data.test={}' train.global_batch_size=$RUN_BATCH train.micro_batch_size=$RUN_BATCH \
-train.max_steps=$RUN_STEPS train.log_every=$RUN_LOG train.eval_every=$RUN_STEPS train.warmup_steps=5 \
-logging.tensorboard=false logging.progress_bar=false"
 for z in zero2 zero3; do
   step "stage1_$z" 80 35 "DUALNER_COUNT_SYNCS=1 python3 launchers/stage1.py --config configs/tiny.yaml \
 run.output_dir='$WORK/runs/stage1_$z' deepspeed.config=ds_configs/$z.json $COMMON"

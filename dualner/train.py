@@ -38,6 +38,7 @@ from dualner.data.packing import Collator, packs_by_default
 from dualner.errors import ConfigError, NonFiniteLossError
 from dualner.evaluate import EvalSet, evaluate_sets, format_table
 from dualner.logging import ScalarWriter, get_logger
+from dualner.profiling import StepProfiler
 from dualner.recipe import Recipe
 
 # Config sections whose change means "a different run", not "the same run continued".
@@ -59,6 +60,7 @@ def train(run: "Run", recipe: Recipe) -> dict:
     gc.freeze()
     signals, window, steps_this_job = PreemptionSignal(), MetricWindow(), 0
     run.engine.train()
+    profiler = StepProfiler.for_run(run)  # profile.enabled: torch.profiler over steps K..K+n-1
     while run.state.step < run.total_steps:
         faults.kill_if_due("kill", run.info.rank, run.state.step + 1)
         flags, samples = [], []
@@ -69,6 +71,7 @@ def train(run: "Run", recipe: Recipe) -> dict:
                 terms = recipe.losses(to_device(batch, run.device))
                 flags.append(run.backward(recipe.weights, terms, window))
         run.end_step(flags, samples)
+        profiler.step()
         steps_this_job += 1
         step = run.state.step
         last = step == run.total_steps
