@@ -8,8 +8,9 @@ into `<run.output_dir>/profile/`:
 - `<worker>.*.pt.trace.json`: the trace (torch.profiler.tensorboard_trace_handler), viewable with
   `tensorboard --logdir <run.output_dir>/profile` (torch-tb-profiler) or chrome://tracing / Perfetto;
 - `top_ops_rank<r>.txt`: the top `profile.top` operators by self time (key_averages().table);
-- `summary_rank<r>.json`: steps profiled, operator calls per step (all, aten::*), and the top
-  operators with their calls and self time per step.
+- `summary_rank<r>.json`: steps profiled, operator calls per step (all; aten::*; aten calls made
+  from outside another aten op, i.e. dispatches from the host), and the top operators with their
+  calls and self time per step.
 Step numbers are the run's optimizer steps (1-based, as in losses.jsonl); the step before K is the
 profiler's warm-up (not recorded). A run resumed past K profiles nothing and says so.
 """
@@ -81,10 +82,15 @@ class StepProfiler:
         key = "self_device_time_total" if cuda else "self_cpu_time_total"
         operators = [event for event in events if not event.key.startswith("ProfilerStep")]
         top = sorted(operators, key=lambda e: getattr(e, key, 0), reverse=True)[:self.cfg.top]
+        # aten calls made by code (Python, autograd, DeepSpeed), not by another aten op: each one a
+        # dispatch from the host, and on a GPU at least one kernel launch
+        dispatched = sum(1 for e in profiler.events() if e.name.startswith("aten::")
+                         and not (e.cpu_parent is not None and e.cpu_parent.name.startswith("aten::")))
         summary = {
             "steps": [self.cfg.start_step, self.last_step], "device": str(self.device),
             "operator_calls_per_step": sum(e.count for e in operators) / self.steps,
             "aten_calls_per_step": sum(e.count for e in operators if e.key.startswith("aten::")) / self.steps,
+            "aten_dispatches_per_step": dispatched / self.steps,
             "top": [{"op": e.key, "calls_per_step": e.count / self.steps,
                      "self_ms_per_step": getattr(e, key, 0) / 1000 / self.steps} for e in top]}
         (self.folder / f"summary_rank{self.rank}.json").write_text(json.dumps(summary, indent=1) + "\n",
