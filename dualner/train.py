@@ -265,7 +265,8 @@ class Run:
     def build_engine(self, model: torch.nn.Module, total_steps: int, pad_id: int, label_set) -> None:
         self.total_steps, self.label_set = total_steps, label_set
         self.engine = DeepSpeedTrainingEngine(model, self.ds_config, self.cfg.train, total_steps,
-                                              compile_encoder=self.cfg.model.compile)
+                                              compile_encoder=self.cfg.model.compile,
+                                              fixed_shapes=self.cfg.train.batch_unit == "tokens")
         self.device = self.engine.device
         self.eval_collator = self.collator(pad_id, model.position_offset)
         self.eval_collator.rows = None  # evaluation batches count sentences

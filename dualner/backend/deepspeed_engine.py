@@ -131,14 +131,17 @@ class DeepSpeedTrainingEngine:
     trainer to read at the next log window."""
 
     def __init__(self, model: torch.nn.Module, ds_config: dict, train: TrainConfig, total_steps: int,
-                 compile_encoder: bool = False):
+                 compile_encoder: bool = False, fixed_shapes: bool = False):
         import deepspeed
         device = comm.accelerator_device(comm.current().local_rank)
         if compile_encoder:
             if zero_stage(ds_config) == 3:
                 raise ConfigError("model.compile=true works with ZeRO stages 0-2 (ZeRO-3 gathers "
                                   "parameters inside the module)")
-            model.encoder.compile(dynamic=True)
+            # Token budgets give every training micro batch one shape: one static graph (CUDA
+            # graphs apply); evaluation's other shapes then recompile once as dynamic. Else every
+            # micro batch has its own row count and width: dynamic from the start.
+            model.encoder.compile(dynamic=None if fixed_shapes else True)
         optimizer = build_optimizer(model, train, device)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_linear_decay(train.warmup_steps, total_steps))
         self.engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
