@@ -4,7 +4,8 @@
 #   check     packed rows against one window per row on the GPU's kernels (fp32/bf16, each attention path)
 #   profile_b128, profile_t16k   the stage-1 launcher's real step under the `profile:` config block
 #             (torch.profiler over 2-3 steps: trace, top operators, operator calls per step)
-#   b128      stage-1 tokens/s against HF Trainer at batch 128, same GPU (target >= 3x)
+#   b128      stage-1 tokens/s against HF Trainer at batch 128, same GPU, 3 interleaved repetitions
+#             against HF as configured by default and tuned (target >= 2x the tuned one)
 #   t16k      stage-1 tokens/s and MFU with 16,384-token steps (target >= 250,000 tokens/s, >= 12%)
 #   costs     stage-2 / stage-1 step time at batch 128 (target <= 1.4x); the stage-2 loader with the
 #             node's workers against what a TRGGold step consumes (target >= 2x), data wait share
@@ -36,7 +37,7 @@ exec > >(tee -a "$OUT/gpu_log.txt") 2>&1
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1
 export DUALNER_CACHE=$WORK/cache TORCH_EXTENSIONS_DIR=$WORK/torch_extensions
 T0=$(date +%s)
-if [ "$DRY" = 1 ]; then BUDGET=${BUDGET:-1800}; else BUDGET=${BUDGET:-430}; fi
+if [ "$DRY" = 1 ]; then BUDGET=${BUDGET:-1800}; else BUDGET=${BUDGET:-560}; fi
 RESERVE=10
 echo "bench/gpu_check.sh DRY=$DRY OUT=$OUT budget ${BUDGET}s $(date -Is) $(hostname)"
 
@@ -112,6 +113,8 @@ TPUT="python3 bench/throughput_vs_hf.py --encoder '$ENC' --data '$EN' --precisio
 
 step check 60 15 "python3 bench/packing_check.py --encoder '$ENC' --data '$EN' --output '$WORK/steps/check.json'"
 required check $?
+# the headline ratio: 3 interleaved repetitions (ours, HF as the example configures it, HF tuned)
+step b128 330 120 "$TPUT --batch $S_B --hf both --reps 3 --output '$WORK/steps/b128.json'"
 # launcher runs: the same data and schedule (overrides later on a command line win)
 COMMON="model.encoder='$ENC' data.train.en='$EN' data.max_train_sentences=null data.max_length=128 'data.dev={en: $EN}' \
 data.max_eval_sentences=256 'data.test={}' train.global_batch_size=$RUN_BATCH train.micro_batch_size=$RUN_BATCH \
@@ -129,7 +132,6 @@ deepspeed.config=$DS $COMMON $SHAPE_ARGS profile.enabled=true profile.start_step
 && mkdir -p '$OUT/profile_$shape' && cd '$WORK/runs/profile_$shape/profile' && cp top_ops_*.txt summary_*.json \
 '$OUT/profile_$shape/' && for t in *.pt.trace.json; do gzip -c \$t > '$OUT/profile_$shape/'\$t.gz; done"
 done
-step b128 110 40 "$TPUT --batch $S_B --output '$WORK/steps/b128.json'"
 step t16k 90 30 "$TPUT --unit tokens --batch $TOKENS --no-baseline --output '$WORK/steps/t16k.json'"
 step costs 150 60 "python3 bench/stage2_costs.py --encoder '$ENC' --data-root '$DATA' $C_ARGS --ds-config $DS \
 --output '$WORK/steps/costs.json'"
