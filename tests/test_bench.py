@@ -104,3 +104,15 @@ def test_packing_check_passes_and_fails_on_an_injected_mismatch(tmp_path, tiny_e
     check = json.loads((work / "steps" / "check.json").read_text())
     assert check["inject"] == "attention" and not check["passed"]
     assert any("gradient of" in failure for failure in check["failures"])
+
+
+def test_gradient_path_counts_fewer_dispatches(tmp_path, tiny_encoder):
+    """The backend's direct gradient path at ZeRO-0, world size 1, against DeepSpeed's, counted by the
+    profile block in the launcher: no all-reduce, fewer copies and dispatches, the same losses."""
+    result = run_bench("gradient_path.py", tmp_path / "out.json", "--smoke")
+    deepspeed, direct = result["summary"]["deepspeed"], result["summary"]["direct"]
+    assert direct["aten_dispatches_per_step"] < deepspeed["aten_dispatches_per_step"] - 100
+    watched = {run["path"]: run["watched_calls_per_step"] for run in result["runs"]}
+    assert watched["deepspeed"]["c10d::allreduce_"] > 0 and watched["direct"]["c10d::allreduce_"] == 0
+    assert watched["direct"]["aten::_foreach_norm"] == 1 and watched["deepspeed"]["aten::_foreach_norm"] == 0
+    assert result["max_loss_difference"] < 1e-5
