@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -215,7 +216,7 @@ def main() -> None:
     variants = [] if args.no_baseline else (["default", "tuned"] if args.hf == "both" else [args.hf])
     reps = []
     for _ in range(args.reps):  # interleaved: machine drift hits every side alike
-        rep = {"ours": run_ours(args)}
+        rep = {"load_average_1min_at_start": os.getloadavg()[0], "ours": run_ours(args)}
         rep["ours"]["mfu"] = mfu(rep["ours"]["tokens_per_s"], parameters, facts["peak_bf16_flops"])
         for variant in variants:
             rep[f"hf_{variant}"] = run_hf_child(args, variant, parameters, facts["peak_bf16_flops"])
