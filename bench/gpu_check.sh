@@ -121,13 +121,14 @@ data.max_eval_sentences=256 'data.test={}' train.global_batch_size=$RUN_BATCH tr
 train.max_steps=$RUN_STEPS train.log_every=$RUN_LOG train.eval_every=$RUN_STEPS train.warmup_steps=5 \
 logging.tensorboard=false logging.progress_bar=false"
 # the real launcher step (stage 1, $DS, dropout on, as trained) under the `profile:` config block, at
-# the batch-128 and the 16k-token shape: trace, top operators and operator counts in $OUT/profile_<shape>/
+# the batch-128 and the 16k-token shape: trace, top operators and operator counts in $OUT/profile_<shape>/;
+# host synchronisations per step counted on the headline rows' config (losses.jsonl, gpu_summary)
 PSTART=$(( RUN_STEPS / 2 )); PSTEPS=3; [ "$DRY" = 1 ] && PSTEPS=2
 for shape in b128 t16k; do
   SHAPE_ARGS=""
   [ $shape = t16k ] && SHAPE_ARGS="train.batch_unit=tokens data.pack_length=128 train.global_batch_size=$TOKENS \
 train.micro_batch_size=$TOKENS"
-  step "profile_$shape" 120 40 "python3 launchers/stage1.py --config configs/tiny.yaml run.output_dir='$WORK/runs/profile_$shape' \
+  step "profile_$shape" 120 40 "DUALNER_COUNT_SYNCS=1 python3 launchers/stage1.py --config configs/tiny.yaml run.output_dir='$WORK/runs/profile_$shape' \
 deepspeed.config=$DS $COMMON $SHAPE_ARGS profile.enabled=true profile.start_step=$PSTART profile.steps=$PSTEPS \
 && mkdir -p '$OUT/profile_$shape' && cd '$WORK/runs/profile_$shape/profile' && cp top_ops_*.txt summary_*.json \
 '$OUT/profile_$shape/' && for t in *.pt.trace.json; do gzip -c \$t > '$OUT/profile_$shape/'\$t.gz; done"

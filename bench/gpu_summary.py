@@ -41,6 +41,8 @@ def collect(work: Path) -> dict:
             entry["timed"] = timed_windows(run, warmup)
         if (run / "results.json").is_file():
             entry["results"] = json.loads((run / "results.json").read_text())
+        if (run / "profile" / "summary_rank0.json").is_file():  # the `profile:` block's summary
+            entry["profile"] = json.loads((run / "profile" / "summary_rank0.json").read_text())
         result["runs"][run.name] = entry
     return result
 
@@ -99,6 +101,16 @@ def markdown(result: dict) -> str:
     if b32:
         lines.append(f"| stage 1 vs HF `Trainer`, batch {b32['batch']} | | {b32['speedup']:.2f}x ({_fmt(b32['ours']['tokens_per_s'])} "
                      f"vs {_fmt(b32['hf_trainer']['tokens_per_s'])} tokens/s) |")
+    for name, label in (("profile_b128", "stage-1 launcher profiled (`profile:` block), batch 128"),
+                        ("profile_t16k", "stage-1 launcher profiled (`profile:` block), 16k-token steps")):
+        profile = runs.get(name, {}).get("profile")
+        if profile:
+            top = ", ".join(f"{e['op']} {e['self_ms_per_step']:.1f} ms" for e in profile["top"][:4])
+            syncs = (runs[name].get("timed") or {}).get("host_syncs_per_step", {})
+            sync_text = ", ".join(f"{k} {v:.1f}" for k, v in sorted(syncs.items())) or "none counted"
+            lines.append(f"| {label}, steps {profile['steps'][0]}-{profile['steps'][1]} | | "
+                         f"{profile['aten_dispatches_per_step']:.0f} aten dispatches per step; top by self (device) "
+                         f"time: {top}; host syncs per step: {sync_text} |")
     for name, label in (("stage1_zero2", "stage-1 launcher, ZeRO-2"), ("stage1_zero3", "stage-1 launcher, ZeRO-3"),
                         ("stage2_zero3", "stage-2 launcher, ZeRO-3, teacher on the fly")):
         timed = runs.get(name, {}).get("timed")
