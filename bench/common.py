@@ -84,9 +84,10 @@ def encoder_parameters(encoder: str) -> dict:
     import torch
     from transformers import AutoConfig, AutoModel
     from dualner.encoders import resolve_encoder
+    from dualner.model import _accepts_pooling_flag
     config = AutoConfig.from_pretrained(resolve_encoder(encoder))
-    with torch.device("meta"):
-        model = AutoModel.from_config(config)
+    with torch.device("meta"):  # as DualNER builds it: BERT-family encoders without their pooler
+        model = AutoModel.from_config(config, **({"add_pooling_layer": False} if _accepts_pooling_flag(config) else {}))
     total = sum(p.numel() for p in model.parameters())
     embedding = sum(p.numel() for name, p in model.named_parameters() if "embeddings" in name)
     return {"model_type": config.model_type, "hidden": config.hidden_size, "layers": config.num_hidden_layers,

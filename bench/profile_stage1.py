@@ -65,6 +65,7 @@ def profile(args, freeze: bool) -> dict:
     engine = DeepSpeedTrainingEngine(model, load_deepspeed_config(REPO / args.ds_config, derive_batch_layout(train, 1)),
                                      train, total_steps=100)
     device = engine.device
+    engine.train()  # as the launcher trains (dropout on; from_pretrained returns a model in eval mode)
     synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     phases = {"collate": 0.0, "forward_and_losses": 0.0, "backward": 0.0, "optimizer_step": 0.0}
 

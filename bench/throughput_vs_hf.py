@@ -6,21 +6,31 @@ the same device (the GPU when there is one, else the CPU).
     python bench/throughput_vs_hf.py --unit tokens --batch 16384 --no-baseline    # ours alone, 16k-token steps
     python bench/throughput_vs_hf.py --smoke               # tiny random encoder, seconds (CI)
 
+    python bench/throughput_vs_hf.py --hf both --reps 3 # interleaved repetitions, default and tuned HF
+
 Same encoder weights, same English sentences (the first N of the train split, in order, as many
-passes as the steps need), same batch, precision, trainable parameters and number of steps. Both run
-in their own process started from this script, one after the other; each reports the real
-(non-padding) tokens of its steps after the warm-up and the wall time of those steps, excluding
-start-up, evaluation and saving. Ours is the real launcher (its per-window step timing in
-losses.jsonl, where every window ends with a device synchronisation); the baseline is
+passes as the steps need), same batch, precision, trainable parameters and number of steps. Each
+run is its own process started from this script; with --reps N the runs interleave (ours, HF
+default, HF tuned, ours, ...) and every ratio is the median of the N paired ratios, with min and max.
+Each run reports the real (non-padding) tokens of its steps after the warm-up and the wall time of
+those steps, excluding start-up, evaluation and saving. Ours is the real launcher (its per-window
+step timing in losses.jsonl, where every window ends with a device synchronisation); the baseline is
 `Trainer.train()` timed by a callback that synchronises the GPU at the two step ends it reads, its
-tokens counted in its data collator. Ours also trains two more heads and losses. MFU: 6N FLOPs per
-real token (N without the embeddings) against the device's dense bf16 peak.
+tokens counted at the model's forward. The baseline as the token-classification example configures
+it (`--hf default`: no loader workers, random batches padded to their longest row) or tuned as a
+user would (`--hf tuned`: `dataloader_num_workers`, `group_by_length` (`train_sampling_strategy` in transformers 5), SDPA attention, and
+padding-free `DataCollatorWithFlattening` batches with FlashAttention-2 where flash_attn is
+installed; without it a flattened row would attend across sentences). Ours also trains two more
+heads and losses. MFU: 6N FLOPs per real token (N: the encoder's non-embedding parameters as
+trained, no pooler) against the device's dense bf16 peak.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -46,7 +56,7 @@ def run_hf(args) -> dict:
     """The baseline, as a user would write it from the token-classification example."""
     import torch
     from transformers import (AutoModelForTokenClassification, AutoTokenizer, DataCollatorForTokenClassification,
-                              Trainer, TrainerCallback, TrainingArguments)
+                              DataCollatorWithFlattening, Trainer, TrainerCallback, TrainingArguments)
     from dualner.encoders import resolve_encoder
     from dualner.labels import LabelSet
     torch.manual_seed(0)
@@ -68,13 +78,24 @@ def run_hf(args) -> dict:
             labels.append(-100 if word is None or word == previous else label_set.tag_id(sentence_tags[word]))
             previous = word
         rows.append({"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"], "labels": labels})
-    collator = DataCollatorForTokenClassification(tokenizer)
-    tokens_per_batch: list[int] = []
+    tuned = args.hf_variant == "tuned"
+    flatten = tuned and cuda and _flash_attention_installed()
+    if tuned:  # what a user tuning Trainer on this device would set (RESULTS: throughput section)
+        model = AutoModelForTokenClassification.from_pretrained(
+            folder, num_labels=label_set.num_bio_tags, attn_implementation="flash_attention_2" if flatten else "sdpa")
+        if args.freeze_word_embeddings:
+            model.get_input_embeddings().weight.requires_grad_(False)
+    # Padding-free batches (one row, position ids restarting per sentence) are only right with
+    # FlashAttention's variable-length kernel: with SDPA or eager attention a BERT-family encoder
+    # then attends across sentences (measured on CPU: logits 0.1 off), so on CPU the tuned
+    # baseline pads, grouped by length.
+    collator = DataCollatorWithFlattening() if flatten else DataCollatorForTokenClassification(tokenizer)
+    tokens_per_batch: list = []
 
-    def counting_collator(features):
-        batch = collator(features)
-        tokens_per_batch.append(int(batch["attention_mask"].sum()))
-        return batch
+    def count_tokens(_module, _args, kwargs):  # in the training process (loader workers may collate)
+        mask = kwargs.get("attention_mask")
+        tokens_per_batch.append(mask.sum() if mask is not None else kwargs["input_ids"].numel())
+    model.register_forward_pre_hook(count_tokens, with_kwargs=True)
 
     step_ends: list[float] = []
 
@@ -94,16 +115,42 @@ def run_hf(args) -> dict:
         training_args = TrainingArguments(
             output_dir=output, per_device_train_batch_size=args.batch, max_steps=args.steps, learning_rate=1e-4,
             warmup_steps=0, save_strategy="no", logging_strategy="no", report_to=[], use_cpu=not cuda,
-            dataloader_num_workers=0, bf16=args.precision == "bf16", seed=0)
-        trainer = Trainer(model=model, args=training_args, train_dataset=rows, data_collator=counting_collator,
+            dataloader_num_workers=(args.hf_workers if tuned else 0),
+            # group_by_length=True in transformers 4; its successor in 5:
+            train_sampling_strategy="group_by_length" if tuned else "random",
+            bf16=args.precision == "bf16", seed=0)
+        trainer = Trainer(model=model, args=training_args, train_dataset=rows, data_collator=collator,
                           callbacks=[Clock()])
         trainer.train()
     timed = slice(args.warmup, args.steps)
-    result = {"tokens": sum(tokens_per_batch[timed]), "seconds": step_ends[args.steps] - step_ends[args.warmup],
-              "steps": args.steps - args.warmup, "device": str(trainer.args.device)}
+    result = {"tokens": int(sum(int(t) for t in tokens_per_batch[timed])),
+              "seconds": step_ends[args.steps] - step_ends[args.warmup], "steps": args.steps - args.warmup,
+              "device": str(trainer.args.device), "variant": args.hf_variant,
+              "settings": {"dataloader_num_workers": training_args.dataloader_num_workers,
+                           "sampling": training_args.train_sampling_strategy, "attention": model.config._attn_implementation,
+                           "padding_free": flatten}}
     if cuda:
         result["max_memory_allocated_bytes"] = torch.cuda.max_memory_allocated()
     return result
+
+
+def _flash_attention_installed() -> bool:
+    try:
+        import flash_attn  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def run_hf_child(args, variant: str, parameters: dict, peak) -> dict:
+    child = subprocess.run([sys.executable, __file__, "--role", "hf", "--hf-variant", variant, *sys.argv[1:]],
+                           cwd=REPO, capture_output=True, text=True)
+    if child.returncode != 0 or "RESULT " not in child.stdout:
+        raise SystemExit(f"HF baseline ({variant}) failed:\n{child.stdout[-2000:]}\n{child.stderr[-4000:]}")
+    hf = json.loads(child.stdout.split("RESULT ", 1)[1].splitlines()[0])
+    hf.update(tokens_per_s=hf["tokens"] / hf["seconds"], step_seconds=hf["seconds"] / hf["steps"])
+    hf["mfu"] = mfu(hf["tokens_per_s"], parameters, peak)
+    return hf
 
 
 def run_ours(args) -> dict:
@@ -142,7 +189,14 @@ def main() -> None:
     parser.add_argument("--override", action="append", default=[], help="a config override for ours")
     parser.add_argument("--output", default=str(REPO / "bench" / "results" / "throughput_vs_hf.json"))
     parser.add_argument("--smoke", action="store_true", help="tiny random encoder on the embedded sample")
+    parser.add_argument("--hf", choices=["default", "tuned", "both"], default="default",
+                        help="the baseline: Trainer as the example configures it, tuned (loader workers, "
+                             "group_by_length, SDPA; padding-free FlashAttention batches where installed), or both")
+    parser.add_argument("--hf-workers", type=int, default=2, help="the tuned baseline's dataloader_num_workers")
+    parser.add_argument("--reps", type=int, default=1,
+                        help="repetitions, interleaved (ours, baseline(s), ours, ...): medians and min-max")
     parser.add_argument("--role", choices=["hf"], help=argparse.SUPPRESS)
+    parser.add_argument("--hf-variant", choices=["default", "tuned"], default="default", help=argparse.SUPPRESS)
     parser.add_argument("--verbose", action="store_true")
     args = parser.parse_args()
     if args.smoke:
@@ -159,26 +213,42 @@ def main() -> None:
         print("RESULT " + json.dumps(run_hf(args)))
         return
     facts, parameters = device_facts(), encoder_parameters(args.encoder)
-    ours = run_ours(args)
-    ours["mfu"] = mfu(ours["tokens_per_s"], parameters, facts["peak_bf16_flops"])
+    variants = [] if args.no_baseline else (["default", "tuned"] if args.hf == "both" else [args.hf])
+    reps = []
+    for _ in range(args.reps):  # interleaved: machine drift hits every side alike
+        rep = {"load_average_1min_at_start": os.getloadavg()[0], "ours": run_ours(args)}
+        rep["ours"]["mfu"] = mfu(rep["ours"]["tokens_per_s"], parameters, facts["peak_bf16_flops"])
+        for variant in variants:
+            rep[f"hf_{variant}"] = run_hf_child(args, variant, parameters, facts["peak_bf16_flops"])
+            rep[f"speedup_{variant}"] = rep["ours"]["tokens_per_s"] / rep[f"hf_{variant}"]["tokens_per_s"]
+        reps.append(rep)
+
+    def median_run(key: str) -> dict:  # the repetition with the median rate (the lower middle one)
+        ordered = sorted((rep[key] for rep in reps), key=lambda run: run["tokens_per_s"])
+        return ordered[(len(ordered) - 1) // 2]
+
+    def spread(values: list[float]) -> dict:
+        ordered = sorted(values)
+        return {"median": statistics.median(ordered), "min": ordered[0], "max": ordered[-1], "n": len(ordered)}
+
+    ours = median_run("ours")
     result = {"command": "python bench/throughput_vs_hf.py " + " ".join(sys.argv[1:]), "date": today(),
               **facts, "encoder": args.encoder, "parameters": parameters, "unit": args.unit, "batch": args.batch,
               "precision": args.precision, "ds_config": args.ds_config,
               "freeze_word_embeddings": args.freeze_word_embeddings, "timed_steps": args.steps - args.warmup,
-              "ours": ours}
+              "reps": reps, "ours": ours, "ours_tokens_per_s": spread([rep["ours"]["tokens_per_s"] for rep in reps])}
     line = f"ours {ours['tokens_per_s']:.0f} tokens/s ({1000 * ours['step_seconds']:.1f} ms/step)"
-    if not args.no_baseline:
-        child = subprocess.run([sys.executable, __file__, "--role", "hf", *sys.argv[1:]], cwd=REPO,
-                               capture_output=True, text=True)
-        if child.returncode != 0 or "RESULT " not in child.stdout:
-            raise SystemExit(f"HF baseline failed:\n{child.stdout[-2000:]}\n{child.stderr[-4000:]}")
-        hf = json.loads(child.stdout.split("RESULT ", 1)[1].splitlines()[0])
-        hf.update(tokens_per_s=hf["tokens"] / hf["seconds"], step_seconds=hf["seconds"] / hf["steps"])
-        hf["mfu"] = mfu(hf["tokens_per_s"], parameters, facts["peak_bf16_flops"])
-        result["hf_trainer"] = hf
-        result["speedup"] = ours["tokens_per_s"] / hf["tokens_per_s"]
-        line += (f", HF Trainer {hf['tokens_per_s']:.0f} tokens/s ({1000 * hf['step_seconds']:.1f} ms/step) "
-                 f"on {hf['device']}: {result['speedup']:.2f}x")
+    for variant in variants:
+        hf = median_run(f"hf_{variant}")
+        ratio = spread([rep[f"speedup_{variant}"] for rep in reps])
+        key = "hf_trainer" if variant == variants[0] else f"hf_trainer_{variant}"
+        result[key] = hf
+        result[f"hf_{variant}_tokens_per_s"] = spread([rep[f"hf_{variant}"]["tokens_per_s"] for rep in reps])
+        result[f"speedup_{variant}"] = ratio
+        if variant == variants[0]:
+            result["speedup"] = ratio["median"]  # with one repetition: ours / HF of that run
+        line += (f", HF Trainer ({variant}) {hf['tokens_per_s']:.0f} tokens/s on {hf['device']}: "
+                 f"{ratio['median']:.2f}x [{ratio['min']:.2f}-{ratio['max']:.2f}] over {ratio['n']}")
     if ours["mfu"]:
         line += f"; MFU ours {100 * ours['mfu']['mfu']:.1f}%"
     write_result(args.output, result)

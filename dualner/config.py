@@ -191,6 +191,17 @@ class LoggingConfig:
 
 
 @dataclass
+class ProfileConfig:
+    """torch.profiler over the real training steps start_step .. start_step + steps - 1 (dualner.profiling):
+    a trace (TensorBoard) and the top operators written into <run.output_dir>/profile/."""
+    enabled: bool = False
+    start_step: int = bounded(5, minimum=1)  # the first profiled optimizer step (1-based, as logged)
+    steps: int = bounded(3, minimum=1)
+    top: int = bounded(30, minimum=1)  # rows of the operator table
+    record_shapes: bool = False
+
+
+@dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -200,6 +211,7 @@ class Config:
     stage2: Stage2Config = field(default_factory=Stage2Config)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    profile: ProfileConfig = field(default_factory=ProfileConfig)
 
 
 def _check_value(value: Any, annotation: Any, key: str) -> Any:

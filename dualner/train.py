@@ -37,6 +37,7 @@ from dualner.data.packing import Collator, packs_by_default
 from dualner.errors import BadRecordsError, ConfigError, NonFiniteLossError, UserError
 from dualner.evaluate import EvalSet, evaluate_sets, format_table
 from dualner.logging import ScalarWriter, get_logger
+from dualner.profiling import StepProfiler
 from dualner.recipe import Recipe
 from dualner.run_folder import FolderPlan, apply_plan, clear_incomplete, plan_folder
 
@@ -56,6 +57,7 @@ def train(run: "Run", recipe: Recipe) -> dict:
     gc.freeze()
     signals, window, steps_this_job = PreemptionSignal(), MetricWindow(), 0
     run.engine.train()
+    profiler = StepProfiler.for_run(run)  # profile.enabled: torch.profiler over steps K..K+n-1
     while run.state.step < run.total_steps:
         faults.kill_if_due("kill", run.info.rank, run.state.step + 1)
         flags, samples = [], []
@@ -66,6 +68,7 @@ def train(run: "Run", recipe: Recipe) -> dict:
                 terms = recipe.losses(to_device(batch, run.device))
                 flags.append(run.backward(recipe.weights, terms, window))
         run.end_step(flags, samples)
+        profiler.step()
         steps_this_job += 1
         step = run.state.step
         last = step == run.total_steps
@@ -267,7 +270,8 @@ class Run:
     def build_engine(self, model: torch.nn.Module, total_steps: int, pad_id: int, label_set) -> None:
         self.total_steps, self.label_set = total_steps, label_set
         self.engine = DeepSpeedTrainingEngine(model, self.ds_config, self.cfg.train, total_steps,
-                                              compile_encoder=self.cfg.model.compile)
+                                              compile_encoder=self.cfg.model.compile,
+                                              fixed_shapes=self.cfg.train.batch_unit == "tokens")
         self.device = self.engine.device
         self.eval_collator = self.collator(pad_id, model.position_offset)
         self.eval_collator.rows = None  # evaluation batches count sentences

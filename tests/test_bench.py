@@ -76,3 +76,43 @@ def test_stream_memory(tmp_path, tiny_encoder):
     result = run_bench("stream_memory.py", tmp_path / "out.json", "--sentences", "3000", "--files", "2")
     assert result["sentences"] == 3000 and len(result["trace"]) == 10
     assert positive(result["sentences_per_s"]) and positive(result["end_over_first_tenth"])
+
+
+def test_packing_check_passes_and_fails_on_an_injected_mismatch(tmp_path, tiny_encoder):
+    """bench/packing_check.py asserts its tolerances (exit 0 when packed == unpacked within fp32
+    tolerance); with a real packing bug planted in the packed path (attention crossing windows) it
+    exits 1, and bench/gpu_check.sh stops there: no throughput step runs after a failed check."""
+    data = REPO / "data" / "panx-sample" / "en" / "train.tsv"
+    result = run_bench("packing_check.py", tmp_path / "check.json", "--data", str(data), "--sentences", "48")
+    assert result["passed"] and result["failures"] == []
+    assert result["train_mode_fp32"]["parameters_compared"] > 40  # every parameter of the tiny model
+    assert result["max_abs_difference"]["float32_sdpa"]["seq_logits"] <= 1e-4
+
+    encoders = tmp_path / "enc"
+    encoders.mkdir()
+    (encoders / "mini").symlink_to(tiny_encoder)  # the DRY run's encoder, already built
+    work = tmp_path / "work"
+    env = child_env(DRY="1", ONLY="check,b128", OUT=str(tmp_path / "out"), WORK=str(work), ENC_DIR=str(encoders),
+                    DUALNER_PACKING_CHECK_INJECT="attention")
+    run = subprocess.run(["bash", "bench/gpu_check.sh"], cwd=REPO, env=env, capture_output=True, text=True,
+                         timeout=600)
+    log = run.stdout + run.stderr
+    assert run.returncode == 1, log[-3000:]
+    assert "STOP: check failed" in log and "=== b128" not in log
+    steps = [line.split("\t")[0] for line in (work / "status.tsv").read_text().splitlines()]
+    assert steps == ["encoder", "check"]
+    check = json.loads((work / "steps" / "check.json").read_text())
+    assert check["inject"] == "attention" and not check["passed"]
+    assert any("gradient of" in failure for failure in check["failures"])
+
+
+def test_gradient_path_counts_fewer_dispatches(tmp_path, tiny_encoder):
+    """The backend's direct gradient path at ZeRO-0, world size 1, against DeepSpeed's, counted by the
+    profile block in the launcher: no all-reduce, fewer copies and dispatches, the same losses."""
+    result = run_bench("gradient_path.py", tmp_path / "out.json", "--smoke")
+    deepspeed, direct = result["summary"]["deepspeed"], result["summary"]["direct"]
+    assert direct["aten_dispatches_per_step"] < deepspeed["aten_dispatches_per_step"] - 100
+    watched = {run["path"]: run["watched_calls_per_step"] for run in result["runs"]}
+    assert watched["deepspeed"]["c10d::allreduce_"] > 0 and watched["direct"]["c10d::allreduce_"] == 0
+    assert watched["direct"]["aten::_foreach_norm"] == 1 and watched["deepspeed"]["aten::_foreach_norm"] == 0
+    assert result["max_loss_difference"] < 1e-5

@@ -9,6 +9,7 @@ which depend on the world size; when the JSON sets one of them it must agree.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -130,14 +131,17 @@ class DeepSpeedTrainingEngine:
     trainer to read at the next log window."""
 
     def __init__(self, model: torch.nn.Module, ds_config: dict, train: TrainConfig, total_steps: int,
-                 compile_encoder: bool = False):
+                 compile_encoder: bool = False, fixed_shapes: bool = False):
         import deepspeed
         device = comm.accelerator_device(comm.current().local_rank)
         if compile_encoder:
             if zero_stage(ds_config) == 3:
                 raise ConfigError("model.compile=true works with ZeRO stages 0-2 (ZeRO-3 gathers "
                                   "parameters inside the module)")
-            model.encoder.compile(dynamic=True)
+            # Token budgets give every training micro batch one shape: one static graph (CUDA
+            # graphs apply); evaluation's other shapes then recompile once as dynamic. Else every
+            # micro batch has its own row count and width: dynamic from the start.
+            model.encoder.compile(dynamic=None if fixed_shapes else True)
         optimizer = build_optimizer(model, train, device)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_linear_decay(train.warmup_steps, total_steps))
         self.engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
@@ -149,6 +153,33 @@ class DeepSpeedTrainingEngine:
             raise ConfigError(f"no fused AdamW kernel on {self.device}: the non-finite guard needs it")
         # the last optimizer step's flag, reduced over ranks (1.0: skipped on every rank)
         self.last_step_flag = torch.zeros((), dtype=torch.float32, device=self.device)
+        self.gradient_path = self._take_over_gradient_work()
+
+    def _take_over_gradient_work(self) -> str:
+        """At ZeRO-0 with fp32 parameters and gradients (the fp32 and torch-autocast configs; not
+        DeepSpeed's fp16/bf16 wrappers, which keep their own gradient buffers), DeepSpeed clips with one
+        norm kernel per parameter plus a collective, and at world size 1 still flattens every gradient
+        into buckets, "all-reduces" them with itself and copies them back. The same arithmetic in a few
+        launches: clipping with torch's foreach norm and scale (DeepSpeed still decides when to clip),
+        and no reduction where there is nothing to reduce. DUALNER_DEEPSPEED_GRADIENTS=deepspeed keeps
+        DeepSpeed's own path (the comparison in tests and benchmarks). Returns the path taken."""
+        engine = self.engine
+        if (os.environ.get("DUALNER_DEEPSPEED_GRADIENTS", "direct") == "deepspeed" or self.zero_stage != 0
+                or engine.fp16_enabled() or engine.bfloat16_enabled()
+                or engine.communication_data_type != torch.float32):
+            return "deepspeed"
+        self._trained = [p for p in engine.module.parameters() if p.requires_grad and p.numel() > 0]
+        engine.clip_fp32_gradients = self._clip_gradients  # DeepSpeed calls it at the boundary, as before
+        if comm.current().world_size == 1:
+            engine.enable_backward_allreduce = False
+            return "direct"
+        return "direct-clip"
+
+    def _clip_gradients(self) -> None:
+        """DeepSpeed's clip_grad_norm_ (2-norm over every gradient, coefficient max_norm / (norm +
+        1e-6) capped at 1) with foreach kernels; gradients are identical on every rank after its
+        all-reduce, so each rank's norm is the global one."""
+        torch.nn.utils.clip_grad_norm_(self._trained, self.engine.gradient_clipping(), foreach=True)
 
     @property
     def module(self) -> torch.nn.Module:
@@ -179,6 +210,12 @@ class DeepSpeedTrainingEngine:
         boundary = self.engine.is_gradient_accumulation_boundary()
         if boundary:
             comm.device_all_reduce_(self._skip.flag, "max")
+            if self.gradient_path == "direct":
+                # DeepSpeed's reduction gives a parameter that received no gradient a zero one (AdamW
+                # then still decays it); keep that without the reduction
+                for parameter in self._trained:
+                    if parameter.grad is None:
+                        parameter.grad = torch.zeros_like(parameter)
         self.engine.step()
         if boundary:
             self.last_step_flag.copy_(self._skip.flag)

@@ -30,11 +30,12 @@ LABEL_COLUMNS = (("seq_labels", "tag_ids"), ("start_labels", "start_ids"), ("end
 
 def packs_by_default(device: torch.device) -> bool:
     """What `data.packing=auto` means: packed rows on accelerators, length-bucketed padded batches on
-    CPU. Measured (bench/RESULTS.md): on an H200 packing made a batch-128 step 3.7x faster; on a
-    2-core CPU it made multilingual-e5-small about 20% slower, because CPU attention has no
-    variable-length kernel: a packed 128-token row pays attention over all its token pairs, masked
-    or not, while a bucket of short sentences pays for their own lengths (and bucketing already
-    leaves only 11% padding)."""
+    CPU. Measured (bench/RESULTS.md): on an H200 a plain PyTorch loop (../shared/gpu-check, not
+    DualNER, and without the block-diagonal mask) ran packed rows 3.7x faster per batch-128 step than
+    length-pooled padded batches; on a 2-core CPU packing made DualNER with multilingual-e5-small
+    about 20% slower, because CPU attention has no variable-length kernel: a packed 128-token row
+    pays attention over all its token pairs, masked or not, while a bucket of short sentences pays
+    for their own lengths (and bucketing already leaves only 11% padding)."""
     return device.type != "cpu"
 
 
