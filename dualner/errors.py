@@ -115,4 +115,18 @@ def run_entry_point(main: Callable[[], int | None]) -> None:
         print(f"dualner: error{f' (rank {_rank()})' if _rank() else ''}: {message}", file=sys.stderr, flush=True)
         code = EXIT_USER_ERROR
     sys.stdout.flush()
+    if code in (EXIT_USER_ERROR, EXIT_NONFINITE):
+        _exit_after_error(code)
     sys.exit(code)
+
+
+def _exit_after_error(code: int) -> None:
+    """Exit with `code` after a reported error, running the exit handlers (the run lock's release,
+    log flushes) but not the C++ static destructors: past an error, the process group's threads can
+    abort the process there ("terminate called without an active exception", exit 134) after the
+    error line, and the job script would see 134 instead of the documented code."""
+    import atexit
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

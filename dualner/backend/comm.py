@@ -100,6 +100,7 @@ def shutdown() -> None:
         dist.destroy_process_group()
 
 
+
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
