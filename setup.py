@@ -11,7 +11,7 @@ setup(
         "deepspeed>=0.16,<0.20",
         "transformers>=5.0,<6",
         "datasets>=3.0",
-        "torchdata>=0.8",
+        "zstandard>=0.22",  # .zst stage-2 corpora
         "seqeval>=1.2.2",
         "pyyaml>=6.0",
         "tensorboard>=2.15",

@@ -93,7 +93,7 @@ fi
 export PYTHONPATH=$REPO${PYTHONPATH:+:$PYTHONPATH}
 python3 - <<'PY'
 import importlib.metadata as md, json, platform
-names = ["torch", "deepspeed", "transformers", "tokenizers", "datasets", "torchdata", "seqeval", "accelerate"]
+names = ["torch", "deepspeed", "transformers", "tokenizers", "datasets", "zstandard", "seqeval", "accelerate"]
 found = {"python": platform.python_version()}
 for name in names:
     try:
