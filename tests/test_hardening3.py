@@ -7,8 +7,6 @@ command line's (exit codes, one-line errors)."""
 import hashlib
 import json
 import shutil
-import subprocess
-import sys
 
 import pytest
 
@@ -16,21 +14,16 @@ from dualner import faults
 from dualner.checkpoint import (COMPLETE_MARKER, CheckpointManager, checkpoint_choice, prunable, resolve_checkpoint,
                                 write_json_atomic)
 from dualner.config import load_config
-from dualner.errors import (EXIT_USER_ERROR, CheckpointError, ConfigError, DataFormatError, MissingPathError,
+from dualner.errors import (CheckpointError, ConfigError, DataFormatError, MissingPathError,
                             UserError)
 from dualner.run_folder import HISTORY
 from dualner.stage1 import build_stage1, run_stage1
 from dualner.stage2 import adopt_stage1_encoder, build_stage2, check_translation_pairs, warn_if_unfinished
-from tests.conftest import REPO, child_env
+from tests.conftest import REPO
+# one set of run helpers for both hardening files: the tiny run's overrides, `python -m dualner`, one-line errors
+from tests.test_hardening import cli, config, one_line_error
 
-ZERO0 = f"deepspeed.config={REPO / 'ds_configs' / 'zero0_fp32.json'}"
 ZERO3 = f"deepspeed.config={REPO / 'ds_configs' / 'zero3_fp32.json'}"
-TINY = ["train.max_steps=4", "train.eval_every=2", "train.save_every=2", "train.log_every=1",
-        "data.max_train_sentences=64", "data.max_eval_sentences=8", "train.keep_last=5", ZERO0]
-
-
-def config(output, *overrides, file="tiny.yaml"):
-    return load_config(REPO / "configs" / file, [f"run.output_dir={output}", *TINY, *overrides])
 
 
 def snapshot(folder):
@@ -40,17 +33,6 @@ def snapshot(folder):
     return {str(path.relative_to(folder)): hashlib.sha256(path.read_bytes()).hexdigest()
             for path in sorted(folder.rglob("*")) if path.is_file()}
 
-
-def cli(*args, env=None, timeout=300):
-    return subprocess.run([sys.executable, "-m", "dualner", *args], cwd=REPO, capture_output=True, text=True,
-                          env=child_env(PYTHONPATH=str(REPO), **(env or {})), timeout=timeout)
-
-
-def one_line_error(result, code=EXIT_USER_ERROR) -> str:
-    assert result.returncode == code, (result.returncode, result.stdout[-2000:], result.stderr[-3000:])
-    errors = [line for line in result.stderr.splitlines() if line.startswith("dualner: error")]
-    assert len(errors) == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
-    return errors[0]
 
 
 @pytest.fixture(scope="module")

@@ -50,9 +50,9 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from dualner.data.corpus import (BadRecord, CorpusFile, RecordReader, describe_file, lines_before,
-                                 parse_jsonl_line, parse_record)
+                                 parse_record)
 from dualner.data.encoding import WindowTokenizer
-from dualner.data.packing import Collator, first_fit
+from dualner.data.packing import Collator
 from dualner.errors import DataFormatError, MissingPathError
 
 KIND_SOURCE, KIND_TARGET, KIND_TRANSLATION = "source", "target", "translation"
@@ -278,26 +278,10 @@ def read_range(spec: StreamSpec, state: list[int], cursor: int, counter: list[in
 
 @lru_cache(maxsize=4)
 def _source_by_id(path: str) -> dict[str, dict]:
-    """The labeled source by src_id (it is small: labeled by hand); one dict per loader process."""
-    sentences = {}
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if line.strip():
-                parsed = parse_jsonl_line(line, f"{path}:{number}")
-                parsed["sample_id"] = f"{path}@{_line_offsets(path)[number - 1]}"
-                parsed["language"] = parsed["language"] or ""
-                sentences[parsed["src_id"]] = parsed
-    return sentences
-
-
-@lru_cache(maxsize=4)
-def _line_offsets(path: str) -> list[int]:
-    offsets, position = [], 0
-    with open(path, "rb") as handle:
-        for line in handle:
-            offsets.append(position)
-            position += len(line)
-    return offsets
+    """The labeled source by src_id (it is small: labeled by hand); one dict per loader process.
+    Read record by record like every corpus, so its sample ids are the stream's (`file@byte`)."""
+    return {sentence["src_id"]: {**sentence, "language": sentence["language"] or ""}
+            for sentence in iter_sentences(describe_file(path, "data.train"), "", True)}
 
 
 # -- a reader ------------------------------------------------------------------------------------------
