@@ -81,7 +81,7 @@ def profile(args, freeze: bool) -> dict:
         engine.backward(loss)
         synchronize()
         marks.append(time.perf_counter())
-        engine.step()
+        engine.optimizer_step()
         synchronize()
         marks.append(time.perf_counter())
         if timed:

@@ -75,7 +75,7 @@ def instrument(warmup: int) -> dict:
     timed(backend.ReplicaTeacher, "__call__", "teacher_forward")
     timed(backend.DeepSpeedTrainingEngine, "__call__", "student_forward")
     timed(backend.DeepSpeedTrainingEngine, "backward", "backward")
-    timed(backend.DeepSpeedTrainingEngine, "step", "optimizer_step")
+    timed(backend.DeepSpeedTrainingEngine, "optimizer_step", "optimizer_step")
     timed(stage2, "build_pseudo_labels", "pseudo_labels")
     timed(Recipe, "losses", "forward_and_loss_terms")
     timed(train.MetricWindow, "wait_for", "loader_wait")
@@ -88,16 +88,16 @@ def instrument(warmup: int) -> dict:
                     record["collectives"][_name] += 1
                 return _original(*args, **kwargs)
             setattr(dist, name, counted)
-    original_end = train.Run.end_step
+    original_end = train.NonFiniteGuard.record  # called once at the end of every step
 
-    def end_step(run, flags, samples):
+    def end_step(guard, *args):
         now = time.perf_counter()
         if state["step_started"] is not None and counting():
             record["step_seconds"] += now - state["step_started"]
-        original_end(run, flags, samples)
+        original_end(guard, *args)
         record["steps"] += 1
         state["step_started"] = time.perf_counter()
-    train.Run.end_step = end_step
+    train.NonFiniteGuard.record = end_step
     original_wait = train.MetricWindow.wait_for
 
     def wait_for(window, batches):

@@ -1,15 +1,9 @@
 """The run folder's checkpoints, owned by one CheckpointManager (the lock, the save interval, keep-last,
 the best model, the COMPLETE marker and its integrity, resume selection); the training loop only asks it.
 
-Layout of a run directory:
-    .dualner.lock                one live run per folder (host, pid, start time; rank 0 holds it)
-    config.yaml                  the resolved configuration
-    model/                       tokenizer, encoder config, label set (what inference needs)
-    checkpoints/step-N/          DeepSpeed files + COMPLETE, written after every rank finished; it lists
-                                 each file's size and CRC-32, so a checkpoint damaged later is detected
-    checkpoints/best.json        which step scored best on dev, and its scores
-    stopped.json                 present while the run is stopped before its last step (resumable)
-    tensorboard/  losses.jsonl  results.json
+Where the files are: dualner.run_layout. A step-N folder holds the engine's files and COMPLETE,
+written after every rank finished; it lists each file's size and CRC-32, so a checkpoint damaged
+later is detected.
 
 A crash at any moment leaves the previous complete checkpoint loadable: a folder without COMPLETE is
 never loaded (and is cleared on resume), and one whose files no longer match their COMPLETE record is
@@ -23,26 +17,21 @@ import fcntl
 import json
 import os
 import pickle
-import re
 import shutil
 import socket
 import time
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import torch
 
-from dualner import faults
 from dualner.backend import comm
-from dualner.backend.deepspeed_engine import consolidated_state_dict
-from dualner.errors import CheckpointError, MissingPathError, RunLockedError, describe_os_error
+from dualner.errors import CheckpointError, ConfigError, MissingPathError, RunLockedError, describe_os_error
+from dualner.run_layout import COMPLETE_MARKER, STEP_DIR, RunLayout, step_name
 
-COMPLETE_MARKER = "COMPLETE"
 BEST_POINTER = "best.json"
-STOPPED_MARKER = "stopped.json"
-LOCK_FILE = ".dualner.lock"
-_STEP_DIR = re.compile(r"^step-(\d+)$")
 _CHUNK = 1 << 24
 
 
@@ -56,7 +45,7 @@ def step_dirs(root: Path) -> list[tuple[int, Path]]:
     if not root.is_dir():
         return []
     found = [(int(match.group(1)), path) for path in root.iterdir()
-             if (match := _STEP_DIR.match(path.name)) and path.is_dir()]
+             if (match := STEP_DIR.match(path.name)) and path.is_dir()]
     return sorted(found)
 
 
@@ -129,9 +118,9 @@ def verify(path: Path, checksums: bool = True) -> str | None:
 
 def _select(path: Path) -> tuple[Path, str]:
     """(the step-N folder to read for `path`, why that one)."""
-    if _STEP_DIR.match(path.name):
+    if STEP_DIR.match(path.name):
         return path, "the checkpoint named"
-    root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+    root = RunLayout(path).checkpoints if RunLayout(path).checkpoints.is_dir() else path
     best = read_best(root)
     complete = [p for _, p in step_dirs(root) if is_complete(p)]
     if best and is_complete(root / best["path"]):
@@ -158,11 +147,12 @@ def resolve_checkpoint(path: str | Path) -> Path:
 def checkpoint_choice(path: str | Path) -> str:
     """Which checkpoint `resolve_checkpoint(path)` reads and why, for the user to see."""
     chosen, why = _select(Path(path))
-    return f"{chosen.name} of {chosen.parent.parent}: {why}" if why != "the checkpoint named" else str(chosen)
+    return f"{chosen.name} of {RunLayout.of_checkpoint(chosen).root}: {why}" if why != "the checkpoint named" else str(chosen)
 
 
 def load_model_state(checkpoint: Path) -> dict[str, torch.Tensor]:
     """Consolidated fp32 weights from a checkpoint of any ZeRO stage, in one process, reading no code."""
+    from dualner.backend import consolidated_state_dict
     try:
         return consolidated_state_dict(checkpoint)
     except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError) as error:
@@ -181,7 +171,7 @@ class RunLock:
 
     @property
     def path(self) -> Path:
-        return self.run_dir / LOCK_FILE
+        return RunLayout(self.run_dir).lock
 
     def acquire(self) -> str | None:
         """Take the lock; returns a message when a stale one was taken over; RunLockedError when a
@@ -250,7 +240,8 @@ class CheckpointManager:
 
     def __init__(self, run_dir: Path, keep_last: int, save_every: int, log=None):
         self.run_dir = Path(run_dir)
-        self.root = self.run_dir / "checkpoints"
+        self.layout = RunLayout(self.run_dir)
+        self.root = self.layout.checkpoints
         self.keep_last, self.save_every = keep_last, save_every
         self.lock = RunLock(self.run_dir)
         self.log = log
@@ -276,7 +267,7 @@ class CheckpointManager:
             self.lock.release()
 
     def holds_checkpoints(self) -> bool:
-        return any(is_complete(path) for _, path in step_dirs(self.root)) or (self.run_dir / "results.json").is_file()
+        return any(is_complete(path) for _, path in step_dirs(self.root)) or self.layout.results.is_file()
 
     # -- policy -----------------------------------------------------------------------------------
     def due(self, step: int, *, last: bool, improved: bool, job_done: bool) -> bool:
@@ -286,21 +277,19 @@ class CheckpointManager:
     def save(self, engine, step: int, client_state: dict) -> Path:
         """Every rank writes its files; rank 0 writes the COMPLETE record (each file's size and CRC-32)
         after all ranks are done, then drops the checkpoints beyond keep_last."""
-        tag = f"step-{step}"
+        tag = step_name(step)
         path = self.root / tag
         if self.info.is_main and path.exists():  # a half-written leftover of a crashed run
             shutil.rmtree(path)
         comm.barrier()
         try:
             engine.save(self.root, tag, client_state)
-            faults.disk_full_if_due(self.info.rank, step, path / "mp_rank_00_model_states.pt")
         except Exception as error:  # noqa: BLE001 (only a full disk or the like becomes a user error)
             problem = describe_os_error(error)
             if problem is None:
                 raise
             raise CheckpointError(f"checkpoint {tag} ({path}) not saved: {problem}; the rerun resumes from "
                                   f"the newest complete checkpoint") from error
-        faults.kill_if_due("kill_in_save", self.info.rank, step)
         comm.barrier()
         if self.info.is_main:
             write_json_atomic(path / COMPLETE_MARKER, {"step": step, "zero_stage": getattr(engine, "zero_stage", None),
@@ -313,7 +302,7 @@ class CheckpointManager:
         """Record `step` as the best, prune, and let no rank read the old best.json (or load a pruned
         checkpoint) before rank 0 is done."""
         if self.info.is_main:
-            write_json_atomic(self.root / BEST_POINTER, {"step": step, "path": f"step-{step}", **scores})
+            write_json_atomic(self.root / BEST_POINTER, {"step": step, "path": step_name(step), **scores})
         self.prune()
         comm.barrier()
 
@@ -327,11 +316,11 @@ class CheckpointManager:
 
     def mark_stopped(self, step: int, reason: str) -> None:
         if self.info.is_main:
-            write_json_atomic(self.run_dir / STOPPED_MARKER, {"step": step, "reason": reason})
+            write_json_atomic(self.layout.stopped, {"step": step, "reason": reason})
 
     def clear_stopped(self) -> None:
         if self.info.is_main:
-            (self.run_dir / STOPPED_MARKER).unlink(missing_ok=True)
+            self.layout.stopped.unlink(missing_ok=True)
 
     # -- reading ----------------------------------------------------------------------------------
     def best(self) -> dict | None:
@@ -342,3 +331,41 @@ class CheckpointManager:
         if not is_complete(path):
             raise CheckpointError(f"{path}: not a complete checkpoint (no {COMPLETE_MARKER} marker)")
         return engine.load(path, world_size)
+
+
+# -- what a checkpoint holds -------------------------------------------------------------------------
+class Stateful(Protocol):
+    def state_dict(self) -> dict: ...
+    def load_state_dict(self, state) -> None: ...
+
+
+class Checkpointer:
+    """Told once what a checkpoint holds (torchtitan's checkpointer): the engine's files, the state
+    of each `shared` component (the same on every rank: saved once, under its name) and of each
+    `per_rank` component (every rank's own: gathered into `ranks`, a list by rank, and handed back
+    whole on load, so a component resumes on another number of ranks as it sees fit)."""
+
+    def __init__(self, manager: CheckpointManager, engine, shared: dict[str, Stateful],
+                 per_rank: dict[str, Stateful]):
+        self.manager, self.engine, self.shared, self.per_rank = manager, engine, shared, per_rank
+
+    def save(self, step: int) -> Path:
+        """Collective: every rank calls it."""
+        mine = {name: component.state_dict() for name, component in self.per_rank.items()}
+        client_state = {name: component.state_dict() for name, component in self.shared.items()}
+        client_state["ranks"] = comm.all_gather_objects(mine)
+        return self.manager.save(self.engine, step, client_state)
+
+    def load(self, path: str | Path) -> None:
+        """Collective: the engine and every component back to the state of `path`."""
+        path = Path(path)
+        client_state = self.manager.load(self.engine, path, comm.current().world_size)
+        if "trainer" not in client_state or "ranks" not in client_state:
+            raise ConfigError(f"{path}: not a DualNER checkpoint of this version (no trainer/rank state); "
+                              f"start a new run.output_dir or set run.overwrite=true")
+        for name, component in self.shared.items():
+            # checkpoints written before 2026-11-30 kept the recipe's keys at the top level
+            component.load_state_dict(client_state[name] if name in client_state else client_state)
+        ranks = client_state["ranks"]
+        for name, component in self.per_rank.items():
+            component.load_state_dict([rank[name] for rank in ranks])

@@ -8,7 +8,8 @@
 
 Only a test reaches it: `DUALNER_FAULT` is read when the test switch `DUALNER_TEST_FAULTS=1` is set as
 well, and then its value is checked before anything is written (`check`, called by every training
-run at start). Without the switch every hook is a no-op and `DUALNER_FAULT` is ignored.
+run at start) and the assembled run is instrumented (`instrument`: its engine and recipe wrapped).
+Without the switch nothing is wrapped and `DUALNER_FAULT` is ignored.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ def parse(spec: str) -> tuple[str, int, int]:
 
 
 @lru_cache(maxsize=1)
-def _planned() -> tuple[str, int, int] | None:
+def planned() -> tuple[str, int, int] | None:
     spec = os.environ.get("DUALNER_FAULT", "")
     if not spec or not enabled():
         return None
@@ -49,25 +50,43 @@ def _planned() -> tuple[str, int, int] | None:
 def check() -> None:
     """At the start of a run, before anything is written: a fault asked for under the test switch
     must be well formed."""
-    _planned.cache_clear()
-    _planned()
+    planned.cache_clear()
+    planned()
 
 
-def _due(kind: str, rank: int, step: int) -> bool:
-    planned = _planned()
-    return planned is not None and planned == (kind, rank, step)
+def instrument(trainer) -> None:
+    """Under the test switch: wrap the assembled run's engine and recipe so the planned fault
+    happens at its point. The training code itself carries no fault hooks."""
+    fault = planned()
+    if fault is None:
+        return
+    kind, rank, step = fault
+    if rank != trainer.job.info.rank:
+        return
+    engine, recipe, progress = trainer.engine, trainer.recipe, trainer.progress
+    if kind == "kill":  # as the rank starts step `step`
+        begin_step = recipe.begin_step
 
+        def killing_begin_step(starting: int) -> None:
+            if starting == step:
+                os.kill(os.getpid(), signal.SIGKILL)
+            begin_step(starting)
+        recipe.begin_step = killing_begin_step
+    elif kind == "nan":  # every micro batch of step `step` has a NaN loss on this rank
+        backward = engine.backward
 
-def kill_if_due(kind: str, rank: int, step: int) -> None:
-    if _due(kind, rank, step):
-        os.kill(os.getpid(), signal.SIGKILL)
+        def poisoned_backward(loss):
+            return backward(loss * float("nan") if progress.step + 1 == step else loss)
+        engine.backward = poisoned_backward
+    else:  # the checkpoint of step `step`: its files written, then the fault
+        save = engine.save
 
-
-def nan_if_due(rank: int, step: int) -> bool:
-    return _due("nan", rank, step)
-
-
-def disk_full_if_due(rank: int, step: int, path) -> None:
-    if _due("enospc_in_save", rank, step):
-        import errno
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        def failing_save(root, tag, client_state):
+            save(root, tag, client_state)
+            if tag != f"step-{step}":
+                return
+            if kind == "enospc_in_save":
+                import errno
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(root / tag / "mp_rank_00_model_states.pt"))
+            os.kill(os.getpid(), signal.SIGKILL)  # kill_in_save: before the checkpoint is marked complete
+        engine.save = failing_save

@@ -25,8 +25,8 @@ from dualner.errors import CheckpointError, MissingPathError
 from dualner.labels import LabelSet
 from dualner.limits import usable_max_length
 from dualner.model import DualNERModel, with_encoder_dropout
+from dualner.run_layout import RunLayout
 
-MODEL_ASSETS = "model"  # the folder, inside a run folder
 ASSETS_FILE = "dualner.json"
 WEIGHTS = "model.safetensors"  # of an exported folder
 
@@ -43,7 +43,7 @@ class LoadedModel:
 
 def save_model_assets(run_dir: Path, tokenizer, encoder_config, label_set: LabelSet, variant: str,
                       max_length: int) -> None:
-    directory = Path(run_dir) / MODEL_ASSETS
+    directory = RunLayout(run_dir).model
     directory.mkdir(parents=True, exist_ok=True)
     tokenizer.save_pretrained(directory)
     encoder_config.save_pretrained(directory)
@@ -54,7 +54,7 @@ def save_model_assets(run_dir: Path, tokenizer, encoder_config, label_set: Label
 
 def assets_of(checkpoint: Path) -> Path:
     """The model assets of the run a step-N folder belongs to."""
-    assets = checkpoint.parent.parent / MODEL_ASSETS
+    assets = RunLayout.of_checkpoint(checkpoint).model
     if not (assets / ASSETS_FILE).is_file():
         raise CheckpointError(f"{checkpoint}: no model assets at {assets} (not a DualNER run folder)")
     return assets

@@ -2,7 +2,7 @@
 
     python -m dualner stage1 --config configs/tiny.yaml profile.enabled=true profile.start_step=3 profile.steps=2
 
-The loop (dualner.train) calls `StepProfiler.for_run(run)` once and `step()` after every optimizer
+The loop (dualner.train) builds a `StepProfiler` once and `step()` after every optimizer
 step; nothing else changes, and with `profile.enabled=false` both are no-ops. Every rank writes,
 into `<run.output_dir>/profile/`:
 - `<worker>.*.pt.trace.json`: the trace (torch.profiler.tensorboard_trace_handler), viewable with
@@ -54,11 +54,6 @@ class StepProfiler:
             on_trace_ready=self._write)
         self._profiler.start()
         self._step = first_step
-
-    @classmethod
-    def for_run(cls, run) -> "StepProfiler":
-        return cls(run.cfg.profile, run.run_dir / "profile", run.info.rank, run.device, run.state.step,
-                   run.total_steps)
 
     def step(self) -> None:
         """After every optimizer step; stops the profiler after the last profiled step."""

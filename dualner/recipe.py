@@ -4,6 +4,8 @@ A recipe supplies its micro batches (and their position, to resume), its evaluat
 loss terms by name: `losses(batch) -> {name: scalar}`. The loop trains on the weighted sum and logs
 every term (`loss/<name>`), in losses.jsonl and TensorBoard, without knowing which terms exist.
 A new loss term is one function in the recipe's `TERMS` and one weight in `train.loss_weights`.
+Its state is saved in every checkpoint: `state_dict()` once (the same on every rank), and the
+components of `per_rank_state()` per rank (dualner.checkpoint.Checkpointer).
 """
 
 from __future__ import annotations
@@ -46,7 +48,8 @@ class Recipe:
         return {name: term for name, term in self.TERMS.items() if self.weights.get(name, 0.0) > 0}
 
     def batches(self, start_step: int) -> Iterator[dict]:
-        """This rank's host micro batches from `start_step` on (dualner.data.packing layout)."""
+        """This rank's host micro batches from `start_step` on (dualner.data.packing layout), drawn
+        as the loop needs them: the engine's accumulation_steps per optimizer step."""
         raise NotImplementedError
 
     def forward(self, batch: dict) -> Any:
@@ -58,6 +61,9 @@ class Recipe:
         return {name: term(context) for name, term in self.active_terms.items()}
 
     # -- optional --------------------------------------------------------------------------------
+    def begin_step(self, step: int) -> None:
+        """Called by the loop before the micro batches of optimizer step `step` (1-based)."""
+
     def device_statistics(self) -> dict[str, torch.Tensor]:
         """Sums over the log window kept on the device (reduced with the losses, then reset)."""
         return {}
@@ -65,16 +71,17 @@ class Recipe:
     def window_scalars(self, sums: dict) -> dict[str, float]:
         return {}
 
-    def shared_state(self) -> dict:
+    def state_dict(self) -> dict:
         """Saved in every checkpoint, the same on every rank."""
         return {}
 
-    def rank_state(self) -> dict:
-        """This rank's own position (e.g. its stream's), saved in every checkpoint."""
-        return {}
+    def load_state_dict(self, state: dict) -> None:
+        pass
 
-    def load_state(self, shared: dict, mine: dict | None) -> None:
-        """`mine` is None when the checkpoint was written by another number of ranks."""
+    def per_rank_state(self) -> dict:
+        """{name: component with state_dict() / load_state_dict(every rank's states)} saved per rank
+        (e.g. the stage-2 stream's position)."""
+        return {}
 
     def on_new_best(self) -> None:
         pass

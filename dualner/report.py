@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 
 from dualner.errors import DataFormatError, MissingPathError
+from dualner.run_layout import RunLayout
 
 
 def side_by_side(runs: dict[str, dict], split: str) -> str:
@@ -35,7 +36,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     runs = {}
     for run in args.runs:
-        path = run / "results.json"
+        path = RunLayout(run).results
         if not run.exists():
             raise MissingPathError(f"{run}: no such run folder")
         if not run.is_dir():
@@ -45,7 +46,7 @@ def main(argv: list[str] | None = None) -> None:
             if stopped.is_file():
                 raise MissingPathError(f"{run}: the run stopped before its last step ({stopped.name}); run its "
                                        f"command again to finish it, then report")
-            if not (run / "config.yaml").is_file():
+            if not RunLayout(run).config.is_file():
                 raise MissingPathError(f"{run}: not a DualNER run folder (no config.yaml, no results.json)")
             raise MissingPathError(f"{path}: no results yet: the run has not finished (or is still running)")
         try:

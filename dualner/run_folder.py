@@ -18,32 +18,32 @@ refusal leaves the folder's bytes as they were), then carried out once the run l
     only leftovers of a start that never            a new run: the leftovers (logs, config) are moved
     checkpointed                                    aside the same way, so one run per losses.jsonl
 
-Only the files a run writes are moved (RUN_ENTRIES); anything else in the folder stays.
+Only the files a run writes are moved (RunLayout.ENTRIES); anything else in the folder stays.
 """
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
-import re
 import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Callable
 
 import yaml
 
-from dualner.checkpoint import (COMPLETE_MARKER, CheckpointManager, checkpoint_zero_stage, is_complete,
+from dualner.backend import comm
+from dualner.checkpoint import (CheckpointManager, checkpoint_zero_stage, is_complete,
                                 step_dirs, verify)
 from dualner.config import Config, config_to_dict, save_config
 from dualner.errors import CheckpointError, ConfigError
+from dualner.run_layout import COMPLETE_MARKER, STEP_DIR, RunLayout
 
-CONFIG = "config.yaml"
-HISTORY = "config_history.jsonl"
-# Everything a run writes in its folder (besides the lock), what overwrite moves aside.
-RUN_ENTRIES = (CONFIG, HISTORY, "model", "checkpoints", "tensorboard", "losses.jsonl", "results.json",
-               "stopped.json", "stage2_data")
-RUN_ENTRY_PATTERNS = ("samples_rank*.jsonl",)
+if TYPE_CHECKING:
+    from dualner.job import Job
+
 # Config sections whose change means "a different run", not "the same run continued".
 RUN_IDENTITY = ("model", "data", "stage2")
 # ... except these, which say how to run it, not what it is: a resume may change them (another
@@ -58,7 +58,6 @@ def run_identity(config: dict, section: str):
     return {key: value for key, value in values.items() if key not in OPERATIONAL.get(section, ())}
 # Keys that say where and how a job starts, not how the model is trained: never "a change".
 _NOT_SETTINGS = {"run.output_dir", "run.resume", "run.overwrite"}
-_STEP_NAME = re.compile(r"^step-(\d+)$")
 
 
 @dataclass
@@ -72,8 +71,8 @@ class FolderPlan:
 def run_entries(run_dir: Path) -> list[Path]:
     if not run_dir.is_dir():
         return []
-    found = [run_dir / name for name in RUN_ENTRIES if (run_dir / name).exists()]
-    for pattern in RUN_ENTRY_PATTERNS:
+    found = [run_dir / name for name in RunLayout.ENTRIES if (run_dir / name).exists()]
+    for pattern in RunLayout.ENTRY_PATTERNS:
         found += sorted(run_dir.glob(pattern))
     return found
 
@@ -98,7 +97,7 @@ def _read_yaml(path: Path) -> dict:
 
 
 def _history(run_dir: Path) -> list[dict]:
-    path = run_dir / HISTORY
+    path = RunLayout(run_dir).config_history
     if not path.is_file():
         return []
     entries = []
@@ -122,14 +121,14 @@ def aside_name(run_dir: Path) -> Path:
 
 def _run_summary(run_dir: Path, manager: CheckpointManager) -> str:
     steps = [path.name for _, path in step_dirs(manager.root) if is_complete(path)]
-    finished = (run_dir / "results.json").is_file()
+    finished = RunLayout(run_dir).results.is_file()
     return (("a finished run" if finished else "an unfinished run")
             + (f" (checkpoints {', '.join(steps)})" if steps else ""))
 
 
 def resolve_resume(resume: str, manager: CheckpointManager) -> Path:
     """`run.resume=step-N` (a checkpoint of this run) or a path to a step-N folder, checked."""
-    path = manager.root / resume if _STEP_NAME.match(resume) else Path(resume)
+    path = manager.root / resume if STEP_DIR.match(resume) else Path(resume)
     if not path.is_dir():
         steps = [p.name for _, p in step_dirs(manager.root) if is_complete(p)]
         raise CheckpointError(f"run.resume={resume}: no such step; the run has "
@@ -157,7 +156,7 @@ def plan_folder(cfg: Config, manager: CheckpointManager, zero_stage: int, log=No
         _check_aside_writable(run_dir)
         return FolderPlan(aside=str(aside_name(run_dir)))
     holds_run = manager.holds_checkpoints()
-    saved = run_dir / CONFIG
+    saved = RunLayout(run_dir).config
     if holds_run and saved.is_file():
         previous = _read_yaml(saved)
         changed = [name for name in RUN_IDENTITY if run_identity(previous, name) != run_identity(current, name)]
@@ -253,23 +252,23 @@ def apply_plan(plan: FolderPlan, cfg: Config, run_dir: Path, log=None) -> None:
             log.warning("run.output_dir=%s: moved the earlier run's files (%s) to %s; this is a new run",
                         run_dir, ", ".join(entry.name for entry in moved), aside)
     config = config_to_dict(cfg)
-    saved = run_dir / CONFIG
+    saved = RunLayout(run_dir).config
     if plan.resume_from is None or not saved.is_file():
         save_config(cfg, saved)
     entry = {"job": plan.job, "started": time.strftime("%Y-%m-%d %H:%M:%S"),
              "from_step": _step_of(plan.resume_from), "resumed_from": plan.resume_from,
              "changes": plan.changes, "config": config}
-    with (run_dir / HISTORY).open("a", encoding="utf-8") as handle:
+    with RunLayout(run_dir).config_history.open("a", encoding="utf-8") as handle:
         handle.write(json.dumps(entry) + "\n")
     if plan.changes and log is not None:
         log.warning("resuming %s with other settings than its previous job: %s (recorded in %s; config.yaml "
                     "keeps the settings the run started with)", run_dir,
                     ", ".join(f"{key} {old!r} -> {new!r}" for key, (old, new) in plan.changes.items()),
-                    run_dir / HISTORY)
+                    RunLayout(run_dir).config_history)
 
 
 def _step_of(path: str | None) -> int:
-    match = _STEP_NAME.match(Path(path).name) if path else None
+    match = STEP_DIR.match(Path(path).name) if path else None
     return int(match.group(1)) if match else 0
 
 
@@ -278,3 +277,31 @@ def clear_incomplete(manager: CheckpointManager) -> None:
     for _, path in step_dirs(manager.root):
         if not (path / COMPLETE_MARKER).is_file():
             shutil.rmtree(path, ignore_errors=True)
+
+
+class RunFolder:
+    """The run folder once this job holds it (`open`): the run lock taken, the folder plan carried
+    out (an earlier run moved aside, the config saved, the job recorded in config_history.jsonl) and
+    the model assets written. Whatever holds a RunFolder may write in it; its CheckpointManager
+    decides when to save, what to keep and which checkpoint is best."""
+
+    def __init__(self, layout: RunLayout, checkpoints: CheckpointManager):
+        self.layout, self.checkpoints = layout, checkpoints
+
+    @classmethod
+    def open(cls, job: "Job", write_assets: Callable[[Path], None]) -> "RunFolder":
+        """Collective. `write_assets(run_dir)` writes what inference needs (rank 0, a new run)."""
+        cfg, layout = job.cfg, RunLayout(job.run_dir)
+        checkpoints = CheckpointManager(layout.root, cfg.train.keep_last, cfg.train.save_every or cfg.train.eval_every,
+                                        job.log)
+        checkpoints.take_lock()
+        atexit.register(checkpoints.release_lock)
+        if job.info.is_main:
+            apply_plan(job.folder, cfg, layout.root, job.log)
+            if job.folder.resume_from is None or not layout.model.is_dir():
+                write_assets(layout.root)
+        comm.barrier()
+        return cls(layout, checkpoints)
+
+    def close(self) -> None:
+        self.checkpoints.release_lock()

@@ -23,8 +23,10 @@ from dualner.labels import LabelSet
 from dualner.losses import VARIANT_TERMS, token_cross_entropy
 from dualner.model import DualNERModel, HeadOutputs
 from dualner.model_io import save_model_assets
+from dualner.job import start_job
 from dualner.recipe import Recipe, resolve_weights
-from dualner.train import Run, train
+from dualner.run_folder import RunFolder
+from dualner.train import Trainer, assemble, train
 
 
 class Forward(NamedTuple):
@@ -41,23 +43,26 @@ class Stage1Recipe(Recipe):
     }
 
     def __init__(self, engine, windows: list[dict], plan: BatchPlan, collate: Collator, weights: dict[str, float],
-                 dev_sets: list, test_sets: list, rank: int, loader_workers: int, pin_memory: bool, seed: int):
+                 dev_sets: list, test_sets: list, rank: int, loader_workers: int, pin_memory: bool, seed: int,
+                 total_steps: int):
         super().__init__(weights, dev_sets, test_sets)
         self.engine, self.windows, self.plan, self.collate = engine, windows, plan, collate
+        self.total_steps = total_steps
         self.steps_per_epoch = plan.steps_per_epoch()
         self.rank, self.loader_workers, self.pin_memory, self.seed = rank, loader_workers, pin_memory, seed
 
     def batches(self, start_step: int):
-        """The plan's micro batches from `start_step`: a pure function of the step, so a resumed
-        run reads on exactly (collated and pinned in loader workers)."""
+        """The plan's micro batches from `start_step` to the run's last step: a pure function of the
+        step, so a resumed run reads on exactly (collated and pinned in loader workers)."""
         dataset = PlannedMicroBatches(self.windows, self.plan, self.rank, self.collate, self.steps_per_epoch,
-                                      start_step, start_step + 10 ** 9)
+                                      start_step, self.total_steps)
         return iter(micro_batch_loader(dataset, self.loader_workers, self.pin_memory, self.seed + self.rank))
 
     def forward(self, batch: dict) -> Forward:
         return Forward(self.engine(**model_inputs(batch)), batch)
 
-    def shared_state(self) -> dict:
+    def state_dict(self) -> dict:
+        """For the reader of a checkpoint: the position itself is the step (`batches`)."""
         return {"data_position": {"steps_per_epoch": self.steps_per_epoch, "world_size": self.plan.world_size}}
 
 
@@ -72,11 +77,11 @@ def check_batch_fits(cfg: Config, lengths: list[int], sentences: int) -> None:
                           f"{sentences} sentences of data.train); lower it or give more data")
 
 
-def build_stage1(cfg: Config) -> tuple[Run, Stage1Recipe]:
+def build_stage1(cfg: Config) -> Trainer:
     """Read and check every input, build the model and engine, then open the run folder."""
     if not cfg.data.train:
         raise ConfigError("data.train: no labeled training file given (language: path)")
-    run = Run(cfg, "stage 1")
+    job = start_job(cfg, "stage 1")
     encoder_path = resolve_encoder(cfg.model.encoder)
     tokenizer_path = resolve_encoder(cfg.model.tokenizer, "model.tokenizer") if cfg.model.tokenizer else encoder_path
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
@@ -90,14 +95,14 @@ def build_stage1(cfg: Config) -> tuple[Run, Stage1Recipe]:
     check_batch_fits(cfg, [len(w["input_ids"]) for w in windows], len(sentences))
     dev_sets = load_eval_sets(cfg.data.dev, "data.dev", windows_of, label_set, cfg.data.max_eval_sentences)
     test_sets = load_eval_sets(cfg.data.test, "data.test", windows_of, label_set, cfg.data.test_sentence_cap)
-    collate = run.collator(tokenizer.pad_token_id, position_offset(encoder_config))
-    plan = BatchPlan([len(w["input_ids"]) for w in windows], run.layout.micro_batch_size,
-                     run.layout.accumulation_steps, run.info.world_size, cfg.run.seed,
+    collate = job.collator(tokenizer.pad_token_id, position_offset(encoder_config))
+    plan = BatchPlan([len(w["input_ids"]) for w in windows], job.layout.micro_batch_size,
+                     job.layout.accumulation_steps, job.info.world_size, cfg.run.seed,
                      # packed rows carry no padding: plain random micro batches
                      1 if collate.packed else cfg.train.bucket_multiplier,
                      collate.row_length if cfg.train.batch_unit == "tokens" else None)
     steps_per_epoch = plan.steps_per_epoch()
-    run.log.info("stage 1: %d training windows from %d sentences, %d steps per epoch, labels %s",
+    job.log.info("stage 1: %d training windows from %d sentences, %d steps per epoch, labels %s",
                  len(windows), len(sentences), steps_per_epoch, label_set.bio_tags)
     weights = resolve_weights(Stage1Recipe.TERMS, {name: 1.0 for name in VARIANT_TERMS[cfg.model.variant]},
                               cfg.train.loss_weights)
@@ -105,15 +110,15 @@ def build_stage1(cfg: Config) -> tuple[Run, Stage1Recipe]:
                                                  cfg.model.encoder_dropout, cfg.model.attention)
     if cfg.model.freeze_word_embeddings:
         model.freeze_word_embeddings()
-    run.build_engine(model, cfg.train.max_steps or cfg.train.epochs * steps_per_epoch, tokenizer.pad_token_id,
-                     label_set)
+    total_steps = cfg.train.max_steps or cfg.train.epochs * steps_per_epoch
+    engine = job.build_engine(model, total_steps)
     # the encoder's config as trained (model.encoder_dropout included): stage 2 builds from it
-    run.open_folder(lambda run_dir: save_model_assets(run_dir, tokenizer, model.encoder.config, label_set,
-                                                      cfg.model.variant, cfg.data.max_length))
-    recipe = Stage1Recipe(run.engine, windows, plan, collate, weights, dev_sets, test_sets, run.info.rank,
-                          run.loader_workers, run.pin_memory, cfg.run.seed)
-    return run, recipe
+    folder = RunFolder.open(job, lambda run_dir: save_model_assets(run_dir, tokenizer, model.encoder.config,
+                                                                   label_set, cfg.model.variant, cfg.data.max_length))
+    recipe = Stage1Recipe(engine, windows, plan, collate, weights, dev_sets, test_sets, job.info.rank,
+                          job.loader_workers, job.pin_memory, cfg.run.seed, total_steps)
+    return assemble(job, engine, folder, recipe, total_steps, label_set, tokenizer.pad_token_id)
 
 
 def run_stage1(cfg: Config) -> dict:
-    return train(*build_stage1(cfg))
+    return train(build_stage1(cfg))

@@ -19,14 +19,12 @@ from typing import NamedTuple
 import torch
 import yaml
 
-from dualner.backend.comm import barrier
-from dualner.backend.deepspeed_engine import build_teacher
+from dualner.backend import build_teacher, comm
 from dualner.checkpoint import load_model_state, read_best, resolve_checkpoint
 from dualner.config import Config, ModelConfig, Stage2Config
 from dualner.data.encoding import WindowTokenizer
 from dualner.data.packing import Collator, model_inputs
 from dualner.data.sources import check_same_split, read_source
-from dualner.backend import comm
 from dualner.data.corpus import CorpusFile, describe_file, estimate_records
 from dualner.data.prepared import PreparedCorpus
 from dualner.data.streaming import (KIND_SOURCE, KIND_TARGET, KIND_TRANSLATION, STREAM_META, HubSource,
@@ -34,14 +32,17 @@ from dualner.data.streaming import (KIND_SOURCE, KIND_TARGET, KIND_TRANSLATION, 
                                     open_sources)
 from dualner.errors import ConfigError, DataFormatError
 from dualner.evaluate import load_eval_sets
+from dualner.job import Job, start_job
 from dualner.limits import check_max_length
 from dualner.labels import IGNORE_INDEX
 from dualner.losses import centroid_mse, entity_representations, head_kl, parallel_mse, token_cross_entropy
 from dualner.model import DualNERModel, HeadOutputs
 from dualner.model_io import load_trained_model, load_weights, save_model_assets
 from dualner.recipe import Recipe, resolve_weights
+from dualner.run_folder import RunFolder
+from dualner.run_layout import RunLayout
 from dualner.teacher import PseudoLabels, build_pseudo_labels
-from dualner.train import Run, train
+from dualner.train import Trainer, assemble, train
 
 
 class StepPool:
@@ -122,35 +123,33 @@ class Stage2Recipe(Recipe):
 
     def __init__(self, engine, teacher, stream: Stage2Stream, settings: Stage2Config,
                  label_set, languages: list[str], weights: dict[str, float], dev_sets: list, test_sets: list,
-                 sample_log: Path | None, accumulation_steps: int = 1):
+                 sample_log: Path | None, max_bad_records: int = 0, config_key_of: dict[str, str] | None = None):
         super().__init__(weights, dev_sets, test_sets)
         self.engine, self.teacher, self.stream, self.settings = engine, teacher, stream, settings
         self.label_set, self.languages, self.sample_log = label_set, languages, sample_log
+        self.max_bad_records = max_bad_records  # data.max_bad_records
+        self.config_key_of = config_key_of or {}  # corpus file -> its config key, for error messages
         self.teacher_refreshes = 0
         self._stats: dict[str, torch.Tensor] = {}
-        self._step = 0
-        self.accumulation_steps = accumulation_steps  # micro batches per step (mse_pool=step)
-        self._micro_batch = 0
+        self._step = 0  # the optimizer step being trained (begin_step)
         self._pool = StepPool()
-        self.max_bad_records = 0  # data.max_bad_records
-        self.config_key_of: dict[str, str] = {}  # corpus file -> its config key, for error messages
         self._bad_total = 0.0  # bad records over every rank, agreed one step late
         self._bad_pending: comm.PendingHostReduce | None = None
         self._last_bad: dict | None = None
 
     def batches(self, start_step: int):
-        self._step = start_step
         if self.sample_log is not None:  # marks where this job's (possibly resumed) record begins
             with self.sample_log.open("a", encoding="utf-8") as handle:
                 handle.write(json.dumps({"job_starts_after_step": start_step}) + "\n")
-        per_step = self.engine.engine.gradient_accumulation_steps()
         while True:
-            for _ in range(per_step):
-                batch = self.stream.next_batch()
-                if self.sample_log is not None:
-                    self._log_samples(batch, self._step + 1)
-                yield batch
-            self._step += 1
+            batch = self.stream.next_batch()
+            if self.sample_log is not None:
+                self._log_samples(batch, self._step)
+            yield batch
+
+    def begin_step(self, step: int) -> None:
+        self._step = step
+        self._pool = StepPool()  # mse_pool=step: R_k starts empty with each step
 
     def _log_samples(self, batch: dict, step: int) -> None:
         meta = batch["meta"]
@@ -161,9 +160,6 @@ class Stage2Recipe(Recipe):
             handle.write(json.dumps({"step": step, "samples": ids, "passes": meta["pass"]}) + "\n")
 
     def forward(self, batch: dict) -> Forward:
-        if self._micro_batch % self.accumulation_steps == 0:
-            self._pool = StepPool()  # a new step: R_k starts empty
-        self._micro_batch += 1
         inputs = model_inputs(batch)
         # Every rank runs exactly one teacher and one student forward per micro batch, which
         # ZeRO-3's parameter gathering needs to stay in step across ranks.
@@ -205,17 +201,16 @@ class Stage2Recipe(Recipe):
         self.teacher.copy_from(self.engine)
         self.teacher_refreshes += 1
 
-    def shared_state(self) -> dict:
+    def state_dict(self) -> dict:
         return {"teacher_refreshes": self.teacher_refreshes}
 
-    def rank_state(self) -> dict:
-        return {"stream": self.stream.state_dict()}
+    def load_state_dict(self, state: dict) -> None:
+        self.teacher_refreshes = state["teacher_refreshes"]
 
-    def load_state(self, shared: dict, mine: dict | None) -> None:
+    def per_rank_state(self) -> dict:
         # Every rank's stream position together is one global position, which resumes on any
         # number of ranks and loader workers (dualner.data.streaming).
-        self.stream.load_state_dict([rank["stream"] for rank in shared["ranks"]])
-        self.teacher_refreshes = shared["teacher_refreshes"]
+        return {"stream": self.stream}
 
     def data_problem(self, final: bool = False) -> str | None:
         """Bad corpus records (data.max_bad_records): each skipped one is logged by the rank that
@@ -244,7 +239,7 @@ class Stage2Recipe(Recipe):
                 f"{self.max_bad_records}; {where}")
 
 
-def build_stage2(cfg: Config) -> tuple[Run, Stage2Recipe]:
+def build_stage2(cfg: Config) -> Trainer:
     """Read and check every input (the stage-1 model is read once), build the student, the teacher
     and their engines, then open the run folder and start the streams."""
     stage2 = cfg.stage2
@@ -259,12 +254,12 @@ def build_stage2(cfg: Config) -> tuple[Run, Stage2Recipe]:
     if cfg.model.variant != "mlt":
         raise ConfigError(f"model.variant={cfg.model.variant}: dual teaching needs both heads (mlt)")
     adopt_stage1_encoder(cfg)
-    run = Run(cfg, "stage 2")
+    job = start_job(cfg, "stage 2")
     initial = load_trained_model(stage2.init_from, cfg.model.encoder_dropout, cfg.model.attention)
     tokenizer, label_set = initial.tokenizer, initial.label_set
     check_max_length(cfg.data.max_length, initial.model.encoder.config,
                      f"the stage-1 model's encoder (stage2.init_from={stage2.init_from})")
-    warn_if_unfinished(stage2.init_from, initial.checkpoint, run.log)
+    warn_if_unfinished(stage2.init_from, initial.checkpoint, job.log)
     windows_of = WindowTokenizer(tokenizer, label_set, cfg.data.max_length)
     dev_sets = load_eval_sets(cfg.data.dev, "data.dev", windows_of, label_set, cfg.data.max_eval_sentences)
     test_sets = load_eval_sets(cfg.data.test, "data.test", windows_of, label_set, cfg.data.test_sentence_cap)
@@ -280,15 +275,15 @@ def build_stage2(cfg: Config) -> tuple[Run, Stage2Recipe]:
                     source.check_tokenizer(tokenizer, cfg.data.max_length, f"{key}.{language}")
             corpora[(kind, language)] = (sources, f"{key}.{language}")
     if cfg.data.train:
-        check_same_split(cfg, initial.checkpoint.parent.parent / "config.yaml")
+        check_same_split(cfg, RunLayout.of_checkpoint(initial.checkpoint).config)
     source = read_source(cfg) if cfg.data.train else None
     if stage2.mse == "parallel":
         for (kind, language), (sources, key) in corpora.items():
             if kind == KIND_TRANSLATION:
                 check_translation_pairs(sources, key, source)
-    sizes = corpus_sizes(cfg, corpora, source, run.log) if stage2.mix == "size" else None
+    sizes = corpus_sizes(cfg, corpora, source, job.log) if stage2.mix == "size" else None
     total_steps = cfg.train.max_steps or math.ceil(stage2.epochs * sum(sizes.values()) / cfg.train.global_batch_size)
-    collate = run.collator(tokenizer.pad_token_id, initial.model.position_offset, meta_columns=STREAM_META,
+    collate = job.collator(tokenizer.pad_token_id, initial.model.position_offset, meta_columns=STREAM_META,
                            languages=tuple(languages), pair_translations=stage2.mse == "parallel")
     weights = resolve_weights(Stage2Recipe.TERMS, {name: stage2.mse_weight if name == "mse" else 1.0
                                                    for name in Stage2Recipe.TERMS}, cfg.train.loss_weights)
@@ -299,25 +294,25 @@ def build_stage2(cfg: Config) -> tuple[Run, Stage2Recipe]:
         student.freeze_word_embeddings()
     teacher = DualNERModel.from_encoder_config(student.encoder.config, len(label_set.entity_types),
                                                attention_mode=cfg.model.attention)
-    best = read_best(run.checkpoints.root) if run.folder.resume_from else None
+    checkpoints = RunLayout(job.run_dir).checkpoints
+    best = read_best(checkpoints) if job.folder.resume_from else None
     if best:  # resuming: the teacher is this run's best model so far
-        teacher_source = run.checkpoints.root / best["path"]
+        teacher_source = checkpoints / best["path"]
         load_weights(teacher, load_model_state(teacher_source), teacher_source)
     else:  # the stage-1 model, already in memory
         teacher_source = initial.checkpoint
         teacher.load_state_dict(student.state_dict())
-    run.log.info("stage 2: student from %s, teacher from %s", initial.checkpoint, teacher_source)
-    run.build_engine(student, total_steps, tokenizer.pad_token_id, label_set)
-    teacher_engine = build_teacher(teacher, run.ds_config, stage2.teacher_placement)
-    run.open_folder(lambda run_dir: save_model_assets(run_dir, tokenizer, student.encoder.config, label_set,
-                                                      cfg.model.variant, cfg.data.max_length))
-    stream = build_stream(cfg, run, windows_of, collate, source, corpora, sizes)
-    sample_log = run.run_dir / f"samples_rank{run.info.rank}.jsonl" if stage2.sample_log else None
-    recipe = Stage2Recipe(run.engine, teacher_engine, stream, stage2, label_set, languages, weights,
-                          dev_sets, test_sets, sample_log, run.layout.accumulation_steps)
-    recipe.max_bad_records = cfg.data.max_bad_records
-    recipe.config_key_of = {source.path: key for sources, key in corpora.values() for source in sources}
-    return run, recipe
+    job.log.info("stage 2: student from %s, teacher from %s", initial.checkpoint, teacher_source)
+    engine = job.build_engine(student, total_steps)
+    teacher_engine = build_teacher(teacher, job.engine_config, stage2.teacher_placement)
+    folder = RunFolder.open(job, lambda run_dir: save_model_assets(run_dir, tokenizer, student.encoder.config,
+                                                                   label_set, cfg.model.variant, cfg.data.max_length))
+    stream = build_stream(job, folder, windows_of, collate, source, corpora, sizes)
+    sample_log = folder.layout.samples(job.info.rank) if stage2.sample_log else None
+    config_key_of = {source.path: key for sources, key in corpora.values() for source in sources}
+    recipe = Stage2Recipe(engine, teacher_engine, stream, stage2, label_set, languages, weights, dev_sets, test_sets,
+                          sample_log, cfg.data.max_bad_records, config_key_of)
+    return assemble(job, engine, folder, recipe, total_steps, label_set, tokenizer.pad_token_id)
 
 
 def adopt_stage1_encoder(cfg: Config) -> None:
@@ -325,7 +320,7 @@ def adopt_stage1_encoder(cfg: Config) -> None:
     `model.encoder` / `model.tokenizer` naming another is refused; one left at its default takes the
     stage-1 run's value, so config.yaml records what is trained."""
     checkpoint = resolve_checkpoint(cfg.stage2.init_from)
-    saved = checkpoint.parent.parent / "config.yaml"
+    saved = RunLayout.of_checkpoint(checkpoint).config
     if not saved.is_file():
         return
     theirs = (yaml.safe_load(saved.read_text(encoding="utf-8")) or {}).get("model") or {}
@@ -353,11 +348,11 @@ def warn_if_unfinished(init_from: str, checkpoint: Path, log) -> None:
     stage 2 starts from."""
     if re.match(r"^step-\d+$", Path(init_from).name):
         return  # a checkpoint named on purpose
-    run_dir = checkpoint.parent.parent
+    run = RunLayout.of_checkpoint(checkpoint)
     if read_best(checkpoint.parent) is None:
         log.warning("stage2.init_from=%s: the stage-1 run has no best checkpoint (no dev evaluation yet: "
                     "unfinished?); starting from its newest complete checkpoint, %s", init_from, checkpoint.name)
-    elif not (run_dir / "results.json").is_file():
+    elif not run.results.is_file():
         log.warning("stage2.init_from=%s: the stage-1 run has not finished (no results.json); starting from "
                     "its best checkpoint so far, %s", init_from, checkpoint.name)
 
@@ -393,13 +388,13 @@ def check_translation_pairs(sources: list, key: str, source, sample: int = 200) 
                               f"stage2.mse=parallel would have no pair to compare")
 
 
-def write_source_files(run: Run, source: tuple[list, list]) -> tuple[Path, Path | None]:
+def write_source_files(folder: RunFolder, source: tuple[list, list]) -> tuple[Path, Path | None]:
     """The labeled source as JSONL in the run folder (with `src_id`); with train_fraction < 1 the
     remainder goes to a second, unlabeled file."""
-    folder = run.run_dir / "stage2_data"
-    labeled, remainder = folder / "source_labeled.jsonl", folder / "source_remainder.jsonl"
-    if run.info.is_main:
-        folder.mkdir(parents=True, exist_ok=True)
+    data = folder.layout.stage2_data
+    labeled, remainder = data / "source_labeled.jsonl", data / "source_remainder.jsonl"
+    if comm.current().is_main:
+        data.mkdir(parents=True, exist_ok=True)
         kept, rest = source
         for path, part, with_tags in ((labeled, kept, True), (remainder, rest, False)):
             text = "".join(json.dumps({"tokens": sentence.words, "lang": sentence.language, "src_id": sentence.source,
@@ -410,7 +405,7 @@ def write_source_files(run: Run, source: tuple[list, list]) -> tuple[Path, Path 
             temporary = path.with_suffix(".tmp")
             temporary.write_bytes(text)
             temporary.replace(path)
-    barrier()
+    comm.barrier()
     return labeled, (remainder if remainder.stat().st_size > 0 else None)
 
 
@@ -444,14 +439,14 @@ def corpus_sizes(cfg: Config, corpora: dict, source: tuple[list, list] | None, l
     return sizes
 
 
-def build_stream(cfg: Config, run: Run, windows_of: WindowTokenizer, collate: Collator,
+def build_stream(job: Job, folder: RunFolder, windows_of: WindowTokenizer, collate: Collator,
                  source: tuple[list, list] | None, corpora: dict, sizes: dict | None) -> Stage2Stream:
     """One stream per (kind, language). stage2.mix=size: each drawn in proportion to its sentences
     times its kind's weight; mix=equal: the labeled source carries `source_weight`, and
     `target_weight` / `translation_weight` are shared equally by the target languages (the unlabeled
     source remainder counts as one) and by the translation languages."""
-    stage2 = cfg.stage2
-    labeled, remainder = write_source_files(run, source) if source is not None else (None, None)
+    cfg, stage2 = job.cfg, job.cfg.stage2
+    labeled, remainder = write_source_files(folder, source) if source is not None else (None, None)
     targets = {language: sources for (kind, language), (sources, _) in corpora.items() if kind == KIND_TARGET}
     if remainder is not None:
         targets[f"{cfg.data.source_language}-remainder"] = [describe_file(remainder, "data.train")]
@@ -471,14 +466,14 @@ def build_stream(cfg: Config, run: Run, windows_of: WindowTokenizer, collate: Co
     specs = [StreamSpec(f"{kind}/{language}", kind, language.removesuffix("-remainder"), sources, weight,
                         pair_with if kind == KIND_TRANSLATION else "")
              for kind, language, sources, weight in streams]
-    run.log.info("stage 2 streams over %d rank(s) x %d loader worker(s): %s", run.info.world_size,
-                 max(1, run.loader_workers), ", ".join(f"{spec.name} ({len(spec.sources)} file(s), weight "
+    job.log.info("stage 2 streams over %d rank(s) x %d loader worker(s): %s", job.info.world_size,
+                 max(1, job.loader_workers), ", ".join(f"{spec.name} ({len(spec.sources)} file(s), weight "
                                                        f"{spec.weight:.3g})" for spec in specs))
     # a translation and its source travel as one unit of the stream (dualner.data.streaming)
-    return Stage2Stream(specs, windows_of, run.layout.micro_batch_size, cfg.run.seed, run.info.rank,
-                        run.info.world_size, collate, pool=stage2.bucket_pool, workers=run.loader_workers,
-                        pin_memory=run.pin_memory, range_bytes=stage2.range_mb << 20, log=run.log)
+    return Stage2Stream(specs, windows_of, job.layout.micro_batch_size, cfg.run.seed, job.info.rank,
+                        job.info.world_size, collate, pool=stage2.bucket_pool, workers=job.loader_workers,
+                        pin_memory=job.pin_memory, range_bytes=stage2.range_mb << 20, log=job.log)
 
 
 def run_stage2(cfg: Config) -> dict:
-    return train(*build_stage2(cfg))
+    return train(build_stage2(cfg))

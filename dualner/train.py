@@ -1,99 +1,323 @@
 """The training loop of every stage (`train`, below: torchtitan's train(), nanoGPT's loop) over a
-recipe (dualner.recipe), and the run it drives: process group, engine, run folder and checkpoints,
-evaluation, logging.
+`Trainer`: the components of a run, assembled once in a fixed order by `assemble`.
 
-Nothing in a step waits for the device: loss terms and statistics are summed on the device and read
-once per log window (one reduction, one copy); a non-finite loss makes the optimizer skip that step
-on the device on every rank, and its flag is read one step later, when it is long computed;
-preemption signals are agreed through a host collective that is also read one step later.
+    job = start_job(cfg, stage)             dualner.job: process group, device, batch layout, engine
+                                            config, the folder plan; all checked, nothing written
+    ... the stage reads its data and builds its model ...
+    engine = job.build_engine(model, steps) dualner.backend: the TrainingEngine
+    folder = RunFolder.open(job, assets)    dualner.run_folder: lock, config, model assets (writes)
+    recipe = StageRecipe(engine, ...)       dualner.recipe: batches, loss terms, the stage's state
+    trainer = assemble(job, engine, folder, recipe, ...)    checkpointer, metrics, evaluation
+    train(trainer)
+
+Each component exists only once it is usable (a RunFolder only once the lock is held), and the
+checkpointer is told once what to save: the engine's files, the trainer's progress, the recipe's
+state, and per rank its random generators and (stage 2) its stream position.
+
+Nothing in a step waits for the device: loss terms are summed on the device and read once per log
+window (dualner.metrics); a non-finite loss makes the optimizer skip that step on the device on every
+rank, and its flag is read one step later, when it is long computed; preemption signals are agreed
+through a host collective that is also read one step later.
 """
 
 from __future__ import annotations
 
-import atexit
 import gc
-import json
-import os
 import random
 import signal
-import time
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
 
-from dualner import faults
-from dualner.backend import comm
-from dualner.backend.deepspeed_engine import DeepSpeedTrainingEngine, load_deepspeed_config, zero_stage
-from dualner.backend.placement import AsyncHostCopy, HostSyncCounter, pin_memory_wanted, to_device
-from dualner.checkpoint import CheckpointManager, write_json_atomic
-from dualner.config import Config, evaluation_head
-from dualner.data.batching import BatchLayout, derive_batch_layout
-from dualner.data.loader import default_workers
-from dualner.data.packing import Collator, packs_by_default
-from dualner.errors import BadRecordsError, ConfigError, NonFiniteLossError, UserError
+from dualner.backend import TrainingEngine, comm
+from dualner.backend.placement import AsyncHostCopy, to_device
+from dualner.checkpoint import Checkpointer, write_json_atomic
+from dualner.config import evaluation_head
+from dualner.data.packing import Collator
+from dualner.errors import BadRecordsError, NonFiniteLossError
 from dualner.evaluate import EvalSet, evaluate_sets, format_table
-from dualner.logging import ScalarWriter, get_logger
+from dualner.job import Job, seed_everything
+from dualner.metrics import MetricWindow, TrainingMetrics
 from dualner.profiling import StepProfiler
 from dualner.recipe import Recipe
-from dualner.run_folder import FolderPlan, apply_plan, clear_incomplete, plan_folder
+from dualner.run_folder import RunFolder, clear_incomplete
 
 
-def train(run: "Run", recipe: Recipe) -> dict:
-    """Train `recipe` from where the run's checkpoints stop; returns the run's summary."""
-    cfg = run.cfg.train
-    run.resume(recipe)
-    batches = recipe.batches(run.state.step)
-    if recipe.evaluate_initial_model and run.state.step == 0 and recipe.dev_sets:
-        run.evaluate_dev(recipe)  # the model we start from is the one to beat (stage 2: the teacher)
-        run.save(recipe)
-        run.checkpoints.mark_best(0, run.state.history[-1])
+def train(trainer: "Trainer") -> dict:
+    """Train the recipe from where the run's checkpoints stop; returns the run's summary."""
+    engine, recipe, progress, metrics = trainer.engine, trainer.recipe, trainer.progress, trainer.metrics
+    cfg = trainer.job.cfg
+    trainer.resume()
+    batches = recipe.batches(progress.step)
+    if recipe.evaluate_initial_model and progress.step == 0 and recipe.dev_sets:
+        trainer.evaluate_dev()  # the model we start from is the one to beat (stage 2: the teacher)
+        trainer.save(best=True)
     # Everything built so far (encoded data, model, modules) lives for the whole run: moved out of
     # the collector's reach, a full collection no longer walks millions of objects mid-step.
     gc.collect()
     gc.freeze()
-    signals, window, steps_this_job = PreemptionSignal(), MetricWindow(), 0
-    run.engine.train()
-    profiler = StepProfiler.for_run(run)  # profile.enabled: torch.profiler over steps K..K+n-1
-    while run.state.step < run.total_steps:
-        faults.kill_if_due("kill", run.info.rank, run.state.step + 1)
+    signals, window, guard, steps_this_job = PreemptionSignal(), MetricWindow(), NonFiniteGuard(), 0
+    profiler = StepProfiler(cfg.profile, trainer.folder.layout.profile, trainer.job.info.rank, engine.device,
+                            progress.step, trainer.total_steps)  # profile.enabled: steps K..K+n-1
+    engine.train()
+    while progress.step < trainer.total_steps:
+        step = progress.step + 1
+        recipe.begin_step(step)
         flags, samples = [], []
-        with run.counting_syncs():
-            for _ in range(run.layout.accumulation_steps):
+        with metrics.counting_syncs():
+            for _ in range(engine.accumulation_steps):
                 batch = window.wait_for(batches)
                 samples.append(batch["meta"].get("sample_id") or batch["meta"].get("sentence_id") or [])
-                terms = recipe.losses(to_device(batch, run.device))
-                flags.append(run.backward(recipe.weights, terms, window))
-        run.end_step(flags, samples)
+                terms = recipe.losses(to_device(batch, engine.device))  # the forward passes
+                loss = sum(recipe.weights[name] * value for name, value in terms.items())
+                flags.append(engine.backward(loss))  # 1.0 on the device when the loss is not finite
+                window.add({"total": loss, **terms}, flags[-1])
+            engine.optimizer_step()  # skipped on every rank when a micro batch's loss was not finite
+        progress.step = step
+        guard.record(step, engine.last_step_flag, flags, samples)
+        metrics.step_done()
         profiler.step()
         steps_this_job += 1
-        step = run.state.step
-        last = step == run.total_steps
-        stop = signals.agreed() or steps_this_job == run.cfg.run.max_steps_per_job
-        if step % cfg.log_every == 0 or last or stop:
-            window = run.log_window(window, recipe)
-        run.check_nonfinite(step if last or stop else step - 1, recipe)  # lag one
+        last = step == trainer.total_steps
+        stop = signals.agreed() or steps_this_job == cfg.run.max_steps_per_job
+        if step % cfg.train.log_every == 0 or last or stop:
+            window = trainer.log_window(window)
+        trainer.check_nonfinite(guard, step if last or stop else step - 1)  # lag one
         problem = recipe.data_problem(final=last or stop)  # bad corpus records past data.max_bad_records
         if problem:
-            run.save(recipe)
-            raise BadRecordsError(f"{problem}. Stopped with checkpoint {run.checkpoints.root / f'step-{step}'}: "
-                                  f"fix or remove the record(s), or raise data.max_bad_records, and run again "
-                                  f"(run.resume=auto continues after them)")
+            path = trainer.save()
+            raise BadRecordsError(f"{problem}. Stopped with checkpoint {path}: fix or remove the record(s), or "
+                                  f"raise data.max_bad_records, and run again (run.resume=auto continues after them)")
         with window.paused():  # evaluation and saving stay out of the throughput window
-            improved = bool(recipe.dev_sets) and (step % cfg.eval_every == 0 or last) and run.evaluate_dev(recipe)
-            if run.checkpoints.due(step, last=last, improved=improved, job_done=stop):
-                run.save(recipe)
-                if improved:
-                    run.checkpoints.mark_best(step, run.state.history[-1])
+            improved = (bool(recipe.dev_sets) and (step % cfg.train.eval_every == 0 or last)
+                        and trainer.evaluate_dev())
+            if trainer.folder.checkpoints.due(step, last=last, improved=improved, job_done=stop):
+                trainer.save(best=improved)
             if improved:
                 recipe.on_new_best()
         if stop and not last:
-            return run.stop(signals, steps_this_job)
+            return trainer.stop(signals, steps_this_job)
     signals.restore()
-    return run.finish(recipe)
+    return trainer.finish()
+
+
+@dataclass
+class TrainerState:
+    """The run's progress, the same on every rank (saved once per checkpoint, as `trainer`)."""
+    step: int = 0
+    best_score: float = float("-inf")
+    best_step: int = -1
+    history: list = field(default_factory=list)  # dev results of every evaluation
+    skipped_steps: int = 0  # optimizer steps skipped for a non-finite loss (train.nonfinite_loss=skip)
+
+    def state_dict(self) -> dict:
+        return asdict(self)
+
+    def load_state_dict(self, state: dict) -> None:
+        state = dict(state)
+        state.setdefault("skipped_steps", state.pop("skipped_micro_batches", 0))
+        self.__init__(**state)
+
+
+@dataclass
+class Trainer:
+    """A run's components (built by `assemble`); its methods are the loop's steps that touch several."""
+    job: Job
+    engine: TrainingEngine
+    folder: RunFolder
+    recipe: Recipe
+    total_steps: int
+    label_set: object
+    eval_collator: Collator
+    progress: TrainerState
+    checkpointer: Checkpointer
+    metrics: TrainingMetrics
+
+    def resume(self) -> None:
+        """Continue from the checkpoint the folder plan chose, if any: every component's state back."""
+        checkpoints = self.folder.checkpoints
+        checkpoints.clear_stopped()
+        if self.job.info.is_main:
+            clear_incomplete(checkpoints)
+        if self.job.folder.resume_from is not None:
+            self.checkpointer.load(self.job.folder.resume_from)
+            self.job.log.info("resumed from %s at step %d", self.job.folder.resume_from, self.progress.step)
+        self.metrics.start_at(self.progress.step)
+
+    def save(self, best: bool = False) -> Path:
+        path = self.checkpointer.save(self.progress.step)
+        if best:
+            self.folder.checkpoints.mark_best(self.progress.step, self.progress.history[-1])
+        return path
+
+    def evaluate(self, eval_sets: list[EvalSet]) -> dict:
+        cfg = self.job.cfg
+        self.engine.eval()
+        results = evaluate_sets(self.engine, eval_sets, self.label_set,
+                                evaluation_head(cfg.model.variant, cfg.eval.head), cfg.eval.batch_size,
+                                self.eval_collator, self.engine.device)
+        self.engine.train()
+        return results
+
+    def evaluate_dev(self) -> bool:
+        """Evaluate, log, and report whether the model is the best so far."""
+        results, state = self.evaluate(self.recipe.dev_sets), self.progress
+        select_on = self.job.cfg.eval.select_on
+        score = (results["per_language"][self.job.cfg.data.source_language] if select_on == "source"
+                 else results["average"])
+        state.history.append({"step": state.step, **results})
+        improved = score > state.best_score
+        if improved:
+            state.best_score, state.best_step = score, state.step
+        self.metrics.log_dev(state.step, results, improved, state.best_score, state.best_step)
+        return improved
+
+    def log_window(self, window: MetricWindow) -> MetricWindow:
+        recipe = self.recipe
+        return self.metrics.log_window(window, self.progress.step, list(recipe.TERMS), recipe.device_statistics(),
+                                       recipe.window_scalars, {"lr": self.engine.lr(), "nonfinite/skipped_steps":
+                                                               float(self.progress.skipped_steps)})
+
+    def check_nonfinite(self, guard: "NonFiniteGuard", upto: int) -> None:
+        """Steps up to `upto` the optimizer skipped: stop with a checkpoint or count
+        (train.nonfinite_loss). Every rank reads the same reduced flag, so all decide together."""
+        for where in guard.skipped(upto):
+            if self.job.cfg.train.nonfinite_loss == "stop":
+                # The optimizer skipped that step on every rank, so the current state holds no
+                # update from it: checkpoint it, then stop.
+                path = self.save()
+                raise NonFiniteLossError(
+                    f"non-finite loss at {where}; the step was skipped and training stopped "
+                    f"(train.nonfinite_loss=stop) with checkpoint {path}, where resume=auto restarts; "
+                    f"lower train.lr or set train.nonfinite_loss=skip")
+            self.progress.skipped_steps += 1
+            self.job.log.warning("non-finite loss at %s: the step was skipped on every rank (%d so far)", where,
+                                 self.progress.skipped_steps)
+
+    def stop(self, signals: "PreemptionSignal", steps_this_job: int) -> dict:
+        preempted = bool(signals.signal_name)
+        reason = (f"signal {signals.signal_name} (preemption or time limit)" if preempted
+                  else "run.max_steps_per_job")
+        step = self.progress.step
+        self.job.log.info("stopping after %d steps in this job (%s) with checkpoint step-%d; run again with "
+                          "run.resume=auto to continue", steps_this_job, reason, step)
+        self.folder.checkpoints.mark_stopped(step, reason)
+        signals.restore()
+        self.metrics.close()
+        self.folder.close()
+        return {"steps": step, "stopped_early": True, "preempted": preempted}
+
+    def finish(self) -> dict:
+        checkpoints, log = self.folder.checkpoints, self.job.log
+        self.metrics.progress.close()
+        summary: dict = {"steps": self.progress.step, "best_step": self.progress.best_step,
+                         "best_score": self.progress.best_score}
+        best = checkpoints.best()
+        if best is not None:
+            summary["dev"] = {"per_language": best["per_language"], "average": best["average"]}
+            log.info("best dev F1 (step %d):\n%s", best["step"], format_table(summary["dev"], "dev F1"))
+        if self.recipe.test_sets:
+            if best is not None and best["step"] != self.progress.step:
+                # Test F1 of the selected model, not the last one. A full load (DeepSpeed's module-only
+                # load ignores the tag under ZeRO-3), by any number of ranks: a best written by another
+                # number goes through the universal checkpoint, like a resume.
+                checkpoints.load(self.engine, checkpoints.root / best["path"], self.job.info.world_size)
+            summary["test"] = self.evaluate(self.recipe.test_sets)
+            log.info("test F1:\n%s", format_table(summary["test"], "test F1"))
+        if self.job.info.is_main:
+            write_json_atomic(self.folder.layout.results, summary)
+        self.metrics.close()
+        comm.barrier()
+        self.folder.close()
+        return summary
+
+
+def assemble(job: Job, engine: TrainingEngine, folder: RunFolder, recipe: Recipe, total_steps: int,
+             label_set, pad_id: int) -> Trainer:
+    """The run's remaining components, in the one order they can be built in."""
+    cfg = job.cfg
+    progress = TrainerState()
+    eval_collator = job.collator(pad_id, engine.module.position_offset)
+    eval_collator.rows = None  # evaluation batches count sentences
+    checkpointer = Checkpointer(folder.checkpoints, engine, shared={"trainer": progress, "recipe": recipe},
+                                per_rank={"rng": RandomState(cfg.run.seed, progress, job.log),
+                                          **recipe.per_rank_state()})
+    metrics = TrainingMetrics(folder.layout, cfg.logging.tensorboard, cfg.logging.progress_bar, total_steps,
+                              job.stage_name, engine.device)
+    layout = job.layout
+    job.log.info(
+        "%s: %d steps, global batch %d %s = micro %d x accumulation %d x world %d (derived into "
+        "the DeepSpeed config), ZeRO stage %d from %s, %s rows", job.stage_name, total_steps,
+        layout.global_batch_size, layout.unit, layout.micro_batch_size, engine.accumulation_steps,
+        job.info.world_size, engine.zero_stage, cfg.deepspeed.config,
+        f"packed {eval_collator.row_length}-token" if eval_collator.packed else "padded")
+    trainer = Trainer(job, engine, folder, recipe, total_steps, label_set, eval_collator, progress, checkpointer,
+                      metrics)
+    from dualner import faults
+    if faults.enabled():  # the hardening tests' injected failures (never outside a test)
+        faults.instrument(trainer)
+    return trainer
+
+
+class RandomState:
+    """This rank's random generators (dropout masks), saved per rank. Resumed on the same number of
+    ranks, each rank continues its own; on another number, they are reseeded from the step (the
+    dropout draws then differ from the uninterrupted run's, which the log says)."""
+
+    def __init__(self, seed: int, progress: TrainerState, log):
+        self.seed, self.progress, self.log = seed, progress, log
+
+    def state_dict(self) -> dict:
+        """Plain lists and tensors (no numpy objects), so a checkpoint reads with weights_only=True."""
+        name, keys, position, has_gauss, cached = np.random.get_state()
+        state = {"python": random.getstate(), "numpy": [name, keys.tolist(), position, has_gauss, cached],
+                 "torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            state["cuda"] = torch.cuda.get_rng_state_all()
+        return state
+
+    def load_state_dict(self, every_rank: list[dict]) -> None:
+        info = comm.current()
+        if len(every_rank) != info.world_size:
+            self.log.warning("checkpoint written by %d ranks, resuming on %d: dropout draws differ from the "
+                             "uninterrupted run", len(every_rank), info.world_size)
+            seed_everything(self.seed + self.progress.step, info.rank)
+            return
+        state = every_rank[info.rank]
+        random.setstate(state["python"])
+        name, keys, position, has_gauss, cached = state["numpy"]
+        np.random.set_state((name, np.asarray(keys, dtype=np.uint32), position, has_gauss, cached))
+        torch.set_rng_state(state["torch"])
+        if "cuda" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class NonFiniteGuard:
+    """Each step's flags, copied to the host as they complete and read one step later: the flag
+    reduced over ranks (the optimizer skipped the step), then this rank's flag per micro batch."""
+
+    def __init__(self):
+        self._pending: list[tuple[int, AsyncHostCopy, list]] = []  # (step, flags, samples per micro batch)
+
+    def record(self, step: int, step_flag: torch.Tensor, micro_batch_flags: list[torch.Tensor],
+               samples: list) -> None:
+        self._pending.append((step, AsyncHostCopy(torch.stack([step_flag, *micro_batch_flags])), samples))
+
+    def skipped(self, upto: int) -> list[str]:
+        """Where each skipped step up to `upto` went wrong, as the error message names it."""
+        found = []
+        while self._pending and self._pending[0][0] <= upto:
+            step, copy, samples = self._pending.pop(0)
+            step_flag, *micro_batch_flags = copy.value().tolist()
+            if step_flag == 0:
+                continue
+            mine = [index for index, flag in enumerate(micro_batch_flags) if flag > 0]
+            found.append(f"step {step}, micro batch {mine[0]} (rank {comm.current().rank} samples "
+                         f"{samples[mine[0]][:4]}{' ...' if len(samples[mine[0]]) > 4 else ''})" if mine
+                         else f"step {step} (on another rank)")
+        return found
 
 
 class PreemptionSignal:
@@ -131,376 +355,3 @@ class PreemptionSignal:
         if requested and not self.signal_name:
             self.signal_name = "on another rank"
         return requested
-
-
-class MetricWindow:
-    """One log window's sums: loss terms on the device, counts and waits on the host."""
-
-    def __init__(self):
-        self.device: dict[str, torch.Tensor] = {}
-        self.host = {"tokens": 0.0, "computed_tokens": 0.0, "windows": 0.0, "data/wait_seconds": 0.0}
-        self.started = time.perf_counter()
-
-    def wait_for(self, batches) -> dict:
-        waited = time.perf_counter()
-        batch = next(batches)
-        self.host["data/wait_seconds"] += time.perf_counter() - waited
-        self.host["tokens"] += batch["real_tokens"]
-        self.host["computed_tokens"] += batch["input_ids"].numel()
-        self.host["windows"] += batch["num_segments"]
-        return batch
-
-    def add(self, terms: dict[str, torch.Tensor], bad: torch.Tensor) -> None:
-        """A micro batch's terms, summed on the device (a skipped micro batch adds nothing)."""
-        for name, value in terms.items():
-            value = torch.where(bad > 0, 0.0, value.detach().float())
-            self.device[name] = self.device[name] + value if name in self.device else value
-        good = 1.0 - bad
-        self.device["good_micro_batches"] = self.device.get("good_micro_batches", 0) + good
-
-    @contextmanager
-    def paused(self):
-        paused = time.perf_counter()
-        yield
-        self.started += time.perf_counter() - paused
-
-
-@dataclass
-class RunState:
-    step: int = 0
-    best_score: float = float("-inf")
-    best_step: int = -1
-    history: list = field(default_factory=list)  # dev results of every evaluation
-    skipped_steps: int = 0  # optimizer steps skipped for a non-finite loss (train.nonfinite_loss=skip)
-
-
-def rng_state() -> dict:
-    """Plain lists and tensors (no numpy objects), so a checkpoint reads with weights_only=True."""
-    name, keys, position, has_gauss, cached = np.random.get_state()
-    state = {"python": random.getstate(), "numpy": [name, keys.tolist(), position, has_gauss, cached],
-             "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    name, keys, position, has_gauss, cached = state["numpy"]
-    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), position, has_gauss, cached))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def seed_everything(seed: int, rank: int) -> None:
-    # Each rank draws different dropout masks, reproducibly.
-    random.seed(seed + rank)
-    np.random.seed(seed + rank)
-    torch.manual_seed(seed + rank)
-
-
-def check_output_dir(path: Path) -> None:
-    """Before anything is written: the run folder must be a folder we can write in."""
-    if path.exists() and not path.is_dir():
-        raise ConfigError(f"run.output_dir={path} is a file; choose a folder")
-    existing = path
-    while not existing.exists():
-        existing = existing.parent
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise ConfigError(f"run.output_dir={path}: cannot write in {existing} (read-only or no permission); "
-                          f"choose another run.output_dir")
-
-
-class Run:
-    """A stage's training run. Built in this order, nothing written until `open_folder`: the run
-    (process group, device, batch layout, DeepSpeed JSON: all checked), the stage's data and model,
-    `build_engine`, then `open_folder` (lock, config, model assets), then `train(run, recipe)`."""
-
-    def __init__(self, cfg: Config, stage_name: str):
-        self.cfg, self.stage_name = cfg, stage_name
-        self.info = comm.init_distributed()
-        self.log = get_logger()
-        if cfg.eval.select_on == "source" and cfg.data.source_language not in cfg.data.dev:
-            raise ConfigError(f"eval.select_on=source needs data.dev.{cfg.data.source_language}")
-        self.run_dir = Path(cfg.run.output_dir)
-        check_output_dir(self.run_dir)
-        self.checkpoints = CheckpointManager(self.run_dir, cfg.train.keep_last,
-                                             cfg.train.save_every or cfg.train.eval_every, self.log)
-        seed_everything(cfg.run.seed, self.info.rank)
-        self.layout: BatchLayout = derive_batch_layout(cfg.train, self.info.world_size)
-        self.device = comm.accelerator_device(self.info.local_rank)
-        self.ds_config = load_deepspeed_config(cfg.deepspeed.config, self.layout, self.device)
-        faults.check()
-        self.folder: FolderPlan = self._plan_folder()  # refusals about the folder: nothing written yet
-        self.loader_workers = default_workers(cfg.data.loader_workers, self.device,
-                                              int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
-        self.pin_memory = pin_memory_wanted(self.device)
-        self.state = RunState()
-        # (step, flags copied to the host as they complete, samples per micro batch), read a step later
-        self._pending_flags: list[tuple[int, AsyncHostCopy, list]] = []
-        self._syncs = (HostSyncCounter() if os.environ.get("DUALNER_COUNT_SYNCS") == "1"
-                       and self.device.type == "cuda" else None)
-        self._last_logged_step = 0
-
-    # -- set-up -----------------------------------------------------------------------------------
-    def collator(self, pad_id: int, position_offset: int | None, **extra) -> Collator:
-        """Packed rows when the config asks for them and the encoder family allows it."""
-        cfg = self.cfg
-        packing = cfg.data.packing
-        if packing == "auto":
-            packing = cfg.train.batch_unit == "tokens" or packs_by_default(self.device)
-        packed = packing and position_offset is not None
-        if cfg.train.batch_unit == "tokens" and not packed:
-            raise ConfigError("train.batch_unit=tokens needs packed rows (data.packing=true and an "
-                              "encoder family dualner.attention knows)")
-        row_length = cfg.data.pack_length or cfg.data.max_length
-        if row_length < cfg.data.max_length:
-            raise ConfigError(f"data.pack_length={row_length} must hold a whole window "
-                              f"(data.max_length={cfg.data.max_length})")
-        rows = None
-        if cfg.train.batch_unit == "tokens":
-            if cfg.train.micro_batch_size % row_length:
-                raise ConfigError(f"train.micro_batch_size={cfg.train.micro_batch_size} tokens is not a whole "
-                                  f"number of rows of data.pack_length={row_length}")
-            rows = cfg.train.micro_batch_size // row_length
-        return Collator(pad_id=pad_id, packed=packed, row_length=row_length,
-                        position_offset=position_offset or 0, rows=rows, **extra)
-
-    def build_engine(self, model: torch.nn.Module, total_steps: int, pad_id: int, label_set) -> None:
-        self.total_steps, self.label_set = total_steps, label_set
-        self.engine = DeepSpeedTrainingEngine(model, self.ds_config, self.cfg.train, total_steps,
-                                              compile_encoder=self.cfg.model.compile,
-                                              fixed_shapes=self.cfg.train.batch_unit == "tokens")
-        self.device = self.engine.device
-        self.eval_collator = self.collator(pad_id, model.position_offset)
-        self.eval_collator.rows = None  # evaluation batches count sentences
-        self.log.info(
-            "%s: %d steps, global batch %d %s = micro %d x accumulation %d x world %d (derived into "
-            "the DeepSpeed config), ZeRO stage %d from %s, %s rows", self.stage_name, total_steps,
-            self.layout.global_batch_size, self.layout.unit, self.layout.micro_batch_size,
-            self.layout.accumulation_steps, self.info.world_size, zero_stage(self.ds_config),
-            self.cfg.deepspeed.config,
-            f"packed {self.eval_collator.row_length}-token" if self.eval_collator.packed else "padded")
-
-    def _plan_folder(self) -> FolderPlan:
-        """What this job does with its folder (dualner.run_folder), decided by rank 0 reading only;
-        every rank gets the answer, or raises the same refusal."""
-        outcome = None
-        if self.info.is_main:
-            try:
-                outcome = ("ok", plan_folder(self.cfg, self.checkpoints, zero_stage(self.ds_config), self.log))
-            except UserError as error:
-                outcome = ("refused", error)
-        outcome = comm.broadcast_object(outcome)
-        if outcome[0] == "refused":
-            raise outcome[1]
-        return outcome[1]
-
-    def open_folder(self, write_assets: Callable[[Path], None]) -> None:
-        """Take the run lock, carry out the folder plan (move an earlier run aside, save the config,
-        record the job in config_history.jsonl), write (rank 0) the model assets, start TensorBoard."""
-        cfg, manager = self.cfg, self.checkpoints
-        manager.take_lock()
-        atexit.register(manager.release_lock)
-        if self.info.is_main:
-            apply_plan(self.folder, cfg, self.run_dir, self.log)
-            if self.folder.resume_from is None or not (self.run_dir / "model").is_dir():
-                write_assets(self.run_dir)
-        comm.barrier()
-        self.writer = ScalarWriter(self.run_dir / "tensorboard", cfg.logging.tensorboard)
-        self.progress = _progress(self.info.is_main and cfg.logging.progress_bar, self.total_steps,
-                                  self.stage_name)
-
-    @contextmanager
-    def counting_syncs(self):
-        """`DUALNER_COUNT_SYNCS=1`: count the host synchronisations of the steps (not of logging,
-        evaluation or saving)."""
-        if self._syncs is not None:
-            self._syncs.enabled = True
-        yield
-        if self._syncs is not None:
-            self._syncs.enabled = False
-
-    # -- checkpoints ------------------------------------------------------------------------------
-    def resume(self, recipe: Recipe) -> None:
-        self.checkpoints.clear_stopped()
-        if self.info.is_main:
-            clear_incomplete(self.checkpoints)
-        path = Path(self.folder.resume_from) if self.folder.resume_from else None
-        if path is not None:
-            client_state = self.checkpoints.load(self.engine, path, self.info.world_size)
-            if "trainer" not in client_state or "ranks" not in client_state:
-                raise ConfigError(f"{path}: not a DualNER checkpoint of this version (no trainer/rank state); "
-                                  f"start a new run.output_dir or set run.overwrite=true")
-            state = dict(client_state["trainer"])
-            state.setdefault("skipped_steps", state.pop("skipped_micro_batches", 0))
-            self.state = RunState(**state)
-            ranks = client_state["ranks"]
-            mine = ranks[self.info.rank] if len(ranks) == self.info.world_size else None
-            if mine is not None:
-                set_rng_state(mine["rng"])
-            else:
-                self.log.warning("checkpoint written by %d ranks, resuming on %d: dropout draws differ "
-                                 "from the uninterrupted run", len(ranks), self.info.world_size)
-                seed_everything(self.cfg.run.seed + self.state.step, self.info.rank)
-            recipe.load_state(client_state, mine)
-            self.log.info("resumed from %s at step %d", path, self.state.step)
-        self._last_logged_step = self.state.step
-        self.progress.update(self.state.step - self.progress.n)
-
-    def save(self, recipe: Recipe) -> None:
-        mine = {"rng": rng_state(), **recipe.rank_state()}
-        client_state = {"trainer": self.state.__dict__.copy(), "ranks": comm.all_gather_objects(mine),
-                        **recipe.shared_state()}
-        self.checkpoints.save(self.engine, self.state.step, client_state)
-
-    # -- the step ---------------------------------------------------------------------------------
-    def backward(self, weights: dict[str, float], terms: dict[str, torch.Tensor],
-                 window: MetricWindow) -> torch.Tensor:
-        """Backward of the weighted sum of a micro batch's terms; returns its device flag (1.0: the
-        loss was not finite)."""
-        total = sum(weights[name] * value for name, value in terms.items())
-        if faults.nan_if_due(self.info.rank, self.state.step + 1):
-            total = total * float("nan")
-        bad = self.engine.backward(total)
-        self.engine.step()
-        window.add({"total": total, **terms}, bad)
-        return bad
-
-    def end_step(self, flags: list[torch.Tensor], samples: list) -> None:
-        """Keep the step's flags, copied to the host as they complete: [flag reduced over ranks (the
-        optimizer skipped the step), this rank's micro-batch flags]; read one step later."""
-        self.state.step += 1
-        self.progress.update(1)
-        self._pending_flags.append((self.state.step, AsyncHostCopy(
-            torch.stack([self.engine.last_step_flag, *flags])), samples))
-
-    def check_nonfinite(self, upto: int, recipe: Recipe) -> None:
-        """The flags of the steps up to `upto`: if the optimizer skipped one, stop or count
-        (train.nonfinite_loss). Every rank reads the same reduced flag, so all decide together."""
-        while self._pending_flags and self._pending_flags[0][0] <= upto:
-            step, copy, samples = self._pending_flags.pop(0)
-            flags = copy.value().tolist()
-            if flags[0] == 0:
-                continue
-            mine = [index for index, flag in enumerate(flags[1:]) if flag > 0]
-            where = (f"step {step}, micro batch {mine[0]} (rank {self.info.rank} samples "
-                     f"{samples[mine[0]][:4]}{' ...' if len(samples[mine[0]]) > 4 else ''})" if mine
-                     else f"step {step} (on another rank)")
-            if self.cfg.train.nonfinite_loss == "stop":
-                # The optimizer skipped that step on every rank, so the current state holds no
-                # update from it: checkpoint it, then stop.
-                self.save(recipe)
-                raise NonFiniteLossError(
-                    f"non-finite loss at {where}; the step was skipped and training stopped "
-                    f"(train.nonfinite_loss=stop) with checkpoint "
-                    f"{self.checkpoints.root / f'step-{self.state.step}'}, where resume=auto restarts; "
-                    f"lower train.lr or set train.nonfinite_loss=skip")
-            self.state.skipped_steps += 1
-            self.log.warning("non-finite loss at %s: the step was skipped on every rank (%d so far)", where,
-                             self.state.skipped_steps)
-
-    # -- logging ----------------------------------------------------------------------------------
-    def log_window(self, window: MetricWindow, recipe: Recipe) -> MetricWindow:
-        """One device reduction + one copy to the host, one host reduction: the window's only syncs.
-        Returns the next window."""
-        names = ["total", *recipe.TERMS]
-        device_values = {name: window.device.get(name, torch.zeros((), device=self.device))
-                         for name in [*names, "good_micro_batches"]} | recipe.device_statistics()
-        reduced = comm.device_all_reduce(list(device_values.values()), self.device).cpu().tolist()
-        sums, offset = {}, 0
-        for name, value in device_values.items():
-            sums[name] = reduced[offset] if value.numel() == 1 else reduced[offset:offset + value.numel()]
-            offset += value.numel()
-        host = dict(zip(window.host, comm.host_all_reduce(list(window.host.values()))))
-        good = max(1.0, sums["good_micro_batches"])
-        losses = {f"loss/{name}": sums[name] / good for name in names if name in window.device or name == "total"}
-        elapsed = max(time.perf_counter() - window.started, 1e-9)
-        steps = max(1, self.state.step - self._last_logged_step)
-        self._last_logged_step = self.state.step
-        scalars = losses | recipe.window_scalars(sums) | {
-            "lr": self.engine.lr(), "throughput/tokens_per_s": host["tokens"] / elapsed,
-            "throughput/step_seconds": elapsed / steps, "throughput/tokens_per_step": host["tokens"] / steps,
-            "throughput/windows_per_step": host["windows"] / steps,
-            "data/packing_efficiency": host["tokens"] / max(1.0, host["computed_tokens"]),
-            "data/wait_seconds": host["data/wait_seconds"] / self.info.world_size,
-            "nonfinite/skipped_steps": float(self.state.skipped_steps)}
-        self.writer.scalars(scalars, self.state.step)
-        if self._syncs is not None:  # the JSON log only (a breakdown, not a scalar)
-            scalars["debug/host_syncs_per_step"] = {k: v / steps for k, v in self._syncs.take().items()}
-        self.log.info("step %d/%d loss %.4f lr %.2e %.0f tokens/s", self.state.step, self.total_steps,
-                      losses["loss/total"], scalars["lr"], scalars["throughput/tokens_per_s"])
-        if self.info.is_main:  # appended as we go, so a crash loses none of it
-            with (self.run_dir / "losses.jsonl").open("a", encoding="utf-8") as handle:
-                handle.write(json.dumps({"step": self.state.step, **scalars}) + "\n")
-        return MetricWindow()
-
-    # -- evaluation -------------------------------------------------------------------------------
-    def evaluate(self, eval_sets: list[EvalSet]) -> dict:
-        self.engine.eval()
-        results = evaluate_sets(self.engine, eval_sets, self.label_set,
-                                evaluation_head(self.cfg.model.variant, self.cfg.eval.head),
-                                self.cfg.eval.batch_size, self.eval_collator, self.device)
-        self.engine.train()
-        return results
-
-    def evaluate_dev(self, recipe: Recipe) -> bool:
-        """Evaluate, log, and report whether the model is the best so far."""
-        results = self.evaluate(recipe.dev_sets)
-        score = (results["per_language"][self.cfg.data.source_language] if self.cfg.eval.select_on == "source"
-                 else results["average"])
-        self.state.history.append({"step": self.state.step, **results})
-        self.writer.scalars({f"dev/f1/{lang}": f1 for lang, f1 in results["per_language"].items()}
-                            | {"dev/f1/average": results["average"]}, self.state.step)
-        improved = score > self.state.best_score
-        if improved:
-            self.state.best_score, self.state.best_step = score, self.state.step
-        self.log.info("step %d dev F1 average %.2f (%s) %s", self.state.step, results["average"],
-                      ", ".join(f"{k} {v:.1f}" for k, v in results["per_language"].items()),
-                      "new best" if improved else f"best {self.state.best_score:.2f} @ {self.state.best_step}")
-        return improved
-
-    # -- the end ----------------------------------------------------------------------------------
-    def stop(self, signals: PreemptionSignal, steps_this_job: int) -> dict:
-        preempted = bool(signals.signal_name)
-        reason = (f"signal {signals.signal_name} (preemption or time limit)" if preempted
-                  else "run.max_steps_per_job")
-        step = self.state.step
-        self.log.info("stopping after %d steps in this job (%s) with checkpoint step-%d; run again with "
-                      "run.resume=auto to continue", steps_this_job, reason, step)
-        self.checkpoints.mark_stopped(step, reason)
-        signals.restore()
-        self.progress.close()
-        self.writer.close()
-        self.checkpoints.release_lock()
-        return {"steps": step, "stopped_early": True, "preempted": preempted}
-
-    def finish(self, recipe: Recipe) -> dict:
-        self.progress.close()
-        summary: dict = {"steps": self.state.step, "best_step": self.state.best_step,
-                         "best_score": self.state.best_score}
-        best = self.checkpoints.best()
-        if best is not None:
-            summary["dev"] = {"per_language": best["per_language"], "average": best["average"]}
-            self.log.info("best dev F1 (step %d):\n%s", best["step"], format_table(summary["dev"], "dev F1"))
-        if recipe.test_sets:
-            if best is not None and best["step"] != self.state.step:
-                # Test F1 of the selected model, not the last one. A full load: DeepSpeed's
-                # load_module_only ignores the tag under ZeRO-3.
-                # Any number of ranks: a best written by another number goes through the
-                # universal checkpoint, like a resume.
-                self.checkpoints.load(self.engine, self.checkpoints.root / best["path"], self.info.world_size)
-            summary["test"] = self.evaluate(recipe.test_sets)
-            self.log.info("test F1:\n%s", format_table(summary["test"], "test F1"))
-        if self.info.is_main:
-            write_json_atomic(self.run_dir / "results.json", summary)
-        self.writer.close()
-        comm.barrier()
-        self.checkpoints.release_lock()
-        return summary
-
-
-def _progress(enabled: bool, total: int, description: str):
-    from tqdm.auto import tqdm
-    return tqdm(total=total, disable=not enabled, desc=description, unit="step", dynamic_ncols=True)

@@ -136,7 +136,7 @@ _SKIP_WORKER = textwrap.dedent('''
         loss = supervised_losses(engine(ids, attention_mask=torch.ones_like(ids)),
                                  dict(seq_labels=labels, start_labels=labels, end_labels=labels))["total"]
         bad = engine.backward(loss * float("nan") if poison else loss)
-        engine.step()
+        engine.optimizer_step()
         return bad.item(), engine.last_step_flag.item()
     before = weights()
     print("FINITE", step(False), bool((weights() != before).any()))

@@ -16,12 +16,11 @@ SHAPED = ("input_ids", "position_ids", "segment_ids", "word_index", "seq_labels"
 
 
 def test_every_token_budget_micro_batch_has_one_shape(tiny_tokenizer):
-    """The launcher's own collator and plan (dualner.train.Run.collator, BatchPlan) over an epoch."""
-    from types import SimpleNamespace
-    from dualner.train import Run
+    """The launcher's own collator and plan (dualner.job.training_collator, BatchPlan) over an epoch."""
+    from dualner.job import training_collator
     cfg = load_config(REPO / "configs" / "tiny.yaml", ["train.batch_unit=tokens", "data.pack_length=64",
                                                        "train.micro_batch_size=512", "train.global_batch_size=1024"])
-    collate = Run.collator(SimpleNamespace(cfg=cfg, device=torch.device("cpu")), tiny_tokenizer.pad_token_id, 2)
+    collate = training_collator(cfg, torch.device("cpu"), tiny_tokenizer.pad_token_id, 2)
     windows, _ = windows_of(tiny_tokenizer, "en", count=300, max_length=64)
     plan = BatchPlan([len(w["input_ids"]) for w in windows], 512, 2, 1, seed=0, pool_batches=1, row_length=64)
     shapes = set()

@@ -45,7 +45,8 @@ def train(path: str, micro_batches, monkeypatch) -> dict:
         loss = token_cross_entropy(outputs.seq_logits, batch["seq_labels"])
         seen["losses"].append(loss.item())
         engine.backward(loss)
-        engine.step()
+        if len(seen["losses"]) % engine.accumulation_steps == 0:
+            engine.optimizer_step()
         if len(seen["grads"]) > len(seen["weights"]):  # an optimizer step happened
             seen["weights"].append({n: p.detach().clone() for n, p in model.named_parameters()})
     seen["path"] = engine.gradient_path

@@ -16,7 +16,7 @@ from dualner.checkpoint import (COMPLETE_MARKER, CheckpointManager, checkpoint_c
 from dualner.config import load_config
 from dualner.errors import (CheckpointError, ConfigError, DataFormatError, MissingPathError,
                             UserError)
-from dualner.run_folder import HISTORY
+from dualner.run_layout import RunLayout
 from dualner.stage1 import build_stage1, run_stage1
 from dualner.stage2 import adopt_stage1_encoder, build_stage2, check_translation_pairs, warn_if_unfinished
 from tests.conftest import REPO
@@ -91,7 +91,7 @@ def test_overwrite_starts_a_new_run_and_moves_the_old_one_aside(populated, tmp_p
     assert snapshot(aside) == before  # the old run, whole, under its new name
     assert [json.loads(line)["step"] for line in (run / "losses.jsonl").read_text().splitlines()] == [1, 2]
     assert "max_length: 32" in (run / "config.yaml").read_text()
-    assert len((run / HISTORY).read_text().splitlines()) == 1
+    assert len(RunLayout(run).config_history.read_text().splitlines()) == 1
 
 
 def test_other_train_settings_resume_and_are_recorded(populated, tmp_path, capfd):
@@ -102,7 +102,7 @@ def test_other_train_settings_resume_and_are_recorded(populated, tmp_path, capfd
     log = capfd.readouterr().out
     assert "resumed from" in log and "train.lr 0.001 -> 0.5" in log and "train.max_steps 4 -> 6" in log
     assert (run / "config.yaml").read_text() == saved  # the settings the run started with
-    history = [json.loads(line) for line in (run / HISTORY).read_text().splitlines()]
+    history = [json.loads(line) for line in RunLayout(run).config_history.read_text().splitlines()]
     assert history[-1]["from_step"] == 4 and history[-1]["changes"]["train.lr"] == [0.001, 0.5]
     assert history[-1]["config"]["train"]["lr"] == 0.5
     steps = [json.loads(line)["step"] for line in (run / "losses.jsonl").read_text().splitlines()]
@@ -190,7 +190,7 @@ def test_fault_injection_needs_the_test_switch(monkeypatch):
     monkeypatch.setenv("DUALNER_FAULT", "garbage")
     monkeypatch.delenv("DUALNER_TEST_FAULTS", raising=False)
     faults.check()  # a user's stray variable: ignored
-    assert not faults.nan_if_due(0, 3)
+    assert faults.planned() is None
     monkeypatch.setenv("DUALNER_TEST_FAULTS", "1")
     with pytest.raises(ConfigError, match="DUALNER_FAULT='garbage'"):
         faults.check()
@@ -200,7 +200,7 @@ def test_fault_injection_needs_the_test_switch(monkeypatch):
             faults.check()
     monkeypatch.setenv("DUALNER_FAULT", "nan:rank=0:step=3")
     faults.check()
-    assert faults.nan_if_due(0, 3)
+    assert faults.planned() == ("nan", 0, 3)
     monkeypatch.delenv("DUALNER_FAULT")
     faults.check()
 

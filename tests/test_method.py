@@ -98,18 +98,18 @@ def test_stage2_keeps_stage1s_encoder_dropout(stage1_half, tmp_path):
     """model.encoder_dropout of the stage-1 run is the student's and the teacher's unless stage 2 sets its own."""
     from dualner.stage2 import build_stage2
 
-    run, recipe = build_stage2(stage2_config(tmp_path / "kept", stage1_half))
+    trainer = build_stage2(stage2_config(tmp_path / "kept", stage1_half))
     try:
-        encoder_config = run.engine.module.encoder.config
+        encoder_config = trainer.engine.module.encoder.config
         assert encoder_config.hidden_dropout_prob == 0.05 and encoder_config.attention_probs_dropout_prob == 0.05
-        assert recipe.teacher.module.encoder.config.hidden_dropout_prob == 0.05
-        dropout_layers = {m.p for m in run.engine.module.encoder.modules() if isinstance(m, torch.nn.Dropout)}
+        assert trainer.recipe.teacher.module.encoder.config.hidden_dropout_prob == 0.05
+        dropout_layers = {m.p for m in trainer.engine.module.encoder.modules() if isinstance(m, torch.nn.Dropout)}
         assert dropout_layers == {0.05}
     finally:
-        run.checkpoints.release_lock()
-    run, _ = build_stage2(stage2_config(tmp_path / "own", stage1_half, "model.encoder_dropout=0.2"))
-    run.checkpoints.release_lock()
-    assert run.engine.module.encoder.config.hidden_dropout_prob == 0.2
+        trainer.folder.close()
+    trainer = build_stage2(stage2_config(tmp_path / "own", stage1_half, "model.encoder_dropout=0.2"))
+    trainer.folder.close()
+    assert trainer.engine.module.encoder.config.hidden_dropout_prob == 0.2
 
 
 # -- 2: the stream mix and stage 2's length ---------------------------------------------------------------
@@ -118,19 +118,18 @@ def test_mix_by_size_draws_every_sentence_equally_and_epochs_set_the_length(stag
     from dualner.data.readers import count_sentences
     from dualner.stage2 import build_stage2
     sample = REPO / "data" / "panx-sample"
-    run, recipe = build_stage2(stage2_config(tmp_path / "size", stage1_half, "train.max_steps=null",
-                                             "stage2.epochs=2"))
-    run.checkpoints.release_lock()
+    trainer = build_stage2(stage2_config(tmp_path / "size", stage1_half, "train.max_steps=null", "stage2.epochs=2"))
+    trainer.folder.close()
     sizes = {"source/en": 256, "target/en-remainder": 256,  # the 512 capped English sentences, halved
              "target/de": count_sentences(sample / "de" / "train.tsv"),
              "target/zh": count_sentences(sample / "zh" / "train.tsv")}
-    assert recipe.stream.mix == pytest.approx({name: n / sum(sizes.values()) for name, n in sizes.items()})
-    assert run.total_steps == math.ceil(2 * sum(sizes.values()) / 16)
+    assert trainer.recipe.stream.mix == pytest.approx({name: n / sum(sizes.values()) for name, n in sizes.items()})
+    assert trainer.total_steps == math.ceil(2 * sum(sizes.values()) / 16)
 
-    run, recipe = build_stage2(stage2_config(tmp_path / "equal", stage1_half, "stage2.mix=equal"))
-    run.checkpoints.release_lock()
+    trainer = build_stage2(stage2_config(tmp_path / "equal", stage1_half, "stage2.mix=equal"))
+    trainer.folder.close()
     # the labeled English 1, the three unlabeled streams 1/3 each
-    assert recipe.stream.mix == pytest.approx({"source/en": 0.5, "target/de": 1 / 6, "target/zh": 1 / 6,
+    assert trainer.recipe.stream.mix == pytest.approx({"source/en": 0.5, "target/de": 1 / 6, "target/zh": 1 / 6,
                                                "target/en-remainder": 1 / 6})
 
 

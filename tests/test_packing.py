@@ -247,19 +247,17 @@ def test_launchers_train_the_same_with_and_without_packing(tmp_path, tiny_encode
 def test_packing_auto_packs_on_accelerators_and_for_token_budgets(setting, device, unit, packed):
     """data.packing=auto: packed rows on GPUs, padded length buckets on CPU (packing measured slower
     there), packed whenever token budgets need the fixed shape; true/false are obeyed."""
-    from types import SimpleNamespace
 
     from dualner.config import Config
     from dualner.data.packing import packs_by_default
     from dualner.errors import ConfigError
-    from dualner.train import Run
+    from dualner.job import training_collator
     cfg = Config()
     cfg.data.packing, cfg.train.batch_unit, cfg.train.micro_batch_size = setting, unit, 256
-    run = SimpleNamespace(cfg=cfg, device=torch.device(device))
-    assert Run.collator(run, pad_id=1, position_offset=2).packed is packed
+    assert training_collator(cfg, torch.device(device), pad_id=1, position_offset=2).packed is packed
     if unit == "sentences":  # a family whose position ids are unknown is never packed
-        assert Run.collator(run, pad_id=1, position_offset=None).packed is False
+        assert training_collator(cfg, torch.device(device), pad_id=1, position_offset=None).packed is False
     else:
         with pytest.raises(ConfigError, match="needs packed rows"):
-            Run.collator(run, pad_id=1, position_offset=None)
+            training_collator(cfg, torch.device(device), pad_id=1, position_offset=None)
     assert packs_by_default(torch.device(device)) is (device != "cpu")

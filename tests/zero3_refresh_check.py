@@ -34,7 +34,7 @@ mask = torch.ones_like(ids)
 for _ in range(2):
     loss = student(ids, attention_mask=mask).seq_logits.logsumexp(-1).mean()
     student.backward(loss)
-    student.step()
+    student.optimizer_step()
 student.eval()
 with torch.no_grad():
     before = teacher(ids, attention_mask=mask).seq_logits

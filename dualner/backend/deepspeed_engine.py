@@ -18,15 +18,15 @@ from pathlib import Path
 
 import torch
 
-from dualner.backend import comm
+from dualner.backend import comm, zero_stage
 from dualner.backend.optimizer import SkippableStep, build_optimizer, warmup_linear_decay
 from dualner.config import TrainConfig
 from dualner.errors import CheckpointError, ConfigError
 from dualner.data.batching import BatchLayout
+from dualner.run_layout import COMPLETE_MARKER
 
 _BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
 UNIVERSAL = "universal"
-COMPLETE_MARKER = "COMPLETE"
 
 
 def load_deepspeed_config(path: str | Path, layout: BatchLayout, device: torch.device | None = None) -> dict:
@@ -120,15 +120,12 @@ def _check_with_deepspeed(ds_config: dict, path: Path) -> None:
                           f"{', '.join(sorted(key for key in tracked.read if key.islower()))}")
 
 
-def zero_stage(ds_config: dict) -> int:
-    return ds_config.get("zero_optimization", {}).get("stage", 0)
-
-
 class DeepSpeedTrainingEngine:
-    """The student: a DeepSpeed engine around the model with fused AdamW. A micro batch is
-    `engine(**inputs)`, `backward(loss)`, `step()`; a step whose loss was not finite on any rank is
-    skipped by the optimizer on the device (no host synchronisation), and its flag kept for the
-    trainer to read at the next log window."""
+    """The student (dualner.backend.TrainingEngine): a DeepSpeed engine around the model with fused
+    AdamW. A step is `accumulation_steps` micro batches of `engine(**inputs)` and `backward(loss)`,
+    then one `optimizer_step()`; a step whose loss was not finite on any rank is skipped by the
+    optimizer on the device (no host synchronisation), and its flag (`last_step_flag`) kept on the
+    device for the trainer to read one step later."""
 
     def __init__(self, model: torch.nn.Module, ds_config: dict, train: TrainConfig, total_steps: int,
                  compile_encoder: bool = False, fixed_shapes: bool = False):
@@ -197,29 +194,38 @@ class DeepSpeedTrainingEngine:
     def lr(self) -> float:
         return self.engine.get_lr()[0]
 
+    @property
+    def accumulation_steps(self) -> int:
+        """Micro batches per optimizer step: the layout's, written into the DeepSpeed config."""
+        return self.engine.gradient_accumulation_steps()
+
     def backward(self, loss: torch.Tensor) -> torch.Tensor:
         """Backward of one micro batch; returns its device flag (1.0 when its loss is not finite)."""
         bad = (~torch.isfinite(loss.detach())).float()
         self._skip.flag.copy_(torch.maximum(self._skip.flag, bad))
         self.engine.backward(loss)
+        if not self.engine.is_gradient_accumulation_boundary():
+            # DeepSpeed counts micro batches in its step(); before the step's last micro batch that
+            # is all it does (no optimizer work). The last one's step is optimizer_step().
+            self.engine.step()
         return bad
 
-    def step(self) -> None:
-        """After every micro batch; DeepSpeed steps the optimizer at the accumulation boundary. There
-        the flag is reduced over ranks on the device first, so every rank skips the same steps."""
-        boundary = self.engine.is_gradient_accumulation_boundary()
-        if boundary:
-            comm.device_all_reduce_(self._skip.flag, "max")
-            if self.gradient_path == "direct":
-                # DeepSpeed's reduction gives a parameter that received no gradient a zero one (AdamW
-                # then still decays it); keep that without the reduction
-                for parameter in self._trained:
-                    if parameter.grad is None:
-                        parameter.grad = torch.zeros_like(parameter)
+    def optimizer_step(self) -> None:
+        """After the step's last micro batch: the non-finite flag is reduced over ranks on the device
+        first, so every rank skips the same steps; then the optimizer and the schedule step."""
+        if not self.engine.is_gradient_accumulation_boundary():
+            raise RuntimeError(f"optimizer_step after fewer than the {self.accumulation_steps} micro batches "
+                               f"of a step")
+        comm.device_all_reduce_(self._skip.flag, "max")
+        if self.gradient_path == "direct":
+            # DeepSpeed's reduction gives a parameter that received no gradient a zero one (AdamW
+            # then still decays it); keep that without the reduction
+            for parameter in self._trained:
+                if parameter.grad is None:
+                    parameter.grad = torch.zeros_like(parameter)
         self.engine.step()
-        if boundary:
-            self.last_step_flag.copy_(self._skip.flag)
-            self._skip.flag.zero_()
+        self.last_step_flag.copy_(self._skip.flag)
+        self._skip.flag.zero_()
 
     # -- checkpoints ---------------------------------------------------------------------------------
     def save(self, root: Path, tag: str, client_state: dict) -> None:
@@ -231,11 +237,8 @@ class DeepSpeedTrainingEngine:
         writers = written_by_ranks(path)
         if world_size is not None and writers is not None and writers != world_size:
             universal = to_universal(path)
-            self.engine._config.load_universal_checkpoint = True  # read by load_checkpoint; no public setter
-            try:
+            with _loading_universal(self.engine):
                 load_path, client_state = self.engine.load_checkpoint(str(path), tag=universal.name)
-            finally:
-                self.engine._config.load_universal_checkpoint = False
             if load_path is None:
                 raise CheckpointError(f"{universal}: DeepSpeed could not load this universal checkpoint")
             return client_state
@@ -243,6 +246,23 @@ class DeepSpeedTrainingEngine:
         if load_path is None:
             raise CheckpointError(f"{path}: DeepSpeed could not load this checkpoint")
         return client_state
+
+
+@contextmanager
+def _loading_universal(engine):
+    """DeepSpeed reads `checkpoint.load_universal` from its config at load time and has no public way
+    to change it after `initialize`; one engine loads both kinds (a resume on other ranks, then this
+    job's own best), so it is switched for one load. Checked, so a DeepSpeed that renames it fails
+    here, by name."""
+    config = getattr(engine, "_config", None)
+    if config is None or not hasattr(config, "load_universal_checkpoint"):
+        raise CheckpointError("this DeepSpeed version has no load_universal_checkpoint setting: a resume on "
+                              "another number of ranks is not supported with it")
+    config.load_universal_checkpoint = True
+    try:
+        yield
+    finally:
+        config.load_universal_checkpoint = False
 
 
 class DeepSpeedTeacher:

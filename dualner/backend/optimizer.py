@@ -35,7 +35,7 @@ def build_optimizer(model: torch.nn.Module, train: TrainConfig, device: torch.de
 class SkippableStep:
     """The device-side flag that makes the fused optimizer skip a step: set to 1 by any rank whose
     loss was not finite, reduced over ranks on the device, read by the optimizer kernel. The host
-    never waits for it; the trainer reads the flags once per log window."""
+    never waits for it: the trainer reads each step's flag one step later, when it is long computed."""
 
     def __init__(self, optimizer: torch.optim.Optimizer, device: torch.device):
         self.flag = torch.zeros((), dtype=torch.float32, device=device)

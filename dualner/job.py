@@ -1,0 +1,132 @@
+"""A training job before it builds anything (`start_job`): the process group, the device, the batch
+layout, the engine's config and what the job will do with its run folder, every one checked and
+nothing written. The stages build their data and model from it, then the engine
+(dualner.backend.build_training_engine), then open the folder (dualner.run_folder.RunFolder.open);
+dualner.train assembles the rest.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dualner import backend, faults
+from dualner.backend import comm
+from dualner.backend.placement import pin_memory_wanted
+from dualner.checkpoint import CheckpointManager
+from dualner.config import Config
+from dualner.data.batching import BatchLayout, derive_batch_layout
+from dualner.data.loader import default_workers
+from dualner.data.packing import Collator, packs_by_default
+from dualner.errors import ConfigError, UserError
+from dualner.logging import get_logger
+from dualner.run_folder import FolderPlan, plan_folder
+
+
+@dataclass(frozen=True)
+class Job:
+    cfg: Config
+    stage_name: str
+    info: comm.DistInfo
+    device: torch.device
+    layout: BatchLayout  # global = micro x accumulation x world: the one source of these numbers
+    engine_config: dict  # the backend's config (the DeepSpeed JSON, batch sizes derived into it)
+    folder: FolderPlan  # a new run, or the checkpoint this job continues from
+    loader_workers: int
+    pin_memory: bool
+    log: logging.Logger
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.cfg.run.output_dir)
+
+    def collator(self, pad_id: int, position_offset: int | None, **extra) -> Collator:
+        return training_collator(self.cfg, self.device, pad_id, position_offset, **extra)
+
+    def build_engine(self, model: torch.nn.Module, total_steps: int) -> backend.TrainingEngine:
+        """The student's engine (builds no files: the run folder is opened after it)."""
+        return backend.build_training_engine(model, self.engine_config, self.cfg.train, total_steps,
+                                             compile_encoder=self.cfg.model.compile,
+                                             fixed_shapes=self.cfg.train.batch_unit == "tokens")
+
+
+def start_job(cfg: Config, stage_name: str) -> Job:
+    info = comm.init_distributed()
+    log = get_logger()
+    if cfg.eval.select_on == "source" and cfg.data.source_language not in cfg.data.dev:
+        raise ConfigError(f"eval.select_on=source needs data.dev.{cfg.data.source_language}")
+    run_dir = Path(cfg.run.output_dir)
+    check_output_dir(run_dir)
+    seed_everything(cfg.run.seed, info.rank)
+    layout = derive_batch_layout(cfg.train, info.world_size)
+    device = comm.accelerator_device(info.local_rank)
+    engine_config = backend.load_engine_config(cfg.deepspeed.config, layout, device)
+    faults.check()
+    folder = _plan_folder(cfg, info, backend.zero_stage(engine_config), log)  # refusals: nothing written yet
+    workers = default_workers(cfg.data.loader_workers, device, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+    return Job(cfg, stage_name, info, device, layout, engine_config, folder, workers, pin_memory_wanted(device), log)
+
+
+def _plan_folder(cfg: Config, info: comm.DistInfo, zero_stage: int, log) -> FolderPlan:
+    """What this job does with its folder (dualner.run_folder), decided by rank 0 reading only;
+    every rank gets the answer, or raises the same refusal."""
+    outcome = None
+    if info.is_main:
+        try:
+            reader = CheckpointManager(Path(cfg.run.output_dir), cfg.train.keep_last, 1, log)
+            outcome = ("ok", plan_folder(cfg, reader, zero_stage, log))
+        except UserError as error:
+            outcome = ("refused", error)
+    outcome = comm.broadcast_object(outcome)
+    if outcome[0] == "refused":
+        raise outcome[1]
+    return outcome[1]
+
+
+def training_collator(cfg: Config, device: torch.device, pad_id: int, position_offset: int | None,
+                      **extra) -> Collator:
+    """Packed rows when the config asks for them and the encoder family allows it."""
+    packing = cfg.data.packing
+    if packing == "auto":
+        packing = cfg.train.batch_unit == "tokens" or packs_by_default(device)
+    packed = packing and position_offset is not None
+    if cfg.train.batch_unit == "tokens" and not packed:
+        raise ConfigError("train.batch_unit=tokens needs packed rows (data.packing=true and an "
+                          "encoder family dualner.attention knows)")
+    row_length = cfg.data.pack_length or cfg.data.max_length
+    if row_length < cfg.data.max_length:
+        raise ConfigError(f"data.pack_length={row_length} must hold a whole window "
+                          f"(data.max_length={cfg.data.max_length})")
+    rows = None
+    if cfg.train.batch_unit == "tokens":
+        if cfg.train.micro_batch_size % row_length:
+            raise ConfigError(f"train.micro_batch_size={cfg.train.micro_batch_size} tokens is not a whole "
+                              f"number of rows of data.pack_length={row_length}")
+        rows = cfg.train.micro_batch_size // row_length
+    return Collator(pad_id=pad_id, packed=packed, row_length=row_length,
+                    position_offset=position_offset or 0, rows=rows, **extra)
+
+
+def seed_everything(seed: int, rank: int) -> None:
+    # Each rank draws different dropout masks, reproducibly.
+    random.seed(seed + rank)
+    np.random.seed(seed + rank)
+    torch.manual_seed(seed + rank)
+
+
+def check_output_dir(path: Path) -> None:
+    """Before anything is written: the run folder must be a folder we can write in."""
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"run.output_dir={path} is a file; choose a folder")
+    existing = path
+    while not existing.exists():
+        existing = existing.parent
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"run.output_dir={path}: cannot write in {existing} (read-only or no permission); "
+                          f"choose another run.output_dir")
