@@ -88,7 +88,7 @@ def worker(args) -> None:
         engine.backward(loss)
         if step == 2:
             break  # measured with this step's gradients in place and the optimizer state of two steps
-        engine.optimizer_step()
+        engine.step()
     del ids, mask, labels, spans, outputs, loss
     parameters = sum((p.ds_tensor if hasattr(p, "ds_tensor") else p.data).numel() * p.element_size()
                      for p in engine.module.parameters())
