@@ -51,14 +51,16 @@ def _positive(flag: str) -> Callable[[str], int]:
 
 
 def launch_world_size() -> int | None:
-    """The job's number of ranks as its launcher announces it (WORLD_SIZE: torchrun, deepspeed; srun's
-    SLURM_NTASKS, which dualner.backend.comm turns into WORLD_SIZE), or None when none does."""
-    if "WORLD_SIZE" in os.environ:
-        value = os.environ["WORLD_SIZE"]
-    elif "RANK" not in os.environ and "SLURM_PROCID" in os.environ:
-        value = os.environ.get("SLURM_NTASKS", "")
+    """The job's number of ranks as dualner.backend.comm.init_distributed will find it: WORLD_SIZE
+    (torchrun, deepspeed), srun's SLURM_NTASKS, or 1 for a plain `python` (no RANK); None when the
+    environment does not say (comm then refuses it)."""
+    if "RANK" not in os.environ:
+        if "SLURM_PROCID" in os.environ and "SLURM_NTASKS" in os.environ:
+            value = os.environ["SLURM_NTASKS"]
+        else:
+            return 1
     else:
-        return None
+        value = os.environ.get("WORLD_SIZE", "")
     return int(value) if value.isdigit() and int(value) > 0 else None
 
 

@@ -153,7 +153,7 @@ def test_shipped_configs_pass_their_stage():
 
 
 def test_launchers_validate_for_their_stage_and_world_size(tmp_path):
-    """The stage launchers refuse a config broken for their stage (and WORLD_SIZE) before importing
+    """The stage launchers refuse a config broken for their stage (and world size) before importing
     the stage: the rule's own line, exit 2, nothing written."""
     env = child_env(PYTHONPATH=str(REPO))
     result = subprocess.run([sys.executable, "-m", "dualner", "stage2", "--config", str(STAGE1),
@@ -161,19 +161,25 @@ def test_launchers_validate_for_their_stage_and_world_size(tmp_path):
                             timeout=120)
     assert result.returncode == 2 and "stage2.init_from: name the stage-1 run folder" in result.stderr, result.stderr
     result = subprocess.run([sys.executable, str(REPO / "launchers" / "stage1.py"), "--config", str(STAGE1),
-                             f"run.output_dir={tmp_path / 'run'}"], cwd=REPO, env={**env, "WORLD_SIZE": "3"},
+                             f"run.output_dir={tmp_path / 'run'}"], cwd=REPO, env={**env, "RANK": "0", "WORLD_SIZE": "3"},
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "is not divisible by the world size 3" in result.stderr, result.stderr
+    result = subprocess.run([sys.executable, "-m", "dualner", "stage1", "--config", str(STAGE1),
+                             f"run.output_dir={tmp_path / 'run'}", "train.micro_batch_size=6"], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=120)  # plain python: one rank
+    assert result.returncode == 2 and "train.micro_batch_size=6 does not divide the 16 sentences" in result.stderr
     assert not (tmp_path / "run").exists()
 
 
 def test_launch_world_size(monkeypatch):
+    """What dualner.backend.comm.init_distributed will take as the world size."""
     from dualner.cli import launch_world_size
     for name in ("WORLD_SIZE", "RANK", "SLURM_PROCID", "SLURM_NTASKS"):
         monkeypatch.delenv(name, raising=False)
-    assert launch_world_size() is None
+    assert launch_world_size() == 1  # plain python: a world of one
     monkeypatch.setenv("SLURM_PROCID", "0")
     monkeypatch.setenv("SLURM_NTASKS", "4")
-    assert launch_world_size() == 4  # srun: dualner.backend.comm reads SLURM_NTASKS as the world size
+    assert launch_world_size() == 4  # srun
+    monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", "2")
-    assert launch_world_size() == 2
+    assert launch_world_size() == 2  # torchrun, deepspeed (and srun after comm has set them)
