@@ -10,14 +10,19 @@ functions.
     python -m dualner predict  --model exported/ --input sentences.txt --output entities.jsonl
     python -m dualner report   runs/a runs/b [--split test]
     python -m dualner config   --config configs/tiny.yaml [key=value ...] [--get run.output_dir]
+    python -m dualner config   --check --stage 2 --world-size 16 --config configs/tiny_stage2.yaml
 
-Every command reports a user error as one line and exits 2 (`--debug` for the traceback); a training
-run stopped before its last step (a signal, run.max_steps_per_job) exits 75 (dualner.errors).
+Every command reports a user error (a mistake in the config, a data file, a path, a checkpoint, the
+machine's disk) as one line and exits 2 (`--debug` for the traceback). Training also exits 3 when a
+non-finite loss stopped it (train.nonfinite_loss=stop, reported the same way) and 75 when it stopped
+before its last step, resumable (a signal, run.max_steps_per_job). A bug of ours keeps its traceback
+and exits 1. The codes: dualner.errors.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Callable
 
@@ -45,21 +50,38 @@ def _positive(flag: str) -> Callable[[str], int]:
     return parse
 
 
-def parse_training_args(description: str, argv: list[str] | None = None, command: str = "train"):
-    from dualner.config import load_config
+def launch_world_size() -> int | None:
+    """The job's number of ranks as dualner.backend.comm.init_distributed will find it: WORLD_SIZE
+    (torchrun, deepspeed), srun's SLURM_NTASKS, or 1 for a plain `python` (no RANK); None when the
+    environment does not say (comm then refuses it)."""
+    if "RANK" not in os.environ:
+        if "SLURM_PROCID" in os.environ and "SLURM_NTASKS" in os.environ:
+            value = os.environ["SLURM_NTASKS"]
+        else:
+            return 1
+    else:
+        value = os.environ.get("WORLD_SIZE", "")
+    return int(value) if value.isdigit() and int(value) > 0 else None
+
+
+def parse_training_args(description: str, argv: list[str] | None = None, command: str = "train",
+                        stage: int | None = None):
+    """The command line of a training stage: its config, loaded and validated for `stage` on the
+    launcher's world size. Parsed before anything heavy is imported (`--help` answers at once)."""
     args = _training_parser(command, description).parse_args(argv)
-    return load_config(args.config, args.overrides)
+    from dualner.config import load_config
+    return load_config(args.config, args.overrides, stage=stage, world_size=launch_world_size())
 
 
 def stage1(argv: list[str]) -> int:
+    cfg = parse_training_args("Stage 1: both heads on labeled source data.", argv, "stage1", stage=1)
     from dualner.stage1 import run_stage1
-    cfg = parse_training_args("Stage 1: both heads on labeled source data.", argv, "stage1")
     return EXIT_STOPPED if run_stage1(cfg).get("stopped_early") else 0
 
 
 def stage2(argv: list[str]) -> int:
+    cfg = parse_training_args("Stage 2: dual teaching from a stage-1 model.", argv, "stage2", stage=2)
     from dualner.stage2 import run_stage2
-    cfg = parse_training_args("Stage 2: dual teaching from a stage-1 model.", argv, "stage2")
     return EXIT_STOPPED if run_stage2(cfg).get("stopped_early") else 0
 
 

@@ -7,8 +7,11 @@ Unknown keys are rejected with the valid ones listed; values are checked against
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
+import json
+import sys
 import types
 import typing
 from dataclasses import dataclass, field
@@ -312,7 +315,10 @@ def _apply_override(tree: dict, override: str) -> None:
     set_dotted(tree, dotted, yaml.safe_load(raw) if raw.strip() else None)
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
+                stage: int | None = None, world_size: int | None = None) -> Config:
+    """The config of `path` with `overrides`, checked by `validate` (the rules of training `stage`
+    on `world_size` ranks when given)."""
     tree: dict = {}
     if path is not None:
         path = Path(path)
@@ -327,17 +333,20 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         _apply_override(tree, override)
     try:
         cfg = build_dataclass(Config, tree)
-        check_combinations(cfg)
+        validate(cfg, stage, world_size)
     except ConfigError as error:
         # name the YAML file only when the mistake is in it (the file alone fails the same way)
-        raise ConfigError(f"{path}: {error}" if path and _fails_alone(file_tree, str(error))
+        raise ConfigError(f"{path}: {error}" if path and _fails_alone(file_tree, str(error), stage, world_size)
                           else f"{error} (command-line override)" if overrides else str(error)) from None
     return cfg
 
 
-def _fails_alone(tree: dict, message: str) -> bool:
+def _fails_alone(tree: dict, message: str, stage: int | None, world_size: int | None) -> bool:
     try:
-        check_combinations(build_dataclass(Config, tree))
+        cfg = build_dataclass(Config, tree)
+        _check_rules(cfg, stage, world_size)
+        if stage is not None and message.startswith(f"{cfg.deepspeed.config}:"):
+            _deepspeed_parses(cfg)  # only what DeepSpeed's parser says needs it imported
     except ConfigError as error:
         return str(error) == message
     return False
@@ -361,13 +370,171 @@ def check_head(variant: str, head: str) -> None:
                           f"auto (or {sorted(_TRAINED_HEADS[variant])[0]})")
 
 
-def check_combinations(cfg: "Config", source: str | Path | None = None) -> None:
-    """Settings that are valid alone but not together."""
-    where = f"{source}: " if source else ""
+def validate(cfg: Config, stage: int | None = None, world_size: int | None = None) -> None:
+    """Every rule across fields that the config (and the DeepSpeed JSON it names) decides alone, in one
+    place, so that a job script can refuse a config before any rank starts (`dualner config --check`).
+    `load_config` calls it; the first broken rule raises ConfigError naming the keys.
+
+    - always: the evaluation head is one the variant trains; with `world_size` (the number of ranks),
+      the global batch divides over the ranks and the micro batch divides each rank's share.
+    - `stage` (1 or 2: this config is about to train that stage): the stage's own rules (stage 1 needs
+      data.train; stage 2 needs stage2.init_from, exactly one of train.max_steps / stage2.epochs,
+      stage2.epochs only with stage2.mix=size and train.batch_unit=sentences, and model.variant=mlt),
+      and those of every training run: eval.select_on=source needs the source's dev set; run.resume
+      and run.overwrite agree; data.pack_length holds a window; token batches need packing and
+      a micro batch of whole rows; the DeepSpeed JSON (deepspeed.config, read relative to the working
+      folder as the run reads it) exists, is a JSON object with a known ZeRO stage, no optimizer or
+      scheduler, model.compile only under ZeRO 0-2, and passes DeepSpeed's own parser (which imports
+      DeepSpeed: seconds, once).
+    - `world_size` and `stage`: the JSON's batch sizes agree with the ones derived for that many ranks.
+
+    What needs more than the config stays where it is read, later: the encoder (its vocabulary,
+    positions, packable family: dualner.limits, the collator), the data (files, the global batch
+    against the data, corpora, translation pairs), the stage-1 run of stage 2 (its encoder, split),
+    the run folder (output_dir writable, its earlier run), the machine (fp16 on a CPU, bf16 on the
+    GPU, the fused AdamW kernel), and the names in train.loss_weights (the stage's loss terms are its
+    recipe's TERMS, a registry in code that a new term joins without touching this file).
+    """
+    _check_rules(cfg, stage, world_size)
+    if stage is not None:
+        _deepspeed_parses(cfg)
+
+
+def _check_rules(cfg: Config, stage: int | None, world_size: int | None) -> None:
+    """validate's rules but DeepSpeed's own parser."""
+    if stage not in (None, 1, 2):
+        raise ConfigError(f"stage {stage!r}: expected 1 or 2")
+    if world_size is not None and world_size < 1:
+        raise ConfigError(f"world size {world_size}: expected at least 1")
     head = evaluation_head(cfg.model.variant, cfg.eval.head)
     if head not in _TRAINED_HEADS[cfg.model.variant]:
-        raise ConfigError(f"{where}eval.head={cfg.eval.head} reads a head that model.variant={cfg.model.variant} "
+        raise ConfigError(f"eval.head={cfg.eval.head} reads a head that model.variant={cfg.model.variant} "
                           f"never trains; use eval.head=auto (or {sorted(_TRAINED_HEADS[cfg.model.variant])[0]})")
+    split = batch_split(cfg.train, world_size) if world_size is not None else None
+    if stage is None:
+        return
+    if stage == 1:
+        _validate_stage1(cfg)
+    else:
+        _validate_stage2(cfg)
+    _validate_training(cfg)
+    ds_config, path = read_deepspeed_json(cfg.deepspeed.config)
+    if split is not None:
+        check_deepspeed_batch_sizes(ds_config, path, cfg.train.global_batch_size, *split, world_size)
+    if cfg.model.compile and _zero_stage(ds_config) == 3:
+        raise ConfigError("model.compile=true works with ZeRO stages 0-2 (ZeRO-3 gathers "
+                          "parameters inside the module)")
+
+
+def _validate_stage1(cfg: Config) -> None:
+    if not cfg.data.train:
+        raise ConfigError("data.train: no labeled training file given (language: path)")
+
+
+def _validate_stage2(cfg: Config) -> None:
+    stage2 = cfg.stage2
+    if not stage2.init_from:
+        raise ConfigError("stage2.init_from: name the stage-1 run folder or step-N checkpoint")
+    if (cfg.train.max_steps is None) == (stage2.epochs is None):
+        raise ConfigError("stage 2's length: set train.max_steps (optimizer steps) or stage2.epochs (passes over "
+                          "the mixed corpus), one of them")
+    if stage2.epochs is not None and (stage2.mix != "size" or cfg.train.batch_unit != "sentences"):
+        raise ConfigError("stage2.epochs counts passes over the mixed corpus: it needs stage2.mix=size and "
+                          "train.batch_unit=sentences")
+    if cfg.model.variant != "mlt":
+        raise ConfigError(f"model.variant={cfg.model.variant}: dual teaching needs both heads (mlt)")
+
+
+def _validate_training(cfg: Config) -> None:
+    """The rules of every training run, whichever the stage."""
+    if cfg.eval.select_on == "source" and cfg.data.source_language not in cfg.data.dev:
+        raise ConfigError(f"eval.select_on=source needs data.dev.{cfg.data.source_language}")
+    if cfg.run.overwrite and cfg.run.resume not in ("auto", "none"):
+        raise ConfigError(f"run.resume={cfg.run.resume} and run.overwrite=true contradict each other: overwrite "
+                          f"starts a new run; drop one of them")
+    if cfg.train.batch_unit == "tokens" and cfg.data.packing is False:
+        raise ConfigError("train.batch_unit=tokens needs packed rows (data.packing=true and an "
+                          "encoder family dualner.attention knows)")
+    row_length = cfg.data.pack_length or cfg.data.max_length
+    if row_length < cfg.data.max_length:
+        raise ConfigError(f"data.pack_length={row_length} must hold a whole window "
+                          f"(data.max_length={cfg.data.max_length})")
+    if cfg.train.batch_unit == "tokens" and cfg.train.micro_batch_size % row_length:
+        raise ConfigError(f"train.micro_batch_size={cfg.train.micro_batch_size} tokens is not a whole "
+                          f"number of rows of data.pack_length={row_length}")
+
+
+def batch_split(train: TrainConfig, world_size: int) -> tuple[int, int]:
+    """(micro batch, accumulation steps) keeping train.global_batch_size on `world_size` ranks:
+    global = micro x accumulation x world (the arithmetic of dualner.data.batching.derive_batch_layout)."""
+    if train.global_batch_size % world_size:
+        raise ConfigError(f"train.global_batch_size={train.global_batch_size} is not divisible by "
+                          f"the world size {world_size}")
+    per_rank = train.global_batch_size // world_size
+    micro = min(train.micro_batch_size, per_rank)
+    if per_rank % micro:
+        raise ConfigError(f"train.micro_batch_size={micro} does not divide the {per_rank} "
+                          f"{train.batch_unit} each of {world_size} rank(s) takes per step of "
+                          f"train.global_batch_size={train.global_batch_size}")
+    return micro, per_rank // micro
+
+
+_DEEPSPEED_BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
+
+
+def read_deepspeed_json(name: str | Path) -> tuple[dict, Path]:
+    """deepspeed.config's JSON: a file holding a JSON object whose zero_optimization.stage is known."""
+    path = Path(name)
+    if not path.is_file():
+        raise ConfigError(f"deepspeed.config: file not found: {path}")
+    try:
+        ds_config = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise ConfigError(f"{path}:{error.lineno}: not valid JSON: {error.msg}") from error
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start})") from error
+    if not isinstance(ds_config, dict):
+        raise ConfigError(f"{path}: a DeepSpeed config is a JSON object ({{...}}), found a {type(ds_config).__name__}")
+    if not isinstance(ds_config.get("zero_optimization", {}), dict):
+        raise ConfigError(f"{path}: zero_optimization must be an object")
+    stage = _zero_stage(ds_config)
+    if stage not in (0, 1, 2, 3):
+        raise ConfigError(f"{path}: zero_optimization.stage must be 0, 1, 2 or 3, got {stage!r}")
+    if "optimizer" in ds_config or "scheduler" in ds_config:
+        raise ConfigError(f"{path}: optimizer and scheduler come from the train section "
+                          f"(AdamW, warmup then linear decay); remove them from the JSON")
+    return ds_config, path
+
+
+def _zero_stage(ds_config: dict) -> Any:
+    return ds_config.get("zero_optimization", {}).get("stage", 0)
+
+
+def check_deepspeed_batch_sizes(ds_config: dict, path: Path, global_batch: int, micro: int, accumulation: int,
+                                world_size: int) -> dict:
+    """The three batch sizes derived for `world_size` ranks; one the JSON sets must agree."""
+    derived = dict(zip(_DEEPSPEED_BATCH_KEYS, (global_batch, micro, accumulation)))
+    for key, value in derived.items():
+        if key in ds_config and ds_config[key] != value:
+            raise ConfigError(
+                f"{path}: {key}={ds_config[key]} disagrees with {value} derived from "
+                f"train.global_batch_size={global_batch} on {world_size} rank(s); "
+                f"remove it from the JSON or make them agree")
+    return derived
+
+
+def _deepspeed_parses(cfg: Config) -> None:
+    """DeepSpeed's own parser on the JSON, with batch sizes for the process's world (one rank before
+    the process group starts: the job's world size is checked above): its rejections and the keys
+    it never reads refused. Imports DeepSpeed, through the backend that owns it."""
+    import torch.distributed
+
+    from dualner.backend.deepspeed_engine import _check_with_deepspeed
+    ds_config, path = read_deepspeed_json(cfg.deepspeed.config)
+    ranks = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    micro, accumulation = batch_split(cfg.train, ranks)
+    merged = {**ds_config, **dict(zip(_DEEPSPEED_BATCH_KEYS, (cfg.train.global_batch_size, micro, accumulation)))}
+    _check_with_deepspeed(merged, path)
 
 
 def config_to_dict(config: Any) -> dict:
@@ -379,17 +546,35 @@ def save_config(config: Config, path: str | Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Check a config and print it resolved (or one key): what job scripts use to find the run folder.
+    """Check a config and print it resolved (or one key, or only "ok"): what job scripts use to find
+    the run folder and to refuse a config before any rank starts.
 
         python -m dualner.config --config configs/tiny.yaml train.lr=3e-4 [--get run.output_dir]
+        python -m dualner.config --check --stage 1 --world-size 16 --config configs/tiny.yaml
     """
     import argparse
     parser = argparse.ArgumentParser(prog="dualner config", description=main.__doc__.splitlines()[0])
     parser.add_argument("--config", required=True)
-    parser.add_argument("--get", metavar="KEY", help="print only this dotted key")
+    action = parser.add_mutually_exclusive_group()
+    action.add_argument("--get", metavar="KEY", help="print only this dotted key")
+    action.add_argument("--check", action="store_true",
+                        help="only validate: print one 'ok' line, or the error (exit 2)")
+    parser.add_argument("--stage", type=int, choices=(1, 2),
+                        help="also the rules of training this stage (batch, packing, DeepSpeed JSON, ...)")
+    parser.add_argument("--world-size", type=int, metavar="N",
+                        help="also the rules that depend on the number of ranks (batch divisibility)")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args(argv)
-    tree: Any = config_to_dict(load_config(args.config, args.overrides))
+    if args.world_size is not None and args.world_size < 1:
+        parser.error(f"--world-size must be at least 1, got {args.world_size}")
+    with contextlib.redirect_stdout(sys.stderr):  # stdout is the answer (job scripts read it); chatter to stderr
+        cfg = load_config(args.config, args.overrides, stage=args.stage, world_size=args.world_size)
+    if args.check:
+        scope = ", ".join(part for part in (f"stage {args.stage}" if args.stage else "",
+                                             f"{args.world_size} rank(s)" if args.world_size else "") if part)
+        print(f"ok: {args.config}{f' ({scope})' if scope else ''} passes every config rule")
+        return
+    tree: Any = config_to_dict(cfg)
     for part in (args.get.split(".") if args.get else []):
         if not isinstance(tree, dict) or part not in tree:
             raise ConfigError(f"--get {args.get}: no key '{part}'")

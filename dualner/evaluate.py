@@ -12,7 +12,6 @@ from typing import Callable, Sequence
 
 import numpy as np
 import torch
-from seqeval.metrics import f1_score
 
 from dualner.backend.comm import all_gather_objects, all_reduce_max, current
 from dualner.backend.placement import to_device
@@ -108,6 +107,7 @@ def _decode(values: list[np.ndarray], label_set: LabelSet, head: str) -> list[st
 
 
 def f1_percent(gold: Sequence[Sequence[str]], predicted: Sequence[Sequence[str]]) -> float:
+    from seqeval.metrics import f1_score  # imported here: it pulls scikit-learn in (a second at start-up)
     return 100.0 * float(f1_score(list(map(list, gold)), list(map(list, predicted))))
 
 

@@ -27,11 +27,11 @@ def cluster(tmp_path_factory):
     running.stop()
 
 
-def submit(cluster, run_dir, logs) -> int:
+def submit(cluster, run_dir, logs, overrides=OVERRIDES) -> int:
     env = {**child_env(PYTHON=sys.executable, STAGE="1", CONFIG="configs/tiny.yaml", NODES="1",
                        GPUS_PER_NODE="0", TASKS_PER_NODE="2", CPUS_PER_TASK="1", TIME="20",
                        LOG_DIR=str(logs)), "SLURM_CONF": cluster.env["SLURM_CONF"]}
-    result = subprocess.run(["bash", "slurm/submit.sh", f"run.output_dir={run_dir}", *OVERRIDES], cwd=REPO,
+    result = subprocess.run(["bash", "slurm/submit.sh", f"run.output_dir={run_dir}", *overrides], cwd=REPO,
                             env=env, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
     return int(result.stdout.split()[-1])  # "Submitted batch job N"
@@ -65,6 +65,18 @@ def test_two_task_stage1_job_completes(uninterrupted):
     results = json.loads((run_dir / "results.json").read_text())
     assert results["steps"] == STEPS and set(results["test"]["per_language"]) == {"en", "de"}
     assert sorted(losses_by_step(run_dir)) == list(range(1, STEPS + 1))
+
+
+def test_refused_config_ends_the_job_with_exit_2_before_any_rank_starts(cluster, tmp_path):
+    """`dualner config --check --stage 1 --world-size 2` in the batch script: a global batch that two
+    ranks cannot share is refused with its line and exit 2, and srun never runs."""
+    run_dir, logs = tmp_path / "run", tmp_path / "logs"
+    job_id = submit(cluster, run_dir, logs, [*OVERRIDES, "train.global_batch_size=15"])
+    job = cluster.wait_for(job_id, {"COMPLETED", "FAILED", "CANCELLED"}, timeout=120)
+    log = job_log(logs, job_id)
+    assert job["JobState"] == "FAILED" and job["ExitCode"] == "2:0", (job, log)
+    assert "train.global_batch_size=15 is not divisible by the world size 2" in log, log
+    assert "task(s) on" not in log and not run_dir.exists(), log  # the job stopped before the ranks
 
 
 def test_signaled_job_requeues_and_finishes_from_its_checkpoint(cluster, uninterrupted, tmp_path):

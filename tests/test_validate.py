@@ -1,0 +1,185 @@
+"""dualner.config.validate: every cross-field rule the config decides alone, refused by
+`python -m dualner config --check` (what slurm/dualner.sbatch runs before any rank starts) with exit 2
+and one line, and by load_config(stage=..., world_size=...) (what the stage launchers call)."""
+
+import inspect
+import re
+import subprocess
+import sys
+
+import pytest
+
+from dualner import config as config_module
+from dualner.config import ConfigError, load_config
+from tests.conftest import REPO, child_env
+
+STAGE1, STAGE2 = REPO / "configs" / "tiny.yaml", REPO / "configs" / "tiny_stage2.yaml"
+
+# name: (config file, stage, world size, overrides, DeepSpeed JSON written to a file (None: the file's), message)
+RULES = {
+    "eval head the variant never trains": (STAGE1, None, None, ["model.variant=cla", "eval.head=span"], None,
+                                           r"eval.head=span reads a head that model.variant=cla never trains"),
+    "global batch over the ranks": (STAGE1, None, 3, [], None,
+                                    r"train.global_batch_size=16 is not divisible by the world size 3"),
+    "micro batch over a rank's share": (STAGE1, None, 2, ["train.micro_batch_size=3"], None,
+                                        r"train.micro_batch_size=3 does not divide the 8 sentences each of 2 rank"),
+    "stage 1 without data.train": (STAGE1, 1, None, ["data.train=null"], None,
+                                   r"data.train: no labeled training file given"),
+    "stage 2 without init_from": (STAGE2, 2, None, ["stage2.init_from=''"], None,
+                                  r"stage2.init_from: name the stage-1 run folder"),
+    "stage 2 without a length": (STAGE2, 2, None, ["train.max_steps=null"], None,
+                                 r"stage 2's length: set train.max_steps \(optimizer steps\) or stage2.epochs"),
+    "stage 2 with two lengths": (STAGE2, 2, None, ["stage2.epochs=2"], None, r"stage 2's length"),
+    "stage 2 epochs with mix=equal": (STAGE2, 2, None, ["train.max_steps=null", "stage2.epochs=1", "stage2.mix=equal"],
+                                      None, r"stage2.epochs counts passes over the mixed corpus: it needs stage2.mix=size"),
+    "stage 2 epochs with token batches": (STAGE2, 2, None, ["train.max_steps=null", "stage2.epochs=1",
+                                                           "train.batch_unit=tokens", "train.micro_batch_size=128"],
+                                          None, r"stage2.epochs counts passes .* train.batch_unit=sentences"),
+    "stage 2 of a span model": (STAGE2, 2, None, ["model.variant=span"], None,
+                                r"model.variant=span: dual teaching needs both heads \(mlt\)"),
+    "select on a source without dev set": (STAGE1, 1, None, ["eval.select_on=source", "data.dev=null"], None,
+                                           r"eval.select_on=source needs data.dev.en"),
+    "resume a step and overwrite": (STAGE2, 2, None, ["run.resume=step-2", "run.overwrite=true"], None,
+                                    r"run.resume=step-2 and run.overwrite=true contradict each other"),
+    "token batches unpacked": (STAGE1, 1, None, ["train.batch_unit=tokens", "data.packing=false"], None,
+                               r"train.batch_unit=tokens needs packed rows"),
+    "rows shorter than a window": (STAGE1, 1, None, ["data.pack_length=32"], None,
+                                   r"data.pack_length=32 must hold a whole window \(data.max_length=64\)"),
+    "token micro batch not whole rows": (STAGE1, 1, None, ["train.batch_unit=tokens", "train.global_batch_size=1000",
+                                                          "train.micro_batch_size=100"], None,
+                                         r"train.micro_batch_size=100 tokens is not a whole number of rows of "
+                                         r"data.pack_length=64"),
+    "DeepSpeed JSON missing": (STAGE1, 1, None, ["deepspeed.config=ds_configs/nothing.json"], None,
+                               r"deepspeed.config: file not found: ds_configs/nothing.json"),
+    "DeepSpeed JSON not JSON": (STAGE1, 1, None, [], '{\n "bf16": {"enabled": true,}\n}', r"ds.json:2: not valid JSON"),
+    "DeepSpeed JSON not UTF-8": (STAGE1, 1, None, [], b'{"a": "\xff"}', r"ds.json: not UTF-8 text"),
+    "DeepSpeed JSON not an object": (STAGE1, 1, None, [], "[1, 2]", r"ds.json: a DeepSpeed config is a JSON object"),
+    "DeepSpeed zero_optimization not an object": (STAGE1, 1, None, [], '{"zero_optimization": 2}',
+                                                  r"ds.json: zero_optimization must be an object"),
+    "DeepSpeed ZeRO stage unknown": (STAGE2, 2, None, [], '{"zero_optimization": {"stage": 7}}',
+                                     r"ds.json: zero_optimization.stage must be 0, 1, 2 or 3, got 7"),
+    "DeepSpeed optimizer in the JSON": (STAGE1, 1, None, [], '{"optimizer": {"type": "Adam"}}',
+                                        r"ds.json: optimizer and scheduler come from the train section"),
+    "DeepSpeed batch sizes that disagree": (STAGE1, 1, 2, [], '{"gradient_accumulation_steps": 2}',
+                                            r"ds.json: gradient_accumulation_steps=2 disagrees with 1 derived from "
+                                            r"train.global_batch_size=16 on 2 rank\(s\)"),
+    "compile under ZeRO-3": (STAGE1, 1, None, ["model.compile=true", "deepspeed.config=ds_configs/zero3_fp32.json"],
+                             None, r"model.compile=true works with ZeRO stages 0-2"),
+    # DeepSpeed's own parser (dualner.backend.deepspeed_engine): imports DeepSpeed
+    "DeepSpeed rejects the JSON": (STAGE1, 1, None, [], '{"zero_optimization": {"stage": 2, "stagee": 1}}',
+                                   r"ds.json: DeepSpeed rejects this config: .*stagee"),
+    "DeepSpeed key it never reads": (STAGE2, 2, None, [], '{"gradient_clippingg": 1.0}',
+                                     r"ds.json: unknown DeepSpeed key 'gradient_clippingg'; valid top-level keys: "
+                                     r".*gradient_clipping"),
+}
+DEEPSPEED_PARSER_RULES = 2  # the last two: raised by dualner.backend.deepspeed_engine._check_with_deepspeed
+
+
+def overrides_of(name, tmp_path) -> list[str]:
+    """The rule's overrides, its DeepSpeed JSON written into `tmp_path` and named."""
+    _, _, _, overrides, ds_json, _ = RULES[name]
+    if ds_json is None:
+        return overrides
+    target = tmp_path / "ds.json"
+    (target.write_bytes if isinstance(ds_json, bytes) else target.write_text)(ds_json)
+    return [*overrides, f"deepspeed.config={target}"]
+
+
+def config_check(args: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "dualner", "config", "--check", *args], cwd=REPO,
+                          capture_output=True, text=True, env=child_env(PYTHONPATH=str(REPO)), timeout=120)
+
+
+@pytest.mark.parametrize("name", list(RULES))
+def test_config_check_refuses_every_rule(name, tmp_path):
+    path, stage, world_size, _, _, message = RULES[name]
+    flags = [*(["--stage", str(stage)] if stage else []), *(["--world-size", str(world_size)] if world_size else [])]
+    result = config_check(["--config", str(path), *flags, *overrides_of(name, tmp_path)])
+    lines = [line for line in result.stderr.splitlines() if line.startswith("dualner: error: ")]
+    assert result.returncode == 2 and len(lines) == 1, result.stderr[-3000:]
+    assert result.stdout == ""
+    assert re.search(message, lines[0]), lines[0]
+
+
+@pytest.mark.parametrize("name", list(RULES))
+def test_load_config_with_the_stage_refuses_every_rule(name, tmp_path):
+    path, stage, world_size, _, _, message = RULES[name]
+    overrides = overrides_of(name, tmp_path)
+    with pytest.raises(ConfigError, match=message):
+        load_config(path, overrides, stage=stage, world_size=world_size)
+    if stage is not None:  # a rule of training: loading the config for anything else does not apply it
+        load_config(path, overrides, world_size=world_size)
+    if world_size is not None and stage is None:  # a rule of the world size: not applied without one
+        load_config(path, overrides)
+
+
+def test_every_rule_of_validate_has_a_case():
+    """A rule added to validate without a refusal case above fails here (counts its raises)."""
+    functions = [config_module._check_rules, config_module._validate_stage1, config_module._validate_stage2,
+                 config_module._validate_training, config_module.batch_split, config_module.read_deepspeed_json,
+                 config_module.check_deepspeed_batch_sizes]
+    raises = sum(inspect.getsource(function).count("raise ConfigError(") for function in functions)
+    arguments_checks = 2  # stage and world size themselves (test_stage_and_world_size_arguments)
+    two_ways = 2  # "stage 2's length" (neither / both) and stage2.epochs (mix / batch unit): one raise each
+    assert raises == len(RULES) - DEEPSPEED_PARSER_RULES - two_ways + arguments_checks
+    assert "validate(cfg, stage, world_size)" in inspect.getsource(config_module.load_config)
+
+
+def test_config_check_says_ok_and_names_what_it_checked():
+    for args, expected in (([], "ok: configs/tiny.yaml passes every config rule"),
+                           (["--stage", "1", "--world-size", "2"],
+                            "ok: configs/tiny.yaml (stage 1, 2 rank(s)) passes every config rule")):
+        result = config_check(["--config", "configs/tiny.yaml", *args])
+        assert result.returncode == 0 and result.stdout == expected + "\n", result.stdout + result.stderr[-3000:]
+    result = config_check(["--config", "configs/tiny_stage2.yaml", "--stage", "2", "--world-size", "16"])
+    assert result.returncode == 0 and result.stdout.startswith("ok: "), result.stderr[-3000:]
+
+
+def test_stage_and_world_size_arguments():
+    with pytest.raises(ConfigError, match="stage 3: expected 1 or 2"):
+        load_config(STAGE1, stage=3)
+    with pytest.raises(ConfigError, match="world size 0: expected at least 1"):
+        load_config(STAGE1, world_size=0)
+    result = config_check(["--config", "configs/tiny.yaml", "--stage", "3"])
+    assert result.returncode == 2 and "invalid choice: 3" in result.stderr
+    result = config_check(["--config", "configs/tiny.yaml", "--world-size", "0"])
+    assert result.returncode == 2 and "--world-size must be at least 1" in result.stderr
+
+
+def test_shipped_configs_pass_their_stage():
+    for path in (REPO / "configs").glob("*.yaml"):
+        stage = 2 if "stage2" in path.name or "dualner" in path.name else 1
+        load_config(path, stage=stage, world_size=2)
+
+
+def test_launchers_validate_for_their_stage_and_world_size(tmp_path):
+    """The stage launchers refuse a config broken for their stage (and world size) before importing
+    the stage: the rule's own line, exit 2, nothing written."""
+    env = child_env(PYTHONPATH=str(REPO))
+    result = subprocess.run([sys.executable, "-m", "dualner", "stage2", "--config", str(STAGE1),
+                             f"run.output_dir={tmp_path / 'run'}"], cwd=REPO, env=env, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 2 and "stage2.init_from: name the stage-1 run folder" in result.stderr, result.stderr
+    result = subprocess.run([sys.executable, str(REPO / "launchers" / "stage1.py"), "--config", str(STAGE1),
+                             f"run.output_dir={tmp_path / 'run'}"], cwd=REPO, env={**env, "RANK": "0", "WORLD_SIZE": "3"},
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "is not divisible by the world size 3" in result.stderr, result.stderr
+    result = subprocess.run([sys.executable, "-m", "dualner", "stage1", "--config", str(STAGE1),
+                             f"run.output_dir={tmp_path / 'run'}", "train.micro_batch_size=6"], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=120)  # plain python: one rank
+    assert result.returncode == 2 and "train.micro_batch_size=6 does not divide the 16 sentences" in result.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_launch_world_size(monkeypatch):
+    """What dualner.backend.comm.init_distributed will take as the world size."""
+    from dualner.cli import launch_world_size
+    for name in ("WORLD_SIZE", "RANK", "SLURM_PROCID", "SLURM_NTASKS"):
+        monkeypatch.delenv(name, raising=False)
+    assert launch_world_size() == 1  # plain python: a world of one
+    monkeypatch.setenv("SLURM_PROCID", "0")
+    monkeypatch.setenv("SLURM_NTASKS", "4")
+    assert launch_world_size() == 4  # srun
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert launch_world_size() == 2  # torchrun, deepspeed (and srun after comm has set them)
