@@ -1,7 +1,7 @@
 """Reproduce the paper's comparison (SPEC "Ablations and variants", Tables 1-2, Figure 3) on real data.
 
     python bench/reproduce.py --scale cpu                  # multilingual-e5-small, 2 CPU cores, 3 seeds
-    python bench/reproduce.py --scale paper --launcher "deepspeed --num_gpus 8"   # XLM-R base recipe
+    python bench/reproduce.py --scale paper --launcher "deepspeed --num_gpus 10"  # XLM-R base recipe (stage-2 batch 500: 10 ranks)
     python bench/reproduce.py --config my_scale.yaml --seeds 5 --systems mlt,dualner_trggold
 
 A scale is one YAML file (bench/configs/reproduce_<scale>.yaml): where the data lives, which

@@ -529,12 +529,10 @@ def _deepspeed_parses(cfg: Config) -> None:
     it never reads refused. Imports DeepSpeed, through the backend that owns it."""
     import torch.distributed
 
-    from dualner.backend.deepspeed_engine import _check_with_deepspeed
-    ds_config, path = read_deepspeed_json(cfg.deepspeed.config)
+    from dualner import backend
+    from dualner.data.batching import derive_batch_layout
     ranks = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-    micro, accumulation = batch_split(cfg.train, ranks)
-    merged = {**ds_config, **dict(zip(_DEEPSPEED_BATCH_KEYS, (cfg.train.global_batch_size, micro, accumulation)))}
-    _check_with_deepspeed(merged, path)
+    backend.load_engine_config(cfg.deepspeed.config, derive_batch_layout(cfg.train, ranks))
 
 
 def config_to_dict(config: Any) -> dict:

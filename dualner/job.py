@@ -20,7 +20,7 @@ from dualner import backend, faults
 from dualner.backend import comm
 from dualner.backend.placement import pin_memory_wanted
 from dualner.checkpoint import CheckpointManager
-from dualner.config import Config
+from dualner.config import Config, validate
 from dualner.data.batching import BatchLayout, derive_batch_layout
 from dualner.data.loader import default_workers
 from dualner.data.packing import Collator, packs_by_default
@@ -56,11 +56,10 @@ class Job:
                                              fixed_shapes=self.cfg.train.batch_unit == "tokens")
 
 
-def start_job(cfg: Config, stage_name: str) -> Job:
+def start_job(cfg: Config, stage: int) -> Job:
     info = comm.init_distributed()
     log = get_logger()
-    if cfg.eval.select_on == "source" and cfg.data.source_language not in cfg.data.dev:
-        raise ConfigError(f"eval.select_on=source needs data.dev.{cfg.data.source_language}")
+    validate(cfg, stage, info.world_size)  # every config rule (the launchers checked them already)
     run_dir = Path(cfg.run.output_dir)
     check_output_dir(run_dir)
     seed_everything(cfg.run.seed, info.rank)
@@ -70,7 +69,7 @@ def start_job(cfg: Config, stage_name: str) -> Job:
     faults.check()
     folder = _plan_folder(cfg, info, backend.zero_stage(engine_config), log)  # refusals: nothing written yet
     workers = default_workers(cfg.data.loader_workers, device, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
-    return Job(cfg, stage_name, info, device, layout, engine_config, folder, workers, pin_memory_wanted(device), log)
+    return Job(cfg, f"stage {stage}", info, device, layout, engine_config, folder, workers, pin_memory_wanted(device), log)
 
 
 def _plan_folder(cfg: Config, info: comm.DistInfo, zero_stage: int, log) -> FolderPlan:
@@ -91,24 +90,17 @@ def _plan_folder(cfg: Config, info: comm.DistInfo, zero_stage: int, log) -> Fold
 
 def training_collator(cfg: Config, device: torch.device, pad_id: int, position_offset: int | None,
                       **extra) -> Collator:
-    """Packed rows when the config asks for them and the encoder family allows it."""
+    """Packed rows when the config asks for them and the encoder family allows it (the config's own
+    rules on packing and row lengths: dualner.config.validate)."""
     packing = cfg.data.packing
     if packing == "auto":
         packing = cfg.train.batch_unit == "tokens" or packs_by_default(device)
     packed = packing and position_offset is not None
-    if cfg.train.batch_unit == "tokens" and not packed:
+    if cfg.train.batch_unit == "tokens" and not packed:  # the encoder's family decides this one
         raise ConfigError("train.batch_unit=tokens needs packed rows (data.packing=true and an "
                           "encoder family dualner.attention knows)")
     row_length = cfg.data.pack_length or cfg.data.max_length
-    if row_length < cfg.data.max_length:
-        raise ConfigError(f"data.pack_length={row_length} must hold a whole window "
-                          f"(data.max_length={cfg.data.max_length})")
-    rows = None
-    if cfg.train.batch_unit == "tokens":
-        if cfg.train.micro_batch_size % row_length:
-            raise ConfigError(f"train.micro_batch_size={cfg.train.micro_batch_size} tokens is not a whole "
-                              f"number of rows of data.pack_length={row_length}")
-        rows = cfg.train.micro_batch_size // row_length
+    rows = cfg.train.micro_batch_size // row_length if cfg.train.batch_unit == "tokens" else None
     return Collator(pad_id=pad_id, packed=packed, row_length=row_length,
                     position_offset=position_offset or 0, rows=rows, **extra)
 

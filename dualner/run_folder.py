@@ -147,10 +147,7 @@ def plan_folder(cfg: Config, manager: CheckpointManager, zero_stage: int, log=No
     entries = run_entries(run_dir)
     current = config_to_dict(cfg)
     overwrite, resume = cfg.run.overwrite, cfg.run.resume
-    if overwrite:
-        if resume not in ("auto", "none"):
-            raise ConfigError(f"run.resume={resume} and run.overwrite=true contradict each other: overwrite "
-                              f"starts a new run; drop one of them")
+    if overwrite:  # with run.resume auto or none (dualner.config.validate)
         if not entries:
             return FolderPlan()
         _check_aside_writable(run_dir)

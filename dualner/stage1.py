@@ -79,9 +79,7 @@ def check_batch_fits(cfg: Config, lengths: list[int], sentences: int) -> None:
 
 def build_stage1(cfg: Config) -> Trainer:
     """Read and check every input, build the model and engine, then open the run folder."""
-    if not cfg.data.train:
-        raise ConfigError("data.train: no labeled training file given (language: path)")
-    job = start_job(cfg, "stage 1")
+    job = start_job(cfg, 1)
     encoder_path = resolve_encoder(cfg.model.encoder)
     tokenizer_path = resolve_encoder(cfg.model.tokenizer, "model.tokenizer") if cfg.model.tokenizer else encoder_path
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)

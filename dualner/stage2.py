@@ -21,7 +21,7 @@ import yaml
 
 from dualner.backend import build_teacher, comm
 from dualner.checkpoint import load_model_state, read_best, resolve_checkpoint
-from dualner.config import Config, ModelConfig, Stage2Config
+from dualner.config import Config, ModelConfig, Stage2Config, validate
 from dualner.data.encoding import WindowTokenizer
 from dualner.data.packing import Collator, model_inputs
 from dualner.data.sources import check_same_split, read_source
@@ -243,18 +243,9 @@ def build_stage2(cfg: Config) -> Trainer:
     """Read and check every input (the stage-1 model is read once), build the student, the teacher
     and their engines, then open the run folder and start the streams."""
     stage2 = cfg.stage2
-    if not stage2.init_from:
-        raise ConfigError("stage2.init_from: name the stage-1 run folder or step-N checkpoint")
-    if (cfg.train.max_steps is None) == (stage2.epochs is None):
-        raise ConfigError("stage 2's length: set train.max_steps (optimizer steps) or stage2.epochs (passes over "
-                          "the mixed corpus), one of them")
-    if stage2.epochs is not None and (stage2.mix != "size" or cfg.train.batch_unit != "sentences"):
-        raise ConfigError("stage2.epochs counts passes over the mixed corpus: it needs stage2.mix=size and "
-                          "train.batch_unit=sentences")
-    if cfg.model.variant != "mlt":
-        raise ConfigError(f"model.variant={cfg.model.variant}: dual teaching needs both heads (mlt)")
-    adopt_stage1_encoder(cfg)
-    job = start_job(cfg, "stage 2")
+    validate(cfg, 2)  # the config's own rules before the stage-1 run it names is read
+    adopt_stage1_encoder(cfg)  # before the job compares this config with its run folder's
+    job = start_job(cfg, 2)
     initial = load_trained_model(stage2.init_from, cfg.model.encoder_dropout, cfg.model.attention)
     tokenizer, label_set = initial.tokenizer, initial.label_set
     check_max_length(cfg.data.max_length, initial.model.encoder.config,

@@ -20,12 +20,11 @@ import torch
 
 from dualner.backend import comm, zero_stage
 from dualner.backend.optimizer import SkippableStep, build_optimizer, warmup_linear_decay
-from dualner.config import TrainConfig
+from dualner.config import TrainConfig, check_deepspeed_batch_sizes, read_deepspeed_json
 from dualner.errors import CheckpointError, ConfigError
 from dualner.data.batching import BatchLayout
 from dualner.run_layout import COMPLETE_MARKER
 
-_BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
 UNIVERSAL = "universal"
 
 
@@ -34,33 +33,9 @@ def load_deepspeed_config(path: str | Path, layout: BatchLayout, device: torch.d
     batch sizes agreeing with the derived ones, no optimizer/scheduler, a precision the device runs,
     and every key one DeepSpeed reads (unknown keys refused with the valid ones listed; DeepSpeed's own
     rejections reported as one line)."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"deepspeed.config: file not found: {path}")
-    try:
-        ds_config = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as error:
-        raise ConfigError(f"{path}:{error.lineno}: not valid JSON: {error.msg}") from error
-    except UnicodeDecodeError as error:
-        raise ConfigError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start})") from error
-    if not isinstance(ds_config, dict):
-        raise ConfigError(f"{path}: a DeepSpeed config is a JSON object ({{...}}), found a {type(ds_config).__name__}")
-    if not isinstance(ds_config.get("zero_optimization", {}), dict):
-        raise ConfigError(f"{path}: zero_optimization must be an object")
-    stage = ds_config.get("zero_optimization", {}).get("stage", 0)
-    if stage not in (0, 1, 2, 3):
-        raise ConfigError(f"{path}: zero_optimization.stage must be 0, 1, 2 or 3, got {stage!r}")
-    derived = dict(zip(_BATCH_KEYS, (layout.global_batch_size, layout.micro_batch_size,
-                                     layout.accumulation_steps)))
-    for key, value in derived.items():
-        if key in ds_config and ds_config[key] != value:
-            raise ConfigError(
-                f"{path}: {key}={ds_config[key]} disagrees with {value} derived from "
-                f"train.global_batch_size={layout.global_batch_size} on {layout.world_size} rank(s); "
-                f"remove it from the JSON or make them agree")
-    if "optimizer" in ds_config or "scheduler" in ds_config:
-        raise ConfigError(f"{path}: optimizer and scheduler come from the train section "
-                          f"(AdamW, warmup then linear decay); remove them from the JSON")
+    ds_config, path = read_deepspeed_json(path)  # the checks dualner.config.validate also makes
+    derived = check_deepspeed_batch_sizes(ds_config, path, layout.global_batch_size, layout.micro_batch_size,
+                                          layout.accumulation_steps, layout.world_size)
     merged = {**ds_config, **derived}
     _check_precision(merged, path, device)
     _check_with_deepspeed(merged, path)
@@ -131,10 +106,7 @@ class DeepSpeedTrainingEngine:
                  compile_encoder: bool = False, fixed_shapes: bool = False):
         import deepspeed
         device = comm.accelerator_device(comm.current().local_rank)
-        if compile_encoder:
-            if zero_stage(ds_config) == 3:
-                raise ConfigError("model.compile=true works with ZeRO stages 0-2 (ZeRO-3 gathers "
-                                  "parameters inside the module)")
+        if compile_encoder:  # ZeRO 0-2 only (dualner.config.validate): ZeRO-3 gathers inside the module
             # Token budgets give every training micro batch one shape: one static graph (CUDA
             # graphs apply); evaluation's other shapes then recompile once as dynamic. Else every
             # micro batch has its own row count and width: dynamic from the start.

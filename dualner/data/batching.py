@@ -18,7 +18,7 @@ from typing import Sequence
 
 import numpy as np
 
-from dualner.config import ConfigError, TrainConfig
+from dualner.config import TrainConfig, batch_split
 from dualner.data.packing import token_budget_micro_batches
 
 
@@ -34,16 +34,8 @@ class BatchLayout:
 
 def derive_batch_layout(train: TrainConfig, world_size: int) -> BatchLayout:
     """Keep the global batch whatever the world size: global = micro x accumulation x world."""
-    if train.global_batch_size % world_size:
-        raise ConfigError(f"train.global_batch_size={train.global_batch_size} is not divisible by "
-                          f"the world size {world_size}")
-    per_rank = train.global_batch_size // world_size
-    micro = min(train.micro_batch_size, per_rank)
-    if per_rank % micro:
-        raise ConfigError(f"train.micro_batch_size={micro} does not divide the {per_rank} "
-                          f"{train.batch_unit} each of {world_size} rank(s) takes per step of "
-                          f"train.global_batch_size={train.global_batch_size}")
-    return BatchLayout(train.global_batch_size, micro, per_rank // micro, world_size, train.batch_unit)
+    micro, accumulation = batch_split(train, world_size)  # refuses what does not divide (config.validate)
+    return BatchLayout(train.global_batch_size, micro, accumulation, world_size, train.batch_unit)
 
 
 def bucketed_micro_batches(lengths: Sequence[int], micro_batch_size: int, seed: int, epoch: int,
