@@ -363,29 +363,6 @@ def test_prepared_corpus_streams_once_per_pass_and_prepare_resumes(tmp_path, tin
     assert len(everything) == 300 == len(set(everything))
 
 
-@settings(max_examples=80, deadline=None)
-@given(units=st.lists(st.lists(st.integers(min_value=1, max_value=32), min_size=1, max_size=3), min_size=1,
-                      max_size=60), rows=st.integers(min_value=1, max_value=4))
-def test_token_budget_cut_keeps_units_whole_and_always_packs(units, rows):
-    """The stream's cut (one linear first-fit pass, no re-packing per candidate) never splits a unit,
-    and every micro batch it makes fits the fixed rows x length shape the collator packs."""
-    from dualner.data.packing import pack_rows
-    from dualner.data.streaming import cut_units
-    lengths, unit_windows = [], []
-    for unit in units:
-        unit_windows.append(list(range(len(lengths), len(lengths) + len(unit))))
-        lengths += unit
-    batches = cut_units(unit_windows, lengths, 0, rows, 32)
-    assert sorted(w for batch in batches for w in batch) == list(range(len(lengths)))
-    owner = {w: index for index, unit in enumerate(unit_windows) for w in unit}
-    for batch in batches:
-        members = {owner[w] for w in batch}
-        assert sum(len(unit_windows[m]) for m in members) == len(batch)  # whole units only
-        if len(members) > 1:  # a unit too large for the shape alone gets its own micro batch
-            bins, width = pack_rows([lengths[w] for w in batch], 32, rows)
-            assert width == 32 and len(bins) == rows
-
-
 def test_real_world_anomalies_in_stage2_corpora(tmp_path):
     """What real corpora carry: a byte-order mark, CRLF, -DOCSTART- markers, zero-width-only
     tokens and lines, space-separated CoNLL columns, IOBES / lower-case tags, null fields, NUL bytes

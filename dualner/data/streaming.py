@@ -52,7 +52,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from dualner.data.corpus import (BadRecord, CorpusFile, RecordReader, describe_file, lines_before,
                                  parse_record)
 from dualner.data.encoding import WindowTokenizer
-from dualner.data.packing import Collator
+from dualner.data.packing import Collator, cut_micro_batches
 from dualner.errors import DataFormatError, MissingPathError
 
 KIND_SOURCE, KIND_TARGET, KIND_TRANSLATION = "source", "target", "translation"
@@ -298,40 +298,6 @@ class Cut:
         return [self.micro_batch_size, self.rows, self.row_length, self.sort]
 
 
-def cut_units(units: Sequence[Sequence[int]], lengths: Sequence[int], micro_batch_size: int,
-              rows: int | None, row_length: int) -> list[list[int]]:
-    """Micro batches of whole units (a unit's windows are never split), in one linear pass: up to
-    `micro_batch_size` windows each, or, with `rows`, what first fit in arrival order places in
-    `rows` rows of `row_length` tokens (dualner.data.packing.pack_rows packs them the same way). A
-    unit larger than that gets a micro batch of its own."""
-    def placed(room: list[int], unit: Sequence[int]) -> list[int] | None:
-        room = list(room)
-        for window in unit:
-            row = next((r for r, free in enumerate(room) if free >= lengths[window]), None)
-            if row is None:
-                return None
-            room[row] -= lengths[window]
-        return room
-
-    batches: list[list[int]] = []
-    current: list[int] = []
-    empty = [row_length] * (rows or 0)
-    room = empty
-    for unit in units:
-        after = None if rows is None else placed(room, unit)
-        fits = len(current) + len(unit) <= micro_batch_size if rows is None else after is not None
-        if current and not fits:
-            batches.append(current)
-            current, room = [], empty
-            after = None if rows is None else placed(room, unit)
-        current = current + list(unit)
-        if rows is not None:
-            room = after if after is not None else [0] * rows  # too large for the shape: alone
-    if current:
-        batches.append(current)
-    return batches
-
-
 class _StreamCursor:
     """One stream as one reader sees it: its ranges in this pass's order, and the open one."""
 
@@ -470,7 +436,7 @@ class Stage2Reader:
             ordered.sort(key=lambda unit: sum(lengths[i] for i in unit))
         else:
             shuffle(ordered)
-        chunks = cut_units(ordered, lengths, micro, rows, row_length)
+        chunks = cut_micro_batches(ordered, lengths, micro, rows, row_length)
         if sort:
             shuffle(chunks)
         first = pool["consumed"]
