@@ -181,6 +181,26 @@ def test_resume_reads_o1_records(tmp_path, tiny_tokenizer):
     assert costs[0] == costs[1] <= 64  # the pool seen in part, read again; nothing else
 
 
+def test_a_resumed_stream_plans_its_readers_once(tmp_path, tiny_tokenizer, monkeypatch):
+    """Planning (assigning ranges to readers; a hub dataset asks the hub for its shards) happens
+    once: from the checkpoint on a resume, from the start otherwise."""
+    import dualner.data.streaming as streaming
+    expected = write_text_corpus(tmp_path / "c", 2, 30)
+    files = sorted(str(p) for p in (tmp_path / "c").glob("*.txt"))
+    planned = []
+    original = streaming.global_ranges
+    monkeypatch.setattr(streaming, "global_ranges", lambda *a, **k: planned.append(a[1]) or original(*a, **k))
+    first = make_stream(tiny_tokenizer, files)
+    assert planned == []
+    taken = [s for _ in range(3) for s in first.next_batch()["meta"]["sample_id"]]
+    assert planned == [None]
+    resumed = make_stream(tiny_tokenizer, files)
+    resumed.load_state_dict([first.state_dict()])
+    taken += [s for batch in resumed for s in batch["meta"]["sample_id"]]
+    assert len(planned) == 2 and planned[1] is not None
+    assert sorted(taken) == sorted(expected)
+
+
 # -- formats ----------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("suffix, opener", [(".gz", gzip.open), (".xz", lzma.open), (".bz2", bz2.open),
                                             (".zst", None)])
@@ -201,9 +221,10 @@ def test_compressed_corpora_read_like_plain_ones(tmp_path, tiny_tokenizer, suffi
     rest, _ = run_world(tiny_tokenizer, [str(packed)], 1, 0, states=states)  # decompress-and-skip to the cursor
     offsets = sorted(int(s.rsplit("@", 1)[1]) for rank in per_rank + rest for s in rank)
     assert len(offsets) == 60 == len(set(offsets))
-    # one compressed file is one piece: a second rank would have nothing to train on
+    # one compressed file is one piece: a second rank would have nothing to train on (found when the
+    # stream plans its readers, at its first batch)
     with pytest.raises(DataFormatError, match=r"rank 1 has nothing to read.*python -m dualner prepare"):
-        make_stream(tiny_tokenizer, [str(packed)], rank=1, world=2)
+        make_stream(tiny_tokenizer, [str(packed)], rank=1, world=2).next_batch()
 
 
 def test_formats_and_labels(tmp_path):

@@ -653,7 +653,9 @@ class _ReaderDataset(IterableDataset):
 class Stage2Stream:
     """One rank's stream of stage-2 micro batches: its readers behind a DataLoader, and the position
     of what it trained. `state_dict()` is this rank's part of the global position; `load_state_dict`
-    takes every rank's part of a checkpoint (written by any number of ranks and workers)."""
+    takes every rank's part of a checkpoint (written by any number of ranks and workers). Which
+    reader reads what is planned once, when first needed: from the checkpoint's position when
+    `load_state_dict` comes first, else from the start (at the first batch)."""
 
     def __init__(self, streams: Sequence[StreamSpec], encoder: WindowTokenizer, micro_batch_size: int,
                  seed: int, rank: int, world_size: int, collate: Collator, pool: int = 2048, workers: int = 0,
@@ -672,9 +674,16 @@ class Stage2Stream:
         self.cut = Cut(micro_batch_size, collate.rows, collate.row_length, sort=pool > 0 and not collate.packed)
         total = sum(spec.weight for spec in self.streams)
         self.mix = {spec.name: spec.weight / total for spec in self.streams}
-        self._start(None)
+        self._position: RankPosition | None = None  # None: not planned yet
 
-    def _start(self, position: GlobalPosition | None) -> None:
+    @property
+    def position(self) -> RankPosition:
+        """What this rank trained so far (planning from the start if nothing was planned yet)."""
+        if self._position is None:
+            self._plan(None)
+        return self._position
+
+    def _plan(self, position: GlobalPosition | None) -> None:
         ranges = global_ranges(self.streams, position, self.readers, self.range_bytes, self.range_sentences, self.log)
         same_readers = position is not None and position.readers == self.readers
         owner: dict[int, dict[str, list]] = {}
@@ -707,7 +716,7 @@ class Stage2Stream:
         rotation = position.next_worker.get(self.rank, 0) if same_readers else 0
         owned = {spec.name: [state for reader in mine for state in owner.get(reader, {}).get(spec.name, [])]
                  for spec in self.streams}
-        self.position = RankPosition(
+        self._position = RankPosition(
             self.rank, self.readers_per_rank, self.readers, [spec.name for spec in self.streams], owned,
             [pool for reader in mine for pool in handed.get(reader, [])],
             {reader: self.plans[reader].pools_made for reader in mine},
@@ -763,15 +772,16 @@ class Stage2Stream:
                 return
 
     def next_batch(self) -> dict:
+        position = self.position
         if self._iterator is None:
             self._iterator = iter(self.loader)
         batch = next(self._iterator)
-        self.position.consumed(batch["position"])
+        position.consumed(batch["position"])
         return batch
 
     def records_read(self) -> int:
         """Records read by this process's readers (workers=0): what a resume costs, for tests."""
-        return sum(reader.records_read() for reader in self.factory.built)
+        return sum(reader.records_read() for reader in self.factory.built) if self._position is not None else 0
 
     def take_bad_records(self) -> list[dict]:
         reports, self.position.bad_seen = self.position.bad_seen, []
@@ -783,4 +793,4 @@ class Stage2Stream:
 
     def load_state_dict(self, rank_states: Sequence[dict]) -> None:
         """Continue from a checkpoint: every rank's `state_dict()` of it."""
-        self._start(GlobalPosition.merge(rank_states))
+        self._plan(GlobalPosition.merge(rank_states))
