@@ -42,9 +42,6 @@ class BadRecord(Exception):
         super().__init__(f"{path}:{line if line is not None else '?'} (byte {byte}): {reason}")
         self.path, self.byte, self.line, self.reason = path, byte, line, reason
 
-    def describe(self) -> str:
-        return str(self)
-
 
 @dataclass(frozen=True)
 class CorpusFile:

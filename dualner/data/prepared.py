@@ -204,7 +204,7 @@ def _write_shard(task: tuple) -> dict:
         try:
             sentence = parse_record(record, file, state["language"], labeled=False)
         except BadRecord as error:
-            bad.append(error.describe())
+            bad.append(str(error))
             continue
         if sentence is not None:
             sentences.append((record.start, sentence))
