@@ -772,7 +772,7 @@ class Stage2Stream:
                 return
 
     def next_batch(self) -> dict:
-        position = self.position
+        position = self.position  # plans the readers (and makes the loader) if nothing did yet
         if self._iterator is None:
             self._iterator = iter(self.loader)
         batch = next(self._iterator)
