@@ -55,6 +55,19 @@ def run_launcher(stage: int, config: str | Path, overrides: list[str], verbose: 
     return result
 
 
+def english_run(output: str | Path, encoder: str, data: str | Path, sentences: int | None, max_length: int,
+                batch: int, steps: int, log_every: int, ds_config: str | Path, micro: int | None = None) -> list[str]:
+    """The launcher overrides of a timed run on English alone: `sentences` of `data` (None: all), no
+    dev or test sets, no warm-up, evaluated only after the last step, no TensorBoard. A benchmark
+    adds what it measures after these."""
+    return [f"run.output_dir={output}", f"model.encoder={encoder}", f"data.train.en={data}",
+            f"data.max_train_sentences={'null' if sentences is None else sentences}", "data.dev={}", "data.test={}",
+            f"data.max_length={max_length}", f"train.global_batch_size={batch}",
+            f"train.micro_batch_size={micro or batch}", f"train.max_steps={steps}", f"train.log_every={log_every}",
+            f"train.eval_every={steps}", "train.warmup_steps=0", f"deepspeed.config={ds_config}",
+            "logging.tensorboard=false"]
+
+
 def mixed_stream(root: Path, encoder, batch: int, pool: int, collate=None, workers: int = 0,
                  pin_memory: bool = False):
     """The stage-2 loader over labeled English and every target language's train text, weighted as

@@ -20,19 +20,17 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.common import device_facts, run_launcher, today, write_result  # noqa: E402
+from bench.common import device_facts, english_run, run_launcher, today, write_result  # noqa: E402
 
 
 def one_run(args, compiled: bool) -> dict:
     with tempfile.TemporaryDirectory() as output:
         run_dir = Path(output, "run")
         result = run_launcher(1, REPO / "configs" / "tiny.yaml", [
-            f"run.output_dir={run_dir}", f"model.encoder={args.encoder}", f"data.train.en={args.data}",
-            "data.max_train_sentences=null", "data.dev={}", "data.test={}", f"data.max_length={args.pack_length}",
-            "train.batch_unit=tokens", f"data.pack_length={args.pack_length}", f"train.global_batch_size={args.tokens}",
-            f"train.micro_batch_size={args.tokens}", f"train.max_steps={args.steps}", "train.log_every=1",
-            f"train.eval_every={args.steps}", "train.warmup_steps=0", "model.dropout=0.0", "model.encoder_dropout=0.0",
-            f"deepspeed.config={args.ds_config}", "logging.tensorboard=false", f"model.compile={str(compiled).lower()}"],
+            *english_run(run_dir, args.encoder, args.data, None, args.pack_length, args.tokens, args.steps, 1,
+                         args.ds_config),
+            "train.batch_unit=tokens", f"data.pack_length={args.pack_length}", "model.dropout=0.0",
+            "model.encoder_dropout=0.0", f"model.compile={str(compiled).lower()}"],
             env={**os.environ, "TORCH_LOGS": "recompiles"})
         windows = [json.loads(line) for line in (run_dir / "losses.jsonl").read_text().splitlines()]
     seconds = [w["throughput/step_seconds"] for w in windows]

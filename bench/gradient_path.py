@@ -25,7 +25,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.common import SHARED_DATA, device_facts, run_launcher, today, write_result  # noqa: E402
+from bench.common import SHARED_DATA, device_facts, english_run, run_launcher, today, write_result  # noqa: E402
 
 WATCHED = ("aten::cat", "aten::copy_", "aten::linalg_vector_norm", "aten::_foreach_norm", "aten::mul_",
            "aten::_foreach_mul_", "aten::stack", "aten::zeros", "aten::div_", "c10d::allreduce_",
@@ -37,12 +37,9 @@ def one_run(args, path: str) -> dict:
         run_dir = Path(output, "run")
         steps = args.profile_start + args.profile_steps - 1 + args.timed
         run_launcher(1, REPO / "configs" / "tiny.yaml", [
-            f"run.output_dir={run_dir}", f"model.encoder={args.encoder}", f"data.train.en={args.data}",
-            f"data.max_train_sentences={steps * args.batch}", "data.dev={}", "data.test={}",
-            f"data.max_length={args.max_length}", f"train.global_batch_size={args.batch}",
-            f"train.micro_batch_size={args.batch}", f"train.max_steps={steps}", "train.log_every=1",
-            "train.warmup_steps=0", f"train.eval_every={steps}", f"deepspeed.config={args.ds_config}",
-            "logging.tensorboard=false", "profile.enabled=true", f"profile.start_step={args.profile_start}",
+            *english_run(run_dir, args.encoder, args.data, steps * args.batch, args.max_length, args.batch, steps, 1,
+                         args.ds_config),
+            "profile.enabled=true", f"profile.start_step={args.profile_start}",
             f"profile.steps={args.profile_steps}", "profile.top=400"],
             env={**os.environ, "DUALNER_DEEPSPEED_GRADIENTS": path})
         summary = json.loads((run_dir / "profile" / "summary_rank0.json").read_text())

@@ -27,19 +27,15 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.common import (SHARED_DATA, TARGETS, device_facts, mixed_stream, run_launcher,  # noqa: E402
-                          timed_windows, today, write_result)
+from bench.common import (SHARED_DATA, TARGETS, device_facts, english_run, mixed_stream,  # noqa: E402
+                          run_launcher, timed_windows, today, write_result)
 
 
 def launch(stage: int, args, output: Path, *overrides: str) -> None:
     run_launcher(stage, REPO / "configs" / "tiny.yaml", [
-        f"run.output_dir={output}", f"model.encoder={args.encoder}",
-        f"model.freeze_word_embeddings={str(not args.train_embeddings).lower()}",
-        f"data.train.en={args.data_root}/en/train.tsv", f"data.max_train_sentences={args.sentences}",
-        "data.dev={}", "data.test={}", "data.max_length=128",
-        f"train.global_batch_size={args.batch}", f"train.micro_batch_size={args.batch}",
-        f"train.max_steps={args.steps}", f"train.log_every={args.warmup}", f"train.eval_every={args.steps}",
-        "train.warmup_steps=0", f"deepspeed.config={args.ds_config}", "logging.tensorboard=false", *overrides])
+        *english_run(output, args.encoder, f"{args.data_root}/en/train.tsv", args.sentences, 128, args.batch,
+                     args.steps, args.warmup, args.ds_config),
+        f"model.freeze_word_embeddings={str(not args.train_embeddings).lower()}", *overrides])
 
 
 def loader_rate(args, batches: int) -> dict:

@@ -40,7 +40,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.common import (SHARED_DATA, device_facts, encoder_parameters, mfu, run_launcher,  # noqa: E402
+from bench.common import (SHARED_DATA, device_facts, encoder_parameters, english_run, mfu, run_launcher,  # noqa: E402
                           timed_windows, today, write_result)
 
 DS_CONFIGS = {"fp32": "ds_configs/zero0_fp32.json", "bf16": "ds_configs/zero0.json"}
@@ -159,14 +159,10 @@ def run_ours(args) -> dict:
     sentences = None if args.unit == "tokens" else args.steps * args.batch
     with tempfile.TemporaryDirectory() as output:
         run_launcher(1, REPO / "configs" / "tiny.yaml", [
-            f"run.output_dir={output}/run", f"model.encoder={args.encoder}",
-            f"model.freeze_word_embeddings={str(args.freeze_word_embeddings).lower()}",
-            f"data.train.en={args.data}", f"data.max_train_sentences={sentences if sentences else 'null'}",
-            "data.dev={}", "data.test={}", f"data.max_length={args.max_length}", *unit,
-            f"train.global_batch_size={args.batch}", f"train.micro_batch_size={args.micro or args.batch}",
-            f"train.max_steps={args.steps}", f"train.log_every={args.warmup}", "train.lr=1e-4",
-            "train.warmup_steps=0", f"train.eval_every={args.steps}", f"deepspeed.config={args.ds_config}",
-            "logging.tensorboard=false", *args.override], verbose=args.verbose)
+            *english_run(f"{output}/run", args.encoder, args.data, sentences or None, args.max_length, args.batch,
+                         args.steps, args.warmup, args.ds_config, micro=args.micro),
+            f"model.freeze_word_embeddings={str(args.freeze_word_embeddings).lower()}", *unit, "train.lr=1e-4",
+            *args.override], verbose=args.verbose)
         timed = timed_windows(Path(output, "run"), args.warmup)
     return timed
 

@@ -18,8 +18,9 @@ import torch
 
 from dualner.backend.placement import to_device
 from dualner.config import check_head, evaluation_head
-from dualner.data.conll import BOM, CONLL_SUFFIXES, iter_conll
-from dualner.data.readers import JSONL_SUFFIXES, iter_jsonl, iter_text
+from dualner.data.conll import BOM, iter_conll
+from dualner.data.formats import format_of
+from dualner.data.readers import iter_jsonl, iter_text
 from dualner.errors import ConfigError, MissingPathError
 from dualner.data.encoding import WindowTokenizer
 from dualner.data.packing import model_inputs
@@ -55,19 +56,19 @@ def read_input(path: Path) -> Iterator[list[str]]:
     """Sentences of a prediction input (JSONL `{"tokens": [...]}`, CoNLL, or plain text); a JSONL
     sentence may be empty (it gets an empty entity list). Errors name the file and line."""
     check_input(path)
-    suffix = path.suffix.lower()
-    if suffix in JSONL_SUFFIXES:
+    kind = format_of(path)
+    if kind == "jsonl":
         records = iter_jsonl(path, keep_empty=True)
-    elif suffix in CONLL_SUFFIXES:
+    elif kind == "conll":
         records = ({"words": sentence.words} for sentence in iter_conll(path, labeled=False))
-    else:  # plain text: one pre-tokenized sentence per line
+    else:  # plain text (any other name): one pre-tokenized sentence per line
         records = iter_text(path)
     first = True
     for record in records:
         words = record["words"]
         if first and words and words[0].startswith(BOM):  # a byte-order mark is no part of the first word
             words = [words[0].lstrip(BOM), *words[1:]] if words[0] != BOM else words[1:]
-            if not words and suffix not in JSONL_SUFFIXES:
+            if not words and kind != "jsonl":
                 continue  # a line holding only the mark: a blank line
         first = False
         yield words

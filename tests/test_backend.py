@@ -1,9 +1,9 @@
 """The backend boundary and the collectives' devices.
 
 CI has no GPU, so device mistakes must fail here: the multi-process tests run with
-DUALNER_STRICT_COLLECTIVES=1 (tests/conftest.py), under which a collective issued from project code
-outside dualner.backend.comm, or with a buffer that module did not place, is refused the way NCCL
-refuses a CPU tensor. The first GPU run failed on exactly that (a CPU tensor sent by a helper that
+DUALNER_STRICT_COLLECTIVES=1 (tests/conftest.py), which installs dualner.backend.testing's audit: a
+collective issued from project code outside dualner.backend.comm, or with a buffer that module did
+not place, is refused the way NCCL refuses a CPU tensor. The first GPU run failed on exactly that (a CPU tensor sent by a helper that
 did not place it)."""
 
 import ast
@@ -80,11 +80,23 @@ _WORKER = textwrap.dedent('''
         "    if dist.is_initialized():\\n"
         "        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)\\n"
         "    return tensor\\n", legacy.__dict__)
+    audited = os.environ["DUALNER_STRICT_COLLECTIVES"] == "1"
+    assert ("dualner.backend.testing" in sys.modules) == audited  # a run without the switch never loads it
+    if audited:
+        from dualner.backend.testing import CollectiveDeviceError
+    else:
+        class CollectiveDeviceError(Exception):
+            pass
     try:
         legacy.all_reduce_sum(torch.cat([torch.zeros(2, dtype=torch.float64), torch.tensor([1.0, 2.0], dtype=torch.float64)]))
         print("LEGACY accepted")
-    except comm.CollectiveDeviceError as error:
+    except CollectiveDeviceError as error:
         print("LEGACY refused:", error)
+    try:  # inside comm, but with a tensor none of its buffer builders made
+        exec("dist.all_reduce(torch.zeros(2))", comm.__dict__)
+        print("UNPLACED accepted")
+    except CollectiveDeviceError as error:
+        print("UNPLACED refused:", error)
     assert comm.host_all_reduce([info.rank + 1.0], "sum") == [3.0]
     reduced = comm.device_all_reduce([torch.tensor(float(info.rank)), torch.ones(2)], torch.device("cpu"))
     assert reduced.tolist() == [1.0, 2.0, 2.0], reduced
@@ -108,8 +120,9 @@ def test_strict_collectives_refuse_the_first_gpu_runs_bug(tmp_path, strict):
     assert result.stdout.count("COMM ok") == 2
     if strict:
         assert result.stdout.count("LEGACY refused") == 2 and "dualner.backend.comm" in result.stdout
+        assert result.stdout.count("UNPLACED refused") == 2 and "did not place" in result.stdout
     else:  # gloo itself takes the CPU tensor: only the audit catches what NCCL would refuse
-        assert result.stdout.count("LEGACY accepted") == 2
+        assert result.stdout.count("LEGACY accepted") == 2 and result.stdout.count("UNPLACED accepted") == 2
 
 
 _SKIP_WORKER = textwrap.dedent('''

@@ -14,7 +14,8 @@ from dualner.data.encoding import WindowTokenizer
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dualner.data.packing import Collator, first_fit_decreasing, model_inputs, pack_rows, token_budget_micro_batches
+from dualner.data.packing import (Collator, cut_micro_batches, first_fit, first_fit_decreasing, model_inputs,
+                                  pack_rows)
 from dualner.evaluate import EvalSet, evaluate_sets
 from dualner.labels import LabelSet
 from dualner.losses import centroid_mse, entity_representations, supervised_losses
@@ -37,6 +38,11 @@ def test_first_fit_decreasing_places_every_window_once_within_capacity():
         first_fit_decreasing([65], 64)
 
 
+def token_budget_micro_batches(lengths, row_length, rows):
+    """Stage 1's token budgets: every window a unit of its own."""
+    return cut_micro_batches([[i] for i in range(len(lengths))], lengths, 0, rows, row_length)
+
+
 def test_token_budget_micro_batches_fill_a_fixed_shape():
     rng = random.Random(1)
     lengths = [rng.randint(3, 32) for _ in range(500)]
@@ -44,6 +50,8 @@ def test_token_budget_micro_batches_fill_a_fixed_shape():
     assert [i for batch in batches for i in batch] == list(range(500))  # order kept, none lost
     for batch in batches:
         assert len(pack_rows([lengths[i] for i in batch], 32, rows=8)[0]) == 8
+    with pytest.raises(ValueError, match="does not fit"):
+        token_budget_micro_batches([3, 33], row_length=32, rows=8)
 
 
 def assert_packs(lengths, rows, row_length=10):
@@ -62,11 +70,94 @@ def test_a_batch_first_fit_decreasing_cannot_pack_still_packs():
     assert_packs(lengths, rows=3)
 
 
+def reference_first_fit(lengths, capacity, order):
+    """First fit as the three packers before the single one wrote it: scan the rows for room."""
+    rows, room = [], []
+    for index in order:
+        row = next((r for r, free in enumerate(room) if free >= lengths[index]), None)
+        if row is None:
+            rows.append([])
+            room.append(capacity)
+            row = len(rows) - 1
+        rows[row].append(index)
+        room[row] -= lengths[index]
+    return rows
+
+
+def reference_cut(units, lengths, rows, row_length):
+    """The stream's cut before the single packer (a row scan per window, a copy per unit)."""
+    def placed(room, unit):
+        room = list(room)
+        for window in unit:
+            row = next((r for r, free in enumerate(room) if free >= lengths[window]), None)
+            if row is None:
+                return None
+            room[row] -= lengths[window]
+        return room
+
+    batches, current, room = [], [], [row_length] * rows
+    for unit in units:
+        after = placed(room, unit)
+        if current and after is None:
+            batches.append(current)
+            current, room = [], [row_length] * rows
+            after = placed(room, unit)
+        current = current + list(unit)
+        room = after if after is not None else [0] * rows
+    return batches + [current] if current else batches
+
+
 @settings(max_examples=300, deadline=None)
-@given(st.lists(st.integers(1, 10), min_size=1, max_size=40), st.integers(1, 4))
-def test_every_token_budget_micro_batch_packs_into_its_fixed_shape(lengths, rows):
-    for batch in token_budget_micro_batches(lengths, row_length=10, rows=rows):
-        assert_packs([lengths[i] for i in batch], rows)
+@given(st.lists(st.integers(1, 10), min_size=1, max_size=60))
+def test_the_single_packer_places_as_first_fit_always_did(lengths):
+    order = list(range(len(lengths)))
+    assert first_fit(lengths, 10) == reference_first_fit(lengths, 10, order)
+    decreasing = sorted(order, key=lambda i: (-lengths[i], i))
+    assert first_fit_decreasing(lengths, 10) == reference_first_fit(lengths, 10, decreasing)
+
+
+units_strategy = st.lists(st.lists(st.integers(min_value=1, max_value=32), min_size=1, max_size=3), min_size=1,
+                          max_size=60)
+
+
+def windows_of_units(units):
+    lengths, unit_windows = [], []
+    for unit in units:
+        unit_windows.append(list(range(len(lengths), len(lengths) + len(unit))))
+        lengths += unit
+    return lengths, unit_windows
+
+
+@settings(max_examples=300, deadline=None)
+@given(units=units_strategy, rows=st.integers(min_value=1, max_value=4))
+def test_every_micro_batch_the_cutter_forms_fits_the_collators_rows(units, rows):
+    """The agreement between the cutters (stage 1's token budgets, the stream's pools) and the
+    collator: every micro batch keeps its units whole, fits the fixed rows x length shape, and the
+    collator's rows are the ones the cutter placed. Single-window units are stage 1's case."""
+    lengths, unit_windows = windows_of_units(units)
+    batches = cut_micro_batches(unit_windows, lengths, 0, rows, 32)
+    assert batches == reference_cut(unit_windows, lengths, rows, 32)  # the same batches as before
+    assert [w for batch in batches for w in batch] == list(range(len(lengths)))
+    owner = {w: index for index, unit in enumerate(unit_windows) for w in unit}
+    for batch in batches:
+        members = {owner[w] for w in batch}
+        assert sum(len(unit_windows[m]) for m in members) == len(batch)  # whole units only
+        if len(members) > 1:  # a unit too large for the shape alone gets its own micro batch
+            assert_packs([lengths[w] for w in batch], rows, row_length=32)
+    single = cut_micro_batches([[w] for w in range(len(lengths))], lengths, 0, rows, 32)
+    for batch in single:
+        assert_packs([lengths[w] for w in batch], rows, row_length=32)
+
+
+@settings(max_examples=100, deadline=None)
+@given(units=units_strategy, size=st.integers(min_value=1, max_value=8))
+def test_sentence_micro_batches_hold_whole_units_up_to_their_size(units, size):
+    lengths, unit_windows = windows_of_units(units)
+    batches = cut_micro_batches(unit_windows, lengths, size)
+    assert [w for batch in batches for w in batch] == list(range(len(lengths)))
+    owner = {w: index for index, unit in enumerate(unit_windows) for w in unit}
+    for batch in batches:  # more windows than the size only when one unit alone has more
+        assert len(batch) <= size or len({owner[w] for w in batch}) == 1
 
 
 def windows_of(encoder_tokenizer, language="de", count=40, max_length=24):

@@ -181,6 +181,26 @@ def test_resume_reads_o1_records(tmp_path, tiny_tokenizer):
     assert costs[0] == costs[1] <= 64  # the pool seen in part, read again; nothing else
 
 
+def test_a_resumed_stream_plans_its_readers_once(tmp_path, tiny_tokenizer, monkeypatch):
+    """Planning (assigning ranges to readers; a hub dataset asks the hub for its shards) happens
+    once: from the checkpoint on a resume, from the start otherwise."""
+    import dualner.data.streaming as streaming
+    expected = write_text_corpus(tmp_path / "c", 2, 30)
+    files = sorted(str(p) for p in (tmp_path / "c").glob("*.txt"))
+    planned = []
+    original = streaming.global_ranges
+    monkeypatch.setattr(streaming, "global_ranges", lambda *a, **k: planned.append(a[1]) or original(*a, **k))
+    first = make_stream(tiny_tokenizer, files)
+    assert planned == []
+    taken = [s for _ in range(3) for s in first.next_batch()["meta"]["sample_id"]]
+    assert planned == [None]
+    resumed = make_stream(tiny_tokenizer, files)
+    resumed.load_state_dict([first.state_dict()])
+    taken += [s for batch in resumed for s in batch["meta"]["sample_id"]]
+    assert len(planned) == 2 and planned[1] is not None
+    assert sorted(taken) == sorted(expected)
+
+
 # -- formats ----------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("suffix, opener", [(".gz", gzip.open), (".xz", lzma.open), (".bz2", bz2.open),
                                             (".zst", None)])
@@ -201,9 +221,10 @@ def test_compressed_corpora_read_like_plain_ones(tmp_path, tiny_tokenizer, suffi
     rest, _ = run_world(tiny_tokenizer, [str(packed)], 1, 0, states=states)  # decompress-and-skip to the cursor
     offsets = sorted(int(s.rsplit("@", 1)[1]) for rank in per_rank + rest for s in rank)
     assert len(offsets) == 60 == len(set(offsets))
-    # one compressed file is one piece: a second rank would have nothing to train on
+    # one compressed file is one piece: a second rank would have nothing to train on (found when the
+    # stream plans its readers, at its first batch)
     with pytest.raises(DataFormatError, match=r"rank 1 has nothing to read.*python -m dualner prepare"):
-        make_stream(tiny_tokenizer, [str(packed)], rank=1, world=2)
+        make_stream(tiny_tokenizer, [str(packed)], rank=1, world=2).next_batch()
 
 
 def test_formats_and_labels(tmp_path):
@@ -361,29 +382,6 @@ def test_prepared_corpus_streams_once_per_pass_and_prepare_resumes(tmp_path, tin
     second, _ = run_world(tiny_tokenizer, files, 3, 0, states=states)
     everything = [s for rank in first + second for s in rank]
     assert len(everything) == 300 == len(set(everything))
-
-
-@settings(max_examples=80, deadline=None)
-@given(units=st.lists(st.lists(st.integers(min_value=1, max_value=32), min_size=1, max_size=3), min_size=1,
-                      max_size=60), rows=st.integers(min_value=1, max_value=4))
-def test_token_budget_cut_keeps_units_whole_and_always_packs(units, rows):
-    """The stream's cut (one linear first-fit pass, no re-packing per candidate) never splits a unit,
-    and every micro batch it makes fits the fixed rows x length shape the collator packs."""
-    from dualner.data.packing import pack_rows
-    from dualner.data.streaming import cut_units
-    lengths, unit_windows = [], []
-    for unit in units:
-        unit_windows.append(list(range(len(lengths), len(lengths) + len(unit))))
-        lengths += unit
-    batches = cut_units(unit_windows, lengths, 0, rows, 32)
-    assert sorted(w for batch in batches for w in batch) == list(range(len(lengths)))
-    owner = {w: index for index, unit in enumerate(unit_windows) for w in unit}
-    for batch in batches:
-        members = {owner[w] for w in batch}
-        assert sum(len(unit_windows[m]) for m in members) == len(batch)  # whole units only
-        if len(members) > 1:  # a unit too large for the shape alone gets its own micro batch
-            bins, width = pack_rows([lengths[w] for w in batch], 32, rows)
-            assert width == 32 and len(bins) == rows
 
 
 def test_real_world_anomalies_in_stage2_corpora(tmp_path):

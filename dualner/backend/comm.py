@@ -8,26 +8,23 @@ Two kinds of values cross ranks, and each has its own path:
   and are reduced there (NCCL on CUDA) without a host round trip.
 On an accelerator the default process group is therefore opened as "cpu:gloo,cuda:nccl": a group
 that serves both. Callers never build the tensors a collective sends: they hand over Python numbers
-(host) or device tensors (device) and this module places the buffer itself. That is what failed on
-the first GPU run (a CPU tensor sent to an NCCL-only group), and `DUALNER_STRICT_COLLECTIVES=1` (set
-by the multi-process tests) turns the rule into an error on any machine: a collective issued from
-project code outside this module, or with a buffer this module did not place, is refused the way NCCL
-refuses a CPU tensor.
+(host) or device tensors (device) and this module builds the buffer itself (`_host_buffer`,
+`_device_buffer`, `_in_place_buffer`). That is what failed on the first GPU run (a CPU tensor sent to
+an NCCL-only group). The test switch `DUALNER_STRICT_COLLECTIVES=1` (set by the multi-process tests)
+installs dualner.backend.testing's audit, which turns the rule into an error on any machine.
 """
 
 from __future__ import annotations
 
 import os
 import socket
-import sys
-import weakref
 from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
 import torch.distributed as dist
 
-STRICT_ENV = "DUALNER_STRICT_COLLECTIVES"
+STRICT_ENV = "DUALNER_STRICT_COLLECTIVES"  # the test switch of the collective audit
 
 
 @dataclass(frozen=True)
@@ -78,8 +75,9 @@ def init_distributed() -> DistInfo:
             torch.cuda.set_device(device)  # NCCL and object collectives use the current device
         dist.init_process_group(backend=process_group_backend(device),
                                 rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]))
-        if os.environ.get(STRICT_ENV) == "1":
-            _install_strict_audit()
+        if os.environ.get(STRICT_ENV) == "1":  # tests only (tests/conftest.py)
+            from dualner.backend.testing import install_strict_audit
+            install_strict_audit()
     return current()
 
 
@@ -128,8 +126,8 @@ _OPS = {"sum": "SUM", "max": "MAX", "min": "MIN"}
 
 
 def _host_buffer(values: Sequence[float]) -> torch.Tensor:
-    buffer = torch.tensor([float(v) for v in values], dtype=torch.float64)
-    return _placed(buffer)
+    """What a host collective sends: the numbers in a CPU tensor (gloo)."""
+    return torch.tensor([float(v) for v in values], dtype=torch.float64)
 
 
 def _several_ranks() -> bool:
@@ -166,19 +164,26 @@ def all_reduce_max(value: int) -> int:
 
 
 # -- device values -------------------------------------------------------------------------------
-def collective_device(device: torch.device) -> torch.device:
-    """The device a collective of device values runs on: the accelerator itself (NCCL), or the CPU
-    when that is where training runs."""
-    return device
+def _device_buffer(tensors: Sequence[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """What a device collective sends: the tensors flattened into one float32 buffer on `device`."""
+    if not tensors:
+        return torch.zeros(0, device=device)
+    return torch.cat([t.detach().reshape(-1).to(device=device, dtype=torch.float32) for t in tensors])
+
+
+def _in_place_buffer(tensor: torch.Tensor) -> torch.Tensor:
+    """A caller's tensor reduced where it lies: it must be on this rank's accelerator (in a
+    "cpu:gloo,cuda:nccl" group a CPU tensor would go through gloo, not where the optimizer reads it)."""
+    expected = accelerator_device().type
+    if tensor.device.type != expected:
+        raise RuntimeError(f"an in-place device reduction of a {tensor.device} tensor; this rank computes on {expected}")
+    return tensor
 
 
 def device_all_reduce(tensors: Sequence[torch.Tensor], device: torch.device, op: str = "sum") -> torch.Tensor:
     """Reduce device tensors over ranks on the device (one flat buffer, one collective); returns the
     reduced flat buffer on the device. The caller reads it (one copy to the host) when it needs to."""
-    buffer = _placed(torch.cat([t.detach().reshape(-1).to(device=device, dtype=torch.float32)
-                                for t in tensors]) if tensors else torch.zeros(0, device=device))
-    if buffer.device != collective_device(device):
-        raise RuntimeError(f"device collective buffer on {buffer.device}, expected {device}")
+    buffer = _device_buffer(tensors, device)
     if _several_ranks() and buffer.numel():
         dist.all_reduce(buffer, op=getattr(dist.ReduceOp, _OPS[op]))
     return buffer
@@ -188,56 +193,5 @@ def device_all_reduce_(tensor: torch.Tensor, op: str = "max") -> torch.Tensor:
     """In place, on the device, asynchronously with respect to the host (for the per-step
     non-finite flag, which the optimizer reads on the device)."""
     if _several_ranks():
-        _placed(tensor)
-        dist.all_reduce(tensor, op=getattr(dist.ReduceOp, _OPS[op]))
+        dist.all_reduce(_in_place_buffer(tensor), op=getattr(dist.ReduceOp, _OPS[op]))
     return tensor
-
-
-# -- strict audit ----------------------------------------------------------------------------------
-# Buffers this module placed for a collective. Under the audit, a collective from project code is
-# accepted only with one of them, and only when issued here.
-_PLACED: dict[int, weakref.ref] = {}  # id -> weak reference (tensors compare elementwise, not by identity)
-_COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter_tensor",
-                "reduce_scatter", "broadcast", "reduce", "all_to_all_single", "gather", "scatter")
-
-
-def _placed(tensor: torch.Tensor) -> torch.Tensor:
-    key = id(tensor)
-    _PLACED[key] = weakref.ref(tensor, lambda _ref, key=key: _PLACED.pop(key, None))
-    return tensor
-
-
-def _was_placed(tensor: torch.Tensor) -> bool:
-    reference = _PLACED.get(id(tensor))
-    return reference is not None and reference() is tensor
-
-
-class CollectiveDeviceError(RuntimeError):
-    pass
-
-
-def _install_strict_audit() -> None:
-    """Wrap torch.distributed's tensor collectives. DeepSpeed's and torch's own calls pass (they
-    place their buffers themselves); a call from a `dualner` module must come from this module with
-    a buffer it placed."""
-    for name in _COLLECTIVES:
-        original = getattr(dist, name, None)
-        if original is None or getattr(original, "_dualner_audited", False):
-            continue
-
-        def audited(*args, __original=original, __name=name, **kwargs):
-            caller = sys._getframe(1).f_globals.get("__name__", "")
-            if caller.startswith("dualner"):
-                tensor = args[0] if args else next(iter(kwargs.values()), None)
-                if caller != __name__:
-                    raise CollectiveDeviceError(
-                        f"torch.distributed.{__name} called from {caller}: collectives go through "
-                        f"dualner.backend.comm, which places their buffers on the right device")
-                if isinstance(tensor, torch.Tensor) and not _was_placed(tensor):
-                    raise CollectiveDeviceError(
-                        f"torch.distributed.{__name} with a {tensor.device} tensor that "
-                        f"dualner.backend.comm did not place (no backend type associated with it)")
-            return __original(*args, **kwargs)
-
-        audited._dualner_audited = True
-        setattr(dist, name, audited)

@@ -19,7 +19,7 @@ from typing import Sequence
 import numpy as np
 
 from dualner.config import TrainConfig, batch_split
-from dualner.data.packing import token_budget_micro_batches
+from dualner.data.packing import cut_micro_batches
 
 
 @dataclass(frozen=True)
@@ -59,9 +59,10 @@ def bucketed_micro_batches(lengths: Sequence[int], micro_batch_size: int, seed: 
 
 def token_micro_batches(lengths: Sequence[int], row_length: int, rows: int, seed: int,
                         epoch: int) -> list[list[int]]:
-    order = np.random.default_rng([seed, epoch]).permutation(len(lengths))
-    batches = token_budget_micro_batches([int(lengths[i]) for i in order], row_length, rows)
-    return [[int(order[i]) for i in batch] for batch in batches]
+    """Windows in a random order, each a unit of its own, cut by first fit into micro batches of
+    `rows` x `row_length` tokens (`cut_micro_batches`; the last may be partly empty)."""
+    order = np.random.default_rng([seed, epoch]).permutation(len(lengths)).tolist()
+    return cut_micro_batches([[index] for index in order], [int(n) for n in lengths], 0, rows, row_length)
 
 
 @dataclass

@@ -24,7 +24,6 @@ from typing import Iterator
 from dualner.errors import DataFormatError, MissingPathError  # DataFormatError re-exported
 from dualner.labels import is_valid_tag
 
-CONLL_SUFFIXES = (".tsv", ".conll", ".iob", ".bio")
 BOM = "\ufeff"
 DOCSTART = "-DOCSTART-"
 # Characters that show nothing: a line of only these is a blank line; a tag is read without them.

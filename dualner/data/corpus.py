@@ -1,6 +1,7 @@
 """Stage-2 corpus files, read record by record from any byte range: plain pre-tokenized text (a
 sentence per line), JSONL (`{"tokens": [...], ...}` per line) and CoNLL (blank-line separated
-blocks), each optionally compressed (`.gz`, `.xz`, `.zst`/`.zstd`, `.bz2`).
+blocks), each optionally compressed (`.gz`, `.xz`, `.zst`/`.zstd`, `.bz2`; the endings:
+dualner.data.formats).
 
 Ranges. An uncompressed file can be cut anywhere: a range [a, b) owns the records whose first byte
 `p` lies in a <= p < b (Hadoop's LineRecordReader rule, shifted to half-open ranges). A reader of
@@ -18,26 +19,18 @@ its file, byte and line) instead of ending the file, so the stream can skip and 
 
 from __future__ import annotations
 
-import bz2
-import gzip
 import io
 import json
-import lzma
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Iterator
 
 from dualner.data.conll import DOCSTART, INVISIBLE, normalize_tag
+from dualner.data.formats import accepted_endings, corpus_format, open_compressed, zstd_module
 from dualner.errors import DataFormatError
 from dualner.labels import is_valid_tag
 
-TEXT_SUFFIXES = (".txt", ".text")
-JSONL_SUFFIXES = (".jsonl", ".json")
-CONLL_SUFFIXES = (".tsv", ".conll", ".iob", ".bio")
-COMPRESSION_SUFFIXES = {".gz": "gzip", ".xz": "xz", ".bz2": "bz2", ".zst": "zstd", ".zstd": "zstd"}
-FORMAT_OF_SUFFIX = {**{s: "text" for s in TEXT_SUFFIXES}, **{s: "jsonl" for s in JSONL_SUFFIXES},
-                    **{s: "conll" for s in CONLL_SUFFIXES}}
 UNBOUNDED = 1 << 62  # the end of a compressed file's only range (its decompressed size is unknown)
 _BLOCK = 1 << 20
 
@@ -48,9 +41,6 @@ class BadRecord(Exception):
     def __init__(self, path: str, byte: int, line: int | None, reason: str):
         super().__init__(f"{path}:{line if line is not None else '?'} (byte {byte}): {reason}")
         self.path, self.byte, self.line, self.reason = path, byte, line, reason
-
-    def describe(self) -> str:
-        return str(self)
 
 
 @dataclass(frozen=True)
@@ -77,52 +67,21 @@ class CorpusFile:
         return [self.path, self.size, self.mtime_ns]
 
 
-def corpus_format(path: str | Path) -> tuple[str, str] | None:
-    """(format, compression) from a file name (`de.jsonl.zst` -> ("jsonl", "zstd")), None if unknown."""
-    suffixes = [s.lower() for s in Path(path).suffixes]
-    compression = ""
-    if suffixes and suffixes[-1] in COMPRESSION_SUFFIXES:
-        compression = COMPRESSION_SUFFIXES[suffixes.pop()]
-    if not suffixes or suffixes[-1] not in FORMAT_OF_SUFFIX:
-        return None
-    return FORMAT_OF_SUFFIX[suffixes[-1]], compression
-
-
 def describe_file(path: str | Path, key: str) -> CorpusFile:
     found = corpus_format(path)
     if found is None:
-        known = sorted(FORMAT_OF_SUFFIX)
-        raise DataFormatError(f"{key}: {path}: unknown corpus format (expected a name ending in one of {known}, "
-                              f"optionally followed by one of {sorted(COMPRESSION_SUFFIXES)})")
+        raise DataFormatError(f"{key}: {path}: unknown corpus format (expected a name ending in {accepted_endings(True)})")
     stat = os.stat(path)
     if found[1] == "zstd":
-        _zstd_module(key)
+        zstd_module(key)
     return CorpusFile(str(path), found[0], found[1], stat.st_size, stat.st_mtime_ns)
-
-
-def _zstd_module(key: str = ""):
-    try:
-        import zstandard
-    except ImportError:  # pragma: no cover - a runtime dependency; a broken install only
-        raise DataFormatError(f"{key}: reading .zst corpora needs the zstandard package "
-                              f"(pip install zstandard)") from None
-    return zstandard
 
 
 def open_decompressed(file: CorpusFile, buffer: int = _BLOCK) -> BinaryIO:
     """The file's (decompressed) bytes, buffered so that readline() is fast (a small range: a
     small buffer, or opening it would read a whole MiB)."""
-    if file.compression == "gzip":
-        return gzip.open(file.path, "rb")
-    if file.compression == "xz":
-        return lzma.open(file.path, "rb")
-    if file.compression == "bz2":
-        return bz2.open(file.path, "rb")
-    if file.compression == "zstd":
-        zstandard = _zstd_module()
-        raw = open(file.path, "rb")
-        reader = zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True, closefd=True)
-        return io.BufferedReader(reader, buffer_size=_BLOCK)
+    if file.compression:
+        return open_compressed(file.compression, file.path)
     return open(file.path, "rb", buffering=max(1 << 13, min(buffer, _BLOCK)))
 
 
@@ -180,37 +139,9 @@ class RecordReader:
             else:
                 position = self._align(handle)
                 line_number = 1 if self.start == 0 else None
-            conll = file.format == "conll"
-            block: list[bytes] = []
-            block_start = block_line = None
-            while True:
-                if not block and position >= self.end:
-                    return
-                line = handle.readline()
-                if not line:
-                    break
-                here = position
-                position += len(line)
-                if conll:
-                    if _is_blank(line):
-                        if block:
-                            self.records_read += 1
-                            yield RawRecord(block_start, here, block, block_line)
-                            block = []
-                    else:
-                        if not block:
-                            if here >= self.end:
-                                return
-                            block_start, block_line = here, line_number
-                        block.append(line)
-                elif not _is_blank(line):
-                    self.records_read += 1
-                    yield RawRecord(here, position, [line], line_number)
-                if line_number is not None:
-                    line_number += 1
-            if block:
+            for record in records_in(handle, file.format, position, self.end, line_number):
                 self.records_read += 1
-                yield RawRecord(block_start, position, block, block_line)
+                yield record
 
     def _align(self, handle: BinaryIO) -> int:
         """Position the handle at the first record starting at or after the range's start."""
@@ -254,6 +185,41 @@ class RecordReader:
                 return True
             cursor -= step
         return True
+
+
+def records_in(handle: BinaryIO, format: str, position: int, end: int, line_number: int | None
+               ) -> Iterator[RawRecord]:
+    """The records of `handle` from `position` (a record start) while they start before `end`:
+    blank-line separated blocks of CoNLL, non-blank lines of the other formats. The one place that
+    knows where a record ends (ranges, resumes and size estimates all read through it)."""
+    conll = format == "conll"
+    block: list[bytes] = []
+    block_start = block_line = None
+    while True:
+        if not block and position >= end:
+            return
+        line = handle.readline()
+        if not line:
+            break
+        here = position
+        position += len(line)
+        if conll:
+            if _is_blank(line):
+                if block:
+                    yield RawRecord(block_start, here, block, block_line)
+                    block = []
+            else:
+                if not block:
+                    if here >= end:
+                        return
+                    block_start, block_line = here, line_number
+                block.append(line)
+        elif not _is_blank(line):
+            yield RawRecord(here, position, [line], line_number)
+        if line_number is not None:
+            line_number += 1
+    if block:
+        yield RawRecord(block_start, position, block, block_line)
 
 
 def lines_before(file: CorpusFile, position: int) -> int:
@@ -367,8 +333,8 @@ EXACT_COUNT_BYTES = 4 << 20  # files up to this size are counted exactly
 
 def estimate_records(file: CorpusFile) -> tuple[int, bool]:
     """(records, exact): counted exactly in a small file; else estimated from records per byte in 16
-    evenly spaced 64 KiB samples (a compressed file: its first 1 MiB decompressed, scaled by the
-    bytes it took) — start-up reads O(1) of a corpus of any size."""
+    evenly spaced 64 KiB samples (a compressed file: its first 4 MiB decompressed, scaled by the
+    compressed bytes they took) — start-up reads O(1) of a corpus of any size."""
     if file.splittable and file.size <= EXACT_COUNT_BYTES:
         return sum(1 for _ in RecordReader(file, 0, file.size)), True
     if file.splittable:
@@ -379,35 +345,11 @@ def estimate_records(file: CorpusFile) -> tuple[int, bool]:
             records += sum(1 for _ in reader)
             sampled += min(file.size, start + _SAMPLE_BYTES) - start
         return max(1, round(records * file.size / max(1, sampled))), False
-    with open(file.path, "rb") as raw:
-        compressed = _compressed_reader(file, raw)
+    with open(file.path, "rb") as raw, open_compressed(file.compression, raw) as compressed:
         data = compressed.read(EXACT_COUNT_BYTES)
         more = bool(compressed.read(1))
         taken = raw.tell()
-    counted = _count_in_bytes(data, file.format)
+    counted = sum(1 for _ in records_in(io.BytesIO(data), file.format, 0, len(data), 1))
     if not more:
         return counted, True
     return max(1, round(counted * file.size / max(1, taken))), False
-
-
-def _compressed_reader(file: CorpusFile, raw: BinaryIO) -> BinaryIO:
-    if file.compression == "gzip":
-        return gzip.GzipFile(fileobj=raw)
-    if file.compression == "xz":
-        return lzma.LZMAFile(raw)
-    if file.compression == "bz2":
-        return bz2.BZ2File(raw)
-    return _zstd_module().ZstdDecompressor().stream_reader(raw, read_across_frames=True)
-
-
-def _count_in_bytes(data: bytes, format: str) -> int:
-    lines = data.split(b"\n")
-    if format != "conll":
-        return sum(1 for line in lines if line.strip())
-    count, inside = 0, False
-    for line in lines:
-        blank = not line.strip()
-        if not blank and not inside:
-            count += 1
-        inside = not blank
-    return count

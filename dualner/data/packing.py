@@ -39,48 +39,89 @@ def packs_by_default(device: torch.device) -> bool:
     return device.type != "cpu"
 
 
+class FirstFitRows:
+    """Rows of `capacity` tokens filled by first fit: `place(length)` puts a window into the lowest
+    numbered row with room, in O(log rows) (a tree of the rows' largest room), or answers None when
+    no row has room. The one packer: the cutters (`cut_micro_batches`) and the collator
+    (`pack_rows`) both place windows with it."""
+
+    def __init__(self, capacity: int, rows: int):
+        self.capacity, self.rows = capacity, rows
+        self._leaves = 1 << max(0, rows - 1).bit_length()
+        self._room = [-1] * (2 * self._leaves)  # a node: the largest room below it; -1: no row there
+        self._room[self._leaves:self._leaves + rows] = [capacity] * rows
+        for node in range(self._leaves - 1, 0, -1):
+            self._room[node] = max(self._room[2 * node], self._room[2 * node + 1])
+        self.used = 0  # rows holding a window so far (first fit fills them from row 0)
+
+    def place(self, length: int) -> int | None:
+        room = self._room
+        if room[1] < length:
+            return None
+        node = 1
+        while node < self._leaves:
+            node = 2 * node if room[2 * node] >= length else 2 * node + 1
+        row = node - self._leaves
+        self._add(row, -length)
+        self.used = max(self.used, row + 1)
+        return row
+
+    def release(self, row: int, length: int) -> None:
+        """Take back a window placed last in `row` (a unit that did not fit whole)."""
+        self._add(row, length)
+
+    def _add(self, row: int, tokens: int) -> None:
+        room = self._room
+        node = row + self._leaves
+        room[node] += tokens
+        node //= 2
+        while node:
+            room[node] = max(room[2 * node], room[2 * node + 1])
+            node //= 2
+
+
+def _check_fits(length: int, capacity: int) -> None:
+    if length > capacity:
+        raise ValueError(f"a window of {length} tokens does not fit a row of {capacity}")
+
+
+def first_fit(lengths: Sequence[int], capacity: int, rows: int | None = None,
+              order: Sequence[int] | None = None) -> list[list[int]] | None:
+    """Window indices per row, the windows taken in `order` (default: as given), each into the first
+    row with room: at most `rows` rows (None when they do not hold every window), or as many as
+    needed. O(n log n)."""
+    packer = FirstFitRows(capacity, len(lengths) if rows is None else rows)
+    bins: list[list[int]] = [[] for _ in range(packer.rows)]
+    for index in range(len(lengths)) if order is None else order:
+        _check_fits(lengths[index], capacity)
+        row = packer.place(lengths[index])
+        if row is None:
+            return None
+        bins[row].append(index)
+    return bins if rows is not None else bins[:packer.used]
+
+
 def first_fit_decreasing(lengths: Sequence[int], capacity: int) -> list[list[int]]:
     """Bins (rows) of window indices, each holding at most `capacity` tokens; longest first, each into
     the first row with room. Deterministic; a row lists its windows in decreasing length."""
-    return first_fit(lengths, capacity, sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)))
-
-
-def first_fit(lengths: Sequence[int], capacity: int, order: Sequence[int] | None = None) -> list[list[int]]:
-    """Bins of window indices taken in `order` (default: as given), each into the first row with room."""
-    rows: list[list[int]] = []
-    room: list[int] = []
-    for index in range(len(lengths)) if order is None else order:
-        length = lengths[index]
-        if length > capacity:
-            raise ValueError(f"a window of {length} tokens does not fit a row of {capacity}")
-        for row, free in enumerate(room):
-            if free >= length:
-                rows[row].append(index)
-                room[row] -= length
-                break
-        else:
-            rows.append([index])
-            room.append(capacity - length)
-    return rows
+    return first_fit(lengths, capacity, order=sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)))
 
 
 def pack_rows(lengths: Sequence[int], row_length: int, rows: int | None = None) -> tuple[list[list[int]], int]:
-    """(window indices per row, row width) of one packed micro batch. With `rows` fixed (token
-    budgets) it is exactly rows x row_length. Else it has as few rows as first fit decreasing needs
-    at `row_length`, and the narrowest width (a multiple of 8) at which that many rows still hold
-    every window, so the last row's emptiness is shared out instead of computed."""
-    bins = first_fit_decreasing(lengths, row_length)
+    """(window indices per row, row width) of one packed micro batch.
+
+    With `rows` fixed (token budgets) it is exactly rows x row_length, packed by first fit in the
+    given order: the placement `cut_micro_batches` made when it cut the micro batch, so every micro
+    batch it cuts packs. Else it has as few rows as first fit decreasing needs at `row_length`, and
+    the narrowest width (a multiple of 8) at which that many rows still hold every window, so the
+    last row's emptiness is shared out instead of computed."""
     if rows is not None:
-        if len(bins) > rows:
-            # First fit decreasing is not always at least as tight as first fit in arrival order
-            # (e.g. 10,2,5,3,2,6,2 into rows of 10: three rows in order, four sorted), and token
-            # budgets (`token_budget_micro_batches`) are cut by first fit in arrival order, so
-            # that order always fits.
-            bins = first_fit(lengths, row_length)
-        if len(bins) > rows:
-            raise ValueError(f"{len(lengths)} windows ({sum(lengths)} tokens) need {len(bins)} rows of "
-                             f"{row_length}; the micro batch has {rows}")
-        return bins + [[] for _ in range(rows - len(bins))], row_length
+        bins = first_fit(lengths, row_length, rows)
+        if bins is None:
+            raise ValueError(f"{len(lengths)} windows ({sum(lengths)} tokens) need "
+                             f"{len(first_fit(lengths, row_length))} rows of {row_length}; the micro batch has {rows}")
+        return bins, row_length
+    bins = first_fit_decreasing(lengths, row_length)
     needed = len(bins)
     width = -(-max(max(lengths), -(-sum(lengths) // needed)) // 8) * 8
     while width < row_length:
@@ -91,26 +132,48 @@ def pack_rows(lengths: Sequence[int], row_length: int, rows: int | None = None) 
     return bins, row_length
 
 
-def token_budget_micro_batches(lengths: Sequence[int], row_length: int, rows: int) -> list[list[int]]:
-    """Windows in the given order into micro batches of `rows` x `row_length` tokens: each window
-    goes into the first row of the current micro batch with room; when none has room the micro batch
-    is closed and the window opens the next. The last micro batch may be partly empty."""
+def cut_micro_batches(units: Sequence[Sequence[int]], lengths: Sequence[int], micro_batch_size: int,
+                      rows: int | None = None, row_length: int = 0) -> list[list[int]]:
+    """Micro batches of whole units (lists of window indices; a unit's windows are never split), in
+    one pass in the given order, O(n log rows): up to `micro_batch_size` windows each, or, with
+    `rows`, what first fit (`FirstFitRows`) places in `rows` rows of `row_length` tokens; when a
+    unit does not fit whole, the micro batch is closed and the unit opens the next. `pack_rows` packs
+    each micro batch by the same first fit over its windows in this order, so it finds exactly these
+    rows. A unit too large for the shape alone gets a micro batch of its own (which the collator
+    refuses); a window longer than a row is refused here."""
     batches: list[list[int]] = []
     current: list[int] = []
-    room = [row_length] * rows
-    for index, length in enumerate(lengths):
-        if length > row_length:
-            raise ValueError(f"a window of {length} tokens does not fit a row of {row_length}")
-        row = next((r for r, free in enumerate(room) if free >= length), None)
-        if row is None:
-            batches.append(current)
-            current, room = [], [row_length] * rows
-            row = 0
-        current.append(index)
-        room[row] -= length
-    if current:
-        batches.append(current)
-    return batches
+    if rows is None:
+        for unit in units:
+            if current and len(current) + len(unit) > micro_batch_size:
+                batches.append(current)
+                current = []
+            current.extend(unit)
+        return batches + [current] if current else batches
+
+    def place(packer: FirstFitRows, unit: Sequence[int]) -> bool:
+        placed = []
+        for window in unit:
+            row = packer.place(lengths[window])
+            if row is None:
+                for row, window in reversed(placed):
+                    packer.release(row, lengths[window])
+                return False
+            placed.append((row, window))
+        return True
+
+    packer, full = FirstFitRows(row_length, rows), False
+    for unit in units:
+        for window in unit:
+            _check_fits(lengths[window], row_length)
+        if full or not place(packer, unit):
+            if current:
+                batches.append(current)
+                current = []
+            packer = FirstFitRows(row_length, rows)
+            full = not place(packer, unit)  # too large for the shape: alone
+        current.extend(unit)
+    return batches + [current] if current else batches
 
 
 @dataclass
@@ -237,8 +300,3 @@ def model_inputs(batch: dict) -> dict:
     if "attention_mask" in batch:
         return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
     return {name: batch[name] for name in MODEL_INPUTS if name in batch and name != "attention_mask"}
-
-
-def packing_efficiency(batch: dict) -> float:
-    """Real tokens / tokens computed."""
-    return batch["real_tokens"] / batch["input_ids"].numel()

@@ -34,7 +34,7 @@ from typing import Iterator
 
 import numpy as np
 
-from dualner.data.corpus import (BadRecord, CorpusFile, RawRecord, RecordReader, describe_file, open_decompressed,
+from dualner.data.corpus import (BadRecord, CorpusFile, RawRecord, RecordReader, describe_file,
                                  parse_record)
 from dualner.errors import ConfigError, DataFormatError, MissingPathError
 
@@ -204,7 +204,7 @@ def _write_shard(task: tuple) -> dict:
         try:
             sentence = parse_record(record, file, state["language"], labeled=False)
         except BadRecord as error:
-            bad.append(error.describe())
+            bad.append(str(error))
             continue
         if sentence is not None:
             sentences.append((record.start, sentence))
@@ -341,7 +341,8 @@ def main(argv: list[str] | None = None) -> None:
         "Tokenize unlabeled stage-2 corpora once into memory-mapped shards (stage2.target.LANG or "
         "stage2.translations.LANG can then name the output folder). Resumable: run it again after an "
         "interruption."))
-    parser.add_argument("inputs", nargs="+", help="corpus files (.txt, .jsonl, .tsv/.conll; .gz .xz .zst .bz2)")
+    from dualner.data.formats import accepted_endings
+    parser.add_argument("inputs", nargs="+", help=f"corpus files ({accepted_endings(compressed=True)})")
     parser.add_argument("--output", required=True, help="the prepared corpus folder")
     parser.add_argument("--tokenizer", required=True,
                         help="the stage-1 run folder (its model/), an exported model, or a tokenizer name")

@@ -11,9 +11,6 @@ from typing import Iterator
 from dualner.data.conll import DOCSTART, INVISIBLE, text_lines  # one line reader: BOM, CR/CRLF, NUL, bad bytes' offsets
 from dualner.data.corpus import parse_jsonl_line
 
-JSONL_SUFFIXES = {".jsonl", ".json"}
-TEXT_SUFFIXES = {".txt", ".text"}
-
 
 def iter_text(path: Path, language: str = "") -> Iterator[dict]:
     """A sentence per non-blank line; `-DOCSTART-` lines and tokens that show nothing (zero-width

@@ -52,7 +52,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from dualner.data.corpus import (BadRecord, CorpusFile, RecordReader, describe_file, lines_before,
                                  parse_record)
 from dualner.data.encoding import WindowTokenizer
-from dualner.data.packing import Collator
+from dualner.data.packing import Collator, cut_micro_batches
 from dualner.errors import DataFormatError, MissingPathError
 
 KIND_SOURCE, KIND_TARGET, KIND_TRANSLATION = "source", "target", "translation"
@@ -298,40 +298,6 @@ class Cut:
         return [self.micro_batch_size, self.rows, self.row_length, self.sort]
 
 
-def cut_units(units: Sequence[Sequence[int]], lengths: Sequence[int], micro_batch_size: int,
-              rows: int | None, row_length: int) -> list[list[int]]:
-    """Micro batches of whole units (a unit's windows are never split), in one linear pass: up to
-    `micro_batch_size` windows each, or, with `rows`, what first fit in arrival order places in
-    `rows` rows of `row_length` tokens (dualner.data.packing.pack_rows packs them the same way). A
-    unit larger than that gets a micro batch of its own."""
-    def placed(room: list[int], unit: Sequence[int]) -> list[int] | None:
-        room = list(room)
-        for window in unit:
-            row = next((r for r, free in enumerate(room) if free >= lengths[window]), None)
-            if row is None:
-                return None
-            room[row] -= lengths[window]
-        return room
-
-    batches: list[list[int]] = []
-    current: list[int] = []
-    empty = [row_length] * (rows or 0)
-    room = empty
-    for unit in units:
-        after = None if rows is None else placed(room, unit)
-        fits = len(current) + len(unit) <= micro_batch_size if rows is None else after is not None
-        if current and not fits:
-            batches.append(current)
-            current, room = [], empty
-            after = None if rows is None else placed(room, unit)
-        current = current + list(unit)
-        if rows is not None:
-            room = after if after is not None else [0] * rows  # too large for the shape: alone
-    if current:
-        batches.append(current)
-    return batches
-
-
 class _StreamCursor:
     """One stream as one reader sees it: its ranges in this pass's order, and the open one."""
 
@@ -470,7 +436,7 @@ class Stage2Reader:
             ordered.sort(key=lambda unit: sum(lengths[i] for i in unit))
         else:
             shuffle(ordered)
-        chunks = cut_units(ordered, lengths, micro, rows, row_length)
+        chunks = cut_micro_batches(ordered, lengths, micro, rows, row_length)
         if sort:
             shuffle(chunks)
         first = pool["consumed"]
@@ -687,7 +653,9 @@ class _ReaderDataset(IterableDataset):
 class Stage2Stream:
     """One rank's stream of stage-2 micro batches: its readers behind a DataLoader, and the position
     of what it trained. `state_dict()` is this rank's part of the global position; `load_state_dict`
-    takes every rank's part of a checkpoint (written by any number of ranks and workers)."""
+    takes every rank's part of a checkpoint (written by any number of ranks and workers). Which
+    reader reads what is planned once, when first needed: from the checkpoint's position when
+    `load_state_dict` comes first, else from the start (at the first batch)."""
 
     def __init__(self, streams: Sequence[StreamSpec], encoder: WindowTokenizer, micro_batch_size: int,
                  seed: int, rank: int, world_size: int, collate: Collator, pool: int = 2048, workers: int = 0,
@@ -706,9 +674,16 @@ class Stage2Stream:
         self.cut = Cut(micro_batch_size, collate.rows, collate.row_length, sort=pool > 0 and not collate.packed)
         total = sum(spec.weight for spec in self.streams)
         self.mix = {spec.name: spec.weight / total for spec in self.streams}
-        self._start(None)
+        self._position: RankPosition | None = None  # None: not planned yet
 
-    def _start(self, position: GlobalPosition | None) -> None:
+    @property
+    def position(self) -> RankPosition:
+        """What this rank trained so far (planning from the start if nothing was planned yet)."""
+        if self._position is None:
+            self._plan(None)
+        return self._position
+
+    def _plan(self, position: GlobalPosition | None) -> None:
         ranges = global_ranges(self.streams, position, self.readers, self.range_bytes, self.range_sentences, self.log)
         same_readers = position is not None and position.readers == self.readers
         owner: dict[int, dict[str, list]] = {}
@@ -741,7 +716,7 @@ class Stage2Stream:
         rotation = position.next_worker.get(self.rank, 0) if same_readers else 0
         owned = {spec.name: [state for reader in mine for state in owner.get(reader, {}).get(spec.name, [])]
                  for spec in self.streams}
-        self.position = RankPosition(
+        self._position = RankPosition(
             self.rank, self.readers_per_rank, self.readers, [spec.name for spec in self.streams], owned,
             [pool for reader in mine for pool in handed.get(reader, [])],
             {reader: self.plans[reader].pools_made for reader in mine},
@@ -797,15 +772,16 @@ class Stage2Stream:
                 return
 
     def next_batch(self) -> dict:
+        position = self.position  # plans the readers (and makes the loader) if nothing did yet
         if self._iterator is None:
             self._iterator = iter(self.loader)
         batch = next(self._iterator)
-        self.position.consumed(batch["position"])
+        position.consumed(batch["position"])
         return batch
 
     def records_read(self) -> int:
         """Records read by this process's readers (workers=0): what a resume costs, for tests."""
-        return sum(reader.records_read() for reader in self.factory.built)
+        return sum(reader.records_read() for reader in self.factory.built) if self._position is not None else 0
 
     def take_bad_records(self) -> list[dict]:
         reports, self.position.bad_seen = self.position.bad_seen, []
@@ -817,4 +793,4 @@ class Stage2Stream:
 
     def load_state_dict(self, rank_states: Sequence[dict]) -> None:
         """Continue from a checkpoint: every rank's `state_dict()` of it."""
-        self._start(GlobalPosition.merge(rank_states))
+        self._plan(GlobalPosition.merge(rank_states))
