@@ -25,12 +25,12 @@ from dualner.config import Config, ModelConfig, Stage2Config, validate
 from dualner.data.encoding import WindowTokenizer
 from dualner.data.packing import Collator, model_inputs
 from dualner.data.sources import check_same_split, read_source
-from dualner.data.corpus import CorpusFile, describe_file, estimate_records
+from dualner.data.corpus import describe_file, estimate_records
 from dualner.data.prepared import PreparedCorpus
 from dualner.data.streaming import (KIND_SOURCE, KIND_TARGET, KIND_TRANSLATION, STREAM_META, HubSource,
                                     Stage2Stream, StreamSpec, check_corpus, expand_files, iter_sentences,
                                     open_sources)
-from dualner.errors import ConfigError, DataFormatError
+from dualner.errors import ConfigError
 from dualner.evaluate import load_eval_sets
 from dualner.job import Job, start_job
 from dualner.limits import check_max_length

@@ -19,6 +19,7 @@ from typing import Sequence
 import numpy as np
 
 from dualner.config import TrainConfig, batch_split
+from dualner.errors import ConfigError
 from dualner.data.packing import cut_micro_batches
 
 
