@@ -29,9 +29,8 @@ import torch
 
 from dualner.backend import comm
 from dualner.errors import CheckpointError, ConfigError, MissingPathError, RunLockedError, describe_os_error
-from dualner.run_layout import COMPLETE_MARKER, STEP_DIR, RunLayout, step_name
+from dualner.run_layout import BEST_POINTER, COMPLETE_MARKER, STEP_DIR, RunLayout, step_name
 
-BEST_POINTER = "best.json"
 _CHUNK = 1 << 24
 
 
@@ -54,7 +53,7 @@ def is_complete(path: Path) -> bool:
 
 
 def read_best(root: Path) -> dict | None:
-    pointer = root / BEST_POINTER
+    pointer = root / BEST_POINTER  # root: a checkpoints folder, whatever its name
     return json.loads(pointer.read_text(encoding="utf-8")) if pointer.is_file() else None
 
 
@@ -302,7 +301,7 @@ class CheckpointManager:
         """Record `step` as the best, prune, and let no rank read the old best.json (or load a pruned
         checkpoint) before rank 0 is done."""
         if self.info.is_main:
-            write_json_atomic(self.root / BEST_POINTER, {"step": step, "path": step_name(step), **scores})
+            write_json_atomic(self.layout.best_pointer, {"step": step, "path": step_name(step), **scores})
         self.prune()
         comm.barrier()
 

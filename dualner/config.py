@@ -527,12 +527,10 @@ def _deepspeed_parses(cfg: Config) -> None:
     """DeepSpeed's own parser on the JSON, with batch sizes for the process's world (one rank before
     the process group starts: the job's world size is checked above): its rejections and the keys
     it never reads refused. Imports DeepSpeed, through the backend that owns it."""
-    import torch.distributed
-
     from dualner import backend
+    from dualner.backend import comm
     from dualner.data.batching import derive_batch_layout
-    ranks = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-    backend.load_engine_config(cfg.deepspeed.config, derive_batch_layout(cfg.train, ranks))
+    backend.load_engine_config(cfg.deepspeed.config, derive_batch_layout(cfg.train, comm.current().world_size))
 
 
 def config_to_dict(config: Any) -> dict:

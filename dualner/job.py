@@ -1,8 +1,8 @@
-"""A training job before it builds anything (`start_job`): the process group, the device, the batch
-layout, the engine's config and what the job will do with its run folder, every one checked and
-nothing written. The stages build their data and model from it, then the engine
-(dualner.backend.build_training_engine), then open the folder (dualner.run_folder.RunFolder.open);
-dualner.train assembles the rest.
+"""A training job before it builds anything (`start_job`): the config validated for its stage and
+world size (dualner.config.validate), the process group, the device, the batch layout, the engine's
+config and what the job will do with its run folder, every one checked and nothing written. The
+stages build their data and model from it, then the engine (`Job.build_engine`), then open the
+folder (dualner.run_folder.RunFolder.open); dualner.train assembles the rest.
 """
 
 from __future__ import annotations

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 COMPLETE_MARKER = "COMPLETE"  # a folder is finished (a checkpoint, a universal conversion) only with it
+BEST_POINTER = "best.json"  # in a checkpoints folder: which step scored best
 STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
@@ -47,7 +48,7 @@ class RunLayout:
     config_history = property(lambda self: self.root / "config_history.jsonl")
     model = property(lambda self: self.root / "model")
     checkpoints = property(lambda self: self.root / "checkpoints")
-    best_pointer = property(lambda self: self.checkpoints / "best.json")
+    best_pointer = property(lambda self: self.checkpoints / BEST_POINTER)
     stopped = property(lambda self: self.root / "stopped.json")
     tensorboard = property(lambda self: self.root / "tensorboard")
     losses = property(lambda self: self.root / "losses.jsonl")

@@ -1,8 +1,8 @@
 """The training loop of every stage (`train`, below: torchtitan's train(), nanoGPT's loop) over a
 `Trainer`: the components of a run, assembled once in a fixed order by `assemble`.
 
-    job = start_job(cfg, stage)             dualner.job: process group, device, batch layout, engine
-                                            config, the folder plan; all checked, nothing written
+    job = start_job(cfg, stage)             dualner.job: the config validated; process group, device,
+                                            batch layout, engine config, folder plan; nothing written
     ... the stage reads its data and builds its model ...
     engine = job.build_engine(model, steps) dualner.backend: the TrainingEngine
     folder = RunFolder.open(job, assets)    dualner.run_folder: lock, config, model assets (writes)

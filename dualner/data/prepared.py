@@ -34,6 +34,7 @@ from typing import Iterator
 
 import numpy as np
 
+from dualner.run_layout import RunLayout
 from dualner.data.corpus import (BadRecord, CorpusFile, RawRecord, RecordReader, describe_file,
                                  parse_record)
 from dualner.errors import ConfigError, DataFormatError, MissingPathError
@@ -275,7 +276,8 @@ def prepare(inputs: list[str], output: str, tokenizer_path: str, max_length: int
     from transformers import AutoTokenizer
     if not inputs:
         raise ConfigError("prepare: name at least one input file")
-    tokenizer_path = str(Path(tokenizer_path) / "model") if (Path(tokenizer_path) / "model").is_dir() else tokenizer_path
+    run_model = RunLayout(tokenizer_path).model  # a run folder: the tokenizer it trained with
+    tokenizer_path = str(run_model) if run_model.is_dir() else tokenizer_path
     files = []
     for path in inputs:
         if not Path(path).is_file():
