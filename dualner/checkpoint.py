@@ -276,8 +276,7 @@ class CheckpointManager:
     def save(self, engine, step: int, client_state: dict) -> Path:
         """Every rank writes its files; rank 0 writes the COMPLETE record (each file's size and CRC-32)
         after all ranks are done, then drops the checkpoints beyond keep_last."""
-        tag = step_name(step)
-        path = self.root / tag
+        tag, path = step_name(step), self.layout.step(step)
         if self.info.is_main and path.exists():  # a half-written leftover of a crashed run
             shutil.rmtree(path)
         comm.barrier()

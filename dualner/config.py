@@ -397,7 +397,7 @@ def validate(cfg: Config, stage: int | None = None, world_size: int | None = Non
     """
     _check_rules(cfg, stage, world_size)
     if stage is not None:
-        _deepspeed_parses(cfg)
+        _deepspeed_parses(cfg, world_size)
 
 
 def _check_rules(cfg: Config, stage: int | None, world_size: int | None) -> None:
@@ -523,14 +523,20 @@ def check_deepspeed_batch_sizes(ds_config: dict, path: Path, global_batch: int, 
     return derived
 
 
-def _deepspeed_parses(cfg: Config) -> None:
+def _deepspeed_parses(cfg: Config, world_size: int | None) -> None:
     """DeepSpeed's own parser on the JSON, with batch sizes for the process's world (one rank before
     the process group starts: the job's world size is checked above): its rejections and the keys
     it never reads refused. Imports DeepSpeed, through the backend that owns it."""
     from dualner import backend
     from dualner.backend import comm
-    from dualner.data.batching import derive_batch_layout
-    backend.load_engine_config(cfg.deepspeed.config, derive_batch_layout(cfg.train, comm.current().world_size))
+    # The job's batch split (checked against the JSON's batch keys above), presented to the parser for
+    # the ranks it sees: this process's group, or one rank before the group exists.
+    ranks = comm.current().world_size
+    micro, accumulation = batch_split(cfg.train, world_size or ranks)
+    ds_config, path = read_deepspeed_json(cfg.deepspeed.config)
+    parsed = {key: value for key, value in ds_config.items() if key not in _DEEPSPEED_BATCH_KEYS}
+    parsed |= dict(zip(_DEEPSPEED_BATCH_KEYS, (micro * accumulation * ranks, micro, accumulation)))
+    backend.check_engine_config(parsed, path)
 
 
 def config_to_dict(config: Any) -> dict:

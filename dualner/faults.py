@@ -20,6 +20,7 @@ import signal
 from functools import lru_cache
 
 from dualner.errors import ConfigError
+from dualner.run_layout import step_name
 
 SWITCH = "DUALNER_TEST_FAULTS"
 KINDS = ("kill", "kill_in_save", "nan", "enospc_in_save")
@@ -83,7 +84,7 @@ def instrument(trainer) -> None:
 
         def failing_save(root, tag, client_state):
             save(root, tag, client_state)
-            if tag != f"step-{step}":
+            if tag != step_name(step):
                 return
             if kind == "enospc_in_save":
                 import errno

@@ -33,9 +33,9 @@ def resolve_weights(terms: dict[str, LossTerm], defaults: dict[str, float],
 
 
 class Recipe:
-    """Base of the stage recipes; constructed with everything it needs (no attribute set later)."""
+    """Base of the stage recipes; constructed with everything it needs (no attribute set later; only
+    the hardening tests' fault injection wraps a method, dualner.faults)."""
 
-    stage_name = "train"
     evaluate_initial_model = False  # stage 2: the model it starts from is the one to beat
     TERMS: dict[str, LossTerm] = {}
 

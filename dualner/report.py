@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> None:
         if not run.is_dir():
             raise MissingPathError(f"{run}: a file, not a run folder")
         if not path.is_file():
-            stopped = run / "stopped.json"
+            stopped = RunLayout(run).stopped
             if stopped.is_file():
                 raise MissingPathError(f"{run}: the run stopped before its last step ({stopped.name}); run its "
                                        f"command again to finish it, then report")

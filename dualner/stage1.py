@@ -35,7 +35,6 @@ class Forward(NamedTuple):
 
 
 class Stage1Recipe(Recipe):
-    stage_name = "stage 1"
     TERMS = {
         "seq": lambda f: token_cross_entropy(f.outputs.seq_logits, f.batch["seq_labels"]),
         "start": lambda f: token_cross_entropy(f.outputs.start_logits, f.batch["start_labels"]),

@@ -115,7 +115,6 @@ def _segments_with(mask: torch.Tensor, segment_ids: torch.Tensor, num_segments: 
 
 
 class Stage2Recipe(Recipe):
-    stage_name = "stage 2"
     evaluate_initial_model = True
     TERMS = {**{f"gold_{head}": _gold(head) for head in ("seq", "start", "end")},
              **{f"pseudo_{head}": _pseudo(head) for head in ("seq", "start", "end")},

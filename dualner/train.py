@@ -27,6 +27,7 @@ import random
 import signal
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -294,21 +295,27 @@ class RandomState:
             torch.cuda.set_rng_state_all(state["cuda"])
 
 
+class PendingFlags(NamedTuple):
+    step: int
+    flags: AsyncHostCopy  # [the step's flag reduced over ranks, this rank's flag per micro batch]
+    samples: list  # this rank's sample ids per micro batch
+
+
 class NonFiniteGuard:
     """Each step's flags, copied to the host as they complete and read one step later: the flag
     reduced over ranks (the optimizer skipped the step), then this rank's flag per micro batch."""
 
     def __init__(self):
-        self._pending: list[tuple[int, AsyncHostCopy, list]] = []  # (step, flags, samples per micro batch)
+        self._pending: list[PendingFlags] = []
 
     def record(self, step: int, step_flag: torch.Tensor, micro_batch_flags: list[torch.Tensor],
                samples: list) -> None:
-        self._pending.append((step, AsyncHostCopy(torch.stack([step_flag, *micro_batch_flags])), samples))
+        self._pending.append(PendingFlags(step, AsyncHostCopy(torch.stack([step_flag, *micro_batch_flags])), samples))
 
     def skipped(self, upto: int) -> list[str]:
         """Where each skipped step up to `upto` went wrong, as the error message names it."""
         found = []
-        while self._pending and self._pending[0][0] <= upto:
+        while self._pending and self._pending[0].step <= upto:
             step, copy, samples = self._pending.pop(0)
             step_flag, *micro_batch_flags = copy.value().tolist()
             if step_flag == 0:

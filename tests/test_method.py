@@ -106,8 +106,10 @@ def test_stage2_keeps_stage1s_encoder_dropout(stage1_half, tmp_path):
         dropout_layers = {m.p for m in trainer.engine.module.encoder.modules() if isinstance(m, torch.nn.Dropout)}
         assert dropout_layers == {0.05}
     finally:
+        trainer.metrics.close()
         trainer.folder.close()
     trainer = build_stage2(stage2_config(tmp_path / "own", stage1_half, "model.encoder_dropout=0.2"))
+    trainer.metrics.close()
     trainer.folder.close()
     assert trainer.engine.module.encoder.config.hidden_dropout_prob == 0.2
 
@@ -119,6 +121,7 @@ def test_mix_by_size_draws_every_sentence_equally_and_epochs_set_the_length(stag
     from dualner.stage2 import build_stage2
     sample = REPO / "data" / "panx-sample"
     trainer = build_stage2(stage2_config(tmp_path / "size", stage1_half, "train.max_steps=null", "stage2.epochs=2"))
+    trainer.metrics.close()
     trainer.folder.close()
     sizes = {"source/en": 256, "target/en-remainder": 256,  # the 512 capped English sentences, halved
              "target/de": count_sentences(sample / "de" / "train.tsv"),
@@ -127,6 +130,7 @@ def test_mix_by_size_draws_every_sentence_equally_and_epochs_set_the_length(stag
     assert trainer.total_steps == math.ceil(2 * sum(sizes.values()) / 16)
 
     trainer = build_stage2(stage2_config(tmp_path / "equal", stage1_half, "stage2.mix=equal"))
+    trainer.metrics.close()
     trainer.folder.close()
     # the labeled English 1, the three unlabeled streams 1/3 each
     assert trainer.recipe.stream.mix == pytest.approx({"source/en": 0.5, "target/de": 1 / 6, "target/zh": 1 / 6,

@@ -183,3 +183,21 @@ def test_launch_world_size(monkeypatch):
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert launch_world_size() == 2  # torchrun, deepspeed (and srun after comm has set them)
+
+
+def test_a_config_valid_only_on_more_ranks_passes_for_them(tmp_path):
+    """Before any process group exists, the DeepSpeed JSON is still judged for the job's world size:
+    120 sentences with micro batches of 48 split over 5 ranks (24 each), not over 1; a JSON that spells
+    the 5-rank batch keys passes too."""
+    overrides = ["train.global_batch_size=120", "train.micro_batch_size=48"]
+    load_config(STAGE1, overrides, stage=1, world_size=5)
+    with pytest.raises(ConfigError, match=r"train.micro_batch_size=48 does not divide the 120 sentences each of 1"):
+        load_config(STAGE1, overrides, stage=1, world_size=1)
+    spelled = tmp_path / "zero0_5ranks.json"
+    spelled.write_text('{"zero_optimization": {"stage": 0}, "train_batch_size": 120, '
+                       '"train_micro_batch_size_per_gpu": 24, "gradient_accumulation_steps": 1}')
+    load_config(STAGE1, [*overrides, f"deepspeed.config={spelled}"], stage=1, world_size=5)
+    result = subprocess.run([sys.executable, "-m", "dualner", "config", "--check", "--stage", "1", "--world-size", "5",
+                             "--config", str(STAGE1), *overrides, f"deepspeed.config={spelled}"], cwd=REPO,
+                            capture_output=True, text=True, env=child_env(PYTHONPATH=str(REPO)))
+    assert result.returncode == 0 and result.stdout.startswith("ok"), result.stderr[-2000:]

@@ -61,6 +61,12 @@ def load_engine_config(path: str | Path, layout: "BatchLayout", device: torch.de
     return load_deepspeed_config(path, layout, device)
 
 
+def check_engine_config(engine_config: dict, path: Path) -> None:
+    """The engine's own parser on a config (its rejections and the keys it never reads refused)."""
+    from dualner.backend.deepspeed_engine import _check_with_deepspeed
+    _check_with_deepspeed(engine_config, Path(path))
+
+
 def zero_stage(engine_config: dict) -> int:
     return engine_config.get("zero_optimization", {}).get("stage", 0)
 
