@@ -22,7 +22,6 @@ and exits 1. The codes: dualner.errors.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from typing import Callable
 
@@ -54,13 +53,8 @@ def launch_world_size() -> int | None:
     """The job's number of ranks as dualner.backend.comm.init_distributed will find it: WORLD_SIZE
     (torchrun, deepspeed), srun's SLURM_NTASKS, or 1 for a plain `python` (no RANK); None when the
     environment does not say (comm then refuses it)."""
-    if "RANK" not in os.environ:
-        if "SLURM_PROCID" in os.environ and "SLURM_NTASKS" in os.environ:
-            value = os.environ["SLURM_NTASKS"]
-        else:
-            return 1
-    else:
-        value = os.environ.get("WORLD_SIZE", "")
+    from dualner.backend.comm import launch_ranks  # after parsing: a training command imports torch anyway
+    value = launch_ranks()["WORLD_SIZE"]
     return int(value) if value.isdigit() and int(value) > 0 else None
 
 

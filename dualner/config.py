@@ -344,9 +344,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
 def _fails_alone(tree: dict, message: str, stage: int | None, world_size: int | None) -> bool:
     try:
         cfg = build_dataclass(Config, tree)
-        _check_rules(cfg, stage, world_size)
-        if stage is not None and message.startswith(f"{cfg.deepspeed.config}:"):
-            _deepspeed_parses(cfg)  # only what DeepSpeed's parser says needs it imported
+        ds_json = _check_rules(cfg, stage, world_size)
+        if ds_json is not None and message.startswith(f"{cfg.deepspeed.config}:"):
+            _deepspeed_parses(cfg, world_size, *ds_json)  # only what DeepSpeed's parser says needs it imported
     except ConfigError as error:
         return str(error) == message
     return False
@@ -370,7 +370,8 @@ def check_head(variant: str, head: str) -> None:
                           f"auto (or {sorted(_TRAINED_HEADS[variant])[0]})")
 
 
-def validate(cfg: Config, stage: int | None = None, world_size: int | None = None) -> None:
+def validate(cfg: Config, stage: int | None = None, world_size: int | None = None,
+             engine_parser: bool = True) -> None:
     """Every rule across fields that the config (and the DeepSpeed JSON it names) decides alone, in one
     place, so that a job script can refuse a config before any rank starts (`dualner config --check`).
     `load_config` calls it; the first broken rule raises ConfigError naming the keys.
@@ -394,14 +395,17 @@ def validate(cfg: Config, stage: int | None = None, world_size: int | None = Non
     the run folder (output_dir writable, its earlier run), the machine (fp16 on a CPU, bf16 on the
     GPU, the fused AdamW kernel), and the names in train.loss_weights (the stage's loss terms are its
     recipe's TERMS, a registry in code that a new term joins without touching this file).
+
+    `engine_parser=False` leaves DeepSpeed's parser to the caller that is about to run it anyway
+    (a training job: dualner.backend.load_engine_config, with the real layout).
     """
-    _check_rules(cfg, stage, world_size)
-    if stage is not None:
-        _deepspeed_parses(cfg, world_size)
+    ds_json = _check_rules(cfg, stage, world_size)
+    if ds_json is not None and engine_parser:
+        _deepspeed_parses(cfg, world_size, *ds_json)
 
 
-def _check_rules(cfg: Config, stage: int | None, world_size: int | None) -> None:
-    """validate's rules but DeepSpeed's own parser."""
+def _check_rules(cfg: Config, stage: int | None, world_size: int | None) -> tuple[dict, Path] | None:
+    """validate's rules but DeepSpeed's own parser; with a stage, the DeepSpeed JSON they read."""
     if stage not in (None, 1, 2):
         raise ConfigError(f"stage {stage!r}: expected 1 or 2")
     if world_size is not None and world_size < 1:
@@ -412,7 +416,7 @@ def _check_rules(cfg: Config, stage: int | None, world_size: int | None) -> None
                           f"never trains; use eval.head=auto (or {sorted(_TRAINED_HEADS[cfg.model.variant])[0]})")
     split = batch_split(cfg.train, world_size) if world_size is not None else None
     if stage is None:
-        return
+        return None
     if stage == 1:
         _validate_stage1(cfg)
     else:
@@ -421,9 +425,10 @@ def _check_rules(cfg: Config, stage: int | None, world_size: int | None) -> None
     ds_config, path = read_deepspeed_json(cfg.deepspeed.config)
     if split is not None:
         check_deepspeed_batch_sizes(ds_config, path, cfg.train.global_batch_size, *split, world_size)
-    if cfg.model.compile and _zero_stage(ds_config) == 3:
+    if cfg.model.compile and zero_stage(ds_config) == 3:
         raise ConfigError("model.compile=true works with ZeRO stages 0-2 (ZeRO-3 gathers "
                           "parameters inside the module)")
+    return ds_config, path
 
 
 def _validate_stage1(cfg: Config) -> None:
@@ -497,7 +502,7 @@ def read_deepspeed_json(name: str | Path) -> tuple[dict, Path]:
         raise ConfigError(f"{path}: a DeepSpeed config is a JSON object ({{...}}), found a {type(ds_config).__name__}")
     if not isinstance(ds_config.get("zero_optimization", {}), dict):
         raise ConfigError(f"{path}: zero_optimization must be an object")
-    stage = _zero_stage(ds_config)
+    stage = zero_stage(ds_config)
     if stage not in (0, 1, 2, 3):
         raise ConfigError(f"{path}: zero_optimization.stage must be 0, 1, 2 or 3, got {stage!r}")
     if "optimizer" in ds_config or "scheduler" in ds_config:
@@ -506,7 +511,8 @@ def read_deepspeed_json(name: str | Path) -> tuple[dict, Path]:
     return ds_config, path
 
 
-def _zero_stage(ds_config: dict) -> Any:
+def zero_stage(ds_config: dict) -> Any:
+    """The JSON's ZeRO stage (0 when it names none)."""
     return ds_config.get("zero_optimization", {}).get("stage", 0)
 
 
@@ -523,7 +529,7 @@ def check_deepspeed_batch_sizes(ds_config: dict, path: Path, global_batch: int, 
     return derived
 
 
-def _deepspeed_parses(cfg: Config, world_size: int | None) -> None:
+def _deepspeed_parses(cfg: Config, world_size: int | None, ds_config: dict, path: Path) -> None:
     """DeepSpeed's own parser on the JSON, with batch sizes for the process's world (one rank before
     the process group starts: the job's world size is checked above): its rejections and the keys
     it never reads refused. Imports DeepSpeed, through the backend that owns it."""
@@ -533,7 +539,6 @@ def _deepspeed_parses(cfg: Config, world_size: int | None) -> None:
     # the ranks it sees: this process's group, or one rank before the group exists.
     ranks = comm.current().world_size
     micro, accumulation = batch_split(cfg.train, world_size or ranks)
-    ds_config, path = read_deepspeed_json(cfg.deepspeed.config)
     parsed = {key: value for key, value in ds_config.items() if key not in _DEEPSPEED_BATCH_KEYS}
     parsed |= dict(zip(_DEEPSPEED_BATCH_KEYS, (micro * accumulation * ranks, micro, accumulation)))
     backend.check_engine_config(parsed, path)

@@ -59,7 +59,8 @@ class Job:
 def start_job(cfg: Config, stage: int) -> Job:
     info = comm.init_distributed()
     log = get_logger()
-    validate(cfg, stage, info.world_size)  # every config rule (the launchers checked them already)
+    # every config rule (the launchers checked them already); DeepSpeed's parser runs below, once
+    validate(cfg, stage, info.world_size, engine_parser=False)
     run_dir = Path(cfg.run.output_dir)
     check_output_dir(run_dir)
     seed_everything(cfg.run.seed, info.rank)

@@ -242,7 +242,7 @@ def build_stage2(cfg: Config) -> Trainer:
     """Read and check every input (the stage-1 model is read once), build the student, the teacher
     and their engines, then open the run folder and start the streams."""
     stage2 = cfg.stage2
-    validate(cfg, 2)  # the config's own rules before the stage-1 run it names is read
+    validate(cfg, 2, engine_parser=False)  # the config's own rules before the stage-1 run it names is read
     adopt_stage1_encoder(cfg)  # before the job compares this config with its run folder's
     job = start_job(cfg, 2)
     initial = load_trained_model(stage2.init_from, cfg.model.encoder_dropout, cfg.model.attention)

@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+import yaml
 
 from dualner import config as config_module
 from dualner.config import ConfigError, load_config
@@ -201,3 +202,17 @@ def test_a_config_valid_only_on_more_ranks_passes_for_them(tmp_path):
                              "--config", str(STAGE1), *overrides, f"deepspeed.config={spelled}"], cwd=REPO,
                             capture_output=True, text=True, env=child_env(PYTHONPATH=str(REPO)))
     assert result.returncode == 0 and result.stdout.startswith("ok"), result.stderr[-2000:]
+
+
+def test_a_deepspeed_rejection_from_the_yaml_file_names_the_file(tmp_path):
+    """A DeepSpeed JSON that DeepSpeed's parser rejects, named in the YAML file itself: the error
+    names the file (the file alone fails the same way), not the command line."""
+    rejected = tmp_path / "unknown_key.json"
+    rejected.write_text('{"zero_optimization": {"stage": 0}, "no_such_deepspeed_key": 1}')
+    experiment = tmp_path / "experiment.yaml"
+    tree = yaml.safe_load(STAGE1.read_text())
+    tree["deepspeed"]["config"] = str(rejected)
+    experiment.write_text(yaml.safe_dump(tree))
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(experiment))}: {re.escape(str(rejected))}: unknown "
+                                          r"DeepSpeed key 'no_such_deepspeed_key'"):
+        load_config(experiment, ["train.lr=1e-4"], stage=1, world_size=1)

@@ -68,7 +68,8 @@ def check_engine_config(engine_config: dict, path: Path) -> None:
 
 
 def zero_stage(engine_config: dict) -> int:
-    return engine_config.get("zero_optimization", {}).get("stage", 0)
+    from dualner.config import zero_stage as stage_of  # the one reading of the JSON's stage
+    return stage_of(engine_config)
 
 
 def build_training_engine(model: torch.nn.Module, engine_config: dict, train: "TrainConfig", total_steps: int,

@@ -60,15 +60,25 @@ def process_group_backend(device: torch.device) -> str:
     return "gloo"
 
 
+def launch_ranks(environ=os.environ) -> dict[str, str]:
+    """RANK, WORLD_SIZE and LOCAL_RANK as the launcher gave them: `deepspeed` and `torchrun` set them,
+    `srun` gives SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID, a plain `python` is a world of one."""
+    if "RANK" in environ:
+        return {name: environ.get(name, "") for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    if "SLURM_PROCID" in environ and "SLURM_NTASKS" in environ:
+        return {"RANK": environ["SLURM_PROCID"], "WORLD_SIZE": environ["SLURM_NTASKS"],
+                "LOCAL_RANK": environ.get("SLURM_LOCALID", "0")}
+    return {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"}
+
+
 def init_distributed() -> DistInfo:
     """Join (or create) the process group of `deepspeed`, `torchrun`, `srun` or plain `python`."""
-    if "RANK" not in os.environ and "SLURM_PROCID" in os.environ and "SLURM_NTASKS" in os.environ:
-        os.environ.update(RANK=os.environ["SLURM_PROCID"], WORLD_SIZE=os.environ["SLURM_NTASKS"],
-                          LOCAL_RANK=os.environ.get("SLURM_LOCALID", "0"))
-    if "RANK" not in os.environ:  # plain `python launchers/...`: a world of one
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(free_port()))
+    if "RANK" not in os.environ:
+        plain = "SLURM_PROCID" not in os.environ or "SLURM_NTASKS" not in os.environ
+        os.environ.update(launch_ranks())
+        if plain:  # plain `python launchers/...`: its own one-rank group
+            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+            os.environ.setdefault("MASTER_PORT", str(free_port()))
     if not dist.is_initialized():
         device = accelerator_device(int(os.environ.get("LOCAL_RANK", 0)))
         if device.type == "cuda":
