@@ -26,7 +26,7 @@ from dualner.data.encoding import WindowTokenizer
 from dualner.data.packing import Collator, model_inputs
 from dualner.data.sources import check_same_split, read_source
 from dualner.data.corpus import describe_file, estimate_records
-from dualner.data.prepared import PreparedCorpus
+from dualner.data.prepared import PreparedCorpus, tokenizer_fingerprint
 from dualner.data.streaming import (KIND_SOURCE, KIND_TARGET, KIND_TRANSLATION, STREAM_META, HubSource,
                                     Stage2Stream, StreamSpec, check_corpus, expand_files, iter_sentences,
                                     open_sources)
@@ -254,7 +254,7 @@ def build_stage2(cfg: Config) -> Trainer:
     dev_sets = load_eval_sets(cfg.data.dev, "data.dev", windows_of, label_set, cfg.data.max_eval_sentences)
     test_sets = load_eval_sets(cfg.data.test, "data.test", windows_of, label_set, cfg.data.test_sentence_cap)
     languages = sorted({cfg.data.source_language, *stage2.target, *stage2.translations})
-    corpora = {}
+    corpora, fingerprint = {}, None  # the tokenizer's fingerprint: computed once, for the prepared corpora
     for group, key, kind in ((stage2.target, "stage2.target", KIND_TARGET),
                              (stage2.translations, "stage2.translations", KIND_TRANSLATION)):
         for language, pattern in group.items():
@@ -262,7 +262,8 @@ def build_stage2(cfg: Config) -> Trainer:
             check_corpus(sources, language, kind, f"{key}.{language}")
             for source in sources:
                 if isinstance(source, PreparedCorpus):
-                    source.check_tokenizer(tokenizer, cfg.data.max_length, f"{key}.{language}")
+                    fingerprint = fingerprint or tokenizer_fingerprint(tokenizer)
+                    source.check_tokenizer(fingerprint, cfg.data.max_length, f"{key}.{language}")
             corpora[(kind, language)] = (sources, f"{key}.{language}")
     if cfg.data.train:
         check_same_split(cfg, RunLayout.of_checkpoint(initial.checkpoint).config)

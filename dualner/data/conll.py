@@ -46,6 +46,8 @@ def normalize_tag(tag: str) -> str:
 
 
 def _strip_language_prefix(token: str, language: str) -> str:
+    if not language:  # no language, no prefix (":)" stays a word)
+        return token
     prefix = f"{language}:"
     return token[len(prefix):] if token.startswith(prefix) and len(token) > len(prefix) else token
 

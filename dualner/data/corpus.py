@@ -26,13 +26,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Iterator
 
-from dualner.data.conll import DOCSTART, INVISIBLE, normalize_tag
+from dualner.data.conll import DOCSTART, INVISIBLE, _strip_language_prefix, normalize_tag
+from dualner.data.formats import READ_BLOCK as _BLOCK
 from dualner.data.formats import accepted_endings, corpus_format, open_compressed, zstd_module
 from dualner.errors import DataFormatError
 from dualner.labels import is_valid_tag
 
 UNBOUNDED = 1 << 62  # the end of a compressed file's only range (its decompressed size is unknown)
-_BLOCK = 1 << 20
 
 
 class BadRecord(Exception):
@@ -98,7 +98,7 @@ def skip_to(handle: BinaryIO, file: CorpusFile, position: int) -> None:
         left -= len(chunk)
 
 
-_INVISIBLE_BYTES = tuple(c.encode() for c in "\u200b\u200c\u200d\u2060\ufeff")
+_INVISIBLE_BYTES = tuple(c.encode() for c in INVISIBLE)
 
 
 def _is_blank(line: bytes) -> bool:
@@ -121,13 +121,11 @@ class RawRecord:
 
 class RecordReader:
     """The records of one range of one file, from its start or from a cursor (a record start found
-    by an earlier read); counts what it reads (`records_read`), so tests can check that a resume
-    reads O(1) records."""
+    by an earlier read)."""
 
     def __init__(self, file: CorpusFile, start: int, end: int, cursor: int | None = None):
         self.file, self.start, self.end = file, start, end
         self.cursor = cursor  # None: begin at the range's start (alignment needed)
-        self.records_read = 0
 
     def __iter__(self) -> Iterator[RawRecord]:
         file = self.file
@@ -139,9 +137,7 @@ class RecordReader:
             else:
                 position = self._align(handle)
                 line_number = 1 if self.start == 0 else None
-            for record in records_in(handle, file.format, position, self.end, line_number):
-                self.records_read += 1
-                yield record
+            yield from records_in(handle, file.format, position, self.end, line_number)
 
     def _align(self, handle: BinaryIO) -> int:
         """Position the handle at the first record starting at or after the range's start."""
@@ -304,7 +300,7 @@ def parse_record(record: RawRecord, file: CorpusFile, language: str, labeled: bo
         columns = text.split("\t") if "\t" in text else text.split()
         if columns[0].strip() == DOCSTART:
             continue
-        word = _strip_prefix(columns[0].strip(), language)
+        word = _strip_language_prefix(columns[0].strip(), language)
         if not word:
             raise BadRecord(file.path, record.start, None if record.line is None else record.line + offset,
                             "empty token")
@@ -318,11 +314,6 @@ def parse_record(record: RawRecord, file: CorpusFile, language: str, labeled: bo
     if not words:  # a -DOCSTART- block
         return None
     return {"words": words, "tags": tags, "language": language, "src_id": "", "sample_id": sample_id}
-
-
-def _strip_prefix(token: str, language: str) -> str:
-    from dualner.data.conll import _strip_language_prefix
-    return _strip_language_prefix(token, language)
 
 
 # -- sizes without reading everything ---------------------------------------------------------------

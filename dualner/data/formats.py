@@ -26,7 +26,7 @@ FORMATS: dict[str, tuple[str, ...]] = {
 FORMAT_OF_SUFFIX = {suffix: name for name, suffixes in FORMATS.items() for suffix in suffixes}
 # compression ending -> codec name
 COMPRESSIONS = {".gz": "gzip", ".xz": "xz", ".bz2": "bz2", ".zst": "zstd", ".zstd": "zstd"}
-_BLOCK = 1 << 20
+READ_BLOCK = 1 << 20  # bytes per read of a corpus file
 
 
 def format_of(path: str | Path) -> str | None:
@@ -66,7 +66,7 @@ def _open_zstd(source) -> BinaryIO:
     owned = not hasattr(source, "read")
     raw = open(source, "rb") if owned else source
     reader = zstd_module().ZstdDecompressor().stream_reader(raw, read_across_frames=True, closefd=owned)
-    return io.BufferedReader(reader, buffer_size=_BLOCK)
+    return io.BufferedReader(reader, buffer_size=READ_BLOCK)
 
 
 # codec -> opener of its decompressed bytes

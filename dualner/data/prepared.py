@@ -101,11 +101,12 @@ class PreparedCorpus:
     def identity(self) -> list:
         return [self.path, self.sentences, self.fingerprint]
 
-    def check_tokenizer(self, tokenizer, max_length: int, key: str) -> None:
+    def check_tokenizer(self, fingerprint: str, max_length: int, key: str) -> None:
+        """`fingerprint`: tokenizer_fingerprint of this run's tokenizer."""
         if self.max_length != max_length:
             raise ConfigError(f"{key}: {self.path} was prepared with max_length {self.max_length}; this run has "
                               f"data.max_length={max_length}: prepare it again with --max-length {max_length}")
-        if self.fingerprint != tokenizer_fingerprint(tokenizer):
+        if self.fingerprint != fingerprint:
             raise ConfigError(f"{key}: {self.path} was prepared with another tokenizer "
                               f"({self.manifest['tokenizer'].get('name')}) than this run's model: prepare it again "
                               f"with --tokenizer naming the stage-1 run")
@@ -178,14 +179,14 @@ class Piece:
 _worker_state: dict = {}
 
 
-def _init_worker(tokenizer_path: str, max_length: int, language: str, output: str, max_bad: int) -> None:
+def _init_worker(tokenizer_path: str, max_length: int, language: str, output: str) -> None:
     from transformers import AutoTokenizer
 
     from dualner.data.encoding import WindowTokenizer
     from dualner.labels import LabelSet
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
     _worker_state.update(encoder=WindowTokenizer(tokenizer, LabelSet(()), max_length), language=language,
-                         output=Path(output), max_bad=max_bad)
+                         output=Path(output))
 
 
 def _records_of(file: CorpusFile, piece: Piece, lines: list | None) -> Iterator[RawRecord]:
@@ -307,7 +308,7 @@ def prepare(inputs: list[str], output: str, tokenizer_path: str, max_length: int
                 continue
             yield file, piece, records
 
-    args = (tokenizer_path, max_length, language, str(folder), max_bad_records)
+    args = (tokenizer_path, max_length, language, str(folder))
     if workers == 1:
         _init_worker(*args)
         results += [_write_shard(task) for task in todo()]

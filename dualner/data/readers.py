@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Iterator
 
 from dualner.data.conll import DOCSTART, INVISIBLE, text_lines  # one line reader: BOM, CR/CRLF, NUL, bad bytes' offsets
-from dualner.data.corpus import parse_jsonl_line
+from dualner.data.corpus import RecordReader, describe_file, parse_jsonl_line
 
 
 def iter_text(path: Path, language: str = "") -> Iterator[dict]:
@@ -36,6 +36,5 @@ def iter_jsonl(path: Path, language: str = "", keep_empty: bool = False) -> Iter
 def count_sentences(path: Path) -> int:
     """Sentences (records) in a corpus file, counted exactly as the stage-2 reader cuts them
     (dualner.data.corpus): blank-line-separated blocks of CoNLL, non-blank lines of text and JSONL."""
-    from dualner.data.corpus import RecordReader, describe_file
     file = describe_file(path, str(path))
     return sum(1 for _ in RecordReader(file, 0, file.end))

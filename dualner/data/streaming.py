@@ -237,12 +237,7 @@ def read_range(spec: StreamSpec, state: list[int], cursor: int, counter: list[in
             for window in windows:
                 window["kind"], window["pass"] = spec.kind, pass_
                 window["language"] = window["language"] or spec.language
-            unit: list = [windows]
-            if spec.pair_with and windows and windows[0]["src_id"]:
-                paired = _source_by_id(spec.pair_with).get(windows[0]["src_id"])
-                if paired is not None:
-                    unit.append({**paired, "kind": KIND_SOURCE, "pass": pass_})
-            yield position, after, unit
+            yield position, after, _with_pair([windows], spec, windows[0]["src_id"] if windows else "", pass_)
         return
     if isinstance(source, HubSource):
         for position, after, item in source.read(start, end, cursor):
@@ -268,12 +263,16 @@ def read_range(spec: StreamSpec, state: list[int], cursor: int, counter: list[in
             yield record.start, record.end, None
             continue
         sentence["kind"], sentence["pass"] = spec.kind, pass_
-        unit = [sentence]
-        if spec.pair_with and sentence["src_id"]:
-            paired = _source_by_id(spec.pair_with).get(sentence["src_id"])
-            if paired is not None:
-                unit.append({**paired, "kind": KIND_SOURCE, "pass": pass_})
-        yield record.start, record.end, unit
+        yield record.start, record.end, _with_pair([sentence], spec, sentence["src_id"], pass_)
+
+
+def _with_pair(unit: list, spec, src_id: str, pass_: int) -> list:
+    """stage2.mse=parallel: a translation travels with its labeled source sentence (by src_id)."""
+    if spec.pair_with and src_id:
+        paired = _source_by_id(spec.pair_with).get(src_id)
+        if paired is not None:
+            unit.append({**paired, "kind": KIND_SOURCE, "pass": pass_})
+    return unit
 
 
 @lru_cache(maxsize=4)
