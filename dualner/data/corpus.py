@@ -278,9 +278,7 @@ def parse_record(record: RawRecord, file: CorpusFile, language: str, labeled: bo
     sample_id = f"{file.path}@{record.start}"
     where = f"{file.path}:{record.line if record.line is not None else '?'} (byte {record.start})"
     if file.format == "text":
-        words = [word for word in lines[0].split() if word.strip(INVISIBLE)]
-        if words and words[0] == DOCSTART:
-            return None
+        words = text_words(lines[0])
         return {"words": words, "tags": [], "language": language, "src_id": "", "sample_id": sample_id} if words else None
     if file.format == "jsonl":
         try:
@@ -314,6 +312,12 @@ def parse_record(record: RawRecord, file: CorpusFile, language: str, labeled: bo
     if not words:  # a -DOCSTART- block
         return None
     return {"words": words, "tags": tags, "language": language, "src_id": "", "sample_id": sample_id}
+
+
+def text_words(line: str) -> list[str]:
+    """The words of a plain-text line: tokens that show something; none for a `-DOCSTART-` line."""
+    words = [word for word in line.split() if word.strip(INVISIBLE)]
+    return [] if words and words[0] == DOCSTART else words
 
 
 # -- sizes without reading everything ---------------------------------------------------------------

@@ -8,16 +8,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterator
 
-from dualner.data.conll import DOCSTART, INVISIBLE, text_lines  # one line reader: BOM, CR/CRLF, NUL, bad bytes' offsets
-from dualner.data.corpus import RecordReader, describe_file, parse_jsonl_line
+from dualner.data.conll import text_lines  # one line reader: BOM, CR/CRLF, NUL, bad bytes' offsets
+from dualner.data.corpus import RecordReader, describe_file, parse_jsonl_line, text_words
 
 
 def iter_text(path: Path, language: str = "") -> Iterator[dict]:
     """A sentence per non-blank line; `-DOCSTART-` lines and tokens that show nothing (zero-width
     characters) are not words."""
     for line_number, line in text_lines(path):
-        words = [word for word in line.split() if word.strip(INVISIBLE)]
-        if words and words[0] != DOCSTART:
+        words = text_words(line)
+        if words:
             yield {"words": words, "tags": [], "language": language, "src_id": "", "sample_id": f"{path}:{line_number}"}
 
 
