@@ -57,16 +57,28 @@ def read_best(root: Path) -> dict | None:
     return json.loads(pointer.read_text(encoding="utf-8")) if pointer.is_file() else None
 
 
-def checkpoint_zero_stage(path: Path) -> int | None:
-    """The ZeRO stage a checkpoint was written under: recorded in its COMPLETE record; for older
-    checkpoints told by the file names (ZeRO-3 only: 0-2 look alike), else None."""
+def _complete_record(path: Path) -> dict:
     try:
         record = json.loads((path / COMPLETE_MARKER).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         record = {}
-    if isinstance(record, dict) and isinstance(record.get("zero_stage"), int):
+    return record if isinstance(record, dict) else {}
+
+
+def checkpoint_zero_stage(path: Path) -> int | None:
+    """The ZeRO stage a checkpoint was written under: recorded in its COMPLETE record; for older
+    checkpoints told by the file names (ZeRO-3 only: 0-2 look alike), else None."""
+    record = _complete_record(path)
+    if isinstance(record.get("zero_stage"), int):
         return record["zero_stage"]
     return 3 if any(path.glob("zero_pp_rank_*_model_states.pt")) else None
+
+
+def checkpoint_precision(path: Path) -> str | None:
+    """The precision a checkpoint was trained in ("bf16", "fp16", "fp32"), as its COMPLETE record
+    says; None for checkpoints written before it was recorded."""
+    precision = _complete_record(path).get("precision")
+    return precision if isinstance(precision, str) else None
 
 
 def prunable(root: Path, keep_last: int) -> list[Path]:
@@ -291,6 +303,7 @@ class CheckpointManager:
         comm.barrier()
         if self.info.is_main:
             write_json_atomic(path / COMPLETE_MARKER, {"step": step, "zero_stage": getattr(engine, "zero_stage", None),
+                                                       "precision": getattr(engine, "precision", None),
                                                        "files": file_manifest(path)})
         comm.barrier()
         self.prune()

@@ -121,6 +121,11 @@ class TrainConfig:
     # A non-finite loss on any rank: the optimizer skips that step on every rank; then "stop"
     # (checkpoint, exit 3 naming the step and batch) or "skip" (count it and go on).
     nonfinite_loss: Literal["stop", "skip"] = "stop"
+    # A bf16 engine config on a CPU: "auto" runs it in bf16 only where the CPU has bf16 instructions
+    # (oneDNN's bf16 path: AVX-512 BF16 / AMX on x86, BF16 on Arm), else in fp32 with a log line;
+    # without them torch's bf16 matmuls use a reference kernel, tens of times slower than fp32.
+    # "bf16" keeps the config's bf16 anyway, "fp32" always trains in fp32 on a CPU. GPUs: no effect.
+    cpu_bf16: Literal["auto", "bf16", "fp32"] = "auto"
     # Weights of the stage's loss terms by name (stage 1: seq, start, end; stage 2: gold_*, pseudo_*,
     # mse), over the stage's defaults: the variant's heads 1 (stage 1), every term 1 and mse
     # stage2.mse_weight (stage 2). 0 switches a term off.

@@ -19,7 +19,7 @@ import torch
 from dualner import backend, faults
 from dualner.backend import comm
 from dualner.backend.placement import pin_memory_wanted
-from dualner.checkpoint import CheckpointManager
+from dualner.checkpoint import CheckpointManager, checkpoint_precision
 from dualner.config import Config, validate
 from dualner.data.batching import BatchLayout, derive_batch_layout
 from dualner.data.loader import default_workers
@@ -66,9 +66,13 @@ def start_job(cfg: Config, stage: int) -> Job:
     seed_everything(cfg.run.seed, info.rank)
     layout = derive_batch_layout(cfg.train, info.world_size)
     device = comm.accelerator_device(info.local_rank)
-    engine_config = backend.load_engine_config(cfg.deepspeed.config, layout, device)
+    engine_config = backend.load_engine_config(cfg.deepspeed.config, layout, device, cfg.train.cpu_bf16)
     faults.check()
     folder = _plan_folder(cfg, info, backend.zero_stage(engine_config), log)  # refusals: nothing written yet
+    if folder.resume_from:
+        checkpoint = Path(folder.resume_from)
+        engine_config = backend.keep_run_precision(engine_config, cfg.deepspeed.config, device, cfg.train.cpu_bf16,
+                                                   checkpoint, checkpoint_precision(checkpoint))
     workers = default_workers(cfg.data.loader_workers, device, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
     return Job(cfg, f"stage {stage}", info, device, layout, engine_config, folder, workers, pin_memory_wanted(device), log)
 

@@ -116,3 +116,10 @@ def test_gradient_path_counts_fewer_dispatches(tmp_path, tiny_encoder):
     assert watched["deepspeed"]["c10d::allreduce_"] > 0 and watched["direct"]["c10d::allreduce_"] == 0
     assert watched["direct"]["aten::_foreach_norm"] == 1 and watched["deepspeed"]["aten::_foreach_norm"] == 0
     assert result["max_loss_difference"] < 1e-5
+
+
+def test_cpu_precision(tmp_path):
+    result = run_bench("cpu_precision.py", tmp_path / "out.json", "--repeats", "1", "--tokens", "64")
+    assert set(result["median_seconds"]) == {"fp32", "bf16", "autocast-bf16"}
+    assert all(positive(value) for value in result["median_seconds"].values())
+    assert result["ratio_to_fp32"]["fp32"] == 1.0 and isinstance(result["cpu_has_bf16"], bool) and result["cpu"]

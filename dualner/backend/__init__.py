@@ -55,10 +55,20 @@ class TeacherEngine(Protocol):
     def copy_from(self, student: TrainingEngine) -> None: ...
 
 
-def load_engine_config(path: str | Path, layout: "BatchLayout", device: torch.device | None = None) -> dict:
-    """The engine's config file (ds_configs/*.json), checked, with the batch sizes derived into it."""
+def load_engine_config(path: str | Path, layout: "BatchLayout", device: torch.device | None = None,
+                       cpu_bf16: str = "auto") -> dict:
+    """The engine's config file (ds_configs/*.json), checked, with the batch sizes derived into it
+    and, on a CPU, the precision train.cpu_bf16 chooses."""
     from dualner.backend.deepspeed_engine import load_deepspeed_config
-    return load_deepspeed_config(path, layout, device)
+    return load_deepspeed_config(path, layout, device, cpu_bf16)
+
+
+def keep_run_precision(engine_config: dict, path: str | Path, device: torch.device, cpu_bf16: str,
+                       checkpoint: Path, written: str | None) -> dict:
+    """The engine config a resumed run continues in: the precision its checkpoint was trained in
+    (`written`, from its COMPLETE record), or a refusal where the two cannot load into each other."""
+    from dualner.backend.deepspeed_engine import resume_precision
+    return resume_precision(engine_config, Path(path), device, cpu_bf16, checkpoint, written)
 
 
 def check_engine_config(engine_config: dict, path: Path) -> None:

@@ -28,18 +28,91 @@ from dualner.run_layout import COMPLETE_MARKER
 UNIVERSAL = "universal"
 
 
-def load_deepspeed_config(path: str | Path, layout: BatchLayout, device: torch.device | None = None) -> dict:
+def load_deepspeed_config(path: str | Path, layout: BatchLayout, device: torch.device | None = None,
+                          cpu_bf16: str = "auto") -> dict:
     """The JSON, checked before anything is written: valid JSON holding an object, a known ZeRO stage,
-    batch sizes agreeing with the derived ones, no optimizer/scheduler, a precision the device runs,
-    and every key one DeepSpeed reads (unknown keys refused with the valid ones listed; DeepSpeed's own
-    rejections reported as one line)."""
+    batch sizes agreeing with the derived ones, no optimizer/scheduler, a precision the device runs
+    (bf16 on a CPU as train.cpu_bf16 decides), and every key one DeepSpeed reads (unknown keys refused
+    with the valid ones listed; DeepSpeed's own rejections reported as one line)."""
     ds_config, path = read_deepspeed_json(path)  # the checks dualner.config.validate also makes
     derived = check_deepspeed_batch_sizes(ds_config, path, layout.global_batch_size, layout.micro_batch_size,
                                           layout.accumulation_steps, layout.world_size)
     merged = {**ds_config, **derived}
     _check_precision(merged, path, device)
+    merged = cpu_precision(merged, path, device, cpu_bf16)
     _check_with_deepspeed(merged, path)
     return merged
+
+
+def _bf16_sections(ds_config: dict) -> list[str]:
+    """The config's sections that compute in bf16: DeepSpeed's bf16 engine or torch autocast to bf16."""
+    sections = []
+    for key in ("bf16", "bfloat16"):
+        if isinstance(ds_config.get(key), dict) and ds_config[key].get("enabled"):
+            sections.append(key)
+    if _autocast_dtype(ds_config) == torch.bfloat16:
+        sections.append("torch_autocast")
+    return sections
+
+
+def precision_of(ds_config: dict) -> str:
+    """What a config trains in: "bf16", "fp16" (DeepSpeed's engines or torch autocast) or "fp32"."""
+    if _bf16_sections(ds_config):
+        return "bf16"
+    fp16 = ds_config.get("fp16")
+    if (isinstance(fp16, dict) and fp16.get("enabled")) or _autocast_dtype(ds_config) == torch.float16:
+        return "fp16"
+    return "fp32"
+
+
+def resume_precision(ds_config: dict, path: Path, device: torch.device, choice: str, checkpoint: Path,
+                     written: str | None) -> dict:
+    """A run keeps the precision it was trained in: DeepSpeed's bf16 and fp32 optimizer states do not
+    load into each other. Under train.cpu_bf16=auto on a CPU a run written in bf16 (on a CPU with
+    bf16, or before this choice existed) or in fp32 (auto on a CPU without) continues so, with a log
+    line; any other difference is refused before anything is written. Checkpoints that do not record
+    their precision are loaded as they are."""
+    now = precision_of(ds_config)
+    if written is None or written == now:
+        return ds_config
+    from dualner.logging import get_logger
+    json_precision = precision_of(read_deepspeed_json(path)[0])
+    if (device.type == "cpu" and choice == "auto" and json_precision == "bf16" and {written, now} == {"bf16", "fp32"}):
+        if written == "bf16":
+            get_logger().warning("precision: bf16, as %s was trained (train.cpu_bf16=auto keeps a run's precision); "
+                                 "this CPU has no bf16 instructions, so its steps are slow: finish it on a CPU "
+                                 "with bf16 or start a new run", checkpoint)
+            return {**ds_config, **{key: {**ds_config[key], "enabled": True}
+                                    for key in _bf16_sections(read_deepspeed_json(path)[0])}}
+        get_logger().info("precision: fp32, as %s was trained (train.cpu_bf16=auto keeps a run's precision)",
+                          checkpoint)
+        return cpu_precision(ds_config, path, device, "fp32")
+    raise CheckpointError(
+        f"run.resume: {checkpoint} was trained in {written}, but this job would train in {now} "
+        f"(deepspeed.config={path}, train.cpu_bf16={choice}); the optimizer states of the two do not load "
+        f"into each other. Resume with the run's precision, or start a new run (run.overwrite=true, or "
+        f"another run.output_dir)")
+
+
+def cpu_precision(ds_config: dict, path: Path, device: torch.device | None, choice: str) -> dict:
+    """train.cpu_bf16 on a CPU: the config as written ("bf16", or "auto" on a CPU with bf16
+    instructions), or a copy with its bf16 sections switched off, so the job trains in fp32 ("fp32",
+    or "auto" on a CPU without them: torch's bf16 matmuls then run a reference kernel, 46x slower
+    than fp32 in the issue's measurement and bench/cpu_precision.py). The file is not rewritten; the
+    log says what ran and why."""
+    sections = _bf16_sections(ds_config)
+    if device is None or device.type != "cpu" or not sections or choice == "bf16":
+        return ds_config
+    from dualner.backend.placement import cpu_has_bf16
+    from dualner.logging import get_logger
+    if choice == "auto" and cpu_has_bf16():
+        get_logger().info("precision: bf16 as %s sets it (this CPU has bf16 instructions)", path)
+        return ds_config
+    reason = ("train.cpu_bf16=fp32" if choice == "fp32" else
+              "train.cpu_bf16=auto and this CPU has no bf16 instructions (AVX-512 BF16 / AMX / Arm BF16), "
+              "where bf16 runs tens of times slower than fp32; train.cpu_bf16=bf16 keeps bf16")
+    get_logger().warning("precision: fp32 instead of the bf16 of %s (%s): %s", path, ", ".join(sections), reason)
+    return {**ds_config, **{key: {**ds_config[key], "enabled": False} for key in sections}}
 
 
 def _check_precision(ds_config: dict, path: Path, device: torch.device | None) -> None:
@@ -117,6 +190,7 @@ class DeepSpeedTrainingEngine:
                                                config=ds_config)
         self.device = self.engine.device
         self.zero_stage = zero_stage(ds_config)
+        self.precision = precision_of(ds_config)  # recorded in each checkpoint's COMPLETE
         self._skip = SkippableStep(optimizer, self.device)
         if not self._skip.supported:
             raise ConfigError(f"no fused AdamW kernel on {self.device}: the non-finite guard needs it")

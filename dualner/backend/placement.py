@@ -12,6 +12,17 @@ def pin_memory_wanted(device: torch.device) -> bool:
     return device.type == "cuda"
 
 
+def cpu_has_bf16() -> bool:
+    """Whether this CPU computes bf16 matmuls in hardware: oneDNN's bf16 path (AVX-512 BF16 or AMX
+    on x86, the BF16 extension on Arm). Without it torch falls back to a reference kernel, measured
+    tens of times slower than fp32 (bench/cpu_precision.py)."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a torch built without oneDNN: ask the CPU itself
+        return bool(getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
+                    or getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
+
+
 def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     """Tensors to `device` (non-blocking); everything else (per-window metadata, Python numbers)
     stays on the host as it is."""
