@@ -133,8 +133,8 @@ def verify(path: Path, checksums: bool = True) -> str | None:
     return None
 
 
-def _select(path: Path) -> tuple[Path, str]:
-    """(the step-N folder to read for `path`, why that one)."""
+def select_checkpoint(path: Path) -> tuple[Path, str]:
+    """(the step-N folder to read for `path`, why that one), unchecked."""
     if STEP_DIR.match(path.name):
         return path, "the checkpoint named"
     root = RunLayout(path).checkpoints if RunLayout(path).checkpoints.is_dir() else path
@@ -154,7 +154,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
     path = Path(path)
     if not path.exists():
         raise MissingPathError(f"checkpoint not found: {path}")
-    chosen, _ = _select(path)
+    chosen, _ = select_checkpoint(path)
     problem = verify(chosen)
     if problem:
         raise CheckpointError(f"{problem}; use another checkpoint")
@@ -163,8 +163,17 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 def checkpoint_choice(path: str | Path) -> str:
     """Which checkpoint `resolve_checkpoint(path)` reads and why, for the user to see."""
-    chosen, why = _select(Path(path))
+    chosen, why = select_checkpoint(Path(path))
     return f"{chosen.name} of {RunLayout.of_checkpoint(chosen).root}: {why}" if why != "the checkpoint named" else str(chosen)
+
+
+def choice_without_best(path: str | Path) -> str | None:
+    """checkpoint_choice(path) when a run folder is read without a usable best.json (its newest
+    complete checkpoint is taken), else None: the reader should hear which step it gets."""
+    if not Path(path).is_dir() or STEP_DIR.match(Path(path).name):
+        return None
+    _, why = select_checkpoint(Path(path))
+    return checkpoint_choice(path) if why.startswith("its newest") else None
 
 
 def load_model_state(checkpoint: Path) -> dict[str, torch.Tensor]:

@@ -47,7 +47,7 @@ from dualner.checkpoint import (CheckpointManager, checkpoint_zero_stage, is_com
                                 recorded_best, step_dirs, verify, write_json_atomic)
 from dualner.config import Config, config_to_dict, save_config
 from dualner.errors import CheckpointError, ConfigError, RunLockedError, UserError
-from dualner.run_layout import COMPLETE_MARKER, STEP_DIR, RunLayout
+from dualner.run_layout import COMPLETE_MARKER, STEP_DIR, RunLayout, aside_name
 
 if TYPE_CHECKING:
     from dualner.job import Job
@@ -126,16 +126,6 @@ def _history(run_dir: Path) -> list[dict]:
         except json.JSONDecodeError:
             continue  # a line cut short by a crash: the others still tell the story
     return entries
-
-
-def aside_name(run_dir: Path) -> Path:
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    candidate = run_dir.with_name(f"{run_dir.name}.old-{stamp}")
-    number = 1
-    while candidate.exists():
-        number += 1
-        candidate = run_dir.with_name(f"{run_dir.name}.old-{stamp}-{number}")
-    return candidate
 
 
 def _run_summary(run_dir: Path, manager: CheckpointManager) -> str:

@@ -215,7 +215,7 @@ def test_predict_output_problems_are_one_line_before_the_model_loads(populated, 
         predict_file(populated, source, source)
     with pytest.raises(MissingPathError, match=r"--input: .* is a folder"):
         predict_file(populated, tmp_path, tmp_path / "out.jsonl")
-    assert source.read_text() == "Paris is nice\n" and not list(tmp_path.glob(".*partial"))
+    assert source.read_text() == "Paris is nice\n" and not list(tmp_path.glob(".*partial*"))
 
 
 def test_predict_device_batch_size_and_head_are_checked(populated, tmp_path):
