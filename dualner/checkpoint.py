@@ -172,7 +172,10 @@ def choice_without_best(path: str | Path) -> str | None:
     complete checkpoint is taken), else None: the reader should hear which step it gets."""
     if not Path(path).is_dir() or STEP_DIR.match(Path(path).name):
         return None
-    _, why = select_checkpoint(Path(path))
+    try:
+        _, why = select_checkpoint(Path(path))
+    except CheckpointError:
+        return None  # no checkpoint there (an exported folder): nothing to choose between
     return checkpoint_choice(path) if why.startswith("its newest") else None
 
 
