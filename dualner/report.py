@@ -51,6 +51,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--split", choices=["dev", "test"], default="test")
     args = parser.parse_args(argv)
     runs = {}
+    names = [run.name for run in args.runs]
     for run in args.runs:
         path = RunLayout(run).results
         if not run.exists():
@@ -73,7 +74,7 @@ def main(argv: list[str] | None = None) -> None:
         problem = results_problem(results)
         if problem:
             raise DataFormatError(f"{path}: not a results file of a run ({problem}); rerun the run to rewrite it")
-        runs[run.name] = results
+        runs[run.name if names.count(run.name) == 1 else str(run)] = results  # two runs/x: one column each
     print(side_by_side(runs, args.split))
 
 

@@ -156,15 +156,23 @@ def newer_work(manager: CheckpointManager, step: int) -> list[str]:
     """What continuing the run from `step` would overwrite: its complete checkpoints after `step`, and
     the results of a run that finished after it."""
     found = [path.name for number, path in step_dirs(manager.root) if number > step and is_complete(path)]
-    results = RunLayout(manager.run_dir).results
-    if results.is_file():
-        try:
-            finished = json.loads(results.read_text(encoding="utf-8"))["steps"]
-        except (OSError, ValueError, KeyError, TypeError):
-            finished = None  # unreadable: counted as newer, never overwritten unasked
-        if not isinstance(finished, int) or finished > step:
-            found.append(f"results.json ({'a run finished at step ' + str(finished) if isinstance(finished, int) else 'unreadable'})")
-    return found
+    finished = finished_after(manager.run_dir, step)
+    return found + ([finished] if finished else [])
+
+
+def finished_after(run_dir: Path, step: int) -> str | None:
+    """`results.json (...)` when the run's results are of a step after `step` (or unreadable: never
+    overwritten unasked), else None."""
+    results = RunLayout(run_dir).results
+    if not results.is_file():
+        return None
+    try:
+        finished = json.loads(results.read_text(encoding="utf-8"))["steps"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return "results.json (unreadable)"
+    if not isinstance(finished, int):
+        return "results.json (unreadable)"
+    return f"results.json (a run finished at step {finished})" if finished > step else None
 
 
 def _best_after_rewind(resume: str, chosen: Path, manager: CheckpointManager) -> dict | None:
@@ -238,6 +246,13 @@ def plan_folder(cfg: Config, manager: CheckpointManager, zero_stage: int, log=No
                    else "no checkpoint to continue from (they were removed)")
                 + "; set run.overwrite=true to start a new run (the old one is moved aside), or choose another "
                   "run.output_dir")
+        finished = finished_after(run_dir, _step_of(str(chosen))) if chosen is not None else None
+        if finished:  # its newer checkpoints were removed or damaged: no silent retraining over its results
+            raise CheckpointError(
+                f"run.output_dir={run_dir} holds {finished}, but its newest usable checkpoint is {chosen.name}; "
+                f"continuing would train again over those results. Set run.resume={chosen.name} "
+                f"run.overwrite=true to do so (the results and copies of the logs are then moved to "
+                f"{run_dir.name}.old-<time>), or choose another run.output_dir")
         best = read_best(manager.root) if chosen is not None else None
     elif foreign:
         if entries and not overwrite:
@@ -351,6 +366,8 @@ def apply_plan(plan: FolderPlan, cfg: Config, run_dir: Path, log=None) -> None:
     saved = RunLayout(run_dir).config
     if plan.resume_from is None or not saved.is_file():
         save_config(cfg, saved)
+    for log_file in (RunLayout(run_dir).losses, RunLayout(run_dir).config_history):
+        _drop_a_cut_last_line(log_file)
     entry = {"job": plan.job, "started": time.strftime("%Y-%m-%d %H:%M:%S"),
              "from_step": _step_of(plan.resume_from), "resumed_from": plan.resume_from,
              "changes": plan.changes, "config": config}
@@ -395,6 +412,18 @@ def _set_newer_work_aside(plan: FolderPlan, run_dir: Path, log) -> None:
                     "losses.jsonl now ends at step %d", run_dir, step,
                     ", ".join(str(path.relative_to(run_dir)) for path in moved) or "nothing",
                     ", ".join(str(path.relative_to(run_dir)) for path in copied) or "nothing", aside, step)
+
+
+def _drop_a_cut_last_line(path: Path) -> None:
+    """A crash while a line was appended leaves it unterminated, and this job's first line would be
+    glued to it (both unreadable). A cut losses.jsonl line is of a step after the checkpoint (a step
+    is logged before it is saved), so this job logs it again."""
+    if not path.is_file():
+        return
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        with path.open("rb+") as handle:
+            handle.truncate(data.rfind(b"\n") + 1)
 
 
 def _logged_step(line: str) -> float:

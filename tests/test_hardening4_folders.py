@@ -14,7 +14,8 @@ import pytest
 
 import dualner.stage1
 from dualner.checkpoint import RunLock
-from dualner.errors import CheckpointError, ConfigError, RunLockedError, UserError
+from dualner.errors import ConfigError, RunLockedError, UserError
+from dualner.model_io import export_model
 from dualner.stage1 import build_stage1, run_stage1
 from tests.conftest import REPO
 # the tiny run's overrides, `python -m dualner`, one-line errors; a finished tiny run (step-2, step-4,
@@ -57,17 +58,31 @@ def test_a_job_whose_folder_changed_before_it_took_the_lock_is_refused(tmp_path,
 
 
 # -- every refusal writes nothing -----------------------------------------------------------------------
-REFUSALS = {  # name: (overrides given the run's folder and the other run's, message)
+def unchanged(run):
+    pass
+
+
+def newest_checkpoint_deleted(run):
+    shutil.rmtree(run / "checkpoints" / "step-4")
+
+
+REFUSALS = {  # name: (what the user did to the run first, overrides given the run and another, message)
     "resume an older step of a finished run": (
-        lambda run, other: ["run.resume=step-2"],
+        unchanged, lambda run, other: ["run.resume=step-2"],
         r"run.resume=step-2: .* holds newer work \(step-4, results.json \(a run finished at step 4\)\) that "
         r"continuing from step-2 would overwrite; set run.overwrite=true as well"),
+    "resume=auto on a finished run whose newest checkpoint was deleted": (
+        newest_checkpoint_deleted, lambda run, other: [],
+        r"holds results.json \(a run finished at step 4\), but its newest usable checkpoint is step-2; continuing "
+        r"would train again over those results. Set run.resume=step-2 run.overwrite=true"),
     "resume another run's step into a folder holding a run": (
-        lambda run, other: [f"run.resume={other / 'checkpoints' / 'step-2'}"],
+        unchanged, lambda run, other: [f"run.resume={other / 'checkpoints' / 'step-2'}"],
         r"is a checkpoint of another run, and run.output_dir=.* holds a finished run .*run.overwrite=true"),
     "resume a run folder instead of a step": (
-        lambda run, other: [f"run.resume={other}"], r"not a checkpoint folder \(a checkpoint is a <run>/checkpoints/step-N"),
+        unchanged, lambda run, other: [f"run.resume={other}"],
+        r"not a checkpoint folder \(a checkpoint is a <run>/checkpoints/step-N"),
     "another run's step with other model settings": (
+        unchanged,
         lambda run, other: [f"run.resume={other / 'checkpoints' / 'step-2'}", "run.overwrite=true", "model.dropout=0.3"],
         r"is a checkpoint of a run whose config.yaml .* differs in section\(s\) model: model.dropout 0.1 -> 0.3"),
 }
@@ -75,13 +90,22 @@ REFUSALS = {  # name: (overrides given the run's folder and the other run's, mes
 
 @pytest.mark.parametrize("name", list(REFUSALS))
 def test_a_resume_that_would_overwrite_newer_work_is_refused_writing_nothing(populated, tmp_path, name):
-    overrides, message = REFUSALS[name]
+    prepare, overrides, message = REFUSALS[name]
     run = copy_of(populated, tmp_path)
+    prepare(run)
     before, other = snapshot(run), snapshot(populated)
     with pytest.raises(UserError, match=message):
         build_stage1(config(run, *overrides(run, populated)))
     assert snapshot(run) == before and snapshot(populated) == other
     assert not list(tmp_path.glob("run.old-*"))
+
+
+def test_a_log_line_cut_by_a_crash_is_not_glued_to_the_next_jobs(populated, tmp_path):
+    run = copy_of(populated, tmp_path)
+    with (run / "losses.jsonl").open("a") as handle:
+        handle.write('{"step": 5, "loss/to')  # the crash came while step 5 was logged, before its save
+    run_stage1(config(run, "train.max_steps=6"))
+    assert logged_steps(run) == [1, 2, 3, 4, 5, 6]  # every line whole
 
 
 def test_overwrite_while_another_job_holds_the_lock_moves_nothing(populated, tmp_path):
@@ -134,9 +158,9 @@ def test_export_refuses_a_non_empty_folder_and_the_run_folder(populated, tmp_pat
     assert (output / "config.json").read_text() == '{"mine": true}'
     before = snapshot(populated)
     for inside in (populated, populated / "model", populated.parent):
-        line = one_line_error(cli("export", "--checkpoint", str(populated / "checkpoints" / "step-2"), "--output",
-                                  str(inside)))
-        assert f"the run folder {populated}; export into a folder of its own" in line
+        with pytest.raises(ConfigError, match=rf"--output {inside} (is|is inside|holds) the run folder {populated}; "
+                                              rf"export into a folder of its own"):
+            export_model(populated / "checkpoints" / "step-2", inside, overwrite=True)
     assert snapshot(populated) == before
     result = cli("export", "--checkpoint", str(populated), "--output", str(output), "--overwrite")
     assert result.returncode == 0, result.stderr[-3000:]
@@ -169,15 +193,16 @@ def test_a_failed_export_leaves_nothing_half_written(populated, tmp_path, monkey
 
 
 # -- item 8 and the output files of predict, evaluate, report ---------------------------------------------
-def test_predict_without_best_json_says_which_step(populated, tmp_path):
+def test_predict_without_best_json_says_which_step(populated, tmp_path, capfd):
+    from dualner.predict import predict_file
     run = copy_of(populated, tmp_path)
     (run / "checkpoints" / "best.json").unlink()
     source, output = tmp_path / "in.txt", tmp_path / "out.jsonl"
     source.write_text("Paris is nice\n")
-    result = cli("predict", "--model", str(run), "--input", str(source), "--output", str(output))
-    assert result.returncode == 0, result.stderr[-3000:]
+    capfd.readouterr()
+    assert predict_file(run, source, output) == 1
     assert (f"--model {run} has no best checkpoint recorded; predicting with step-4 of {run}: its newest complete "
-            f"checkpoint: the run has no best.json") in result.stdout
+            f"checkpoint: the run has no best.json") in capfd.readouterr().out
 
 
 def test_predict_and_evaluate_replace_only_their_own_output(populated, tmp_path):
@@ -203,6 +228,14 @@ def test_predict_and_evaluate_replace_only_their_own_output(populated, tmp_path)
     with pytest.raises(ConfigError, match=r"is a folder; name the JSON file to write"):
         evaluate_checkpoint(populated, {"en": str(data)}, tmp_path, max_sentences=4)
     assert source.read_text() == "x: 1\n"
+
+
+def test_report_gives_two_runs_of_one_name_a_column_each(populated, tmp_path):
+    for parent in ("a", "b"):
+        shutil.copytree(populated, tmp_path / parent / "quick")
+    result = cli("report", str(tmp_path / "a" / "quick"), str(tmp_path / "b" / "quick"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"| test F1 | {tmp_path / 'a' / 'quick'} | {tmp_path / 'b' / 'quick'} |" in result.stdout
 
 
 @pytest.mark.parametrize("content, message", [
