@@ -52,23 +52,36 @@ def is_complete(path: Path) -> bool:
     return (path / COMPLETE_MARKER).is_file()
 
 
+def best_record(step: int, scores: dict) -> dict:
+    """What best.json holds: the best step, its folder and its dev scores."""
+    return {"step": step, "path": step_name(step), **scores}
+
+
 def read_best(root: Path) -> dict | None:
     pointer = root / BEST_POINTER  # root: a checkpoints folder, whatever its name
     return json.loads(pointer.read_text(encoding="utf-8")) if pointer.is_file() else None
 
 
-def _complete_record(path: Path) -> dict:
+def _record(path: Path) -> dict:
+    """A checkpoint's COMPLETE record ({} when it cannot be read)."""
     try:
         record = json.loads((path / COMPLETE_MARKER).read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        record = {}
+        return {}
     return record if isinstance(record, dict) else {}
+
+
+def recorded_best(path: Path) -> dict | None:
+    """best.json as it stood when checkpoint `path` was written (its COMPLETE record); None when the
+    run had no best yet or the checkpoint predates the record (2026-12)."""
+    best = _record(path).get("best")
+    return best if isinstance(best, dict) and isinstance(best.get("step"), int) else None
 
 
 def checkpoint_zero_stage(path: Path) -> int | None:
     """The ZeRO stage a checkpoint was written under: recorded in its COMPLETE record; for older
     checkpoints told by the file names (ZeRO-3 only: 0-2 look alike), else None."""
-    record = _complete_record(path)
+    record = _record(path)
     if isinstance(record.get("zero_stage"), int):
         return record["zero_stage"]
     return 3 if any(path.glob("zero_pp_rank_*_model_states.pt")) else None
@@ -77,7 +90,7 @@ def checkpoint_zero_stage(path: Path) -> int | None:
 def checkpoint_precision(path: Path) -> str | None:
     """The precision a checkpoint was trained in ("bf16", "fp16", "fp32"), as its COMPLETE record
     says; None for checkpoints written before it was recorded."""
-    precision = _complete_record(path).get("precision")
+    precision = _record(path).get("precision")
     return precision if isinstance(precision, str) else None
 
 
@@ -127,8 +140,8 @@ def verify(path: Path, checksums: bool = True) -> str | None:
     return None
 
 
-def _select(path: Path) -> tuple[Path, str]:
-    """(the step-N folder to read for `path`, why that one)."""
+def select_checkpoint(path: Path) -> tuple[Path, str]:
+    """(the step-N folder to read for `path`, why that one), unchecked."""
     if STEP_DIR.match(path.name):
         return path, "the checkpoint named"
     root = RunLayout(path).checkpoints if RunLayout(path).checkpoints.is_dir() else path
@@ -148,7 +161,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
     path = Path(path)
     if not path.exists():
         raise MissingPathError(f"checkpoint not found: {path}")
-    chosen, _ = _select(path)
+    chosen, _ = select_checkpoint(path)
     problem = verify(chosen)
     if problem:
         raise CheckpointError(f"{problem}; use another checkpoint")
@@ -157,8 +170,20 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 def checkpoint_choice(path: str | Path) -> str:
     """Which checkpoint `resolve_checkpoint(path)` reads and why, for the user to see."""
-    chosen, why = _select(Path(path))
+    chosen, why = select_checkpoint(Path(path))
     return f"{chosen.name} of {RunLayout.of_checkpoint(chosen).root}: {why}" if why != "the checkpoint named" else str(chosen)
+
+
+def choice_without_best(path: str | Path) -> str | None:
+    """checkpoint_choice(path) when a run folder is read without a usable best.json (its newest
+    complete checkpoint is taken), else None: the reader should hear which step it gets."""
+    if not Path(path).is_dir() or STEP_DIR.match(Path(path).name):
+        return None
+    try:
+        _, why = select_checkpoint(Path(path))
+    except CheckpointError:
+        return None  # no checkpoint there (an exported folder): nothing to choose between
+    return checkpoint_choice(path) if why.startswith("its newest") else None
 
 
 def load_model_state(checkpoint: Path) -> dict[str, torch.Tensor]:
@@ -285,9 +310,10 @@ class CheckpointManager:
         return improved or last or job_done or step % self.save_every == 0
 
     # -- writing ----------------------------------------------------------------------------------
-    def save(self, engine, step: int, client_state: dict) -> Path:
-        """Every rank writes its files; rank 0 writes the COMPLETE record (each file's size and CRC-32)
-        after all ranks are done, then drops the checkpoints beyond keep_last."""
+    def save(self, engine, step: int, client_state: dict, best: dict | None = None) -> Path:
+        """Every rank writes its files; rank 0 writes the COMPLETE record (each file's size and CRC-32,
+        and `best`: best.json as of this step, which a rewind to it restores) after all ranks are
+        done, then drops the checkpoints beyond keep_last."""
         tag, path = step_name(step), self.layout.step(step)
         if self.info.is_main and path.exists():  # a half-written leftover of a crashed run
             shutil.rmtree(path)
@@ -304,16 +330,16 @@ class CheckpointManager:
         if self.info.is_main:
             write_json_atomic(path / COMPLETE_MARKER, {"step": step, "zero_stage": getattr(engine, "zero_stage", None),
                                                        "precision": getattr(engine, "precision", None),
-                                                       "files": file_manifest(path)})
+                                                       "best": best, "files": file_manifest(path)})
         comm.barrier()
         self.prune()
         return path
 
-    def mark_best(self, step: int, scores: dict) -> None:
-        """Record `step` as the best, prune, and let no rank read the old best.json (or load a pruned
-        checkpoint) before rank 0 is done."""
+    def mark_best(self, best: dict) -> None:
+        """Record `best` (best_record) in best.json, prune, and let no rank read the old best.json (or
+        load a pruned checkpoint) before rank 0 is done."""
         if self.info.is_main:
-            write_json_atomic(self.layout.best_pointer, {"step": step, "path": step_name(step), **scores})
+            write_json_atomic(self.layout.best_pointer, best)
         self.prune()
         comm.barrier()
 
@@ -360,12 +386,12 @@ class Checkpointer:
                  per_rank: dict[str, Stateful]):
         self.manager, self.engine, self.shared, self.per_rank = manager, engine, shared, per_rank
 
-    def save(self, step: int) -> Path:
-        """Collective: every rank calls it."""
+    def save(self, step: int, best: dict | None = None) -> Path:
+        """Collective: every rank calls it. `best`: best.json as of this step (recorded with it)."""
         mine = {name: component.state_dict() for name, component in self.per_rank.items()}
         client_state = {name: component.state_dict() for name, component in self.shared.items()}
         client_state["ranks"] = comm.all_gather_objects(mine)
-        return self.manager.save(self.engine, step, client_state)
+        return self.manager.save(self.engine, step, client_state, best)
 
     def load(self, path: str | Path) -> None:
         """Collective: the engine and every component back to the state of `path`."""

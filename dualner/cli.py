@@ -86,6 +86,8 @@ def evaluate(argv: list[str]) -> int:
                         help="a step-N folder, or a run/checkpoints folder (its best checkpoint)")
     parser.add_argument("--data", nargs="+", required=True, metavar="LANG=PATH")
     parser.add_argument("--output", help="JSON file for {per_language, average}")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an existing --output that is not an earlier evaluation's results")
     parser.add_argument("--head", choices=["auto", "span", "seq"], default="auto",
                         help="auto: the span head, or the sequence head of a cla model")
     parser.add_argument("--batch-size", type=_positive("--batch-size"), default=64)
@@ -100,7 +102,8 @@ def evaluate(argv: list[str]) -> int:
             raise ConfigError(f"--data {item!r}: expected LANG=PATH")
         data[language] = path
     from dualner.evaluate_checkpoint import evaluate_checkpoint
-    evaluate_checkpoint(args.checkpoint, data, args.output, args.head, args.batch_size, args.max_sentences)
+    evaluate_checkpoint(args.checkpoint, data, args.output, args.head, args.batch_size, args.max_sentences,
+                        args.overwrite)
     return 0
 
 
@@ -108,11 +111,14 @@ def export(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="dualner export",
                                      description="Export a trained model to one Hugging Face model folder.")
     parser.add_argument("--checkpoint", required=True, help="a run folder (its best) or a step-N folder")
-    parser.add_argument("--output", required=True)
+    parser.add_argument("--output", required=True, help="a new or empty folder (outside the run folder)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="export into a non-empty --output: its files are moved to <output>.old-<time> first")
     args = parser.parse_args(argv)
     from dualner.checkpoint import checkpoint_choice
+    from dualner.logging import get_logger
     from dualner.model_io import export_model
-    output = export_model(args.checkpoint, args.output)
+    output = export_model(args.checkpoint, args.output, args.overwrite, get_logger())
     print(f"exported {checkpoint_choice(args.checkpoint)} -> {output}")
     return 0
 
@@ -127,9 +133,12 @@ def predict(argv: list[str]) -> int:
                         help="auto: the span head, or the sequence head of a cla model")
     parser.add_argument("--batch-size", type=_positive("--batch-size"), default=64)
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if present)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an existing --output that is not an earlier prediction")
     args = parser.parse_args(argv)
     from dualner.predict import predict_file
-    count = predict_file(args.model, args.input, args.output, args.head, args.batch_size, args.device)
+    count = predict_file(args.model, args.input, args.output, args.head, args.batch_size, args.device,
+                         args.overwrite)
     print(f"{count} sentences -> {args.output}")
     return 0
 

@@ -46,7 +46,9 @@ class RunConfig:
     output_dir: str = "runs/default"
     seed: int = bounded(42, minimum=0)
     resume: str = "auto"  # "auto": newest complete checkpoint if any; "none"; or a step-N path
-    overwrite: bool = False  # allow writing into a folder that holds another run's config
+    # a new run over the folder's run (moved to <output_dir>.old-<time>); with resume=step-N: continue
+    # from it over newer work (moved there too): dualner.run_folder
+    overwrite: bool = False
     # Checkpoint and exit after this many steps in one job (time-sliced scheduler allocations);
     # the next job continues with resume=auto.
     max_steps_per_job: int | None = bounded(None, minimum=1)
@@ -386,8 +388,8 @@ def validate(cfg: Config, stage: int | None = None, world_size: int | None = Non
     - `stage` (1 or 2: this config is about to train that stage): the stage's own rules (stage 1 needs
       data.train; stage 2 needs stage2.init_from, exactly one of train.max_steps / stage2.epochs,
       stage2.epochs only with stage2.mix=size and train.batch_unit=sentences, and model.variant=mlt),
-      and those of every training run: eval.select_on=source needs the source's dev set; run.resume
-      and run.overwrite agree; data.pack_length holds a window; token batches need packing and
+      and those of every training run: eval.select_on=source needs the source's dev set;
+      data.pack_length holds a window; token batches need packing and
       a micro batch of whole rows; the DeepSpeed JSON (deepspeed.config, read relative to the working
       folder as the run reads it) exists, is a JSON object with a known ZeRO stage, no optimizer or
       scheduler, model.compile only under ZeRO 0-2, and passes DeepSpeed's own parser (which imports
@@ -459,9 +461,6 @@ def _validate_training(cfg: Config) -> None:
     """The rules of every training run, whichever the stage."""
     if cfg.eval.select_on == "source" and cfg.data.source_language not in cfg.data.dev:
         raise ConfigError(f"eval.select_on=source needs data.dev.{cfg.data.source_language}")
-    if cfg.run.overwrite and cfg.run.resume not in ("auto", "none"):
-        raise ConfigError(f"run.resume={cfg.run.resume} and run.overwrite=true contradict each other: overwrite "
-                          f"starts a new run; drop one of them")
     if cfg.train.batch_unit == "tokens" and cfg.data.packing is False:
         raise ConfigError("train.batch_unit=tokens needs packed rows (data.packing=true and an "
                           "encoder family dualner.attention knows)")

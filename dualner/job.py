@@ -24,9 +24,9 @@ from dualner.config import Config, validate
 from dualner.data.batching import BatchLayout, derive_batch_layout
 from dualner.data.loader import default_workers
 from dualner.data.packing import Collator, packs_by_default
-from dualner.errors import ConfigError, UserError
+from dualner.errors import ConfigError
 from dualner.logging import get_logger
-from dualner.run_folder import FolderPlan, plan_folder
+from dualner.run_folder import FolderPlan, decided_on_rank0, plan_folder
 
 
 @dataclass(frozen=True)
@@ -37,7 +37,7 @@ class Job:
     device: torch.device
     layout: BatchLayout  # global = micro x accumulation x world: the one source of these numbers
     engine_config: dict  # the backend's config (the DeepSpeed JSON, batch sizes derived into it)
-    folder: FolderPlan  # a new run, or the checkpoint this job continues from
+    folder: FolderPlan  # a new run, or the checkpoint this job continues from (decided again under the lock)
     loader_workers: int
     pin_memory: bool
     log: logging.Logger
@@ -45,6 +45,10 @@ class Job:
     @property
     def run_dir(self) -> Path:
         return Path(self.cfg.run.output_dir)
+
+    @property
+    def zero_stage(self) -> int:
+        return backend.zero_stage(self.engine_config)
 
     def collator(self, pad_id: int, position_offset: int | None, **extra) -> Collator:
         return training_collator(self.cfg, self.device, pad_id, position_offset, **extra)
@@ -68,7 +72,7 @@ def start_job(cfg: Config, stage: int) -> Job:
     device = comm.accelerator_device(info.local_rank)
     engine_config = backend.load_engine_config(cfg.deepspeed.config, layout, device, cfg.train.cpu_bf16)
     faults.check()
-    folder = _plan_folder(cfg, info, backend.zero_stage(engine_config), log)  # refusals: nothing written yet
+    folder = _plan_folder(cfg, backend.zero_stage(engine_config), log)  # refusals: nothing written yet
     if folder.resume_from:
         checkpoint = Path(folder.resume_from)
         engine_config = backend.keep_run_precision(engine_config, cfg.deepspeed.config, device, cfg.train.cpu_bf16,
@@ -77,20 +81,14 @@ def start_job(cfg: Config, stage: int) -> Job:
     return Job(cfg, f"stage {stage}", info, device, layout, engine_config, folder, workers, pin_memory_wanted(device), log)
 
 
-def _plan_folder(cfg: Config, info: comm.DistInfo, zero_stage: int, log) -> FolderPlan:
+def _plan_folder(cfg: Config, zero_stage: int, log) -> FolderPlan:
     """What this job does with its folder (dualner.run_folder), decided by rank 0 reading only;
     every rank gets the answer, or raises the same refusal."""
-    outcome = None
-    if info.is_main:
-        try:
-            reader = CheckpointManager(Path(cfg.run.output_dir), cfg.train.keep_last, 1, log)
-            outcome = ("ok", plan_folder(cfg, reader, zero_stage, log))
-        except UserError as error:
-            outcome = ("refused", error)
-    outcome = comm.broadcast_object(outcome)
-    if outcome[0] == "refused":
-        raise outcome[1]
-    return outcome[1]
+    def decide() -> FolderPlan:
+        reader = CheckpointManager(Path(cfg.run.output_dir), cfg.train.keep_last, 1, log)
+        reader.lock.probe()  # a live run in the folder: say so, rather than judge its files
+        return plan_folder(cfg, reader, zero_stage, log)
+    return decided_on_rank0(decide)
 
 
 def training_collator(cfg: Config, device: torch.device, pad_id: int, position_offset: int | None,

@@ -38,11 +38,13 @@ def get_logger() -> logging.Logger:
 class ScalarWriter:
     """TensorBoard scalars from rank 0; a no-op elsewhere or when disabled."""
 
-    def __init__(self, log_dir: Path, enabled: bool = True):
+    def __init__(self, log_dir: Path, enabled: bool = True, first_step: int = 1):
+        """`first_step`: a resumed job's first step; TensorBoard hides the events an earlier job
+        wrote from that step on (a crash's or a rewind's), so each step shows once."""
         self._writer = None
         if enabled and is_main_process():
             from torch.utils.tensorboard import SummaryWriter
-            self._writer = SummaryWriter(log_dir=str(log_dir))
+            self._writer = SummaryWriter(log_dir=str(log_dir), purge_step=first_step if first_step > 1 else None)
 
     def scalars(self, values: dict[str, float], step: int) -> None:
         if self._writer is not None:

@@ -55,10 +55,10 @@ class MetricWindow:
 
 class TrainingMetrics:
     def __init__(self, layout: RunLayout, tensorboard: bool, progress_bar: bool, total_steps: int,
-                 stage_name: str, device: torch.device):
+                 stage_name: str, device: torch.device, first_step: int = 1):
         self.info, self.log, self.layout, self.device = comm.current(), get_logger(), layout, device
         self.total_steps = total_steps
-        self.writer = ScalarWriter(layout.tensorboard, tensorboard)
+        self.writer = ScalarWriter(layout.tensorboard, tensorboard, first_step)
         self.progress = _progress(self.info.is_main and progress_bar, total_steps, stage_name)
         self._last_logged_step = 0
         self._syncs = (HostSyncCounter() if os.environ.get("DUALNER_COUNT_SYNCS") == "1"

@@ -11,7 +11,10 @@ full dual-head model. Tokenizer files sit beside it.
 
 from __future__ import annotations
 
+import errno
 import json
+import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,13 +22,13 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModelForTokenClassification, AutoTokenizer
 
-from dualner.checkpoint import load_model_state, resolve_checkpoint
+from dualner.checkpoint import load_model_state, resolve_checkpoint, select_checkpoint
 from dualner.data.packing import Collator, packs_by_default
-from dualner.errors import CheckpointError, MissingPathError
+from dualner.errors import CheckpointError, ConfigError, MissingPathError
 from dualner.labels import LabelSet
 from dualner.limits import usable_max_length
 from dualner.model import DualNERModel, with_encoder_dropout
-from dualner.run_layout import RunLayout
+from dualner.run_layout import RunLayout, aside_name
 
 ASSETS_FILE = "dualner.json"
 WEIGHTS = "model.safetensors"  # of an exported folder
@@ -104,10 +107,66 @@ def _token_classification_layout(config) -> tuple[str, str]:
     return type(model).__name__, model.base_model_prefix
 
 
-def export_model(checkpoint: str | Path, output: str | Path) -> Path:
-    loaded = load_trained_model(checkpoint)
+def check_export_output(output: Path, checkpoint: str | Path, overwrite: bool) -> None:
+    """Before the model loads: an export goes in a folder of its own, outside the run it comes from,
+    and replaces a non-empty folder only when asked."""
+    if not Path(checkpoint).exists():
+        raise MissingPathError(f"checkpoint not found: {checkpoint}")
+    run = RunLayout.of_checkpoint(select_checkpoint(Path(checkpoint))[0]).root.resolve()
+    target = output.resolve()
+    if target == run or run in target.parents or target in run.parents:
+        where = "is" if target == run else "is inside" if run in target.parents else "holds"
+        raise ConfigError(f"--output {output} {where} the run folder {run}; export into a folder of its own, "
+                          f"e.g. {run.parent / (run.name + '-exported')}")
+    if output.exists() and not output.is_dir():
+        raise ConfigError(f"--output {output} is a file; name the folder to export into")
+    if output.is_dir() and not overwrite and any(output.iterdir()):
+        names = sorted(entry.name for entry in output.iterdir())
+        raise ConfigError(f"--output {output} is not empty ({', '.join(names[:4])}{', ...' if len(names) > 4 else ''}); "
+                          f"choose a new folder, or add --overwrite (its files are then moved to "
+                          f"{output.name}.old-<time>)")
+    existing = target.parent
+    while not existing.exists():
+        existing = existing.parent
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"--output {output}: cannot write in {existing} (read-only or no permission)")
+
+
+def export_model(checkpoint: str | Path, output: str | Path, overwrite: bool = False, log=None) -> Path:
+    """The exported folder is written whole beside `output`, then renamed into place: a failure
+    leaves nothing half-written. A non-empty `output` is refused, or with `overwrite` moved to
+    `<output>.old-<time>` first."""
     output = Path(output)
-    output.mkdir(parents=True, exist_ok=True)
+    check_export_output(output, checkpoint, overwrite)
+    loaded = load_trained_model(checkpoint)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    partial = output.with_name(f".{output.name}.partial-{os.getpid()}")
+    try:
+        partial.mkdir()
+        _write_export(loaded, partial)
+        _put_in_place(partial, output, overwrite, log)
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+    return output
+
+
+def _put_in_place(partial: Path, output: Path, overwrite: bool, log) -> None:
+    if overwrite and output.is_dir() and any(output.iterdir()):
+        aside = aside_name(output)
+        os.replace(output, aside)
+        if log is not None:
+            log.warning("--output %s: its earlier files moved to %s", output, aside)
+    try:
+        os.rename(partial, output)  # over a missing or empty folder only, never over files
+    except OSError as error:
+        if error.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+            raise
+        raise ConfigError(f"--output {output}: files appeared there while this export ran (another export?); "
+                          f"they are kept and this export is discarded; run it again with another --output, "
+                          f"or --overwrite") from None
+
+
+def _write_export(loaded: LoadedModel, output: Path) -> None:
     config = loaded.model.encoder.config
     tags = loaded.label_set.bio_tags
     config.id2label = dict(enumerate(tags))
@@ -129,7 +188,6 @@ def export_model(checkpoint: str | Path, output: str | Path) -> Path:
               metadata={"format": "pt"})
     config.save_pretrained(output)
     loaded.tokenizer.save_pretrained(output)
-    return output
 
 
 def is_export(path: str | Path) -> bool:

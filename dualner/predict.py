@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from dualner.backend.placement import to_device
+from dualner.checkpoint import choice_without_best
 from dualner.config import check_head, evaluation_head
 from dualner.data.conll import BOM, iter_conll
 from dualner.data.formats import format_of
@@ -27,6 +28,7 @@ from dualner.data.packing import model_inputs
 from dualner.evaluate import scatter_to_words
 from dualner.model_io import inference_collator, load_any
 from dualner.labels import Entity, decode_spans, extract_entities
+from dualner.logging import get_logger
 
 _BATCH_SENTENCES = 256  # sentences read, encoded and predicted together
 
@@ -38,8 +40,22 @@ def check_input(path: Path) -> None:
         raise MissingPathError(f"--input: no such file {path}")
 
 
-def check_output(output: Path, input_path: Path) -> None:
-    """Before the model is loaded: the output must be a file we can write, and not the input."""
+def earlier_prediction(path: Path) -> bool:
+    """Whether `path` is empty or holds what predict writes (its first line: tokens and entities)."""
+    with path.open("rb") as handle:
+        first = handle.readline(1 << 20)
+    if not first.strip():
+        return True
+    try:
+        record = json.loads(first)
+    except ValueError:
+        return False
+    return isinstance(record, dict) and {"tokens", "entities"} <= record.keys()
+
+
+def check_output(output: Path, input_path: Path, overwrite: bool = False) -> None:
+    """Before the model is loaded: the output must be a file we can write, not the input, and not a
+    file of another kind (an earlier prediction is replaced; anything else only with --overwrite)."""
     if output.is_dir():
         raise ConfigError(f"--output: {output} is a folder; name the file to write (e.g. {output / 'entities.jsonl'})")
     if not output.parent.is_dir():
@@ -50,6 +66,10 @@ def check_output(output: Path, input_path: Path) -> None:
                           f"--output")
     if not os.access(output.parent, os.W_OK | os.X_OK):
         raise ConfigError(f"--output: cannot write in {output.parent} (read-only or no permission)")
+    if output.is_file() and not overwrite and not earlier_prediction(output):
+        raise ConfigError(f"--output {output} exists and is not an earlier prediction (its first line is no "
+                          f'{{"tokens": ..., "entities": ...}} record); choose another --output, or add --overwrite '
+                          f"to replace it")
 
 
 def read_input(path: Path) -> Iterator[list[str]]:
@@ -100,6 +120,10 @@ class Predictor:
             raise ConfigError(f"--batch-size {batch_size}: must be at least 1")
         self.device = resolve_device(device)
         loaded = load_any(model_path)
+        fallback = choice_without_best(model_path)
+        if fallback:  # an unfinished run (or one without dev sets): not the model selection would pick
+            get_logger().warning("--model %s has no best checkpoint recorded; predicting with %s (name a step-N "
+                                 "folder to choose another)", model_path, fallback)
         check_head(loaded.variant, head)
         self.model = loaded.model.to(self.device).eval()
         self.label_set = loaded.label_set
@@ -152,13 +176,14 @@ def _entity_record(words: list[str], entity: Entity, score: float) -> dict:
 
 
 def predict_file(model: str | Path, input_path: str | Path, output_path: str | Path,
-                 head: str = "auto", batch_size: int = 64, device: str | None = None) -> int:
+                 head: str = "auto", batch_size: int = 64, device: str | None = None,
+                 overwrite: bool = False) -> int:
     """Stream `input_path` through the model into `output_path` (written whole, then renamed)."""
     input_path, output_path = Path(input_path), Path(output_path)
     check_input(input_path)
-    check_output(output_path, input_path)
+    check_output(output_path, input_path, overwrite)
     predictor = Predictor(model, head, batch_size, device)
-    temporary = output_path.with_name(f".{output_path.name}.partial")
+    temporary = output_path.with_name(f".{output_path.name}.partial-{os.getpid()}")
     count = 0
     try:
         with temporary.open("w", encoding="utf-8") as handle:

@@ -1,8 +1,9 @@
 """What a training job does with the folder it is given (`run.output_dir`; README "Run folders").
 
 Everything is decided first, reading only (`plan_folder`, rank 0, before anything is written: a
-refusal leaves the folder's bytes as they were), then carried out once the run lock is held
-(`apply_plan`):
+refusal leaves the folder's bytes as they were), then decided again once the run lock is held
+(`confirm_plan`: another job may have written the folder in between, e.g. two jobs started together;
+a different decision is refused, still writing nothing), then carried out (`apply_plan`):
 
     folder                                          what the job does
     fresh (no earlier run in it)                    a new run
@@ -13,6 +14,13 @@ refusal leaves the folder's bytes as they were), then carried out once the run l
     a run, other model/data/stage2 settings         refused (run.overwrite=true: a new run)
     a run, run.resume=none                          refused (run.overwrite=true: a new run)
     a run, run.resume=step-N                        continues from that checkpoint of the run
+    ... with newer checkpoints or results than N    refused: they would be overwritten. With
+                                                    run.overwrite=true ("rewind"): they are moved to
+                                                    `<output_dir>.old-<time>` with copies of the
+                                                    logs, losses.jsonl is cut back to step N
+    a run, run.resume=<another run's step-N>        refused (run.overwrite=true: the folder's run is
+                                                    moved aside, the job continues the other run's
+                                                    checkpoint there)
     run.overwrite=true                              a new run: the earlier run's files are moved to
                                                     `<output_dir>.old-<time>` first, never resumed
     only leftovers of a start that never            a new run: the leftovers (logs, config) are moved
@@ -35,11 +43,11 @@ from typing import TYPE_CHECKING, Callable
 import yaml
 
 from dualner.backend import comm
-from dualner.checkpoint import (CheckpointManager, checkpoint_zero_stage, is_complete,
-                                step_dirs, verify)
+from dualner.checkpoint import (CheckpointManager, checkpoint_zero_stage, is_complete, read_best,
+                                recorded_best, step_dirs, verify, write_json_atomic)
 from dualner.config import Config, config_to_dict, save_config
-from dualner.errors import CheckpointError, ConfigError
-from dualner.run_layout import COMPLETE_MARKER, STEP_DIR, RunLayout
+from dualner.errors import CheckpointError, ConfigError, RunLockedError, UserError
+from dualner.run_layout import COMPLETE_MARKER, STEP_DIR, RunLayout, aside_name
 
 if TYPE_CHECKING:
     from dualner.job import Job
@@ -63,9 +71,20 @@ _NOT_SETTINGS = {"run.output_dir", "run.resume", "run.overwrite"}
 @dataclass
 class FolderPlan:
     resume_from: str | None = None  # the step-N folder this job continues from; None: a new run
-    aside: str | None = None  # move the earlier run's files there first
+    aside: str | None = None  # move the earlier run's files there first (a rewind: its newer work)
+    rewind: bool = False  # resume_from is older than the run's newest work, which goes to `aside`
+    best: dict | None = None  # best.json as this job starts (a resume; stage 2's teacher)
     changes: dict = field(default_factory=dict)  # dotted key -> [previous job's value, this job's]
     job: int = 1  # this job's number in the run (config_history.jsonl)
+
+    @property
+    def start_step(self) -> int:
+        """The step this job starts after (0: a new run)."""
+        return _step_of(self.resume_from)
+
+    def decision(self) -> tuple:
+        """What the job does with the folder (not when, nor the settings it records)."""
+        return self.resume_from, self.aside is not None, self.rewind, self.best
 
 
 def run_entries(run_dir: Path) -> list[Path]:
@@ -109,16 +128,6 @@ def _history(run_dir: Path) -> list[dict]:
     return entries
 
 
-def aside_name(run_dir: Path) -> Path:
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    candidate = run_dir.with_name(f"{run_dir.name}.old-{stamp}")
-    number = 1
-    while candidate.exists():
-        number += 1
-        candidate = run_dir.with_name(f"{run_dir.name}.old-{stamp}-{number}")
-    return candidate
-
-
 def _run_summary(run_dir: Path, manager: CheckpointManager) -> str:
     steps = [path.name for _, path in step_dirs(manager.root) if is_complete(path)]
     finished = RunLayout(run_dir).results.is_file()
@@ -129,6 +138,9 @@ def _run_summary(run_dir: Path, manager: CheckpointManager) -> str:
 def resolve_resume(resume: str, manager: CheckpointManager) -> Path:
     """`run.resume=step-N` (a checkpoint of this run) or a path to a step-N folder, checked."""
     path = manager.root / resume if STEP_DIR.match(resume) else Path(resume)
+    if path.is_dir() and not STEP_DIR.match(path.name):
+        raise CheckpointError(f"run.resume={resume}: not a checkpoint folder (a checkpoint is a "
+                              f"<run>/checkpoints/step-N folder); name one, or use run.resume=auto")
     if not path.is_dir():
         steps = [p.name for _, p in step_dirs(manager.root) if is_complete(p)]
         raise CheckpointError(f"run.resume={resume}: no such step; the run has "
@@ -140,39 +152,83 @@ def resolve_resume(resume: str, manager: CheckpointManager) -> Path:
     return path
 
 
+def newer_work(manager: CheckpointManager, step: int) -> list[str]:
+    """What continuing the run from `step` would overwrite: its complete checkpoints after `step`, and
+    the results of a run that finished after it."""
+    found = [path.name for number, path in step_dirs(manager.root) if number > step and is_complete(path)]
+    finished = finished_after(manager.run_dir, step)
+    return found + ([finished] if finished else [])
+
+
+def finished_after(run_dir: Path, step: int) -> str | None:
+    """`results.json (...)` when the run's results are of a step after `step` (or unreadable: never
+    overwritten unasked), else None."""
+    results = RunLayout(run_dir).results
+    if not results.is_file():
+        return None
+    try:
+        finished = json.loads(results.read_text(encoding="utf-8"))["steps"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return "results.json (unreadable)"
+    if not isinstance(finished, int):
+        return "results.json (unreadable)"
+    return f"results.json (a run finished at step {finished})" if finished > step else None
+
+
+def _best_after_rewind(resume: str, chosen: Path, manager: CheckpointManager) -> dict | None:
+    """best.json as it stood at checkpoint `chosen` (a rewind puts it back); refused when the
+    checkpoint it names is gone, since the final test and stage 2's teacher read it."""
+    best, step = read_best(manager.root), _step_of(str(chosen))
+    if best is None or best["step"] <= step:
+        return best
+    earlier = recorded_best(chosen)
+    if earlier is not None and is_complete(manager.root / earlier["path"]):
+        return earlier
+    why = (f"it does not record which checkpoint was best at step {step} (written before 2026-12)" if earlier is None
+           else f"the checkpoint that was best at step {step}, {earlier['path']}, was removed by train.keep_last")
+    raise CheckpointError(f"run.resume={resume}: cannot continue from {chosen.name}: best.json names "
+                          f"{best['path']}, after it, and {why}; continue from {best['path']} or later, or start a "
+                          f"new run (another run.output_dir)")
+
+
 def plan_folder(cfg: Config, manager: CheckpointManager, zero_stage: int, log=None) -> FolderPlan:
     """Decide what this job does with its folder, reading only; refusals raise here."""
     run_dir = manager.run_dir
-    manager.lock.probe()  # a live run in the folder: say so, rather than judge its files
     entries = run_entries(run_dir)
     current = config_to_dict(cfg)
     overwrite, resume = cfg.run.overwrite, cfg.run.resume
-    if overwrite:  # with run.resume auto or none (dualner.config.validate)
+    if overwrite and resume in ("auto", "none"):  # a new run
         if not entries:
             return FolderPlan()
         _check_aside_writable(run_dir)
         return FolderPlan(aside=str(aside_name(run_dir)))
     holds_run = manager.holds_checkpoints()
-    saved = RunLayout(run_dir).config
-    if holds_run and saved.is_file():
+    chosen = resolve_resume(resume, manager) if resume not in ("auto", "none") else None
+    # the run this job continues: the folder's, or the one whose checkpoint run.resume names
+    foreign = chosen is not None and chosen.resolve().parent != manager.root.resolve()
+    continued = RunLayout.of_checkpoint(chosen) if foreign else RunLayout(run_dir)
+    saved = continued.config
+    if (holds_run or foreign) and saved.is_file():
         previous = _read_yaml(saved)
         changed = [name for name in RUN_IDENTITY if run_identity(previous, name) != run_identity(current, name)]
         if changed:
             keys = _differing_keys({n: run_identity(previous, n) for n in changed},
                                    {n: run_identity(current, n) for n in changed}, changed)
+            if foreign:
+                raise ConfigError(f"run.resume={resume} is a checkpoint of a run whose config.yaml ({saved}) differs "
+                                  f"in section(s) {', '.join(changed)}: {keys}; resume it with its own settings")
             raise ConfigError(
                 f"run.output_dir={run_dir} holds another run (its config.yaml differs in section(s) "
                 f"{', '.join(changed)}: {keys}); choose a new run.output_dir or set run.overwrite=true "
                 f"(the old run is then moved to {run_dir.name}.old-<time>)")
+    aside, rewind, best = None, False, None
     if resume == "none":
         if holds_run:
             raise ConfigError(
                 f"run.resume=none: run.output_dir={run_dir} holds {_run_summary(run_dir, manager)}; a new run "
                 f"would mix with it. Set run.overwrite=true to start a new run (the old one is moved to "
                 f"{run_dir.name}.old-<time>), choose another run.output_dir, or run.resume=auto to continue it")
-        chosen = None
     elif resume == "auto":
-        chosen = None
         for _, path in reversed(step_dirs(manager.root)):
             if not is_complete(path):
                 continue  # half-written: cleared when the job starts
@@ -190,15 +246,42 @@ def plan_folder(cfg: Config, manager: CheckpointManager, zero_stage: int, log=No
                    else "no checkpoint to continue from (they were removed)")
                 + "; set run.overwrite=true to start a new run (the old one is moved aside), or choose another "
                   "run.output_dir")
+        finished = finished_after(run_dir, _step_of(str(chosen))) if chosen is not None else None
+        if finished:  # its newer checkpoints were removed or damaged: no silent retraining over its results
+            raise CheckpointError(
+                f"run.output_dir={run_dir} holds {finished}, but its newest usable checkpoint is {chosen.name}; "
+                f"continuing would train again over those results. Set run.resume={chosen.name} "
+                f"run.overwrite=true to do so (the results and copies of the logs are then moved to "
+                f"{run_dir.name}.old-<time>), or choose another run.output_dir")
+        best = read_best(manager.root) if chosen is not None else None
+    elif foreign:
+        if entries and not overwrite:
+            raise ConfigError(
+                f"run.resume={resume} is a checkpoint of another run, and run.output_dir={run_dir} holds "
+                f"{_run_summary(run_dir, manager) if holds_run else 'files of an earlier start'}; continuing there "
+                f"would mix two runs. Choose a fresh run.output_dir, or set run.overwrite=true as well (the folder's "
+                f"run is then moved to {run_dir.name}.old-<time> first)")
+        aside = str(aside_name(run_dir)) if entries else None
     else:
-        chosen = resolve_resume(resume, manager)
+        newer = newer_work(manager, _step_of(str(chosen)))
+        if newer and not overwrite:
+            raise CheckpointError(
+                f"run.resume={resume}: run.output_dir={run_dir} holds newer work ({', '.join(newer)}) that continuing "
+                f"from {chosen.name} would overwrite; set run.overwrite=true as well to continue from {chosen.name} "
+                f"anyway (that work and copies of the logs are then moved to {run_dir.name}.old-<time>), or "
+                f"run.resume=auto to continue from the newest checkpoint")
+        best = _best_after_rewind(resume, chosen, manager) if newer else read_best(manager.root)
+        if newer:
+            aside, rewind = str(aside_name(run_dir)), True
+    if aside is not None:
+        _check_aside_writable(run_dir)
     if chosen is None:  # a new run: leftovers of a start that never checkpointed go aside
         if entries:
             _check_aside_writable(run_dir)
             return FolderPlan(aside=str(aside_name(run_dir)))
         return FolderPlan()
     _check_zero_stage(chosen, zero_stage, cfg)
-    history = _history(run_dir)
+    history = _history(continued.root)
     if history and isinstance(history[-1].get("config"), dict):
         before = history[-1]["config"]
     else:
@@ -206,7 +289,35 @@ def plan_folder(cfg: Config, manager: CheckpointManager, zero_stage: int, log=No
     old, new = flatten(before), flatten(current)
     changes = {key: [old.get(key), new.get(key)] for key in sorted(set(old) | set(new))
                if key not in _NOT_SETTINGS and old.get(key) != new.get(key)}
-    return FolderPlan(resume_from=str(chosen), changes=changes, job=(len(history) or 1) + 1)
+    return FolderPlan(resume_from=str(chosen), aside=aside, rewind=rewind, best=best, changes=changes,
+                      job=1 if foreign else (len(history) or 1) + 1)
+
+
+def confirm_plan(first: FolderPlan, cfg: Config, manager: CheckpointManager, zero_stage: int) -> FolderPlan:
+    """Rank 0, holding the run lock: decide again, since another job may have written the folder
+    after `first` was decided (two jobs started together). The same decision: the plan, with its
+    recorded settings brought up to date; another: refused, nothing written."""
+    again = plan_folder(cfg, manager, zero_stage)
+    if again.decision() != first.decision():
+        raise RunLockedError(
+            f"run.output_dir={manager.run_dir} changed while this job was starting (another job wrote "
+            f"{_run_summary(manager.run_dir, manager)} there); this job wrote nothing. Run it again to continue "
+            f"that run (run.resume=auto), or choose another run.output_dir")
+    return again
+
+
+def decided_on_rank0(decide: Callable[[], FolderPlan]) -> FolderPlan:
+    """`decide()` on rank 0 (which reads the folder); every rank gets its plan, or raises its refusal."""
+    outcome = None
+    if comm.current().is_main:
+        try:
+            outcome = ("ok", decide())
+        except UserError as error:
+            outcome = ("refused", error)
+    outcome = comm.broadcast_object(outcome)
+    if outcome[0] == "refused":
+        raise outcome[1]
+    return outcome[1]
 
 
 def _differing_keys(previous: dict, current: dict, sections: list[str]) -> str:
@@ -238,8 +349,11 @@ def _check_zero_stage(checkpoint: Path, zero_stage: int, cfg: Config) -> None:
 
 
 def apply_plan(plan: FolderPlan, cfg: Config, run_dir: Path, log=None) -> None:
-    """Rank 0, holding the run lock: move the earlier run aside, save the config, record the job."""
-    if plan.aside:
+    """Rank 0, holding the run lock: move the earlier run (or a rewind's newer work) aside, save the
+    config, record the job."""
+    if plan.rewind:
+        _set_newer_work_aside(plan, run_dir, log)
+    elif plan.aside:
         aside = Path(plan.aside)
         aside.mkdir(parents=True)
         moved = run_entries(run_dir)
@@ -252,6 +366,8 @@ def apply_plan(plan: FolderPlan, cfg: Config, run_dir: Path, log=None) -> None:
     saved = RunLayout(run_dir).config
     if plan.resume_from is None or not saved.is_file():
         save_config(cfg, saved)
+    for log_file in (RunLayout(run_dir).losses, RunLayout(run_dir).config_history):
+        _drop_a_cut_last_line(log_file)
     entry = {"job": plan.job, "started": time.strftime("%Y-%m-%d %H:%M:%S"),
              "from_step": _step_of(plan.resume_from), "resumed_from": plan.resume_from,
              "changes": plan.changes, "config": config}
@@ -262,6 +378,60 @@ def apply_plan(plan: FolderPlan, cfg: Config, run_dir: Path, log=None) -> None:
                     "keeps the settings the run started with)", run_dir,
                     ", ".join(f"{key} {old!r} -> {new!r}" for key, (old, new) in plan.changes.items()),
                     RunLayout(run_dir).config_history)
+
+
+def _set_newer_work_aside(plan: FolderPlan, run_dir: Path, log) -> None:
+    """A rewind to step N: what the continued run will overwrite goes to `plan.aside`, laid out like
+    the run folder (the checkpoints after N and the results are moved, the logs and best.json
+    copied); best.json goes back to its state at N and losses.jsonl is cut back to steps <= N."""
+    layout, aside, step = RunLayout(run_dir), Path(plan.aside), _step_of(plan.resume_from)
+    (aside / "checkpoints").mkdir(parents=True)
+    moved = [path for number, path in step_dirs(layout.checkpoints) if number > step]
+    moved += [path for path in (layout.results, layout.stopped) if path.is_file()]
+    for path in moved:
+        os.replace(path, aside / path.relative_to(run_dir))
+    copied = [path for path in (layout.best_pointer, layout.losses, layout.config_history, layout.config,
+                                *sorted(run_dir.glob(RunLayout.ENTRY_PATTERNS[0]))) if path.is_file()]
+    for path in copied:
+        shutil.copy2(path, aside / path.relative_to(run_dir))
+    if layout.tensorboard.is_dir():  # its events after N are hidden by the resumed job's writer
+        shutil.copytree(layout.tensorboard, aside / layout.tensorboard.name)
+        copied.append(layout.tensorboard)
+    if plan.best is None:
+        layout.best_pointer.unlink(missing_ok=True)
+    else:
+        write_json_atomic(layout.best_pointer, plan.best)
+    if layout.losses.is_file():
+        kept = [line for line in layout.losses.read_text(encoding="utf-8").splitlines(keepends=True)
+                if _logged_step(line) <= step]
+        partial = layout.losses.with_name(f".{layout.losses.name}.partial")
+        partial.write_text("".join(kept), encoding="utf-8")
+        os.replace(partial, layout.losses)
+    if log is not None:
+        log.warning("run.output_dir=%s: continuing from step %d over newer work: moved %s and copied %s to %s; "
+                    "losses.jsonl now ends at step %d", run_dir, step,
+                    ", ".join(str(path.relative_to(run_dir)) for path in moved) or "nothing",
+                    ", ".join(str(path.relative_to(run_dir)) for path in copied) or "nothing", aside, step)
+
+
+def _drop_a_cut_last_line(path: Path) -> None:
+    """A crash while a line was appended leaves it unterminated, and this job's first line would be
+    glued to it (both unreadable). A cut losses.jsonl line is of a step after the checkpoint (a step
+    is logged before it is saved), so this job logs it again."""
+    if not path.is_file():
+        return
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        with path.open("rb+") as handle:
+            handle.truncate(data.rfind(b"\n") + 1)
+
+
+def _logged_step(line: str) -> float:
+    """The step of a losses.jsonl line; a line cut short by a crash counts as after every step."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return float("inf")
 
 
 def _step_of(path: str | None) -> int:
@@ -282,8 +452,8 @@ class RunFolder:
     the model assets written. Whatever holds a RunFolder may write in it; its CheckpointManager
     decides when to save, what to keep and which checkpoint is best."""
 
-    def __init__(self, layout: RunLayout, checkpoints: CheckpointManager):
-        self.layout, self.checkpoints = layout, checkpoints
+    def __init__(self, layout: RunLayout, checkpoints: CheckpointManager, plan: FolderPlan):
+        self.layout, self.checkpoints, self.plan = layout, checkpoints, plan
 
     @classmethod
     def open(cls, job: "Job", write_assets: Callable[[Path], None]) -> "RunFolder":
@@ -293,12 +463,17 @@ class RunFolder:
                                         job.log)
         checkpoints.take_lock()
         atexit.register(checkpoints.release_lock)
+        try:
+            plan = decided_on_rank0(lambda: confirm_plan(job.folder, cfg, checkpoints, job.zero_stage))
+        except UserError:
+            checkpoints.release_lock()
+            raise
         if job.info.is_main:
-            apply_plan(job.folder, cfg, layout.root, job.log)
-            if job.folder.resume_from is None or not layout.model.is_dir():
+            apply_plan(plan, cfg, layout.root, job.log)
+            if plan.resume_from is None or not layout.model.is_dir():
                 write_assets(layout.root)
         comm.barrier()
-        return cls(layout, checkpoints)
+        return cls(layout, checkpoints, plan)
 
     def close(self) -> None:
         self.checkpoints.release_lock()

@@ -19,6 +19,7 @@ This module imports nothing heavy: the command line and the job scripts read it.
 from __future__ import annotations
 
 import re
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +30,18 @@ STEP_DIR = re.compile(r"^step-(\d+)$")
 
 def step_name(step: int) -> str:
     return f"step-{step}"
+
+
+def aside_name(path: Path) -> Path:
+    """Where files that would be replaced are kept: `<path>.old-<time>` beside `path`, never an
+    existing name."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    candidate = path.with_name(f"{path.name}.old-{stamp}")
+    number = 1
+    while candidate.exists():
+        number += 1
+        candidate = path.with_name(f"{path.name}.old-{stamp}-{number}")
+    return candidate
 
 
 @dataclass(frozen=True)

@@ -286,7 +286,7 @@ def build_stage2(cfg: Config) -> Trainer:
     teacher = DualNERModel.from_encoder_config(student.encoder.config, len(label_set.entity_types),
                                                attention_mode=cfg.model.attention)
     checkpoints = RunLayout(job.run_dir).checkpoints
-    best = read_best(checkpoints) if job.folder.resume_from else None
+    best = job.folder.best  # a resume: best.json as the job starts (a rewind: as it stood then)
     if best:  # resuming: the teacher is this run's best model so far
         teacher_source = checkpoints / best["path"]
         load_weights(teacher, load_model_state(teacher_source), teacher_source)

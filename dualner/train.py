@@ -34,7 +34,7 @@ import torch
 
 from dualner.backend import TrainingEngine, comm
 from dualner.backend.placement import AsyncHostCopy, to_device
-from dualner.checkpoint import Checkpointer, write_json_atomic
+from dualner.checkpoint import Checkpointer, best_record, write_json_atomic
 from dualner.config import evaluation_head
 from dualner.data.packing import Collator
 from dualner.errors import BadRecordsError, NonFiniteLossError
@@ -116,6 +116,11 @@ class TrainerState:
     def state_dict(self) -> dict:
         return asdict(self)
 
+    def best(self) -> dict | None:
+        """best.json as of now (None before the first evaluation)."""
+        scores = next((entry for entry in reversed(self.history) if entry["step"] == self.best_step), None)
+        return best_record(self.best_step, scores) if scores is not None else None
+
     def load_state_dict(self, state: dict) -> None:
         state = dict(state)
         state.setdefault("skipped_steps", state.pop("skipped_micro_batches", 0))
@@ -142,15 +147,16 @@ class Trainer:
         checkpoints.clear_stopped()
         if self.job.info.is_main:
             clear_incomplete(checkpoints)
-        if self.job.folder.resume_from is not None:
-            self.checkpointer.load(self.job.folder.resume_from)
-            self.job.log.info("resumed from %s at step %d", self.job.folder.resume_from, self.progress.step)
+        resume_from = self.folder.plan.resume_from
+        if resume_from is not None:
+            self.checkpointer.load(resume_from)
+            self.job.log.info("resumed from %s at step %d", resume_from, self.progress.step)
         self.metrics.start_at(self.progress.step)
 
     def save(self, best: bool = False) -> Path:
-        path = self.checkpointer.save(self.progress.step)
+        path = self.checkpointer.save(self.progress.step, self.progress.best())
         if best:
-            self.folder.checkpoints.mark_best(self.progress.step, self.progress.history[-1])
+            self.folder.checkpoints.mark_best(self.progress.best())
         return path
 
     def evaluate(self, eval_sets: list[EvalSet]) -> dict:
@@ -246,7 +252,7 @@ def assemble(job: Job, engine: TrainingEngine, folder: RunFolder, recipe: Recipe
                                 per_rank={"rng": RandomState(cfg.run.seed, progress, job.log),
                                           **recipe.per_rank_state()})
     metrics = TrainingMetrics(folder.layout, cfg.logging.tensorboard, cfg.logging.progress_bar, total_steps,
-                              job.stage_name, engine.device)
+                              job.stage_name, engine.device, folder.plan.start_step + 1)
     layout = job.layout
     job.log.info(
         "%s: %d steps, global batch %d %s = micro %d x accumulation %d x world %d (derived into "

@@ -40,8 +40,6 @@ RULES = {
                                 r"model.variant=span: dual teaching needs both heads \(mlt\)"),
     "select on a source without dev set": (STAGE1, 1, None, ["eval.select_on=source", "data.dev=null"], None,
                                            r"eval.select_on=source needs data.dev.en"),
-    "resume a step and overwrite": (STAGE2, 2, None, ["run.resume=step-2", "run.overwrite=true"], None,
-                                    r"run.resume=step-2 and run.overwrite=true contradict each other"),
     "token batches unpacked": (STAGE1, 1, None, ["train.batch_unit=tokens", "data.packing=false"], None,
                                r"train.batch_unit=tokens needs packed rows"),
     "rows shorter than a window": (STAGE1, 1, None, ["data.pack_length=32"], None,
