@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import functools
 import json
 import sys
 import types
@@ -312,7 +313,88 @@ def _apply_override(tree: dict, override: str) -> None:
     if "=" not in override:
         raise ConfigError(f"override {override!r} must look like section.key=value")
     dotted, raw = override.split("=", 1)
-    set_dotted(tree, dotted, yaml.safe_load(raw) if raw.strip() else None)
+    if not all(part.strip() for part in dotted.split(".")):
+        raise ConfigError(f"override {override!r}: no key before '=' (or an empty part in it); "
+                          f"it must look like section.key=value")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as error:
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        raise ConfigError(f"override {override!r}: the value is not valid YAML ({problem}); fix its "
+                          f"brackets or quotes") from None
+    set_dotted(tree, dotted, value)
+
+
+def _yaml_error_line(path: Path, text: str, error: yaml.YAMLError) -> str:
+    """PyYAML's several lines as one: the file, line and column, the problem, and the fix for a tab."""
+    mark = getattr(error, "problem_mark", None)
+    problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+    if mark is None:
+        return f"{path}: not valid YAML: {problem}"
+    where = f"{path}:{mark.line + 1}:{mark.column + 1}"
+    if "'\\t'" in problem or "tab" in problem:
+        line = text.splitlines()[mark.line] if mark.line < len(text.splitlines()) else ""
+        indentation = line[:len(line) - len(line.lstrip(" \t"))]
+        if "\t" in indentation:
+            return f"{where}: a tab: YAML does not allow tabs for indentation; use spaces"
+        return f"{where}: a tab where YAML needs a space (after ':' or '-'); use spaces"
+    return f"{where}: not valid YAML: {problem}"
+
+
+def _duplicate_keys(node: yaml.Node, path: Path, prefix: str = "", seen: set[int] | None = None) -> None:
+    """Refuse a key given twice in one mapping, at any depth: YAML loaders keep the last silently (a
+    second `train:` section would replace the whole first). Merge keys (`<<: *base`) may be overridden."""
+    seen = set() if seen is None else seen
+    if id(node) in seen:  # an alias of a node already walked
+        return
+    seen.add(id(node))
+    children = node.value if isinstance(node, (yaml.MappingNode, yaml.SequenceNode)) else []
+    if isinstance(node, yaml.MappingNode):
+        first_line: dict[str, int] = {}
+        for key_node, value_node in children:
+            if key_node.tag == "tag:yaml.org,2002:merge" or not isinstance(key_node, yaml.ScalarNode):
+                continue
+            key = f"{prefix}{key_node.value}"
+            line = key_node.start_mark.line + 1
+            if key_node.value in first_line:
+                raise ConfigError(f"{path}:{line}: duplicate key '{key}' (first at line {first_line[key_node.value]}): "
+                                  f"YAML would keep only the second; merge them into one")
+            first_line[key_node.value] = line
+            _duplicate_keys(value_node, path, f"{key}.", seen)
+    else:
+        for index, child in enumerate(children):
+            _duplicate_keys(child, path, f"{prefix.rstrip('.')}[{index}].", seen)
+
+
+def read_yaml_config(path: str | Path) -> dict:
+    """A YAML config file as a tree of sections: one line naming the file (and line) for a folder, a
+    file that is not UTF-8, empty, not YAML (a tab), with a key given twice, or not a mapping."""
+    path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"--config {path} is a folder; name a YAML file (configs/*.yaml)")
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start}); save it as UTF-8") from None
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is not None:
+            _duplicate_keys(node, path)
+        tree = loader.construct_document(node) if node is not None else None
+    except yaml.YAMLError as error:
+        raise ConfigError(_yaml_error_line(path, text, error)) from None
+    finally:
+        loader.dispose()
+    if tree is None:
+        raise ConfigError(f"{path} is empty: no settings in it (a config is a YAML mapping of sections: run:, "
+                          f"model:, data:, train:, ...)")
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path}: a config is a YAML mapping of sections (run:, model:, data:, train:, ...), "
+                          f"found a {type(tree).__name__}")
+    return tree
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
@@ -322,12 +404,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     tree: dict = {}
     if path is not None:
         path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        try:
-            tree = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as error:
-            raise ConfigError(f"{path}: not valid YAML: {error}") from error
+        tree = read_yaml_config(path)
     file_tree = copy.deepcopy(tree)
     for override in overrides:
         _apply_override(tree, override)
@@ -493,7 +570,7 @@ def read_deepspeed_json(name: str | Path) -> tuple[dict, Path]:
     if not path.is_file():
         raise ConfigError(f"deepspeed.config: file not found: {path}")
     try:
-        ds_config = json.loads(path.read_text(encoding="utf-8"))
+        ds_config = json.loads(path.read_text(encoding="utf-8"), object_pairs_hook=functools.partial(_unique_keys, path))
     except json.JSONDecodeError as error:
         raise ConfigError(f"{path}:{error.lineno}: not valid JSON: {error.msg}") from error
     except UnicodeDecodeError as error:
@@ -509,6 +586,17 @@ def read_deepspeed_json(name: str | Path) -> tuple[dict, Path]:
         raise ConfigError(f"{path}: optimizer and scheduler come from the train section "
                           f"(AdamW, warmup then linear decay); remove them from the JSON")
     return ds_config, path
+
+
+def _unique_keys(path: Path, pairs: list[tuple[str, Any]]) -> dict:
+    """One JSON object, refused where a key comes twice (json keeps the last silently)."""
+    seen: set[str] = set()
+    for key, _ in pairs:
+        if key in seen:
+            raise ConfigError(f"{path}: key '{key}' given twice in one object (JSON would keep only the "
+                              f"second); keep one")
+        seen.add(key)
+    return dict(pairs)
 
 
 def zero_stage(ds_config: dict) -> Any:
@@ -552,6 +640,32 @@ def save_config(config: Config, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False), encoding="utf-8")
 
 
+def inferred_stage(cfg: Config) -> tuple[int, str]:
+    """The stage a config is for, when no one says: 2 where it names what only stage 2 reads (its
+    stage-1 model, target or translation corpora), else 1; and why, for the user to see."""
+    stage2_keys = [f"stage2.{name}" for name in ("init_from", "target", "translations") if getattr(cfg.stage2, name)]
+    if stage2_keys:
+        return 2, f"it sets {', '.join(stage2_keys)}"
+    return 1, "no stage2.init_from, target or translations"
+
+
+def _check_as_the_job(cfg: Config, args) -> str:
+    """`config --check`: the rules the job applies, for the stage and world size given, else for those
+    the job would take (the stage the config is for; the ranks of a launch from this environment).
+    Says what it assumed, in its "ok" line and in a refusal."""
+    from dualner.cli import launch_world_size
+    stage, why = (args.stage, "") if args.stage else inferred_stage(cfg)
+    world_size = args.world_size or launch_world_size()
+    scope = [f"stage {stage}" + (f" inferred: {why}; --stage {3 - stage} for the other" if why else ""),
+             f"{world_size or 'unknown'} rank(s)" + ("" if args.world_size else " assumed: --world-size N for another")]
+    if not args.stage or not args.world_size:
+        try:
+            load_config(args.config, args.overrides, stage=stage, world_size=world_size)
+        except ConfigError as error:
+            raise ConfigError(f"{error} [config --check assumed {'; '.join(scope)}]") from None
+    return "; ".join(scope)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Check a config and print it resolved (or one key, or only "ok"): what job scripts use to find
     the run folder and to refuse a config before any rank starts.
@@ -567,19 +681,21 @@ def main(argv: list[str] | None = None) -> None:
     action.add_argument("--check", action="store_true",
                         help="only validate: print one 'ok' line, or the error (exit 2)")
     parser.add_argument("--stage", type=int, choices=(1, 2),
-                        help="also the rules of training this stage (batch, packing, DeepSpeed JSON, ...)")
+                        help="also the rules of training this stage (batch, packing, DeepSpeed JSON, ...); "
+                             "--check without it: the stage the config is for (2 where it sets stage2.init_from, "
+                             "target or translations)")
     parser.add_argument("--world-size", type=int, metavar="N",
-                        help="also the rules that depend on the number of ranks (batch divisibility)")
+                        help="also the rules that depend on the number of ranks (batch divisibility); "
+                             "--check without it: the ranks a launch from here has (1 for plain python)")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args(argv)
     if args.world_size is not None and args.world_size < 1:
         parser.error(f"--world-size must be at least 1, got {args.world_size}")
     with contextlib.redirect_stdout(sys.stderr):  # stdout is the answer (job scripts read it); chatter to stderr
         cfg = load_config(args.config, args.overrides, stage=args.stage, world_size=args.world_size)
+        scope = _check_as_the_job(cfg, args) if args.check else ""
     if args.check:
-        scope = ", ".join(part for part in (f"stage {args.stage}" if args.stage else "",
-                                             f"{args.world_size} rank(s)" if args.world_size else "") if part)
-        print(f"ok: {args.config}{f' ({scope})' if scope else ''} passes every config rule")
+        print(f"ok: {args.config} ({scope}) passes every config rule")
         return
     tree: Any = config_to_dict(cfg)
     for part in (args.get.split(".") if args.get else []):

@@ -59,6 +59,8 @@ RULES = {
                                                   r"ds.json: zero_optimization must be an object"),
     "DeepSpeed ZeRO stage unknown": (STAGE2, 2, None, [], '{"zero_optimization": {"stage": 7}}',
                                      r"ds.json: zero_optimization.stage must be 0, 1, 2 or 3, got 7"),
+    "DeepSpeed JSON key given twice": (STAGE1, 1, None, [], '{"gradient_clipping": 1.0, "gradient_clipping": 2.0}',
+                                       r"ds.json: key 'gradient_clipping' given twice in one object"),
     "DeepSpeed optimizer in the JSON": (STAGE1, 1, None, [], '{"optimizer": {"type": "Adam"}}',
                                         r"ds.json: optimizer and scheduler come from the train section"),
     "DeepSpeed batch sizes that disagree": (STAGE1, 1, 2, [], '{"gradient_accumulation_steps": 2}',
@@ -118,7 +120,7 @@ def test_every_rule_of_validate_has_a_case():
     """A rule added to validate without a refusal case above fails here (counts its raises)."""
     functions = [config_module._check_rules, config_module._validate_stage1, config_module._validate_stage2,
                  config_module._validate_training, config_module.batch_split, config_module.read_deepspeed_json,
-                 config_module.check_deepspeed_batch_sizes]
+                 config_module.check_deepspeed_batch_sizes, config_module._unique_keys]
     raises = sum(inspect.getsource(function).count("raise ConfigError(") for function in functions)
     arguments_checks = 2  # stage and world size themselves (test_stage_and_world_size_arguments)
     two_ways = 2  # "stage 2's length" (neither / both) and stage2.epochs (mix / batch unit): one raise each
@@ -127,9 +129,11 @@ def test_every_rule_of_validate_has_a_case():
 
 
 def test_config_check_says_ok_and_names_what_it_checked():
-    for args, expected in (([], "ok: configs/tiny.yaml passes every config rule"),
+    for args, expected in (([], "ok: configs/tiny.yaml (stage 1 inferred: no stage2.init_from, target or "
+                                "translations; --stage 2 for the other; 1 rank(s) assumed: --world-size N for "
+                                "another) passes every config rule"),
                            (["--stage", "1", "--world-size", "2"],
-                            "ok: configs/tiny.yaml (stage 1, 2 rank(s)) passes every config rule")):
+                            "ok: configs/tiny.yaml (stage 1; 2 rank(s)) passes every config rule")):
         result = config_check(["--config", "configs/tiny.yaml", *args])
         assert result.returncode == 0 and result.stdout == expected + "\n", result.stdout + result.stderr[-3000:]
     result = config_check(["--config", "configs/tiny_stage2.yaml", "--stage", "2", "--world-size", "16"])
