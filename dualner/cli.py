@@ -98,6 +98,9 @@ def evaluate(argv: list[str]) -> int:
         language, separator, path = item.partition("=")
         if not separator or not language or not path:
             raise ConfigError(f"--data {item!r}: expected LANG=PATH")
+        if language in data:
+            raise ConfigError(f"--data: language {language!r} given twice ({data[language]}, {path}); one file "
+                              f"per language")
         data[language] = path
     from dualner.evaluate_checkpoint import evaluate_checkpoint
     evaluate_checkpoint(args.checkpoint, data, args.output, args.head, args.batch_size, args.max_sentences)

@@ -6,19 +6,37 @@ from pathlib import Path
 
 from dualner.backend.comm import accelerator_device, init_distributed
 from dualner.checkpoint import write_json_atomic
-from dualner.config import evaluation_head
+from dualner.config import check_head, evaluation_head
 from dualner.data.encoding import WindowTokenizer
 from dualner.evaluate import evaluate_sets, format_table, load_eval_sets
 from dualner.model_io import inference_collator, load_trained_model
+from dualner.errors import ConfigError
 from dualner.logging import get_logger
+
+
+def check_output(output: Path, data: dict[str, str]) -> None:
+    """Before the model is loaded: --output names a file that can be written (its missing folders are
+    created) and is none of the --data files."""
+    if output.is_dir():
+        raise ConfigError(f"--output: {output} is a folder; name the JSON file to write (e.g. {output / 'f1.json'})")
+    existing = next(folder for folder in output.parents if folder.exists())
+    if not existing.is_dir():
+        raise ConfigError(f"--output {output}: {existing} is a file, not a folder; choose another --output")
+    for language, path in data.items():
+        if output.exists() and Path(path).exists() and output.resolve() == Path(path).resolve():
+            raise ConfigError(f"--output {output} is the --data file of {language}; evaluation would replace it: "
+                              f"choose another --output")
 
 
 def evaluate_checkpoint(checkpoint: str | Path, data: dict[str, str], output: str | Path | None,
                         head: str = "auto", batch_size: int = 64, max_sentences: int | None = None) -> dict:
+    if output:
+        check_output(Path(output), data)
     info = init_distributed()
     log = get_logger()
     device = accelerator_device(info.local_rank)
     loaded = load_trained_model(checkpoint)
+    check_head(loaded.variant, head)
     head = evaluation_head(loaded.variant, head)
     model = loaded.model.to(device)
     encoder = WindowTokenizer(loaded.tokenizer, loaded.label_set, loaded.max_length)

@@ -50,11 +50,46 @@ def main(argv: list[str] | None = None) -> None:
                 raise MissingPathError(f"{run}: not a DualNER run folder (no config.yaml, no results.json)")
             raise MissingPathError(f"{path}: no results yet: the run has not finished (or is still running)")
         try:
-            runs[run.name] = json.loads(path.read_text(encoding="utf-8"))
+            results = json.loads(path.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as error:
             raise DataFormatError(f"{path}: not a readable results file ({error}); rerun the run to rewrite "
                                   f"it") from None
+        check_results(results, path)
+        runs[column_name(run, args.runs)] = results
+    if not any(args.split in results for results in runs.values()):
+        raise DataFormatError(f"no {args.split} results in {', '.join(map(str, args.runs))} (the runs had no "
+                              f"data.{args.split} sets){'; try --split dev' if args.split == 'test' else ''}")
     print(side_by_side(runs, args.split))
+
+
+def column_name(run: Path, runs: list[Path]) -> str:
+    """A run's column: its folder name, or the path as given where two runs share the name."""
+    return run.name if sum(other.name == run.name for other in runs) == 1 else str(run)
+
+
+def check_results(results: object, path: Path) -> None:
+    """The shape the table reads (dualner.train writes it): an object whose `dev` and `test` entries,
+    where present, hold a `per_language` object of F1 numbers and an `average` number."""
+    def number(value: object) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+    problem = None
+    if not isinstance(results, dict):
+        problem = f"a results file is a JSON object, found a {type(results).__name__}"
+    else:
+        for split in ("dev", "test"):
+            entry = results.get(split)
+            if entry is None:
+                continue
+            scores = entry.get("per_language") if isinstance(entry, dict) else None
+            if not isinstance(scores, dict) or not number(entry.get("average")):
+                problem = f"'{split}' lacks its per_language scores or its average"
+            elif (bad := next((language for language, f1 in scores.items() if not number(f1)), None)) is not None:
+                problem = f"'{split}.per_language.{bad}' is {scores[bad]!r}, not a number"
+            if problem:
+                break
+    if problem:
+        raise DataFormatError(f"{path}: not a DualNER results file: {problem}; rerun the run to rewrite it")
 
 
 if __name__ == "__main__":
