@@ -394,6 +394,9 @@ def read_yaml_config(path: str | Path) -> dict:
     if not isinstance(tree, dict):
         raise ConfigError(f"{path}: a config is a YAML mapping of sections (run:, model:, data:, train:, ...), "
                           f"found a {type(tree).__name__}")
+    if "zero_optimization" in tree:
+        raise ConfigError(f"{path} is a DeepSpeed JSON, not an experiment config: give it as "
+                          f"deepspeed.config={path} and --config a YAML file (configs/*.yaml)")
     return tree
 
 
