@@ -260,6 +260,8 @@ def _check_value(value: Any, annotation: Any, key: str) -> Any:
             raise ConfigError(f"{key}: expected float, got str {value!r}") from None
     if annotation is str and isinstance(value, (int, float)) and not isinstance(value, bool):
         return str(value)  # a language code or path that YAML read as a number
+    if value is None and annotation in (int, float, str, bool):
+        raise ConfigError(f"{key}: no value given (expected {annotation.__name__})")
     if annotation in (int, float, str, bool) and not isinstance(value, annotation) or (
             annotation is int and isinstance(value, bool)):
         raise ConfigError(f"{key}: expected {annotation.__name__}, got {type(value).__name__} {value!r}")
@@ -302,10 +304,12 @@ def set_dotted(tree: dict, key: str, value: Any) -> None:
     """tree["a"]["b"]["c"] = value for key "a.b.c", creating the sections on the way."""
     parts = key.strip().split(".")
     node = tree
-    for part in parts[:-1]:
-        node = node.setdefault(part, {})
+    for depth, part in enumerate(parts[:-1]):
+        if node.get(part) is None:  # absent, or a YAML section with nothing under it (`train:`)
+            node[part] = {}
+        node = node[part]
         if not isinstance(node, dict):
-            raise ConfigError(f"{key}: '{part}' is not a section")
+            raise ConfigError(f"{key}: {'.'.join(parts[:depth + 1])} is a value ({node!r}), not a section")
     node[parts[-1]] = value
 
 
@@ -322,13 +326,17 @@ def _apply_override(tree: dict, override: str) -> None:
         problem = getattr(error, "problem", None) or str(error).splitlines()[0]
         raise ConfigError(f"override {override!r}: the value is not valid YAML ({problem}); fix its "
                           f"brackets or quotes") from None
-    set_dotted(tree, dotted, value)
+    try:
+        set_dotted(tree, dotted, value)
+    except ConfigError as error:
+        raise ConfigError(f"{error} (command-line override)") from None
 
 
 def _yaml_error_line(path: Path, text: str, error: yaml.YAMLError) -> str:
     """PyYAML's several lines as one: the file, line and column, the problem, and the fix for a tab."""
     mark = getattr(error, "problem_mark", None)
     problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+    context = getattr(error, "context", None)
     if mark is None:
         return f"{path}: not valid YAML: {problem}"
     where = f"{path}:{mark.line + 1}:{mark.column + 1}"
@@ -338,7 +346,7 @@ def _yaml_error_line(path: Path, text: str, error: yaml.YAMLError) -> str:
         if "\t" in indentation:
             return f"{where}: a tab: YAML does not allow tabs for indentation; use spaces"
         return f"{where}: a tab where YAML needs a space (after ':' or '-'); use spaces"
-    return f"{where}: not valid YAML: {problem}"
+    return f"{where}: not valid YAML: {f'{context}: ' if context else ''}{problem}"
 
 
 def _duplicate_keys(node: yaml.Node, path: Path, prefix: str = "", seen: set[int] | None = None) -> None:
@@ -677,8 +685,9 @@ def main(argv: list[str] | None = None) -> None:
         python -m dualner.config --check --stage 1 --world-size 16 --config configs/tiny.yaml
     """
     import argparse
+    from dualner.cli import Once
     parser = argparse.ArgumentParser(prog="dualner config", description=main.__doc__.splitlines()[0])
-    parser.add_argument("--config", required=True)
+    parser.add_argument("--config", required=True, action=Once)
     action = parser.add_mutually_exclusive_group()
     action.add_argument("--get", metavar="KEY", help="print only this dotted key")
     action.add_argument("--check", action="store_true",
@@ -691,7 +700,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="also the rules that depend on the number of ranks (batch divisibility); "
                              "--check without it: the ranks a launch from here has (1 for plain python)")
     parser.add_argument("overrides", nargs="*")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # overrides on both sides of a flag
     if args.world_size is not None and args.world_size < 1:
         parser.error(f"--world-size must be at least 1, got {args.world_size}")
     with contextlib.redirect_stdout(sys.stderr):  # stdout is the answer (job scripts read it); chatter to stderr
