@@ -159,6 +159,8 @@ OVERRIDES = {
     "an unknown section": ("trian.lr=1", r"unknown config key 'trian'; valid keys .* \(command-line override\)"),
     "a section given a value": ("train=3", r"train: expected a mapping, got 3 \(command-line override\)"),
     "a word for a number": ("train.epochs=two", r"train.epochs: expected int, got str 'two'"),
+    "no value": ("run.output_dir=", r"run.output_dir: no value given \(expected str\) \(command-line override\)"),
+    "a key under a value": ("run.seed.x=1", r"run.seed.x: run.seed is a value \(42\), not a section \(command-line"),
 }
 
 
@@ -166,6 +168,22 @@ OVERRIDES = {
 def test_a_bad_override_is_one_line(name):
     override, message = OVERRIDES[name]
     refused(dualner("config", "--config", str(STAGE1), override), message)
+
+
+def test_an_override_into_an_empty_yaml_section(tmp_path):
+    """`train:` with nothing under it (every key commented out) is an empty section, not a value."""
+    path = write(tmp_path / "c.yaml", "train:\n  # lr: 1.0e-3\nrun:\n  seed: 1\n")
+    assert load_config(path, ["train.lr=0.5"]).train.lr == 0.5
+
+
+def test_overrides_on_both_sides_of_a_flag_and_one_config():
+    result = dualner("config", "--config", str(STAGE1), "train.lr=0.5", "--get", "train", "train.epochs=3")
+    assert result.returncode == 0, result.stderr
+    assert yaml.safe_load(result.stdout)["epochs"] == 3 and yaml.safe_load(result.stdout)["lr"] == 0.5
+    for command in ("config", "stage1"):
+        result = dualner(command, "--config", str(STAGE1), "--config", str(REPO / "configs" / "quickstart.yaml"))
+        assert result.returncode == 2 and "--config given twice" in result.stderr, result.stderr
+        assert result.stdout == ""
 
 
 # -- the tokenizer against the encoder's embeddings ---------------------------------------------------
