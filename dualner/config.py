@@ -578,10 +578,15 @@ _DEEPSPEED_BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "
 def read_deepspeed_json(name: str | Path) -> tuple[dict, Path]:
     """deepspeed.config's JSON: a file holding a JSON object whose zero_optimization.stage is known."""
     path = Path(name)
+    if path.is_dir():
+        raise ConfigError(f"deepspeed.config: {path} is a folder; name a JSON file (ds_configs/*.json)")
     if not path.is_file():
         raise ConfigError(f"deepspeed.config: file not found: {path}")
     try:
-        ds_config = json.loads(path.read_text(encoding="utf-8"), object_pairs_hook=functools.partial(_unique_keys, path))
+        text = path.read_text(encoding="utf-8")
+        if not text.strip():
+            raise ConfigError(f"deepspeed.config: {path} is empty; a DeepSpeed config is a JSON object (ds_configs/*.json)")
+        ds_config = json.loads(text, object_pairs_hook=functools.partial(_unique_keys, path))
     except json.JSONDecodeError as error:
         raise ConfigError(f"{path}:{error.lineno}: not valid JSON: {error.msg}") from error
     except UnicodeDecodeError as error:
@@ -622,7 +627,7 @@ def check_deepspeed_batch_sizes(ds_config: dict, path: Path, global_batch: int, 
     for key, value in derived.items():
         if key in ds_config and ds_config[key] != value:
             raise ConfigError(
-                f"{path}: {key}={ds_config[key]} disagrees with {value} derived from "
+                f"{path}: {key}={ds_config[key]!r} disagrees with {value} derived from "
                 f"train.global_batch_size={global_batch} on {world_size} rank(s); "
                 f"remove it from the JSON or make them agree")
     return derived
