@@ -224,6 +224,38 @@ def test_a_tokenizer_larger_than_the_embeddings_is_refused(tmp_path, tiny_encode
     assert not run.exists()
 
 
+ENCODER_FOLDERS = {
+    "a file": (lambda folder: STAGE1, "model.encoder", r"model.encoder: .*tiny.yaml is a file; name a model folder"),
+    "an empty folder": (lambda folder: folder, "model.encoder", r"model.encoder: .* holds no config.json"),
+    "no weights": (lambda folder: [(folder / "model.safetensors").unlink(), folder][1], "model.encoder",
+                   r"model.encoder: .* holds no model.safetensors or .*pytorch_model.bin"),
+    # transformers would build a tokenizer of the 5 special tokens from config.json alone
+    "no tokenizer files": (lambda folder: [(folder / "tokenizer.json").unlink(), folder][1], "model.encoder",
+                           r"model.encoder: .* holds no tokenizer.json or .*; model.tokenizer may name"),
+    "an empty tokenizer folder": (lambda folder: folder.parent / "empty", "model.tokenizer",
+                                  r"model.tokenizer: .*empty holds no tokenizer.json"),
+    "a config.json that is not JSON": (lambda folder: [(folder / "config.json").write_text("{"), folder][1],
+                                       "model.encoder", r"model.encoder: .* cannot be read by transformers: .*"
+                                                        r"not a valid JSON file"),
+}
+
+
+@pytest.mark.parametrize("name", list(ENCODER_FOLDERS))
+def test_an_encoder_folder_missing_its_parts_is_one_line(name, tmp_path, tiny_encoder):
+    from dualner.stage1 import build_stage1
+    damage, key, message = ENCODER_FOLDERS[name]
+    folder = tmp_path / "encoder"
+    if name == "an empty folder":
+        folder.mkdir()
+    else:
+        shutil.copytree(tiny_encoder, folder)
+    (tmp_path / "empty").mkdir()
+    run = tmp_path / "run"
+    with pytest.raises(ConfigError, match=message):
+        build_stage1(load_config(STAGE1, [f"{key}={damage(folder)}", f"run.output_dir={run}", FP32]))
+    assert not run.exists()
+
+
 @pytest.mark.parametrize("rows", [3742, 3744, 3800, 7484])
 def test_padding_rows_past_the_vocabulary_are_accepted(tmp_path, tiny_encoder, rows):
     """XLM-R and e5 round their embedding matrix up (e5: 250,002 tokens, 250,037 rows); up to twice the
