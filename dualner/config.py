@@ -12,6 +12,7 @@ import copy
 import dataclasses
 import functools
 import json
+import math
 import sys
 import types
 import typing
@@ -225,14 +226,17 @@ def _check_value(value: Any, annotation: Any, key: str) -> Any:
         if value is None and type(None) in options:
             return None
         errors = []
-        for option in options:
-            if option is type(None):
-                continue
+        choices = [option for option in options if option is not type(None)]
+        for option in choices:
             try:
                 return _check_value(value, option, key)
             except ConfigError as error:
                 errors.append(str(error))
-        raise ConfigError(errors[0])
+        if len(choices) == 1:
+            raise ConfigError(errors[0])
+        expected = " or ".join(" or ".join(map(repr, typing.get_args(option))) if typing.get_origin(option) is Literal
+                               else getattr(option, "__name__", str(option)) for option in choices)
+        raise ConfigError(f"{key}: expected {expected}, got {type(value).__name__} {value!r}")
     if origin is Literal:
         allowed = typing.get_args(annotation)
         if value not in allowed:
@@ -255,17 +259,29 @@ def _check_value(value: Any, annotation: Any, key: str) -> Any:
         return float(value)
     if annotation is float and isinstance(value, str):
         try:  # YAML 1.1 reads `5e-3` (no dot) as a string
-            return float(value)
+            value = float(value)
         except ValueError:
             raise ConfigError(f"{key}: expected float, got str {value!r}") from None
+    if annotation is float and isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{key}: {value} is not a finite number")
     if annotation is str and isinstance(value, (int, float)) and not isinstance(value, bool):
         return str(value)  # a language code or path that YAML read as a number
     if value is None and annotation in (int, float, str, bool):
         raise ConfigError(f"{key}: no value given (expected {annotation.__name__})")
     if annotation in (int, float, str, bool) and not isinstance(value, annotation) or (
             annotation is int and isinstance(value, bool)):
-        raise ConfigError(f"{key}: expected {annotation.__name__}, got {type(value).__name__} {value!r}")
+        raise ConfigError(f"{key}: expected {annotation.__name__}, got {type(value).__name__} {value!r}"
+                          + (f" (write {_whole(value)})" if annotation is int and _whole(value) is not None else ""))
     return value
+
+
+def _whole(value: Any) -> int | None:
+    """The whole number a float or a string such as YAML's '1e3' stands for, if it is one."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return int(number) if number.is_integer() and not isinstance(value, bool) else None
 
 
 def _build(cls: type, values: dict, prefix: str) -> Any:

@@ -50,7 +50,7 @@ YAML_FILES = {
     "a tab for indentation": ("train:\n\tlr: 1.0e-4\n",
                               r"c.yaml:2:1: a tab: YAML does not allow tabs for indentation; use spaces$"),
     "a tab after a colon": ("train:\n  lr:\t1.0e-4\n", r"c.yaml:2:6: a tab where YAML needs a space"),
-    "broken YAML": ("train: {lr: 1\n", r"c.yaml:2:1: not valid YAML: expected ',' or '}'"),
+    "broken YAML": ("train: {lr: 1\n", r"c.yaml:2:1: not valid YAML: while parsing a flow mapping: expected ',' or '}'"),
     "a list": ("- train\n- data\n", r"c.yaml: a config is a YAML mapping of sections .* found a list"),
     "not UTF-8": (b"train:\n  lr: \xff\n", r"c.yaml: not UTF-8 text \(invalid start byte at byte 13\)"),
     "a DeepSpeed JSON given as the config": ((REPO / "ds_configs" / "zero0_fp32.json").read_text(),
@@ -159,6 +159,11 @@ OVERRIDES = {
     "an unknown section": ("trian.lr=1", r"unknown config key 'trian'; valid keys .* \(command-line override\)"),
     "a section given a value": ("train=3", r"train: expected a mapping, got 3 \(command-line override\)"),
     "a word for a number": ("train.epochs=two", r"train.epochs: expected int, got str 'two'"),
+    "not a number": ("train.lr=nan", r"train.lr: nan is not a finite number"),
+    "infinite": ("stage2.mse_weight=.inf", r"stage2.mse_weight: inf is not a finite number"),
+    "YAML's 1e3 for a whole number": ("train.max_steps=1e3", r"train.max_steps: expected int, got str '1e3' "
+                                                             r"\(write 1000\)"),
+    "neither of a union's kinds": ("data.packing=Auto", r"data.packing: expected bool or 'auto', got str 'Auto'"),
     "no value": ("run.output_dir=", r"run.output_dir: no value given \(expected str\) \(command-line override\)"),
     "a key under a value": ("run.seed.x=1", r"run.seed.x: run.seed is a value \(42\), not a section \(command-line"),
 }
