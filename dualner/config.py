@@ -390,9 +390,10 @@ def _duplicate_keys(node: yaml.Node, path: Path, prefix: str = "", seen: set[int
             _duplicate_keys(child, path, f"{prefix.rstrip('.')}[{index}].", seen)
 
 
-def read_yaml_config(path: str | Path) -> dict:
-    """A YAML config file as a tree of sections: one line naming the file (and line) for a folder, a
-    file that is not UTF-8, empty, not YAML (a tab), with a key given twice, or not a mapping."""
+def read_config_file(path: str | Path) -> dict:
+    """A config file (YAML; JSON where the name ends in .json) as a tree of sections: one line naming the
+    file (and line) for a folder, a file that is not UTF-8, empty, not YAML (a tab) or JSON, with a key
+    given twice, or not a mapping."""
     path = Path(path)
     if path.is_dir():
         raise ConfigError(f"--config {path} is a folder; name a YAML file (configs/*.yaml)")
@@ -402,16 +403,7 @@ def read_yaml_config(path: str | Path) -> dict:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as error:
         raise ConfigError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start}); save it as UTF-8") from None
-    loader = yaml.SafeLoader(text)
-    try:
-        node = loader.get_single_node()
-        if node is not None:
-            _duplicate_keys(node, path)
-        tree = loader.construct_document(node) if node is not None else None
-    except yaml.YAMLError as error:
-        raise ConfigError(_yaml_error_line(path, text, error)) from None
-    finally:
-        loader.dispose()
+    tree = _parse_json(path, text) if path.suffix.lower() == ".json" and text.strip() else _parse_yaml(path, text)
     if tree is None:
         raise ConfigError(f"{path} is empty: no settings in it (a config is a YAML mapping of sections: run:, "
                           f"model:, data:, train:, ...)")
@@ -424,6 +416,27 @@ def read_yaml_config(path: str | Path) -> dict:
     return tree
 
 
+def _parse_yaml(path: Path, text: str) -> Any:
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is not None:
+            _duplicate_keys(node, path)
+        return loader.construct_document(node) if node is not None else None
+    except yaml.YAMLError as error:
+        raise ConfigError(_yaml_error_line(path, text, error)) from None
+    finally:
+        loader.dispose()
+
+
+def _parse_json(path: Path, text: str) -> Any:
+    """JSON is the YAML subset most tools write, but with tabs YAML refuses: read it as JSON."""
+    try:
+        return json.loads(text, object_pairs_hook=functools.partial(_unique_keys, path))
+    except json.JSONDecodeError as error:
+        raise ConfigError(f"{path}:{error.lineno}:{error.colno}: not valid JSON: {error.msg}") from None
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
                 stage: int | None = None, world_size: int | None = None) -> Config:
     """The config of `path` with `overrides`, checked by `validate` (the rules of training `stage`
@@ -431,7 +444,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     tree: dict = {}
     if path is not None:
         path = Path(path)
-        tree = read_yaml_config(path)
+        tree = read_config_file(path)
     file_tree = copy.deepcopy(tree)
     for override in overrides:
         _apply_override(tree, override)

@@ -94,6 +94,18 @@ def test_yaml_merge_keys_may_be_overridden(tmp_path):
     assert cfg.profile.steps == 2 and cfg.profile.top == 7 and cfg.train.lr == 1e-4
 
 
+def test_a_json_config_is_read_as_json(tmp_path):
+    """JSON written by a tool (tab-indented: YAML refuses tabs) is read; its mistakes are JSON's."""
+    path = write(tmp_path / "c.json", '{\n\t"train": {\n\t\t"lr": 0.5\n\t}\n}\n')
+    assert load_config(path).train.lr == 0.5
+    with pytest.raises(ConfigError, match=r"c.json: key 'lr' given twice in one object"):
+        load_config(write(path, '{"train": {"lr": 1, "lr": 2}}'))
+    with pytest.raises(ConfigError, match=r"c.json:1:20: not valid JSON: Expecting property name"):
+        load_config(write(path, '{"train": {"lr": 1,}}'))
+    with pytest.raises(ConfigError, match=r"c.json is empty"):
+        load_config(write(path, "\n"))
+
+
 def test_a_folder_as_the_config(tmp_path):
     refused(dualner("config", "--check", "--config", str(tmp_path)), r"--config .* is a folder; name a YAML file")
 
