@@ -121,6 +121,14 @@ def test_config_check_infers_the_stage_and_says_so():
     assert result.returncode == 0 and "(stage 2 inferred: it sets stage2.init_from" in result.stdout, result.stderr
 
 
+def test_every_shipped_config_is_inferred_its_stage_and_passes_on_one_rank():
+    from dualner.config import inferred_stage
+    for path in sorted((REPO / "configs").glob("*.yaml")):
+        stage, _ = inferred_stage(load_config(path))
+        assert stage == (2 if "stage2" in path.name or "dualner" in path.name else 1), path
+        load_config(path, stage=stage, world_size=1)
+
+
 CHECKED_AS_THE_JOB = {
     "no training data": (["data.train={}"], r"data.train: no labeled training file given .*\[config --check "
                                             r"assumed stage 1 inferred"),
