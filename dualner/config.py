@@ -551,6 +551,9 @@ def _check_rules(cfg: Config, stage: int | None, world_size: int | None) -> tupl
 def _validate_stage1(cfg: Config) -> None:
     if not cfg.data.train:
         raise ConfigError("data.train: no labeled training file given (language: path)")
+    if not cfg.model.encoder.strip():
+        raise ConfigError("model.encoder is empty; name a model folder, a hub name or a built-in alias "
+                          "(multilingual-e5-small, tiny-random)")
 
 
 def _validate_stage2(cfg: Config) -> None:
@@ -569,6 +572,8 @@ def _validate_stage2(cfg: Config) -> None:
 
 def _validate_training(cfg: Config) -> None:
     """The rules of every training run, whichever the stage."""
+    if not cfg.run.output_dir.strip():  # it would be the working folder
+        raise ConfigError("run.output_dir is empty; name the run folder (runs/<name>)")
     if cfg.eval.select_on == "source" and cfg.data.source_language not in cfg.data.dev:
         raise ConfigError(f"eval.select_on=source needs data.dev.{cfg.data.source_language}")
     if cfg.run.overwrite and cfg.run.resume not in ("auto", "none"):

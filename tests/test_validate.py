@@ -38,6 +38,8 @@ RULES = {
                                           None, r"stage2.epochs counts passes .* train.batch_unit=sentences"),
     "stage 2 of a span model": (STAGE2, 2, None, ["model.variant=span"], None,
                                 r"model.variant=span: dual teaching needs both heads \(mlt\)"),
+    "stage 1 with an empty encoder": (STAGE1, 1, None, ["model.encoder=''"], None, r"model.encoder is empty"),
+    "an empty run folder": (STAGE2, 2, None, ["run.output_dir=' '"], None, r"run.output_dir is empty; name the run"),
     "select on a source without dev set": (STAGE1, 1, None, ["eval.select_on=source", "data.dev=null"], None,
                                            r"eval.select_on=source needs data.dev.en"),
     "resume a step and overwrite": (STAGE2, 2, None, ["run.resume=step-2", "run.overwrite=true"], None,
