@@ -12,6 +12,7 @@ from dualner.evaluate import evaluate_sets, format_table, load_eval_sets
 from dualner.model_io import inference_collator, load_trained_model
 from dualner.errors import ConfigError
 from dualner.logging import get_logger
+from dualner.run_layout import RunLayout
 
 
 def check_output(output: Path, data: dict[str, str]) -> None:
@@ -26,6 +27,11 @@ def check_output(output: Path, data: dict[str, str]) -> None:
         if output.exists() and Path(path).exists() and output.resolve() == Path(path).resolve():
             raise ConfigError(f"--output {output} is the --data file of {language}; evaluation would replace it: "
                               f"choose another --output")
+    run = next((folder for folder in output.absolute().parents if RunLayout(folder).config.is_file()), None)
+    if run is not None and (output.absolute().parent == run and output.name in RunLayout.ENTRIES
+                            or {RunLayout(run).checkpoints, RunLayout(run).model} & set(output.absolute().parents)):
+        raise ConfigError(f"--output {output} is one of the run's own records in {run}; evaluation would replace "
+                          f"or join them: choose another name (e.g. {run / 'f1_test.json'})")
 
 
 def evaluate_checkpoint(checkpoint: str | Path, data: dict[str, str], output: str | Path | None,

@@ -347,10 +347,16 @@ def test_evaluate_refuses_an_output_it_would_lose(finished, tmp_path):
              (["--data", f"de={data}", "--output", str(tmp_path)], r"--output: .* is a folder; name the JSON file"),
              (["--data", f"de={data}", "--output", str(data / "f1.json")], r"de.tsv is a file, not a folder"),
              (["--data", f"de={data}", f"de={REPO / 'data' / 'panx-sample' / 'en' / 'test.tsv'}"],
-              r"--data: language 'de' given twice")]
+              r"--data: language 'de' given twice"),
+             (["--data", f"de={data}", "--output", str(finished / "results.json")],
+              r"results.json is one of the run's own records in"),
+             (["--data", f"de={data}", "--output", str(finished / "checkpoints" / "f1.json")],
+              r"f1.json is one of the run's own records in")]
+    results = (finished / "results.json").read_bytes()
     for args, message in cases:
         refused(dualner("evaluate", "--checkpoint", str(finished), *args), message)
     assert data.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["de.tsv"]
+    assert (finished / "results.json").read_bytes() == results and not (finished / "checkpoints" / "f1.json").exists()
 
 
 def test_evaluate_refuses_a_head_the_model_never_trained(finished, tmp_path):
