@@ -28,9 +28,20 @@ from typing import Callable
 from dualner.errors import EXIT_STOPPED, ConfigError, run_entry_point
 
 
+class Once(argparse.Action):
+    """An option given at most once: a second `--config` would replace the first silently (configs are
+    not merged; overrides are how one changes another's keys)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if getattr(namespace, self.dest) is not None:
+            parser.error(f"{option_string} given twice ({getattr(namespace, self.dest)}, {values}); one config "
+                         f"file, changed by key=value overrides")
+        setattr(namespace, self.dest, values)
+
+
 def _training_parser(command: str, description: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=f"dualner {command}", description=description)
-    parser.add_argument("--config", required=True, help="YAML experiment file (configs/*.yaml)")
+    parser.add_argument("--config", required=True, action=Once, help="YAML experiment file (configs/*.yaml)")
     # The `deepspeed` launcher appends --local_rank; LOCAL_RANK in the environment is what we use.
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=3e-5")
@@ -62,7 +73,7 @@ def parse_training_args(description: str, argv: list[str] | None = None, command
                         stage: int | None = None):
     """The command line of a training stage: its config, loaded and validated for `stage` on the
     launcher's world size. Parsed before anything heavy is imported (`--help` answers at once)."""
-    args = _training_parser(command, description).parse_args(argv)
+    args = _training_parser(command, description).parse_intermixed_args(argv)  # overrides on both sides of a flag
     from dualner.config import load_config
     return load_config(args.config, args.overrides, stage=stage, world_size=launch_world_size())
 
@@ -100,6 +111,9 @@ def evaluate(argv: list[str]) -> int:
         language, separator, path = item.partition("=")
         if not separator or not language or not path:
             raise ConfigError(f"--data {item!r}: expected LANG=PATH")
+        if language in data:
+            raise ConfigError(f"--data: language {language!r} given twice ({data[language]}, {path}); one file "
+                              f"per language")
         data[language] = path
     from dualner.evaluate_checkpoint import evaluate_checkpoint
     evaluate_checkpoint(args.checkpoint, data, args.output, args.head, args.batch_size, args.max_sentences,

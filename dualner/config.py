@@ -10,7 +10,9 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import functools
 import json
+import math
 import sys
 import types
 import typing
@@ -231,14 +233,17 @@ def _check_value(value: Any, annotation: Any, key: str) -> Any:
         if value is None and type(None) in options:
             return None
         errors = []
-        for option in options:
-            if option is type(None):
-                continue
+        choices = [option for option in options if option is not type(None)]
+        for option in choices:
             try:
                 return _check_value(value, option, key)
             except ConfigError as error:
                 errors.append(str(error))
-        raise ConfigError(errors[0])
+        if len(choices) == 1:
+            raise ConfigError(errors[0])
+        expected = " or ".join(" or ".join(map(repr, typing.get_args(option))) if typing.get_origin(option) is Literal
+                               else getattr(option, "__name__", str(option)) for option in choices)
+        raise ConfigError(f"{key}: expected {expected}, got {type(value).__name__} {value!r}")
     if origin is Literal:
         allowed = typing.get_args(annotation)
         if value not in allowed:
@@ -261,15 +266,29 @@ def _check_value(value: Any, annotation: Any, key: str) -> Any:
         return float(value)
     if annotation is float and isinstance(value, str):
         try:  # YAML 1.1 reads `5e-3` (no dot) as a string
-            return float(value)
+            value = float(value)
         except ValueError:
             raise ConfigError(f"{key}: expected float, got str {value!r}") from None
+    if annotation is float and isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{key}: {value} is not a finite number")
     if annotation is str and isinstance(value, (int, float)) and not isinstance(value, bool):
         return str(value)  # a language code or path that YAML read as a number
+    if value is None and annotation in (int, float, str, bool):
+        raise ConfigError(f"{key}: no value given (expected {annotation.__name__})")
     if annotation in (int, float, str, bool) and not isinstance(value, annotation) or (
             annotation is int and isinstance(value, bool)):
-        raise ConfigError(f"{key}: expected {annotation.__name__}, got {type(value).__name__} {value!r}")
+        raise ConfigError(f"{key}: expected {annotation.__name__}, got {type(value).__name__} {value!r}"
+                          + (f" (write {_whole(value)})" if annotation is int and _whole(value) is not None else ""))
     return value
+
+
+def _whole(value: Any) -> int | None:
+    """The whole number a float or a string such as YAML's '1e3' stands for, if it is one."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return int(number) if number.is_integer() and not isinstance(value, bool) else None
 
 
 def _build(cls: type, values: dict, prefix: str) -> Any:
@@ -308,10 +327,12 @@ def set_dotted(tree: dict, key: str, value: Any) -> None:
     """tree["a"]["b"]["c"] = value for key "a.b.c", creating the sections on the way."""
     parts = key.strip().split(".")
     node = tree
-    for part in parts[:-1]:
-        node = node.setdefault(part, {})
+    for depth, part in enumerate(parts[:-1]):
+        if node.get(part) is None:  # absent, or a YAML section with nothing under it (`train:`)
+            node[part] = {}
+        node = node[part]
         if not isinstance(node, dict):
-            raise ConfigError(f"{key}: '{part}' is not a section")
+            raise ConfigError(f"{key}: {'.'.join(parts[:depth + 1])} is a value ({node!r}), not a section")
     node[parts[-1]] = value
 
 
@@ -319,7 +340,108 @@ def _apply_override(tree: dict, override: str) -> None:
     if "=" not in override:
         raise ConfigError(f"override {override!r} must look like section.key=value")
     dotted, raw = override.split("=", 1)
-    set_dotted(tree, dotted, yaml.safe_load(raw) if raw.strip() else None)
+    if not all(part.strip() for part in dotted.split(".")):
+        raise ConfigError(f"override {override!r}: no key before '=' (or an empty part in it); "
+                          f"it must look like section.key=value")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as error:
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        raise ConfigError(f"override {override!r}: the value is not valid YAML ({problem}); fix its "
+                          f"brackets or quotes") from None
+    try:
+        set_dotted(tree, dotted, value)
+    except ConfigError as error:
+        raise ConfigError(f"{error} (command-line override)") from None
+
+
+def _yaml_error_line(path: Path, text: str, error: yaml.YAMLError) -> str:
+    """PyYAML's several lines as one: the file, line and column, the problem, and the fix for a tab."""
+    mark = getattr(error, "problem_mark", None)
+    problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+    context = getattr(error, "context", None)
+    if mark is None:
+        return f"{path}: not valid YAML: {problem}"
+    where = f"{path}:{mark.line + 1}:{mark.column + 1}"
+    if "'\\t'" in problem or "tab" in problem:
+        line = text.splitlines()[mark.line] if mark.line < len(text.splitlines()) else ""
+        indentation = line[:len(line) - len(line.lstrip(" \t"))]
+        if "\t" in indentation:
+            return f"{where}: a tab: YAML does not allow tabs for indentation; use spaces"
+        return f"{where}: a tab where YAML needs a space (after ':' or '-'); use spaces"
+    return f"{where}: not valid YAML: {f'{context}: ' if context else ''}{problem}"
+
+
+def _duplicate_keys(node: yaml.Node, path: Path, prefix: str = "", seen: set[int] | None = None) -> None:
+    """Refuse a key given twice in one mapping, at any depth: YAML loaders keep the last silently (a
+    second `train:` section would replace the whole first). Merge keys (`<<: *base`) may be overridden."""
+    seen = set() if seen is None else seen
+    if id(node) in seen:  # an alias of a node already walked
+        return
+    seen.add(id(node))
+    children = node.value if isinstance(node, (yaml.MappingNode, yaml.SequenceNode)) else []
+    if isinstance(node, yaml.MappingNode):
+        first_line: dict[str, int] = {}
+        for key_node, value_node in children:
+            if key_node.tag == "tag:yaml.org,2002:merge" or not isinstance(key_node, yaml.ScalarNode):
+                continue
+            key = f"{prefix}{key_node.value}"
+            line = key_node.start_mark.line + 1
+            if key_node.value in first_line:
+                raise ConfigError(f"{path}:{line}: duplicate key '{key}' (first at line {first_line[key_node.value]}): "
+                                  f"YAML would keep only the second; merge them into one")
+            first_line[key_node.value] = line
+            _duplicate_keys(value_node, path, f"{key}.", seen)
+    else:
+        for index, child in enumerate(children):
+            _duplicate_keys(child, path, f"{prefix.rstrip('.')}[{index}].", seen)
+
+
+def read_config_file(path: str | Path) -> dict:
+    """A config file (YAML; JSON where the name ends in .json) as a tree of sections: one line naming the
+    file (and line) for a folder, a file that is not UTF-8, empty, not YAML (a tab) or JSON, with a key
+    given twice, or not a mapping."""
+    path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"--config {path} is a folder; name a YAML file (configs/*.yaml)")
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start}); save it as UTF-8") from None
+    tree = _parse_json(path, text) if path.suffix.lower() == ".json" and text.strip() else _parse_yaml(path, text)
+    if tree is None:
+        raise ConfigError(f"{path} is empty: no settings in it (a config is a YAML mapping of sections: run:, "
+                          f"model:, data:, train:, ...)")
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path}: a config is a YAML mapping of sections (run:, model:, data:, train:, ...), "
+                          f"found a {type(tree).__name__}")
+    if "zero_optimization" in tree:
+        raise ConfigError(f"{path} is a DeepSpeed JSON, not an experiment config: give it as "
+                          f"deepspeed.config={path} and --config a YAML file (configs/*.yaml)")
+    return tree
+
+
+def _parse_yaml(path: Path, text: str) -> Any:
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is not None:
+            _duplicate_keys(node, path)
+        return loader.construct_document(node) if node is not None else None
+    except yaml.YAMLError as error:
+        raise ConfigError(_yaml_error_line(path, text, error)) from None
+    finally:
+        loader.dispose()
+
+
+def _parse_json(path: Path, text: str) -> Any:
+    """JSON is the YAML subset most tools write, but with tabs YAML refuses: read it as JSON."""
+    try:
+        return json.loads(text, object_pairs_hook=functools.partial(_unique_keys, path))
+    except json.JSONDecodeError as error:
+        raise ConfigError(f"{path}:{error.lineno}:{error.colno}: not valid JSON: {error.msg}") from None
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
@@ -329,12 +451,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     tree: dict = {}
     if path is not None:
         path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        try:
-            tree = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as error:
-            raise ConfigError(f"{path}: not valid YAML: {error}") from error
+        tree = read_config_file(path)
     file_tree = copy.deepcopy(tree)
     for override in overrides:
         _apply_override(tree, override)
@@ -441,6 +558,9 @@ def _check_rules(cfg: Config, stage: int | None, world_size: int | None) -> tupl
 def _validate_stage1(cfg: Config) -> None:
     if not cfg.data.train:
         raise ConfigError("data.train: no labeled training file given (language: path)")
+    if not cfg.model.encoder.strip():
+        raise ConfigError("model.encoder is empty; name a model folder, a hub name or a built-in alias "
+                          "(multilingual-e5-small, tiny-random)")
 
 
 def _validate_stage2(cfg: Config) -> None:
@@ -459,6 +579,8 @@ def _validate_stage2(cfg: Config) -> None:
 
 def _validate_training(cfg: Config) -> None:
     """The rules of every training run, whichever the stage."""
+    if not cfg.run.output_dir.strip():  # it would be the working folder
+        raise ConfigError("run.output_dir is empty; name the run folder (runs/<name>)")
     if cfg.eval.select_on == "source" and cfg.data.source_language not in cfg.data.dev:
         raise ConfigError(f"eval.select_on=source needs data.dev.{cfg.data.source_language}")
     if cfg.train.batch_unit == "tokens" and cfg.data.packing is False:
@@ -494,10 +616,15 @@ _DEEPSPEED_BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "
 def read_deepspeed_json(name: str | Path) -> tuple[dict, Path]:
     """deepspeed.config's JSON: a file holding a JSON object whose zero_optimization.stage is known."""
     path = Path(name)
+    if path.is_dir():
+        raise ConfigError(f"deepspeed.config: {path} is a folder; name a JSON file (ds_configs/*.json)")
     if not path.is_file():
         raise ConfigError(f"deepspeed.config: file not found: {path}")
     try:
-        ds_config = json.loads(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
+        if not text.strip():
+            raise ConfigError(f"deepspeed.config: {path} is empty; a DeepSpeed config is a JSON object (ds_configs/*.json)")
+        ds_config = json.loads(text, object_pairs_hook=functools.partial(_unique_keys, path))
     except json.JSONDecodeError as error:
         raise ConfigError(f"{path}:{error.lineno}: not valid JSON: {error.msg}") from error
     except UnicodeDecodeError as error:
@@ -515,6 +642,17 @@ def read_deepspeed_json(name: str | Path) -> tuple[dict, Path]:
     return ds_config, path
 
 
+def _unique_keys(path: Path, pairs: list[tuple[str, Any]]) -> dict:
+    """One JSON object, refused where a key comes twice (json keeps the last silently)."""
+    seen: set[str] = set()
+    for key, _ in pairs:
+        if key in seen:
+            raise ConfigError(f"{path}: key '{key}' given twice in one object (JSON would keep only the "
+                              f"second); keep one")
+        seen.add(key)
+    return dict(pairs)
+
+
 def zero_stage(ds_config: dict) -> Any:
     """The JSON's ZeRO stage (0 when it names none)."""
     return ds_config.get("zero_optimization", {}).get("stage", 0)
@@ -527,7 +665,7 @@ def check_deepspeed_batch_sizes(ds_config: dict, path: Path, global_batch: int, 
     for key, value in derived.items():
         if key in ds_config and ds_config[key] != value:
             raise ConfigError(
-                f"{path}: {key}={ds_config[key]} disagrees with {value} derived from "
+                f"{path}: {key}={ds_config[key]!r} disagrees with {value} derived from "
                 f"train.global_batch_size={global_batch} on {world_size} rank(s); "
                 f"remove it from the JSON or make them agree")
     return derived
@@ -556,6 +694,32 @@ def save_config(config: Config, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False), encoding="utf-8")
 
 
+def inferred_stage(cfg: Config) -> tuple[int, str]:
+    """The stage a config is for, when no one says: 2 where it names what only stage 2 reads (its
+    stage-1 model, target or translation corpora), else 1; and why, for the user to see."""
+    stage2_keys = [f"stage2.{name}" for name in ("init_from", "target", "translations") if getattr(cfg.stage2, name)]
+    if stage2_keys:
+        return 2, f"it sets {', '.join(stage2_keys)}"
+    return 1, "no stage2.init_from, target or translations"
+
+
+def _check_as_the_job(cfg: Config, args) -> str:
+    """`config --check`: the rules the job applies, for the stage and world size given, else for those
+    the job would take (the stage the config is for; the ranks of a launch from this environment).
+    Says what it assumed, in its "ok" line and in a refusal."""
+    from dualner.cli import launch_world_size
+    stage, why = (args.stage, "") if args.stage else inferred_stage(cfg)
+    world_size = args.world_size or launch_world_size()
+    scope = [f"stage {stage}" + (f" inferred: {why}; --stage {3 - stage} for the other" if why else ""),
+             f"{world_size or 'unknown'} rank(s)" + ("" if args.world_size else " assumed: --world-size N for another")]
+    if not args.stage or not args.world_size:
+        try:
+            load_config(args.config, args.overrides, stage=stage, world_size=world_size)
+        except ConfigError as error:
+            raise ConfigError(f"{error} [config --check assumed {'; '.join(scope)}]") from None
+    return "; ".join(scope)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Check a config and print it resolved (or one key, or only "ok"): what job scripts use to find
     the run folder and to refuse a config before any rank starts.
@@ -564,26 +728,29 @@ def main(argv: list[str] | None = None) -> None:
         python -m dualner.config --check --stage 1 --world-size 16 --config configs/tiny.yaml
     """
     import argparse
+    from dualner.cli import Once
     parser = argparse.ArgumentParser(prog="dualner config", description=main.__doc__.splitlines()[0])
-    parser.add_argument("--config", required=True)
+    parser.add_argument("--config", required=True, action=Once)
     action = parser.add_mutually_exclusive_group()
     action.add_argument("--get", metavar="KEY", help="print only this dotted key")
     action.add_argument("--check", action="store_true",
                         help="only validate: print one 'ok' line, or the error (exit 2)")
     parser.add_argument("--stage", type=int, choices=(1, 2),
-                        help="also the rules of training this stage (batch, packing, DeepSpeed JSON, ...)")
+                        help="also the rules of training this stage (batch, packing, DeepSpeed JSON, ...); "
+                             "--check without it: the stage the config is for (2 where it sets stage2.init_from, "
+                             "target or translations)")
     parser.add_argument("--world-size", type=int, metavar="N",
-                        help="also the rules that depend on the number of ranks (batch divisibility)")
+                        help="also the rules that depend on the number of ranks (batch divisibility); "
+                             "--check without it: the ranks a launch from here has (1 for plain python)")
     parser.add_argument("overrides", nargs="*")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # overrides on both sides of a flag
     if args.world_size is not None and args.world_size < 1:
         parser.error(f"--world-size must be at least 1, got {args.world_size}")
     with contextlib.redirect_stdout(sys.stderr):  # stdout is the answer (job scripts read it); chatter to stderr
         cfg = load_config(args.config, args.overrides, stage=args.stage, world_size=args.world_size)
+        scope = _check_as_the_job(cfg, args) if args.check else ""
     if args.check:
-        scope = ", ".join(part for part in (f"stage {args.stage}" if args.stage else "",
-                                             f"{args.world_size} rank(s)" if args.world_size else "") if part)
-        print(f"ok: {args.config}{f' ({scope})' if scope else ''} passes every config rule")
+        print(f"ok: {args.config} ({scope}) passes every config rule")
         return
     tree: Any = config_to_dict(cfg)
     for part in (args.get.split(".") if args.get else []):

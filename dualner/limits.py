@@ -32,11 +32,26 @@ def check_max_length(max_length: int, encoder_config, where: str) -> None:
 
 
 def check_vocabulary(tokenizer, encoder_config, tokenizer_name: str, encoder_name: str) -> None:
-    """Every id the tokenizer can produce must have an embedding."""
-    size = getattr(encoder_config, "vocab_size", None)
-    if isinstance(size, int) and len(tokenizer) > size:
-        raise ConfigError(f"model.tokenizer: {tokenizer_name} has {len(tokenizer)} tokens but the encoder "
-                          f"{encoder_name} has {size} embeddings; they do not belong together")
+    """The tokenizer must be the encoder's: every id it produces needs an embedding row, and a tokenizer
+    that reaches under half of the rows is another model's (its ids would index the wrong embeddings,
+    and training runs to the end at F1 0). A few rows past the vocabulary are padding (XLM-R and e5
+    round the embedding matrix up) and stay accepted."""
+    rows = getattr(encoder_config, "vocab_size", None)
+    if not isinstance(rows, int):
+        return
+    ids = max(max(tokenizer.get_vocab().values(), default=-1) + 1, len(tokenizer))
+    own = tokenizer_name == encoder_name
+    tokenizer_of = f"model.encoder: the tokenizer of {encoder_name}" if own else f"model.tokenizer: {tokenizer_name}"
+    embeddings = f"the encoder {encoder_name} has {rows} embeddings (vocab_size in its config.json)"
+    remedy = ("its tokenizer files are another model's: put the encoder's own there, or set model.tokenizer "
+              "to a folder (or hub name) holding it" if own else
+              f"point model.tokenizer at the encoder's own tokenizer (or leave it empty: {encoder_name}'s)")
+    if ids > rows:
+        raise ConfigError(f"{tokenizer_of} has {ids} tokens but {embeddings}: ids past {rows - 1} have no "
+                          f"embedding; {remedy}")
+    if ids < rows / 2:
+        raise ConfigError(f"{tokenizer_of} has {ids} tokens but {embeddings}: a tokenizer that reaches under "
+                          f"half of the embeddings is another model's (training would end at F1 0); {remedy}")
 
 
 def usable_max_length(max_length: int, encoder_config) -> int:

@@ -29,29 +29,12 @@ def side_by_side(runs: dict[str, dict], split: str) -> str:
     return "\n".join(lines)
 
 
-def results_problem(results) -> str | None:
-    """What keeps `results` (a parsed results.json) from being reported, or None."""
-    if not isinstance(results, dict):
-        return f"a JSON {type(results).__name__}, not an object"
-    for split in ("dev", "test"):
-        section = results.get(split)
-        if section is None:
-            continue
-        if not isinstance(section, dict) or not isinstance(section.get("per_language", {}), dict):
-            return f'"{split}" is not {{"per_language": {{...}}, "average": ...}}'
-        scores = [*section.get("per_language", {}).values(), section.get("average")]
-        if not all(score is None or isinstance(score, (int, float)) for score in scores):
-            return f'"{split}" holds a score that is not a number'
-    return None
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="dualner report", description=__doc__.splitlines()[0])
     parser.add_argument("runs", nargs="+", type=Path)
     parser.add_argument("--split", choices=["dev", "test"], default="test")
     args = parser.parse_args(argv)
     runs = {}
-    names = [run.name for run in args.runs]
     for run in args.runs:
         path = RunLayout(run).results
         if not run.exists():
@@ -71,11 +54,42 @@ def main(argv: list[str] | None = None) -> None:
         except (json.JSONDecodeError, UnicodeDecodeError) as error:
             raise DataFormatError(f"{path}: not a readable results file ({error}); rerun the run to rewrite "
                                   f"it") from None
-        problem = results_problem(results)
-        if problem:
-            raise DataFormatError(f"{path}: not a results file of a run ({problem}); rerun the run to rewrite it")
-        runs[run.name if names.count(run.name) == 1 else str(run)] = results  # two runs/x: one column each
+        check_results(results, path)
+        runs[column_name(run, args.runs)] = results
+    if not any(args.split in results for results in runs.values()):
+        raise DataFormatError(f"no {args.split} results in {', '.join(map(str, args.runs))} (the runs had no "
+                              f"data.{args.split} sets){'; try --split dev' if args.split == 'test' else ''}")
     print(side_by_side(runs, args.split))
+
+
+def column_name(run: Path, runs: list[Path]) -> str:
+    """A run's column: its folder name, or the path as given where two runs share the name."""
+    return run.name if sum(other.name == run.name for other in runs) == 1 else str(run)
+
+
+def check_results(results: object, path: Path) -> None:
+    """The shape the table reads (dualner.train writes it): an object whose `dev` and `test` entries,
+    where present, hold a `per_language` object of F1 numbers and an `average` number."""
+    def number(value: object) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+    problem = None
+    if not isinstance(results, dict):
+        problem = f"a results file is a JSON object, found a {type(results).__name__}"
+    else:
+        for split in ("dev", "test"):
+            entry = results.get(split)
+            if entry is None:
+                continue
+            scores = entry.get("per_language") if isinstance(entry, dict) else None
+            if not isinstance(scores, dict) or not number(entry.get("average")):
+                problem = f"'{split}' lacks its per_language scores or its average"
+            elif (bad := next((language for language, f1 in scores.items() if not number(f1)), None)) is not None:
+                problem = f"'{split}.per_language.{bad}' is {scores[bad]!r}, not a number"
+            if problem:
+                break
+    if problem:
+        raise DataFormatError(f"{path}: not a DualNER results file: {problem}; rerun the run to rewrite it")
 
 
 if __name__ == "__main__":

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-from transformers import AutoConfig, AutoTokenizer
-
 from dualner.attention import position_offset
 from dualner.config import Config
 from dualner.data.batching import BatchPlan
@@ -15,7 +13,7 @@ from dualner.data.encoding import WindowTokenizer
 from dualner.data.loader import PlannedMicroBatches, micro_batch_loader
 from dualner.data.packing import Collator, model_inputs
 from dualner.data.sources import read_source
-from dualner.encoders import resolve_encoder
+from dualner.encoders import load_encoder_pair, resolve_encoder
 from dualner.errors import ConfigError
 from dualner.evaluate import load_eval_sets
 from dualner.limits import check_max_length, check_vocabulary
@@ -81,8 +79,8 @@ def build_stage1(cfg: Config) -> Trainer:
     job = start_job(cfg, 1)
     encoder_path = resolve_encoder(cfg.model.encoder)
     tokenizer_path = resolve_encoder(cfg.model.tokenizer, "model.tokenizer") if cfg.model.tokenizer else encoder_path
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
-    encoder_config = AutoConfig.from_pretrained(encoder_path)
+    tokenizer, encoder_config = load_encoder_pair(encoder_path, tokenizer_path,
+                                                  "model.tokenizer" if cfg.model.tokenizer else "model.encoder")
     check_vocabulary(tokenizer, encoder_config, tokenizer_path, encoder_path)
     check_max_length(cfg.data.max_length, encoder_config, f"model.encoder={cfg.model.encoder}")
     sentences, _ = read_source(cfg)

@@ -220,7 +220,7 @@ def test_predict_and_evaluate_replace_only_their_own_output(populated, tmp_path)
     assert json.loads(output.read_text())["tokens"] == ["Paris", "is", "nice"]
     assert predict_file(populated, source, notes, overwrite=True) == 1
     data = REPO / "data" / "panx-sample" / "en" / "dev.tsv"
-    with pytest.raises(ConfigError, match=r"is a --data file; the results would replace it"):
+    with pytest.raises(ConfigError, match=r"is the --data file of en; evaluation would replace it"):
         evaluate_checkpoint(populated, {"en": str(data)}, data)
     source.write_text("x: 1\n")
     with pytest.raises(ConfigError, match=r"in.txt exists and is not an earlier evaluation's results"):
@@ -239,9 +239,9 @@ def test_report_gives_two_runs_of_one_name_a_column_each(populated, tmp_path):
 
 
 @pytest.mark.parametrize("content, message", [
-    ("[]", r"a JSON list, not an object"),
-    ('{"test": []}', r'"test" is not \{"per_language"'),
-    ('{"test": {"per_language": {"en": "x"}, "average": 1}}', r'"test" holds a score that is not a number'),
+    ("[]", r"a results file is a JSON object, found a list"),
+    ('{"test": []}', r"'test' lacks its per_language scores or its average"),
+    ('{"test": {"per_language": {"en": "x"}, "average": 1}}', r"'test.per_language.en' is 'x', not a number"),
 ])
 def test_report_on_a_results_file_of_another_shape_is_one_line(populated, tmp_path, content, message):
     run = tmp_path / "run"
@@ -249,5 +249,5 @@ def test_report_on_a_results_file_of_another_shape_is_one_line(populated, tmp_pa
     shutil.copy(populated / "config.yaml", run)
     (run / "results.json").write_text(content)
     line = one_line_error(cli("report", str(run)))
-    assert "results.json: not a results file of a run" in line
+    assert "results.json: not a DualNER results file" in line
     assert re.search(message, line), line

@@ -38,6 +38,8 @@ RULES = {
                                           None, r"stage2.epochs counts passes .* train.batch_unit=sentences"),
     "stage 2 of a span model": (STAGE2, 2, None, ["model.variant=span"], None,
                                 r"model.variant=span: dual teaching needs both heads \(mlt\)"),
+    "stage 1 with an empty encoder": (STAGE1, 1, None, ["model.encoder=''"], None, r"model.encoder is empty"),
+    "an empty run folder": (STAGE2, 2, None, ["run.output_dir=' '"], None, r"run.output_dir is empty; name the run"),
     "select on a source without dev set": (STAGE1, 1, None, ["eval.select_on=source", "data.dev=null"], None,
                                            r"eval.select_on=source needs data.dev.en"),
     "token batches unpacked": (STAGE1, 1, None, ["train.batch_unit=tokens", "data.packing=false"], None,
@@ -50,6 +52,9 @@ RULES = {
                                          r"data.pack_length=64"),
     "DeepSpeed JSON missing": (STAGE1, 1, None, ["deepspeed.config=ds_configs/nothing.json"], None,
                                r"deepspeed.config: file not found: ds_configs/nothing.json"),
+    "DeepSpeed JSON a folder": (STAGE1, 1, None, ["deepspeed.config=ds_configs"], None,
+                                r"deepspeed.config: ds_configs is a folder; name a JSON file"),
+    "DeepSpeed JSON empty": (STAGE1, 1, None, [], " \n", r"deepspeed.config: .*ds.json is empty"),
     "DeepSpeed JSON not JSON": (STAGE1, 1, None, [], '{\n "bf16": {"enabled": true,}\n}', r"ds.json:2: not valid JSON"),
     "DeepSpeed JSON not UTF-8": (STAGE1, 1, None, [], b'{"a": "\xff"}', r"ds.json: not UTF-8 text"),
     "DeepSpeed JSON not an object": (STAGE1, 1, None, [], "[1, 2]", r"ds.json: a DeepSpeed config is a JSON object"),
@@ -57,6 +62,8 @@ RULES = {
                                                   r"ds.json: zero_optimization must be an object"),
     "DeepSpeed ZeRO stage unknown": (STAGE2, 2, None, [], '{"zero_optimization": {"stage": 7}}',
                                      r"ds.json: zero_optimization.stage must be 0, 1, 2 or 3, got 7"),
+    "DeepSpeed JSON key given twice": (STAGE1, 1, None, [], '{"gradient_clipping": 1.0, "gradient_clipping": 2.0}',
+                                       r"ds.json: key 'gradient_clipping' given twice in one object"),
     "DeepSpeed optimizer in the JSON": (STAGE1, 1, None, [], '{"optimizer": {"type": "Adam"}}',
                                         r"ds.json: optimizer and scheduler come from the train section"),
     "DeepSpeed batch sizes that disagree": (STAGE1, 1, 2, [], '{"gradient_accumulation_steps": 2}',
@@ -116,7 +123,7 @@ def test_every_rule_of_validate_has_a_case():
     """A rule added to validate without a refusal case above fails here (counts its raises)."""
     functions = [config_module._check_rules, config_module._validate_stage1, config_module._validate_stage2,
                  config_module._validate_training, config_module.batch_split, config_module.read_deepspeed_json,
-                 config_module.check_deepspeed_batch_sizes]
+                 config_module.check_deepspeed_batch_sizes, config_module._unique_keys]
     raises = sum(inspect.getsource(function).count("raise ConfigError(") for function in functions)
     arguments_checks = 2  # stage and world size themselves (test_stage_and_world_size_arguments)
     two_ways = 2  # "stage 2's length" (neither / both) and stage2.epochs (mix / batch unit): one raise each
@@ -125,9 +132,11 @@ def test_every_rule_of_validate_has_a_case():
 
 
 def test_config_check_says_ok_and_names_what_it_checked():
-    for args, expected in (([], "ok: configs/tiny.yaml passes every config rule"),
+    for args, expected in (([], "ok: configs/tiny.yaml (stage 1 inferred: no stage2.init_from, target or "
+                                "translations; --stage 2 for the other; 1 rank(s) assumed: --world-size N for "
+                                "another) passes every config rule"),
                            (["--stage", "1", "--world-size", "2"],
-                            "ok: configs/tiny.yaml (stage 1, 2 rank(s)) passes every config rule")):
+                            "ok: configs/tiny.yaml (stage 1; 2 rank(s)) passes every config rule")):
         result = config_check(["--config", "configs/tiny.yaml", *args])
         assert result.returncode == 0 and result.stdout == expected + "\n", result.stdout + result.stderr[-3000:]
     result = config_check(["--config", "configs/tiny_stage2.yaml", "--stage", "2", "--world-size", "16"])

@@ -107,3 +107,44 @@ def hub_reachable(timeout: float = 3.0) -> bool:
             return True
     except OSError:
         return False
+
+
+# What from_pretrained reads from a local folder: without a tokenizer file, transformers builds a
+# tokenizer of only the special tokens from config.json (and training runs to F1 0); without weights,
+# the model fails after everything else was read.
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+TOKENIZER_FILES = ("tokenizer.json", "sentencepiece.bpe.model", "spiece.model", "tokenizer.model", "vocab.txt",
+                   "vocab.json")
+
+
+def _check_folder(path: str, key: str, *needs: tuple[str, ...]) -> None:
+    """A local model folder holds one file of each of `needs` (a hub name is left to the hub)."""
+    folder = Path(path)
+    if not folder.exists():
+        return
+    if not folder.is_dir():
+        raise ConfigError(f"{key}: {folder} is a file; name a model folder (config.json, {WEIGHT_FILES[0]}, "
+                          f"{TOKENIZER_FILES[0]}) or a hub name")
+    for options in needs:
+        if not any((folder / name).exists() for name in options):
+            raise ConfigError(f"{key}: {folder} holds no {' or '.join(options)}; name a Hugging Face model folder"
+                              + ("; model.tokenizer may name the tokenizer's own folder"
+                                 if options == TOKENIZER_FILES and key == "model.encoder" else ""))
+
+
+def _from_pretrained(loader, path: str, key: str):
+    try:
+        return loader.from_pretrained(path)
+    except (OSError, ValueError) as error:  # transformers' "not a valid JSON file", "cannot instantiate", ...
+        reason = next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)
+        raise ConfigError(f"{key}: {path} cannot be read by transformers: {reason}") from None
+
+
+def load_encoder_pair(encoder_path: str, tokenizer_path: str, tokenizer_key: str):
+    """The tokenizer and the encoder's config a run starts from (both resolved paths), each folder first
+    checked for what from_pretrained needs; a failure is one line naming the key."""
+    from transformers import AutoConfig, AutoTokenizer
+    _check_folder(encoder_path, "model.encoder", ("config.json",), WEIGHT_FILES)
+    _check_folder(tokenizer_path, tokenizer_key, TOKENIZER_FILES)
+    return (_from_pretrained(AutoTokenizer, tokenizer_path, tokenizer_key),
+            _from_pretrained(AutoConfig, encoder_path, "model.encoder"))
