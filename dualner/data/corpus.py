@@ -237,18 +237,26 @@ def records_in(handle: BinaryIO, format: str, position: int, end: int, line_numb
 
 def lines_before(file: CorpusFile, position: int) -> int:
     """Newlines in the file's bytes before `position` (for naming a record's line, on error paths)."""
-    count, left = 0, position
+    return line_numbers(file, [position])[position] - 1
+
+
+def line_numbers(file: CorpusFile, positions: list[int]) -> dict[int, int]:
+    """The line number of each byte position (1-based), in one read of the file up to the last one."""
+    numbers, count, read = {}, 0, 0
     with open_corpus(file) as handle:
-        while left > 0:
-            try:
-                chunk = handle.read(min(left, 1 << 24))
-            except DecompressionError:
-                break  # the position is a damaged record's: the lines before the damage
-            if not chunk:
-                break
-            count += chunk.count(b"\n")
-            left -= len(chunk)
-    return count
+        for position in sorted(set(positions)):
+            while read < position:
+                try:
+                    chunk = handle.read(min(position - read, 1 << 24))
+                except DecompressionError:
+                    chunk = b""  # the position is a damaged record's: the lines before the damage
+                if not chunk:
+                    read = position
+                    break
+                count += chunk.count(b"\n")
+                read += len(chunk)
+            numbers[position] = count + 1
+    return numbers
 
 
 # -- parsing one record ------------------------------------------------------------------------------
@@ -295,7 +303,8 @@ def parse_jsonl_line(text: str, where: str) -> dict | None:
 
 def parse_record(record: RawRecord, file: CorpusFile, language: str, labeled: bool) -> dict | None:
     """A raw record -> a sentence dict (words, tags, language, src_id, sample_id), None when it holds
-    no sentence; BadRecord when it cannot be used."""
+    no sentence; BadRecord when it cannot be used. `language`: the stream's (its config key's); an
+    unlabeled record naming another `lang` is bad (the labeled source may mix data.train's languages)."""
     lines = _decode(record, file)
     sample_id = f"{file.path}@{record.start}"
     where = f"{file.path}:{record.line if record.line is not None else '?'} (byte {record.start})"
@@ -309,6 +318,8 @@ def parse_record(record: RawRecord, file: CorpusFile, language: str, labeled: bo
             raise BadRecord(file.path, record.start, record.line, str(error).split(": ", 1)[-1]) from None
         if not parsed["words"]:
             return None
+        if not labeled:
+            check_language(parsed["language"], language, file.path, record.start, record.line)
         parsed["language"] = parsed["language"] or language
         parsed["sample_id"] = sample_id
         if not labeled:
@@ -334,6 +345,15 @@ def parse_record(record: RawRecord, file: CorpusFile, language: str, labeled: bo
     if not words:  # a -DOCSTART- block
         return None
     return {"words": words, "tags": tags, "language": language, "src_id": "", "sample_id": sample_id}
+
+
+def check_language(found: str | None, language: str, path: str, byte: int, line: int | None) -> None:
+    """A record of a stream read as `language` (stage2.target.de: "de") that names another: BadRecord
+    (its sentences would be counted, and teach, as the wrong language)."""
+    if found and language and found != language:
+        raise BadRecord(path, byte, line, f"the record's language is {found!r} ('lang'), but the file is read as "
+                                          f"{language!r} (its config key): list the file under its language, or "
+                                          f"fix the record's 'lang'")
 
 
 def text_words(line: str) -> list[str]:
