@@ -7,9 +7,11 @@ user-visible line matters."""
 
 import bz2
 import gzip
+import json
 import lzma
 import random
 import re
+import time
 
 import pytest
 import zstandard
@@ -17,9 +19,13 @@ import zstandard
 from dualner.data.conll import iter_conll, read_conll
 from dualner.data.corpus import BadRecord, RecordReader, describe_file, parse_record
 from dualner.data.formats import DecompressionError, checked_stream, open_decompressed
-from dualner.data.streaming import KIND_TARGET, check_corpus, iter_sentences, open_sources
-from dualner.errors import DataFormatError
+from dualner.data.streaming import KIND_TARGET, check_corpus, expand_files, iter_sentences, open_sources
+from dualner.errors import ConfigError, DataFormatError, MissingPathError
 from tests.conftest import REPO
+# the helpers of earlier rounds: the tiny run's config, `python -m dualner`, one-line errors, a finished
+# stage-1 run (`populated`, a module fixture) and stage 2 from it, a stream over corpus files
+from tests.test_hardening import cli, config, one_line_error
+from tests.test_hardening3 import populated, stage2  # noqa: F401  (populated: a fixture)
 from tests.test_streaming import make_stream
 
 PANX = REPO.parent / "shared" / "data" / "panx"  # the real WikiANN files, where the checkout has them
@@ -193,3 +199,119 @@ def test_one_opener_for_every_codec_wraps_any_decompressed_stream(tmp_path):
                                                       r"compressed stream \(truncated\), at decompressed byte \d+, "
                                                       r"compressed byte \d+ of \d+; re-download"):
             stream.read()
+
+
+def test_a_record_naming_another_language_than_its_key_is_a_bad_record(tmp_path, tiny_tokenizer):
+    """`"lang": "fr"` under stage2.target.de used to end the run in KeyError: 'fr'."""
+    first = tmp_path / "first.jsonl"
+    first.write_text(json.dumps({"tokens": ["Paris"], "lang": "fr"}) + "\n")
+    with pytest.raises(DataFormatError, match=r"stage2.target.de: .*first.jsonl:1 \(byte 0\): the record's language "
+                                              r"is 'fr' \('lang'\), but the file is read as 'de' \(its config key\)"):
+        check_corpus(open_sources([str(first)], "stage2.target.de"), "de", KIND_TARGET, "stage2.target.de")
+    deep = tmp_path / "deep.jsonl"
+    lines = [json.dumps({"tokens": [f"Wort{i}"], "lang": "xx"}) for i in range(40)]  # make_stream: language xx
+    lines[25] = json.dumps({"tokens": ["Paris"], "lang": "fr"})
+    deep.write_text("\n".join(lines) + "\n")
+    stream = make_stream(tiny_tokenizer, [str(deep)])
+    seen = {sample for batch in stream for sample in batch["meta"]["sample_id"]}
+    (report,) = stream.take_bad_records()
+    assert len(seen) == 39 and report["line"] == 26 and "language is 'fr'" in report["reason"]
+
+
+def test_one_file_under_two_training_keys_is_refused_naming_both(tmp_path):
+    """The same file under two languages (or through a symlink, or a hard link) would be trained
+    twice; data.train and the stage-2 corpora are compared as one set."""
+    from dualner.data.sources import read_source, refuse_shared_files
+    source = REPO / "data" / "panx-sample" / "de" / "train.tsv"
+    link = tmp_path / "link.tsv"
+    link.symlink_to(source)
+    with pytest.raises(ConfigError, match=rf"data.train.en and data.train.de name one file \({source} and {link} "
+                                          rf"are the same file\): its sentences would be trained twice"):
+        read_source(config(tmp_path / "run", f"data.train={{en: {source}, de: {link}}}"))
+    corpus = tmp_path / "de.txt"
+    corpus.write_text("eins zwei\n")
+    hard = tmp_path / "hard.txt"
+    hard.hardlink_to(corpus)
+    with pytest.raises(ConfigError, match=r"stage2.target.de and stage2.translations.fr name one file"):
+        refuse_shared_files({"data.train.en": [str(source)], "stage2.target.de": [str(corpus)],
+                             "stage2.translations.fr": [str(hard)]})
+    with pytest.raises(ConfigError, match=r"stage2.target.de names one file twice"):
+        refuse_shared_files({"stage2.target.de": [str(corpus), str(hard)]})
+    refuse_shared_files({"data.train.en": [str(source)], "stage2.target.de": [str(corpus)],
+                         "stage2.target.hub": ["hf:some/dataset@train"]})  # distinct files pass
+
+
+def test_stage2_refuses_one_file_under_two_languages_before_writing(populated, tmp_path):
+    corpus = tmp_path / "de.txt"
+    corpus.write_text("eins zwei\n")
+    link = tmp_path / "fr.txt"
+    link.symlink_to(corpus)
+    output = tmp_path / "stage2"
+    with pytest.raises(ConfigError, match=r"stage2.target.de and stage2.target.fr name one file"):
+        stage2(output, f"stage2.target={{de: {corpus}, fr: {link}}}", init_from=populated)
+    assert not output.exists()
+
+
+# -- item 9: prepare ------------------------------------------------------------------------------------
+def test_prepare_builds_aside_and_leaves_nothing_on_a_refusal(tmp_path, tiny_encoder):
+    from dualner.data.prepared import prepare
+    corpus = tmp_path / "c.txt"
+    corpus.write_bytes(b"".join(b"satz %d hier\n" % i for i in range(300)))
+    output = tmp_path / "prep"
+    with pytest.raises(ConfigError, match=r"prepare --tokenizer .*: no tokenizer can be loaded from .* \(Couldn't"):
+        prepare([str(corpus)], str(output), str(tmp_path), 32)  # a folder without a tokenizer
+    assert not output.exists() and not (tmp_path / "prep.partial").exists()
+    output.mkdir()  # an empty folder made beforehand is fine
+    manifest = prepare([str(corpus)], str(output), tiny_encoder, 32, "de", workers=1, log=lambda *_: None)
+    assert manifest["sentences"] == 300 and not (tmp_path / "prep.partial").exists()
+    again = prepare([str(corpus)], str(output), tiny_encoder, 32, "de", workers=1, log=lambda *_: None)
+    assert again == manifest  # nothing to do
+    with pytest.raises(ConfigError, match=r"prepare --output .*prep: holds something else"):
+        prepare([str(corpus)], str(output), tiny_encoder, 16, "de", workers=1, log=lambda *_: None)
+
+
+def test_prepare_names_a_bad_record_by_its_real_line_and_keeps_the_shards_done(tmp_path, tiny_encoder):
+    """A bad byte in a shard that starts mid-file used to be reported at line `?`."""
+    from dualner.data.prepared import prepare
+    lines = [b"satz %d hier\n" % i for i in range(300)]
+    lines[250] = b"kaputt \xff hier\n"
+    corpus = tmp_path / "c.txt"
+    corpus.write_bytes(b"".join(lines))
+    output = tmp_path / "prep"
+    with pytest.raises(DataFormatError, match=rf"c.txt:251 \(byte {sum(map(len, lines[:250]))}\): not UTF-8 .*the "
+                                              rf"shards done are kept in .*prep.partial: run prepare again"):
+        prepare([str(corpus)], str(output), tiny_encoder, 32, workers=1, shard_bytes=1000, log=lambda *_: None)
+    assert not output.exists() and list((tmp_path / "prep.partial").glob("*.done.json"))
+    with pytest.raises(MissingPathError, match=r"prep' matches no file; .*prep.partial holds an unfinished `prepare`"):
+        expand_files(str(output), "stage2.target.de")
+    logged = []
+    manifest = prepare([str(corpus)], str(output), tiny_encoder, 32, workers=1, shard_bytes=1000, max_bad_records=1,
+                       log=logged.append)
+    assert manifest["sentences"] == 299 and output.is_dir() and not (tmp_path / "prep.partial").exists()
+    assert any("c.txt:251" in line for line in logged)
+
+
+def test_prepare_a_truncated_zstd_corpus_is_not_silently_short(tmp_path, tiny_encoder):
+    """It used to report 18,688 of 40,000 sentences prepared, exit 0."""
+    from dualner.data.prepared import prepare
+    corpus = tmp_path / "c.txt.zst"
+    corpus.write_bytes(damaged(CODECS[".zst"](corpus_text(4000)), "truncated"))
+    with pytest.raises(DataFormatError, match=r"1 bad record\(s\).*c.txt.zst:\d+ \(byte \d+\): damaged zstd data: "
+                                              r"the file ends inside the compressed stream \(truncated\)"):
+        prepare([str(corpus)], str(tmp_path / "prep"), tiny_encoder, 32, workers=1, log=lambda *_: None)
+    assert not (tmp_path / "prep").exists()
+
+
+def test_prepare_command_line_alias_offline_and_damage_are_one_line(tmp_path):
+    corpus = tmp_path / "c.txt.xz"
+    corpus.write_bytes(damaged(CODECS[".xz"](corpus_text(3000)), "truncated"))
+    started = time.time()
+    line = one_line_error(cli("prepare", str(corpus), "--tokenizer", "no-such-tokenizer", "--max-length", "32",
+                              "--output", str(tmp_path / "a"), env={"HF_HUB_OFFLINE": "1"}))
+    assert "prepare --tokenizer: 'no-such-tokenizer' is not a folder, not a built-in alias" in line
+    assert time.time() - started < 40 and not list(tmp_path.glob("a*"))  # no minute of hub retries
+    line = one_line_error(cli("prepare", str(corpus), "--tokenizer", "tiny-random", "--max-length", "32",
+                              "--output", str(tmp_path / "b"), "--workers", "1"))
+    assert re.search(r"c.txt.xz:\d+ \(byte \d+\): damaged xz data: the file ends inside the compressed stream "
+                     r"\(truncated\), at decompressed byte \d+, compressed byte \d+ of \d+; re-download", line), line
+    assert not (tmp_path / "b").exists()

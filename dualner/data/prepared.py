@@ -317,7 +317,7 @@ def load_tokenizer(name: str):
     try:
         return path, AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as error:
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        reason = " ".join(str(error).split())[:160] or type(error).__name__
         raise ConfigError(f"prepare --tokenizer {name}: no tokenizer can be loaded from {path} ({reason}); name a "
                           f"stage-1 run folder, an exported model or a tokenizer folder") from None
 
