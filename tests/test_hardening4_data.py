@@ -315,3 +315,22 @@ def test_prepare_command_line_alias_offline_and_damage_are_one_line(tmp_path):
     assert re.search(r"c.txt.xz:\d+ \(byte \d+\): damaged xz data: the file ends inside the compressed stream "
                      r"\(truncated\), at decompressed byte \d+, compressed byte \d+ of \d+; re-download", line), line
     assert not (tmp_path / "b").exists()
+
+
+def test_stage2_meets_a_truncated_zstd_corpus_stops_with_a_checkpoint_naming_it(populated, tmp_path):
+    """The issue's silent case end to end: a .zst whose second frame is cut. Stage 2 reads the
+    first frame's sentences, then the damage is a bad record: with data.max_bad_records=0 the run
+    writes a checkpoint and stops (exit 2) naming the key, file, line, byte, codec and remedy."""
+    good = b"".join(b"Satz %d in Berlin\n" % i for i in range(30))
+    target = tmp_path / "de.txt.zst"
+    target.write_bytes(CODECS[".zst"](good) + damaged(CODECS[".zst"](corpus_text(200)), "truncated"))
+    run = tmp_path / "run"
+    started = cli("stage2", "--config", str(REPO / "configs" / "tiny_stage2.yaml"), f"run.output_dir={run}",
+                  f"stage2.init_from={populated}", f"stage2.target={{de: {target}}}", "stage2.mix=equal",
+                  "stage2.bucket_pool=8", "train.max_steps=8", "train.eval_every=100", "data.max_eval_sentences=8",
+                  f"deepspeed.config={REPO / 'ds_configs' / 'zero0_fp32.json'}")
+    line = one_line_error(started)
+    assert (f"stage2.target.de: {target}:31 (byte {len(good)}): damaged zstd data: the file ends inside the "
+            f"compressed stream (truncated), at decompressed byte {len(good)}") in line, line
+    stopped_at = re.search(r"checkpoint \S+step-(\d+)", line)
+    assert stopped_at and (run / "checkpoints" / f"step-{stopped_at.group(1)}" / "COMPLETE").is_file()
