@@ -24,7 +24,7 @@ from dualner.checkpoint import load_model_state, read_best, resolve_checkpoint
 from dualner.config import Config, ModelConfig, Stage2Config, validate
 from dualner.data.encoding import WindowTokenizer
 from dualner.data.packing import Collator, model_inputs
-from dualner.data.sources import check_same_split, read_source
+from dualner.data.sources import check_same_split, read_source, refuse_shared_files
 from dualner.data.corpus import describe_file, estimate_records
 from dualner.data.prepared import PreparedCorpus, tokenizer_fingerprint
 from dualner.data.streaming import (KIND_SOURCE, KIND_TARGET, KIND_TRANSLATION, STREAM_META, HubSource,
@@ -253,12 +253,17 @@ def build_stage2(cfg: Config) -> Trainer:
     windows_of = WindowTokenizer(tokenizer, label_set, cfg.data.max_length)
     dev_sets = load_eval_sets(cfg.data.dev, "data.dev", windows_of, label_set, cfg.data.max_eval_sentences)
     test_sets = load_eval_sets(cfg.data.test, "data.test", windows_of, label_set, cfg.data.test_sentence_cap)
-    languages = sorted({cfg.data.source_language, *stage2.target, *stage2.translations})
+    # every language a sentence can carry (the labeled source's records name data.train's languages)
+    languages = sorted({cfg.data.source_language, *cfg.data.train, *stage2.target, *stage2.translations})
     corpora, fingerprint = {}, None  # the tokenizer's fingerprint: computed once, for the prepared corpora
-    for group, key, kind in ((stage2.target, "stage2.target", KIND_TARGET),
-                             (stage2.translations, "stage2.translations", KIND_TRANSLATION)):
-        for language, pattern in group.items():
-            sources = open_sources(expand_files(pattern, f"{key}.{language}"), f"{key}.{language}")
+    groups = ((stage2.target, "stage2.target", KIND_TARGET),
+              (stage2.translations, "stage2.translations", KIND_TRANSLATION))
+    files = {f"{key}.{language}": expand_files(pattern, f"{key}.{language}")
+             for group, key, _ in groups for language, pattern in group.items()}
+    refuse_shared_files({**{f"data.train.{language}": [path] for language, path in cfg.data.train.items()}, **files})
+    for group, key, kind in groups:
+        for language in group:
+            sources = open_sources(files[f"{key}.{language}"], f"{key}.{language}")
             check_corpus(sources, language, kind, f"{key}.{language}")
             for source in sources:
                 if isinstance(source, PreparedCorpus):
@@ -454,8 +459,9 @@ def build_stream(job: Job, folder: RunFolder, windows_of: WindowTokenizer, colla
         streams = [(kind, language, sources, kind_weight[kind] * sizes[(kind, language)])
                    for kind, language, sources, _ in streams]
     pair_with = str(labeled) if stage2.mse == "parallel" and labeled is not None else ""
-    specs = [StreamSpec(f"{kind}/{language}", kind, language.removesuffix("-remainder"), sources, weight,
-                        pair_with if kind == KIND_TRANSLATION else "")
+    # the remainder's records name data.train's languages, as the labeled source's do (no one stream language)
+    specs = [StreamSpec(f"{kind}/{language}", kind, "" if language.endswith("-remainder") else language, sources,
+                        weight, pair_with if kind == KIND_TRANSLATION else "")
              for kind, language, sources, weight in streams]
     job.log.info("stage 2 streams over %d rank(s) x %d loader worker(s): %s", job.info.world_size,
                  max(1, job.loader_workers), ", ".join(f"{spec.name} ({len(spec.sources)} file(s), weight "

@@ -1,17 +1,21 @@
 """Readers for CoNLL / PAN-X files: `token<TAB>label` per line, a blank line between sentences.
 
 What real files carry is read as meant, or refused naming the file and line:
-- a UTF-8 byte-order mark, Windows (CRLF) or old Mac (CR) line ends, trailing whitespace, lines of
-  only whitespace or zero-width characters (sentence breaks), a missing final newline: read as meant;
+- a UTF-8 byte-order mark at the file's start, Windows (CRLF) or old Mac (CR) line ends, trailing
+  whitespace, lines of only whitespace or zero-width characters (sentence breaks), a missing final
+  newline: read as meant;
+- a token of only invisible characters (U+FEFF, U+200B-U+200F: real WikiANN files carry them) is a
+  word, as XTREME's reader keeps it (the tokenizer gives it no subword: it gets the unknown token,
+  dualner.data.encoding), so the words and labels of its sentence stay aligned;
 - `token label` separated by spaces instead of a tab (one token per line, so unambiguous);
 - `-DOCSTART-` lines (CoNLL-2003 document markers): a sentence break, never a word;
 - tags in lower case (`b-per`) or in the IOBES / BILOU schemes (`S-`, `E-`, `U-`, `L-`): rewritten
   to BIO (`B-per`, ...) exactly, since a single or last word maps to B or I one to one;
 - the language prefix XTREME writes (`en:Paris`) is dropped: the file's language prefix, or, for a
   file read without a language, a prefix every word of the sentence shares;
-- refused: NUL bytes (a binary or UTF-16 file), bytes that are not UTF-8 (with the byte offset and
-  line), a labeled line without exactly two columns, an unknown tag, an empty token, and a file that
-  is empty or holds no sentence.
+- refused: compressed data (gzip, xz, zstd, bz2: named as such), NUL bytes (a binary or UTF-16
+  file), bytes that are not UTF-8 (with the byte offset and line), a labeled line without exactly two
+  columns, an unknown tag, an empty token, and a file that is empty or holds no sentence.
 """
 
 from __future__ import annotations
@@ -19,15 +23,17 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
+from dualner.data.formats import MAGIC_BYTES, READ_BLOCK, check_content
 from dualner.errors import DataFormatError, MissingPathError  # DataFormatError re-exported
 from dualner.labels import is_valid_tag
 
 BOM = "\ufeff"
 DOCSTART = "-DOCSTART-"
-# Characters that show nothing: a line of only these is a blank line; a tag is read without them.
-INVISIBLE = "\u200b\u200c\u200d\u2060" + BOM
+# Characters that show nothing (zero-width spaces and joiners, direction marks, word joiner, BOM): a
+# line of only these is a blank line and a tag is read without them; a token of only these is a word.
+INVISIBLE = "\u200b\u200c\u200d\u200e\u200f\u2060" + BOM
 # XTREME writes PAN-X tokens as `en:Paris`; the prefix is a language code, never part of the word.
 _LANGUAGE_PREFIX = re.compile(r"^([a-z]{2,3}):(?=.)")
 # IOBES / BILOU prefixes -> BIO (a single-word entity starts one; a last word continues one)
@@ -87,8 +93,9 @@ class _PrefixDetector:
         return [self._strip(sentence) for sentence in pending]
 
     def _strip(self, sentence: Sentence) -> Sentence:
-        if self.prefix:
-            sentence.words = [_strip_language_prefix(word, self.prefix) for word in sentence.words]
+        prefix = self.prefix
+        if prefix and any(word.startswith(f"{prefix}:") for word in sentence.words):
+            sentence.words = [_strip_language_prefix(word, prefix) for word in sentence.words]
         return sentence
 
 
@@ -101,26 +108,65 @@ class Sentence:
 
 
 def text_lines(path: Path) -> Iterator[tuple[int, str]]:
-    """(line number, text) of a UTF-8 file, decoded line by line so an error names the line and the
-    file's byte; a byte-order mark and CR / CRLF line ends are taken off."""
-    offset = 0
+    """(line number, text) of a UTF-8 file (see `text_blocks`)."""
+    for numbers, lines in text_blocks(path):
+        yield from zip(numbers, lines)
+
+
+def text_blocks(path: Path) -> Iterator[tuple[Sequence[int], list[str]]]:
+    """(line numbers, lines) of a UTF-8 file, decoded a block of whole lines at a time (fast, and an
+    error names the line and the file's byte); the byte-order mark at the file's start and CR / CRLF
+    line ends are taken off (a mark anywhere else is text: real files have tokens of only that)."""
+    offset = number = 0  # the file's byte and line before `block`
     with path.open("rb") as handle:
-        for number, raw in enumerate(handle, start=1):
-            if number == 1 and raw[:2] in (b"\xff\xfe", b"\xfe\xff"):
-                raise DataFormatError(f"{path}: not UTF-8 text (a UTF-16 byte-order mark at byte 0); save it as UTF-8")
-            nul = raw.find(b"\x00")
-            if nul >= 0:
-                raise DataFormatError(f"{path}:{number}: a NUL byte at byte {offset + nul} (a binary file, or "
-                                      f"UTF-16 text?); give UTF-8 text")
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError as error:
-                raise DataFormatError(f"{path}: not UTF-8 text ({error.reason} at byte {offset + error.start}, "
-                                      f"line {number}); save it as UTF-8") from None
-            offset += len(raw)
-            text = text.rstrip("\n").rstrip("\r").lstrip(BOM)
-            for piece in text.split("\r"):  # old Mac line ends, as universal newlines read them
-                yield number, piece
+        head = handle.read(MAGIC_BYTES)
+        if head[:2] in (b"\xff\xfe", b"\xfe\xff"):
+            raise DataFormatError(f"{path}: not UTF-8 text (a UTF-16 byte-order mark at byte 0); save it as UTF-8")
+        check_content(path, "", head, compressed_ok=False)  # gzip data named .tsv: not "a NUL byte"
+        pending = [head]  # bytes read and not yet cut into lines
+        while True:
+            read = handle.read(READ_BLOCK)
+            if read and b"\n" not in read:  # no line ends here (a very long line): read on
+                pending.append(read)
+                continue
+            data = b"".join(pending) + read
+            if not data:
+                return
+            cut = data.rfind(b"\n") + 1 if read else len(data)
+            block, pending = data[:cut], [data[cut:]]
+            yield _lines_of_block(path, block, offset, number)
+            offset, number = offset + len(block), number + block.count(b"\n")
+            if not read:
+                return
+
+
+def _lines_of_block(path: Path, block: bytes, offset: int, number: int) -> tuple[Sequence[int], list[str]]:
+    """(line numbers, lines) of `block`: whole lines of the file from byte `offset`, after `number` lines."""
+    nul = block.find(b"\x00")
+    if nul >= 0:
+        line = number + block.count(b"\n", 0, nul) + 1
+        raise DataFormatError(f"{path}:{line}: a NUL byte at byte {offset + nul} (a binary file, or UTF-16 "
+                              f"text?); give UTF-8 text")
+    try:
+        text = block.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = number + block.count(b"\n", 0, error.start) + 1
+        raise DataFormatError(f"{path}: not UTF-8 text ({error.reason} at byte {offset + error.start}, line "
+                              f"{line}); save it as UTF-8") from None
+    if offset == 0 and text.startswith(BOM):
+        text = text[1:]
+    lines = text.split("\n")
+    if text.endswith("\n"):
+        lines.pop()
+    if "\r" not in text:
+        return range(number + 1, number + 1 + len(lines)), lines
+    # CRLF, and old Mac line ends as universal newlines read them (each piece keeps its line's number)
+    numbers, pieces = [], []
+    for index, line in enumerate(lines, number + 1):
+        for piece in line.rstrip("\r").split("\r"):
+            numbers.append(index)
+            pieces.append(piece)
+    return numbers, pieces
 
 
 def iter_conll(path: str | Path, language: str = "", labeled: bool = True) -> Iterator[Sentence]:
@@ -141,33 +187,39 @@ def iter_conll(path: str | Path, language: str = "", labeled: bool = True) -> It
     def sentence() -> list[Sentence]:
         return prefixes.push(Sentence(words, tags if labeled else None, language, f"{path}:{first_line}"))
 
-    for line_number, line in text_lines(path):
-        line = line.rstrip()
-        blank = not line.strip().strip(INVISIBLE).strip()
-        columns = line.split("\t") if "\t" in line else line.split()
-        if blank or columns[0].strip() == DOCSTART:
-            if words:
-                yield from sentence()
-                sentences += 1
-                words, tags = [], []
-            continue
-        if labeled and len(columns) != 2:
-            raise DataFormatError(
-                f"{path}:{line_number}: expected `token<TAB>label`, found {len(columns)} column(s): {line[:80]!r}"
-                + ("; keep only the token and NER columns" if len(columns) > 2 else ""))
-        word = columns[0].strip()
-        if not word:
-            raise DataFormatError(f"{path}:{line_number}: empty token")
-        if labeled:
-            tag = normalize_tag(columns[1])
-            if not is_valid_tag(tag):
+    bio: dict[str, str] = {}  # a tag as written -> its BIO tag (each spelling checked once)
+    for numbers, lines in text_blocks(path):
+        for line_number, line in zip(numbers, lines):
+            line = line.rstrip()
+            # blank: only whitespace and invisible characters (a line starting with neither is not)
+            blank = not line or ((line[0].isspace() or line[0] in INVISIBLE)
+                                 and not line.strip().strip(INVISIBLE).strip())
+            columns = line.split("\t") if "\t" in line else line.split()
+            if blank or (DOCSTART in line and columns[0].strip() == DOCSTART):
+                if words:
+                    yield from sentence()
+                    sentences += 1
+                    words, tags = [], []
+                continue
+            if labeled and len(columns) != 2:
                 raise DataFormatError(
-                    f"{path}:{line_number}: unknown tag {columns[1].strip()!r} (expected O, B-TYPE or I-TYPE; "
-                    f"IOBES and lower case are read too)")
-            tags.append(tag)
-        if not words:
-            first_line = line_number
-        words.append(word)
+                    f"{path}:{line_number}: expected `token<TAB>label`, found {len(columns)} column(s): {line[:80]!r}"
+                    + ("; keep only the token and NER columns" if len(columns) > 2 else ""))
+            word = columns[0].strip()
+            if not word:
+                raise DataFormatError(f"{path}:{line_number}: empty token")
+            if labeled:
+                tag = bio.get(columns[1])
+                if tag is None:
+                    tag = bio[columns[1]] = normalize_tag(columns[1])
+                    if not is_valid_tag(tag):
+                        raise DataFormatError(
+                            f"{path}:{line_number}: unknown tag {columns[1].strip()!r} (expected O, B-TYPE or I-TYPE; "
+                            f"IOBES and lower case are read too)")
+                tags.append(tag)
+            if not words:
+                first_line = line_number
+            words.append(word)
     if words:
         yield from sentence()
         sentences += 1

@@ -14,7 +14,9 @@ decompresses and discards X bytes: prepare such corpora, dualner.data.prepared).
 
 Records. A record is parsed on its own: a malformed or non-UTF-8 record raises `BadRecord` (with
 its file, byte and line) instead of ending the file, so the stream can skip and count it
-(`data.max_bad_records`).
+(`data.max_bad_records`). A compressed file that stops decompressing (truncated or corrupted,
+dualner.data.formats) ends in one last bad record, from the damaged sentence to the file's end: the
+stream counts it like any other (a run stops with a checkpoint, naming the file, codec and byte).
 """
 
 from __future__ import annotations
@@ -28,7 +30,8 @@ from typing import BinaryIO, Iterator
 
 from dualner.data.conll import DOCSTART, INVISIBLE, _strip_language_prefix, normalize_tag
 from dualner.data.formats import READ_BLOCK as _BLOCK
-from dualner.data.formats import accepted_endings, corpus_format, open_compressed, zstd_module
+from dualner.data.formats import (DecompressionError, accepted_endings, check_content, corpus_format,
+                                  open_decompressed, zstd_module)
 from dualner.errors import DataFormatError
 from dualner.labels import is_valid_tag
 
@@ -74,14 +77,18 @@ def describe_file(path: str | Path, key: str) -> CorpusFile:
     stat = os.stat(path)
     if found[1] == "zstd":
         zstd_module(key)
+    try:
+        check_content(path, found[1])  # gzip data named .txt, xz data named .gz, text named .zst, ...
+    except DecompressionError as error:
+        raise DecompressionError(f"{key}: {error}") from None
     return CorpusFile(str(path), found[0], found[1], stat.st_size, stat.st_mtime_ns)
 
 
-def open_decompressed(file: CorpusFile, buffer: int = _BLOCK) -> BinaryIO:
+def open_corpus(file: CorpusFile, buffer: int = _BLOCK) -> BinaryIO:
     """The file's (decompressed) bytes, buffered so that readline() is fast (a small range: a
     small buffer, or opening it would read a whole MiB)."""
     if file.compression:
-        return open_compressed(file.compression, file.path)
+        return open_decompressed(file.path, file.compression)
     return open(file.path, "rb", buffering=max(1 << 13, min(buffer, _BLOCK)))
 
 
@@ -117,6 +124,7 @@ class RawRecord:
     end: int  # byte after its last line (where the next record may begin)
     lines: list[bytes]
     line: int | None  # its first line's number in the file, when known
+    damage: str = ""  # the file stops decompressing here: why (the record is bad, the last one)
 
 
 class RecordReader:
@@ -129,10 +137,13 @@ class RecordReader:
 
     def __iter__(self) -> Iterator[RawRecord]:
         file = self.file
-        with open_decompressed(file, self.end - self.start + (1 << 16)) as handle:
+        with open_corpus(file, self.end - self.start + (1 << 16)) as handle:
             if self.cursor is not None:
                 position = self.cursor
-                skip_to(handle, file, position)
+                try:
+                    skip_to(handle, file, position)
+                except DecompressionError:
+                    return  # the cursor is past the damage that ended the file: the range is done
                 line_number = None
             else:
                 position = self._align(handle)
@@ -194,7 +205,13 @@ def records_in(handle: BinaryIO, format: str, position: int, end: int, line_numb
     while True:
         if not block and position >= end:
             return
-        line = handle.readline()
+        try:
+            line = handle.readline()
+        except DecompressionError as error:  # the rest, from the sentence it cut, is one bad record
+            start, first_line = (block_start, block_line) if block else (position, line_number)
+            yield RawRecord(start, UNBOUNDED, [], first_line,
+                            str(error).split(": ", 1)[-1] + " (the rest of the file is not read)")
+            return
         if not line:
             break
         here = position
@@ -220,19 +237,32 @@ def records_in(handle: BinaryIO, format: str, position: int, end: int, line_numb
 
 def lines_before(file: CorpusFile, position: int) -> int:
     """Newlines in the file's bytes before `position` (for naming a record's line, on error paths)."""
-    count, left = 0, position
-    with open_decompressed(file) as handle:
-        while left > 0:
-            chunk = handle.read(min(left, 1 << 24))
-            if not chunk:
-                break
-            count += chunk.count(b"\n")
-            left -= len(chunk)
-    return count
+    return line_numbers(file, [position])[position] - 1
+
+
+def line_numbers(file: CorpusFile, positions: list[int]) -> dict[int, int]:
+    """The line number of each byte position (1-based), in one read of the file up to the last one."""
+    numbers, count, read = {}, 0, 0
+    with open_corpus(file) as handle:
+        for position in sorted(set(positions)):
+            while read < position:
+                try:
+                    chunk = handle.read(min(position - read, 1 << 24))
+                except DecompressionError:
+                    chunk = b""  # the position is a damaged record's: the lines before the damage
+                if not chunk:
+                    read = position
+                    break
+                count += chunk.count(b"\n")
+                read += len(chunk)
+            numbers[position] = count + 1
+    return numbers
 
 
 # -- parsing one record ------------------------------------------------------------------------------
 def _decode(record: RawRecord, file: CorpusFile) -> list[str]:
+    if record.damage:
+        raise BadRecord(file.path, record.start, record.line, record.damage)
     if record.start == 0 and record.lines[0][:2] in (b"\xff\xfe", b"\xfe\xff"):
         raise BadRecord(file.path, 0, 1, "not UTF-8 text (a UTF-16 byte-order mark); save it as UTF-8")
     for offset, line in enumerate(record.lines):
@@ -273,7 +303,8 @@ def parse_jsonl_line(text: str, where: str) -> dict | None:
 
 def parse_record(record: RawRecord, file: CorpusFile, language: str, labeled: bool) -> dict | None:
     """A raw record -> a sentence dict (words, tags, language, src_id, sample_id), None when it holds
-    no sentence; BadRecord when it cannot be used."""
+    no sentence; BadRecord when it cannot be used. `language`: the stream's (its config key's); an
+    unlabeled record naming another `lang` is bad (the labeled source may mix data.train's languages)."""
     lines = _decode(record, file)
     sample_id = f"{file.path}@{record.start}"
     where = f"{file.path}:{record.line if record.line is not None else '?'} (byte {record.start})"
@@ -287,6 +318,8 @@ def parse_record(record: RawRecord, file: CorpusFile, language: str, labeled: bo
             raise BadRecord(file.path, record.start, record.line, str(error).split(": ", 1)[-1]) from None
         if not parsed["words"]:
             return None
+        if not labeled:
+            check_language(parsed["language"], language, file.path, record.start, record.line)
         parsed["language"] = parsed["language"] or language
         parsed["sample_id"] = sample_id
         if not labeled:
@@ -312,6 +345,15 @@ def parse_record(record: RawRecord, file: CorpusFile, language: str, labeled: bo
     if not words:  # a -DOCSTART- block
         return None
     return {"words": words, "tags": tags, "language": language, "src_id": "", "sample_id": sample_id}
+
+
+def check_language(found: str | None, language: str, path: str, byte: int, line: int | None) -> None:
+    """A record of a stream read as `language` (stage2.target.de: "de") that names another: BadRecord
+    (its sentences would be counted, and teach, as the wrong language)."""
+    if found and language and found != language:
+        raise BadRecord(path, byte, line, f"the record's language is {found!r} ('lang'), but the file is read as "
+                                          f"{language!r} (its config key): list the file under its language, or "
+                                          f"fix the record's 'lang'")
 
 
 def text_words(line: str) -> list[str]:
@@ -340,7 +382,7 @@ def estimate_records(file: CorpusFile) -> tuple[int, bool]:
             records += sum(1 for _ in reader)
             sampled += min(file.size, start + _SAMPLE_BYTES) - start
         return max(1, round(records * file.size / max(1, sampled))), False
-    with open(file.path, "rb") as raw, open_compressed(file.compression, raw) as compressed:
+    with open(file.path, "rb") as raw, open_decompressed(file.path, file.compression, raw) as compressed:
         data = compressed.read(EXACT_COUNT_BYTES)
         more = bool(compressed.read(1))
         taken = raw.tell()

@@ -28,6 +28,7 @@ import hashlib
 import json
 import multiprocessing
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -36,7 +37,7 @@ import numpy as np
 
 from dualner.run_layout import RunLayout
 from dualner.data.corpus import (BadRecord, CorpusFile, RawRecord, RecordReader, describe_file,
-                                 parse_record)
+                                 line_numbers, parse_record)
 from dualner.errors import ConfigError, DataFormatError, MissingPathError
 
 MANIFEST = "manifest.json"
@@ -205,8 +206,8 @@ def _write_shard(task: tuple) -> dict:
     for record in _records_of(file, piece, records):
         try:
             sentence = parse_record(record, file, state["language"], labeled=False)
-        except BadRecord as error:
-            bad.append(str(error))
+        except BadRecord as error:  # [file, byte, line (None: not known yet), reason]
+            bad.append([error.path, error.byte, error.line, error.reason])
             continue
         if sentence is not None:
             sentences.append((record.start, sentence))
@@ -223,8 +224,8 @@ def _write_shard(task: tuple) -> dict:
                 byte, sentence = chunk[member]
                 src_id = sentence["src_id"]
                 if src_id and not src_id.lstrip("-").isdigit():
-                    bad.append(f"{file.path} (byte {byte}): src_id {src_id!r} is not an integer "
-                               f"(the index of a labeled source sentence)")
+                    bad.append([file.path, byte, None, f"src_id {src_id!r} is not an integer (the index of a "
+                                                       f"labeled source sentence)"])
                     src_id = ""
                 table.append([len(windows), 0, encoded["num_words"][row], byte, int(src_id) if src_id else -1])
                 previous = member
@@ -273,28 +274,92 @@ def _pieces(files: list[CorpusFile], shard_bytes: int) -> Iterator[tuple[CorpusF
 def prepare(inputs: list[str], output: str, tokenizer_path: str, max_length: int, language: str = "",
             workers: int | None = None, shard_bytes: int = 64 << 20, max_bad_records: int = 0,
             log=print) -> dict:
-    """Tokenize `inputs` into a prepared corpus in `output` (resumable); returns the manifest."""
-    from transformers import AutoTokenizer
+    """Tokenize `inputs` into a prepared corpus in `output`; returns the manifest. Everything is
+    checked before a folder is made; the corpus is built in `<output>.partial` and renamed to
+    `output` when complete, so `output` never holds half a corpus. A failed run keeps the shards it
+    finished there (none: the folder goes), and prepare run again continues from them."""
     if not inputs:
         raise ConfigError("prepare: name at least one input file")
-    run_model = RunLayout(tokenizer_path).model  # a run folder: the tokenizer it trained with
-    tokenizer_path = str(run_model) if run_model.is_dir() else tokenizer_path
     files = []
     for path in inputs:
         if not Path(path).is_file():
             raise MissingPathError(f"prepare: input not found: {path}")
         files.append(describe_file(path, "prepare"))
-    folder = Path(output)
-    folder.mkdir(parents=True, exist_ok=True)
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
+    tokenizer_path, tokenizer = load_tokenizer(tokenizer_path)
     inputs_record = [{"path": str(Path(f.path).resolve()), "size": f.size, "mtime_ns": f.mtime_ns} for f in files]
-    plan_file = folder / "prepare.json"
     plan = {"inputs": inputs_record, "max_length": max_length, "language": language, "shard_bytes": shard_bytes,
             "tokenizer": tokenizer_fingerprint(tokenizer)}
-    if plan_file.is_file() and json.loads(plan_file.read_text(encoding="utf-8")) != plan:
-        raise ConfigError(f"prepare: {folder} holds a preparation of other inputs or settings; choose another "
-                          f"--output or remove it")
-    plan_file.write_text(json.dumps(plan, indent=1), encoding="utf-8")
+    folder = Path(output)
+    work = folder.with_name(f"{folder.name}.partial")
+    finished = _claim_output(folder, work, plan, log)
+    if finished is not None:
+        return finished
+    try:
+        manifest = _prepare_in(work, files, plan, tokenizer, tokenizer_path, max_length, language, workers,
+                               shard_bytes, max_bad_records, log)
+    except BaseException:
+        if not any(work.glob("*.done.json")):  # nothing to continue from
+            shutil.rmtree(work, ignore_errors=True)
+        raise
+    os.replace(work, folder)
+    return manifest
+
+
+def load_tokenizer(name: str):
+    """(path, tokenizer) of `prepare --tokenizer`: a run folder (the tokenizer it trained with), an
+    exported model, a built-in alias (`multilingual-e5-small`, built offline as model.encoder builds
+    it) or a hub name; one line, at once, for a name that cannot be had (offline: no minute of retries)."""
+    from transformers import AutoTokenizer
+
+    from dualner.encoders import resolve_encoder
+    run_model = RunLayout(name).model
+    path = str(run_model) if run_model.is_dir() else resolve_encoder(name, "prepare --tokenizer")
+    try:
+        return path, AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as error:
+        reason = " ".join(str(error).split())[:160] or type(error).__name__
+        raise ConfigError(f"prepare --tokenizer {name}: no tokenizer can be loaded from {path} ({reason}); name a "
+                          f"stage-1 run folder, an exported model or a tokenizer folder") from None
+
+
+def _claim_output(folder: Path, work: Path, plan: dict, log) -> dict | None:
+    """Decide what becomes of --output before anything is written: its manifest when it already
+    holds this preparation (nothing to do), else None with `work` ready to write in. Nothing that
+    is not a preparation of the same inputs and settings is replaced."""
+    def plan_of(path: Path) -> dict | None:
+        try:
+            return json.loads((path / "prepare.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+
+    if folder.exists() and not folder.is_dir():
+        raise ConfigError(f"prepare --output {folder}: is a file; name a folder")
+    if folder.is_dir() and any(folder.iterdir()):
+        if plan_of(folder) != plan:
+            raise ConfigError(f"prepare --output {folder}: holds something else (not a preparation of these inputs "
+                              f"and settings); choose another --output or remove it")
+        if is_prepared(folder):
+            log(f"prepare: {folder} already holds this preparation")
+            return json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
+        if work.exists():
+            raise ConfigError(f"prepare: {folder} and {work} both hold unfinished preparations; remove one")
+        os.replace(folder, work)  # an unfinished preparation (an older DualNER wrote in place): continue it
+    elif folder.is_dir():
+        folder.rmdir()  # an empty folder made beforehand: the finished corpus takes its place
+    if work.exists() and plan_of(work) != plan:
+        if plan_of(work) is None and any(work.iterdir()):
+            raise ConfigError(f"prepare: {work} (where --output {folder} is built) holds something else; remove it")
+        log(f"prepare: {work} held a preparation of other inputs or settings: starting over")
+        shutil.rmtree(work)
+    work.mkdir(parents=True, exist_ok=True)
+    (work / "prepare.json").write_text(json.dumps(plan, indent=1), encoding="utf-8")
+    return None
+
+
+def _prepare_in(folder: Path, files: list[CorpusFile], plan: dict, tokenizer, tokenizer_path: str, max_length: int,
+                language: str, workers: int | None, shard_bytes: int, max_bad_records: int, log) -> dict:
+    """The shards of `files` in `folder` (those done already are kept), then the manifest."""
+    inputs_record = plan["inputs"]
     (folder / MANIFEST).unlink(missing_ok=True)
     workers = workers or os.cpu_count() or 1
     context = multiprocessing.get_context("spawn")
@@ -318,11 +383,11 @@ def prepare(inputs: list[str], output: str, tokenizer_path: str, max_length: int
                 results.append(counts)
                 log(f"prepare: {counts['name']}: {counts['sentences']} sentences")
     results.sort(key=lambda counts: counts["name"])
-    bad = [message for counts in results for message in counts["bad_records"]]
+    bad = _bad_record_messages([record for counts in results for record in counts["bad_records"]], files)
     if len(bad) > max_bad_records:
         raise DataFormatError(f"prepare: {len(bad)} bad record(s), more than --max-bad-records={max_bad_records}; "
                               f"the first: {bad[0]} (fix or remove it, or raise --max-bad-records; the shards "
-                              f"done are kept: run prepare again to finish)")
+                              f"done are kept in {folder}: run prepare again to finish)")
     for message in bad:
         log(f"prepare: skipped a bad record: {message}")
     manifest = {"format": FORMAT_NAME, "version": VERSION, "language": language, "max_length": max_length,
@@ -336,6 +401,19 @@ def prepare(inputs: list[str], output: str, tokenizer_path: str, max_length: int
     temporary.write_text(json.dumps(manifest, indent=1), encoding="utf-8")
     os.replace(temporary, folder / MANIFEST)
     return manifest
+
+
+def _bad_record_messages(bad: list[list], files: list[CorpusFile]) -> list[str]:
+    """`file:line (byte N): reason` of each bad record; the lines a worker could not know (its piece
+    began mid-file) counted here, in one read of each file concerned."""
+    by_path = {file.path: file for file in files}
+    unknown: dict[str, list[int]] = {}
+    for path, byte, line, _ in bad:
+        if line is None:
+            unknown.setdefault(path, []).append(byte)
+    lines = {path: line_numbers(by_path[path], positions) for path, positions in unknown.items()}
+    return [f"{path}:{line if line is not None else lines[path][byte]} (byte {byte}): {reason}"
+            for path, byte, line, reason in bad]
 
 
 def main(argv: list[str] | None = None) -> None:

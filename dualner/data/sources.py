@@ -2,14 +2,34 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
 
 from dualner.data.conll import DataFormatError, Sentence, read_conll
 from dualner.errors import ConfigError, MissingPathError
 from dualner.labels import LabelSet
+
+
+def refuse_shared_files(files_by_key: dict[str, Iterable[str]]) -> None:
+    """Training files named under two keys (`data.train.en` and `data.train.de`, or a target and a
+    translation), also through a symlink or a hard link: their sentences would be trained twice, as
+    two languages. Refused naming both keys; hub datasets (no file) are not compared."""
+    seen: dict[tuple[int, int], tuple[str, str]] = {}
+    for key, files in files_by_key.items():
+        for path in files:
+            try:
+                status = os.stat(path)
+            except OSError:
+                continue  # not a file (a hub dataset) or missing: the reader names it
+            first_key, first_path = seen.setdefault((status.st_dev, status.st_ino), (key, path))
+            if (first_key, first_path) == (key, path):
+                continue
+            keys = f"{key} names one file twice" if first_key == key else f"{first_key} and {key} name one file"
+            which = first_path if first_path == path else f"{first_path} and {path} are the same file"
+            raise ConfigError(f"{keys} ({which}): its sentences would be trained twice; name each file once")
 
 
 def read_labeled(paths: dict[str, str], key: str, max_sentences: int | None = None) -> list[Sentence]:
@@ -41,6 +61,7 @@ def read_source(cfg) -> tuple[list[Sentence], list[Sentence]]:
     """The labeled source of a run (`data.train`, capped by `data.max_train_sentences`), split into
     (labeled part, remainder) by `data.train_fraction` and `run.seed`, the same in both stages. Each
     sentence's `source` is its index in the source: the `src_id` translations name."""
+    refuse_shared_files({f"data.train.{language}": [path] for language, path in cfg.data.train.items()})
     sentences = read_labeled(cfg.data.train, "data.train", cfg.data.max_train_sentences)
     for index, sentence in enumerate(sentences):
         sentence.source = str(index)

@@ -81,7 +81,10 @@ def expand_files(pattern: str, key: str) -> list[str]:
                                f"or a prepared corpus folder (python -m dualner prepare)")
     files = [f for f in files if Path(f).is_file()]
     if not files:
-        raise MissingPathError(f"{key}: {pattern!r} matches no file")
+        unfinished = Path(f"{pattern}.partial")  # where `prepare` builds it (dualner.data.prepared)
+        raise MissingPathError(f"{key}: {pattern!r} matches no file" + (
+            f"; {unfinished} holds an unfinished `prepare` of it: run prepare again to finish it"
+            if (unfinished / "prepare.json").is_file() else ""))
     return files
 
 
