@@ -573,7 +573,11 @@ class Stage2Stream:
         self.cut = Cut(micro_batch_size, collate.rows, collate.row_length, sort=pool > 0 and not collate.packed)
         total = sum(spec.weight for spec in self.streams)
         self.mix = {spec.name: spec.weight / total for spec in self.streams}
-        self.mix_plan = MixPlan([spec.weight for spec in self.streams])  # which stream supplies each sample
+        # which stream supplies each sample; plan blocks of whole pools, so that a pool's counts have
+        # a closed form (benchmarks simulate whole passes with it)
+        chunk = pool if pool > 0 else micro_batch_size
+        self.mix_plan = MixPlan([spec.weight for spec in self.streams],
+                                block=chunk * -(-4 * len(self.streams) // chunk))
         self._position: RankPosition | None = None  # None: not planned yet
 
     @property
