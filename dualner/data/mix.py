@@ -47,22 +47,21 @@ class MixPlan:
         self._dense_share = dense / dense.sum()
         self._block_order = lru_cache(maxsize=8)(self._order_of_block)
 
-    def cumulative(self, sample: int) -> np.ndarray:
+    def cumulative(self, sample: int | np.ndarray) -> np.ndarray:
         """How many of the samples [0, sample) each stream supplies; `sample` a multiple of the block
-        (else the counts at the block boundary before it)."""
-        sample -= sample % self.block
-        counts = np.zeros(len(self.weights), dtype=np.int64)
-        sparse = self.weights[self.sparse]
-        counts[self.sparse] = np.maximum(0, np.ceil(sparse * sample - 0.5)).astype(np.int64)
-        left = sample - int(counts[self.sparse].sum())
-        targets = self._dense_share * left
+        (else the counts at the block boundary before it), or an array of them (a row each)."""
+        samples = np.asarray(sample, dtype=np.int64)
+        samples = (samples - samples % self.block).reshape(-1, 1)
+        counts = np.zeros((len(samples), len(self.weights)), dtype=np.int64)
+        counts[:, self.sparse] = np.maximum(0, np.ceil(self.weights[self.sparse] * samples - 0.5)).astype(np.int64)
+        left = samples[:, 0] - counts[:, self.sparse].sum(axis=1)
+        targets = self._dense_share * left[:, None]
         dense = np.floor(targets).astype(np.int64)
-        seats = left - int(dense.sum())
-        if seats > 0:  # the largest remainders, ties to the lower stream index
-            order = np.lexsort((np.arange(len(targets)), -(targets - dense)))
-            dense[order[:seats]] += 1
-        counts[~self.sparse] = dense
-        return counts
+        seats = left - dense.sum(axis=1)
+        # the largest remainders take the seats left, ties to the lower stream index
+        rank = np.argsort(np.argsort(-(targets - dense), axis=1, kind="stable"), axis=1, kind="stable")
+        counts[:, ~self.sparse] = dense + (rank < seats[:, None])
+        return counts[0] if np.ndim(sample) == 0 else counts
 
     def _order_of_block(self, block: int) -> np.ndarray:
         start = block * self.block
