@@ -38,7 +38,7 @@ class RankPosition:
     states its readers own, the pools seen in part, the pools each of its readers made."""
 
     def __init__(self, rank: int, readers_per_rank: int, readers: int, names: list[str], owned: dict,
-                 leftover: list, pools_made: dict, identity: dict, known_bad: set, next_worker: int,
+                 leftover: list, pools_made: dict, identity: dict, known_bad: dict, next_worker: int,
                  chunk_base: int):
         self.rank, self.readers_per_rank, self.readers, self.names = rank, readers_per_rank, readers, names
         self.owned = owned  # reader -> stream name -> [range state, ...] (this rank's readers')
@@ -48,8 +48,10 @@ class RankPosition:
         self.pools_made = dict(pools_made)
         self.identity, self.next_worker, self.chunk_base = identity, next_worker, chunk_base
         # Bad records are counted once each, however many passes read them: those of earlier jobs
-        # (every rank knows them; rank 0 counts them) and the new ones this rank's readers found.
-        self.known_bad, self.new_bad = known_bad, set()
+        # (every rank knows them; rank 0 counts them) and the new ones this rank's readers found,
+        # each (file, byte) -> [file, byte, line, reason].
+        self.known_bad: dict[tuple, list] = known_bad
+        self.new_bad: dict[tuple, list] = {}
         self.bad_seen: list[dict] = []  # reports the recipe has not taken yet
 
     def consumed(self, position: dict) -> None:
@@ -72,7 +74,7 @@ class RankPosition:
         for report in position["bad"]:
             key = (report["path"], report["byte"])
             if key not in self.known_bad and key not in self.new_bad:
-                self.new_bad.add(key)
+                self.new_bad[key] = [report["path"], report["byte"], report["line"], report["reason"]]
                 self.bad_seen.append(report)
         local = reader - self.rank * self.readers_per_rank
         if 0 <= local < self.readers_per_rank:
@@ -85,7 +87,8 @@ class RankPosition:
                 "identity": self.identity, "pools": [dict(p) for p in self.pools.values()],
                 "pools_made": {str(k): v for k, v in self.pools_made.items()},
                 "next_worker": self.next_worker, "chunk_base": self.chunk_base,
-                "bad": sorted(self.new_bad | (self.known_bad if self.rank == 0 else set()))}
+                "bad": sorted((self.new_bad | (self.known_bad if self.rank == 0 else {})).values(),
+                              key=lambda entry: entry[:2])}
 
     @property
     def bad_records(self) -> int:
@@ -104,7 +107,7 @@ class GlobalPosition:
     readers: int = 0
     chunk_base: int = 0  # the plan chunk of reader 0's first pool since the readers were last planned
     next_worker: dict = field(default_factory=dict)  # rank -> the worker whose batch comes next
-    bad: set = field(default_factory=set)  # (file, byte) of every bad record skipped so far
+    bad: dict = field(default_factory=dict)  # (file, byte) -> [file, byte, line, reason] of every bad record
 
     @staticmethod
     def merge(rank_states: Sequence[dict]) -> "GlobalPosition":
@@ -121,7 +124,7 @@ class GlobalPosition:
             merged.pools_made.update({int(k): v for k, v in state["pools_made"].items()})
             merged.readers, merged.chunk_base = state["readers"], state["chunk_base"]
             merged.next_worker[int(state["rank"])] = state["next_worker"]
-            merged.bad |= {tuple(key) for key in state["bad"]}
+            merged.bad |= {(entry[0], entry[1]): list(entry) for entry in state["bad"]}
         for ranges in merged.ranges.values():
             ranges.sort()
         merged.pools.sort(key=lambda pool: (pool["reader"], pool["number"]))

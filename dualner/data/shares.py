@@ -25,7 +25,7 @@ ranges' passes.
 
 Another number of readers. Each contiguous range is split at its cursor (what came before is done
 for its pass, so it belongs to the next one) and the stream's positions are cut into equal spans
-again, each piece keeping its pass. The stride ranges of a piece are re-strided: what each one has
+again, the parts at each pass on their own (every reader has as much left of the current pass). The stride ranges of a piece are re-strided: what each one has
 left of its pass (and of the passes it is behind the furthest) is shared out by a finer stride as
 leftovers, read once, and every reader takes an equal stride of the passes after.
 """
@@ -85,17 +85,18 @@ def equal_shares(sources: Sequence, readers: int, limits: dict[str, int]) -> lis
 
 def _cut_spans(spans: list[list[int]], sources: Sequence, readers: int, limits: dict[str, int]
                ) -> list[list[list[int]]]:
-    """[file, start, end, pass] spans (sorted, of one unit each) laid end to end and cut into
-    `readers` equal shares of fresh ranges, each piece keeping its pass."""
+    """[file, start, end, pass] spans (sorted) laid end to end, those of one unit and pass at a time,
+    and cut into `readers` equal shares of fresh ranges."""
     shares: list[list[list[int]]] = [[] for _ in range(readers)]
-    for unit in ("bytes", "sentences"):
-        mine = [span for span in spans if _unit(sources[span[0]]) == unit]
+    # each pass's part cut equally on its own: every reader has as much left of the pass as the others
+    for unit, pass_ in sorted({(_unit(sources[span[0]]), span[3]) for span in spans}):
+        mine = [span for span in spans if _unit(sources[span[0]]) == unit and span[3] == pass_]
         total = sum(end - start for _, start, end, _ in mine)
         if total == 0:
             continue
         bounds = [total * reader // readers for reader in range(readers + 1)]
         laid = 0
-        for file, start, end, pass_ in mine:
+        for file, start, end, _ in mine:
             for reader in range(readers):
                 low, high = max(start, start + bounds[reader] - laid), min(end, start + bounds[reader + 1] - laid)
                 for piece in range(low, high, limits[unit]):

@@ -610,7 +610,7 @@ class Stage2Stream:
             [pool for reader in mine for pool in handed.get(reader, [])],
             {reader: self.plans[reader].pools_made for reader in mine},
             {spec.name: spec.identity() for spec in self.streams},
-            set(position.bad) if position is not None else set(), rotation, base)
+            dict(position.bad) if position is not None else {}, rotation, base)
         self.factory = _ReaderFactory(self.streams, self.plans, self.mix_plan, self.encoder, self.collate, self.cut,
                                       self.pool if self.pool > 0 else self.cut.micro_batch_size, self.seed,
                                       self.one_pass, self.rank, self.readers_per_rank)
