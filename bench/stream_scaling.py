@@ -37,8 +37,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from bench.common import write_result  # noqa: E402
 from dualner.data.corpus import RecordReader, describe_file, parse_record  # noqa: E402
-from dualner.data.streaming import (KIND_TARGET, STREAM_META, Stage2Stream, StreamSpec, initial_ranges,  # noqa: E402
-                                    open_sources, read_range, refine)
+from dualner.data.shares import equal_shares  # noqa: E402
+from dualner.data.streaming import (KIND_TARGET, STREAM_META, Stage2Stream, StreamSpec, open_sources,  # noqa: E402
+                                    read_range)
 
 READERS = (1, 8, 64, 256, 1024)
 WORDS = ("Berlin ist die Hauptstadt von Deutschland und hat viele Museen , Parks und Brücken . "
@@ -82,11 +83,8 @@ def strided_rate(path: Path, readers: int, sample: int = 8) -> float:
 
 def ranged_rate(spec: StreamSpec, readers: int, sample: int = 8) -> tuple[float, int]:
     """(sentences/s of one reader over its own pieces, readers with any piece)."""
-    ranges = refine([[f, a, b, 0, -1] for f, source in enumerate(spec.sources)
-                     for a, b in initial_ranges(source, 64 << 20, 1 << 16)], spec.sources, readers)
-    owners = {}
-    for index, state in enumerate(ranges):
-        owners.setdefault(index % readers, []).append(state)
+    shares = equal_shares(spec.sources, readers, {"bytes": 64 << 20, "sentences": 1 << 16})
+    owners = {reader: share for reader, share in enumerate(shares) if share}
     count, seconds = 0, 0.0
     for reader in range(min(sample, readers)):
         started = time.perf_counter()

@@ -30,7 +30,7 @@ from dualner.data.prepared import PreparedCorpus, tokenizer_fingerprint
 from dualner.data.streaming import (KIND_SOURCE, KIND_TARGET, KIND_TRANSLATION, STREAM_META, HubSource,
                                     Stage2Stream, StreamSpec, check_corpus, expand_files, iter_sentences,
                                     open_sources)
-from dualner.errors import ConfigError
+from dualner.errors import BadRecordsError, ConfigError
 from dualner.evaluate import load_eval_sets
 from dualner.job import Job, start_job
 from dualner.limits import check_max_length
@@ -134,9 +134,10 @@ class Stage2Recipe(Recipe):
         self._pool = StepPool()
         self._bad_total = 0.0  # bad records over every rank, agreed one step late
         self._bad_pending: comm.PendingHostReduce | None = None
-        self._last_bad: dict | None = None
+        self._first_bad: dict | None = None  # the first bad record this rank's readers found
 
     def batches(self, start_step: int):
+        self._check_known_bad_records()
         if self.sample_log is not None:  # marks where this job's (possibly resumed) record begins
             with self.sample_log.open("a", encoding="utf-8") as handle:
                 handle.write(json.dumps({"job_starts_after_step": start_step}) + "\n")
@@ -217,7 +218,7 @@ class Stage2Recipe(Recipe):
         Past the limit, the reason to stop (the loop checkpoints first), the same on every rank."""
         log = self.stream.log
         for report in self.stream.take_bad_records():
-            self._last_bad = report
+            self._first_bad = self._first_bad or report
             if log is not None:
                 log.warning("skipped a bad record of %s: %s:%s (byte %d): %s",
                             self.config_key_of.get(report["path"], "stage 2"), report["path"],
@@ -230,12 +231,28 @@ class Stage2Recipe(Recipe):
             self._bad_pending = None
         if self._bad_total <= self.max_bad_records:
             return None
-        last = self._last_bad
-        where = (f"the last on this rank: {self.config_key_of.get(last['path'], 'stage 2')}: {last['path']}:"
-                 f"{last['line'] if last['line'] is not None else '?'} (byte {last['byte']}): {last['reason']}"
-                 if last else "read on another rank")
+        first = self._first_bad
+        where = (f"the first on this rank: {self._describe_bad(first['path'], first['byte'], first['line'], first['reason'])}"
+                 if first else "read on another rank")
         return (f"{int(self._bad_total)} bad record(s) in stage 2's corpora, more than data.max_bad_records="
                 f"{self.max_bad_records}; {where}")
+
+    def _describe_bad(self, path: str, byte: int, line: int | None, reason: str) -> str:
+        return (f"{self.config_key_of.get(path, 'stage 2')}: {path}:{line if line is not None else '?'} "
+                f"(byte {byte}): {reason}")
+
+    def _check_known_bad_records(self) -> None:
+        """A resumed run whose checkpoint already counted more bad records than data.max_bad_records
+        stops before training (the same decision on every rank: every rank reads every rank's part),
+        naming them."""
+        known = sorted(self.stream.position.known_bad.values(), key=lambda entry: entry[:2])
+        if len(known) <= self.max_bad_records:
+            return
+        named = "; ".join(self._describe_bad(*entry) for entry in known[:5]) + (" ..." if len(known) > 5 else "")
+        raise BadRecordsError(
+            f"the checkpoint counts {len(known)} bad record(s) in stage 2's corpora, more than data.max_bad_records="
+            f"{self.max_bad_records}: {named}. Fix or remove them, or set data.max_bad_records={len(known)} or more, "
+            f"and run again")
 
 
 def build_stage2(cfg: Config) -> Trainer:

@@ -171,3 +171,31 @@ def test_a_bad_record_deep_in_a_corpus_stops_with_a_checkpoint_then_is_skipped(s
     launch("launchers/stage2.py", [*args, "data.max_bad_records=1"])
     log = read_log(run)
     assert max(log) == 8 and log[8]["data/bad_records"] == 1.0
+
+
+def test_the_sample_log_shows_the_configured_mix_with_a_single_piece_compressed_target(stage1_run, tmp_path):
+    """2 ranks x 2 loader workers, the target one .gz file (one piece, shared by stride): the trained
+    records are the configured 1:3 of labeled source and target (the per-reader mix made it 0.24 / 0.76
+    the other way round)."""
+    import gzip
+
+    from dualner.data.conll import read_conll
+    german = read_conll(REPO / "data" / "panx-sample" / "de" / "train.tsv", "de", max_sentences=400)
+    target = tmp_path / "de.txt.gz"
+    with gzip.open(target, "wt") as handle:
+        handle.writelines(" ".join(sentence.words) + "\n" for sentence in german)
+    run = tmp_path / "run"
+    launch("launchers/stage2.py", ["--config", str(REPO / "configs" / "tiny_stage2.yaml"), f"run.output_dir={run}",
+                                   f"stage2.init_from={stage1_run}", f"stage2.target={{de: {target}}}",
+                                   "stage2.mix=equal", "stage2.source_weight=1", "stage2.target_weight=3",
+                                   "stage2.bucket_pool=16", "data.loader_workers=2", "stage2.sample_log=true",
+                                   "train.max_steps=10", "train.eval_every=100", "data.max_eval_sentences=8",
+                                   f"deepspeed.config={REPO / 'ds_configs' / 'zero0_fp32.json'}"], nproc=2)
+    records = {"source": 0, "target": 0}
+    for rank in (0, 1):
+        for step in samples_by_step(run, rank).values():
+            for sample in step:
+                if "+" not in sample.rsplit("@", 1)[1]:  # a record's first window
+                    records["source" if "source_labeled" in sample else "target"] += 1
+    share = records["target"] / sum(records.values())
+    assert sum(records.values()) >= 100 and abs(share - 0.75) < 0.06, records

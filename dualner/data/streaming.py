@@ -41,7 +41,7 @@ import glob
 import json
 import random
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -52,13 +52,17 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from dualner.data.corpus import (BadRecord, CorpusFile, RecordReader, describe_file, lines_before,
                                  parse_record)
 from dualner.data.encoding import WindowTokenizer
+from dualner.data.mix import MixPlan
 from dualner.data.packing import Collator, cut_micro_batches
+from dualner.data.position import GlobalPosition, RankPosition, advance, spent
+from dualner.data.prepared import BLOCK as PREPARED_BLOCK
+from dualner.data.shares import (CURSOR, END, FILE, OFFSET, ONCE, PASS, SKIP, START, STEP, equal_shares, reshare,
+                                 unsplit_pieces)
 from dualner.errors import DataFormatError, MissingPathError
 
 KIND_SOURCE, KIND_TARGET, KIND_TRANSLATION = "source", "target", "translation"
 HUB_PREFIX = "hf:"
 STREAM_META = ("language", "kind", "sample_id", "src_id", "word_offset", "pass")
-POSITION_VERSION = 1
 DEFAULT_RANGE_BYTES = 64 << 20
 DEFAULT_RANGE_SENTENCES = 1 << 16
 
@@ -181,60 +185,40 @@ class HubSource:
                 "src_id": str(record.get("src_id") or ""), "sample_id": f"{self.path}#{start}.{position}"}
 
 
-def initial_ranges(source, range_bytes: int, range_sentences: int) -> list[list[int]]:
-    """(start, end) pieces of one source before any reading: bytes, sentence ids, hub shards."""
-    from dualner.data.prepared import PreparedCorpus
-    if isinstance(source, HubSource):
-        return [[start, end] for start, end in source.ranges()]
-    if isinstance(source, PreparedCorpus):  # positions in a pass's order, within one block each
-        from dualner.data.prepared import BLOCK
-        step = min(range_sentences, BLOCK)
-        return [[start, min(start + step, source.sentences)] for start in range(0, source.sentences, step)]
-    if not source.splittable or source.size == 0:
-        return [[0, source.end]]
-    return [[start, min(start + range_bytes, source.size)] for start in range(0, source.size, range_bytes)]
-
-
-# A range's state: [file index, start, end, pass, cursor]; cursor -1: at the start of its pass.
-FILE, START, END, PASS, CURSOR = range(5)
-_MIN_SPLIT_BYTES = 64
-
-
-def refine(ranges: list[list[int]], sources: Sequence, readers: int) -> list[list[int]]:
-    """Split ranges (the largest remainder first) until there are at least `readers`, where the data
-    allows: at the middle of what is left of them (the part before the cursor is done for this
-    pass). Byte ranges and prepared ranges (positions in a pass's order) split alike; a compressed
-    file or a hub shard does not."""
-    from dualner.data.prepared import PreparedCorpus
-    ranges = [list(r) for r in ranges]
-    while len(ranges) < readers:
-        best, best_left = None, 0
-        for index, (file, start, end, _, cursor) in enumerate(ranges):
-            source = sources[file]
-            smallest = 2 if isinstance(source, PreparedCorpus) else 2 * _MIN_SPLIT_BYTES
-            splittable = isinstance(source, PreparedCorpus) or (isinstance(source, CorpusFile) and source.splittable)
-            left = end - (start if cursor < 0 else cursor) if splittable else 0
-            if left >= smallest and left > best_left:
-                best, best_left = index, left
-        if best is None:
-            break
-        file, start, end, pass_, cursor = ranges[best]
-        begin = start if cursor < 0 else cursor
-        middle = begin + (end - begin) // 2
-        # the first piece keeps the cursor; the second starts at the middle (a byte range: mid-line,
-        # aligned when read) at the same pass
-        ranges[best:best + 1] = [[file, start, middle, pass_, cursor], [file, middle, end, pass_, -1]]
+def global_ranges(streams: Sequence[StreamSpec], position: GlobalPosition | None, readers: int,
+                  limits: dict[str, int], log=None) -> dict[str, list[list[list[int]]]]:
+    """Every stream's ranges for each of `readers` readers (dualner.data.shares): the checkpoint's
+    own where the readers are the same, its ranges shared out again where they are not, else
+    equal shares from the start."""
+    ranges: dict[str, list[list[list[int]]]] = {}
+    for spec in streams:
+        saved = position.ranges.get(spec.name) if position else None
+        if saved is not None and position.identity.get(spec.name) != spec.identity():
+            if log is not None:
+                log.warning("stage 2: the files of %s changed since the checkpoint (names, sizes or modification "
+                            "times): its positions start over", spec.name)
+            saved = None
+        if saved is None:
+            ranges[spec.name] = equal_shares(spec.sources, readers, limits)
+        elif position.readers == readers:
+            ranges[spec.name] = [[] for _ in range(readers)]
+            for reader, *state in saved:
+                ranges[spec.name][reader].append(state)
+        else:
+            ranges[spec.name] = reshare([state for _, *state in saved], spec.sources, readers, limits)
     return ranges
 
 
 # -- reading one range -------------------------------------------------------------------------------
-def read_range(spec: StreamSpec, state: list[int], cursor: int, counter: list[int] | None = None
-               ) -> Iterator[tuple[int, int, object]]:
-    """(record position, next cursor, unit or BadRecord) of a range from `cursor` (-1: its start).
+def read_range(spec: StreamSpec, state: list[int], cursor: int, counter: list[int] | None = None,
+               skip: int | None = None) -> Iterator[tuple[int, int, object]]:
+    """(record position, next cursor, unit or BadRecord) of a range from `cursor` (-1: its start),
+    passing over `skip` records (default: the state's) and then keeping one in the range's step.
     A unit is a list of members: sentence dicts to tokenize, or prepared window lists."""
     from dualner.data.prepared import PreparedCorpus
     source = spec.sources[state[FILE]]
     start, end, pass_ = state[START], state[END], state[PASS]
+    strided = _strided(state[SKIP] if skip is None else skip, state[STEP])
     if isinstance(source, PreparedCorpus):
         for position, after, windows in source.read(start, end, pass_, cursor, counter, spec.seed_key):
             for window in windows:
@@ -246,6 +230,8 @@ def read_range(spec: StreamSpec, state: list[int], cursor: int, counter: list[in
         for position, after, item in source.read(start, end, cursor):
             if counter is not None:
                 counter[0] += 1
+            if not strided():
+                continue
             if isinstance(item, dict):
                 item["language"] = item["language"] or spec.language
                 item["kind"], item["pass"] = spec.kind, pass_
@@ -257,6 +243,8 @@ def read_range(spec: StreamSpec, state: list[int], cursor: int, counter: list[in
     for record in reader:
         if counter is not None:
             counter[0] += 1
+        if not strided():
+            continue
         try:
             sentence = parse_record(record, source, spec.language, labeled)
         except BadRecord as bad:
@@ -267,6 +255,19 @@ def read_range(spec: StreamSpec, state: list[int], cursor: int, counter: list[in
             continue
         sentence["kind"], sentence["pass"] = spec.kind, pass_
         yield record.start, record.end, _with_pair([sentence], spec, sentence["src_id"], pass_)
+
+
+def _strided(skip: int, step: int):
+    """A test of each record in turn: pass over `skip`, then keep one in `step` (a stride share)."""
+    left = [skip]
+
+    def keep() -> bool:
+        if left[0] > 0:
+            left[0] -= 1
+            return False
+        left[0] = step - 1
+        return True
+    return keep
 
 
 def _with_pair(unit: list, spec, src_id: str, pass_: int) -> list:
@@ -308,14 +309,20 @@ class _StreamCursor:
         self.counter = [0]  # records read (tests: resume reads O(1) records)
         self._open: tuple[list[int], Iterator] | None = None
         self.segment: list | None = None
+        self._empty_ends = 0  # ranges ended in a row without a record: a share with none at all
 
     def _order(self, state: list[int]) -> tuple[int, int]:
         return state[PASS], zlib.crc32(json.dumps([self.seed, self.index, state[FILE], state[START],
-                                                   state[PASS]]).encode())
+                                                   state[OFFSET], state[PASS]]).encode())
+
+    def _live(self) -> list[list[int]]:
+        return [state for state in self.ranges if not spent(state)]
 
     @property
     def exhausted(self) -> bool:
-        return not self.ranges or (self.one_pass and all(r[PASS] >= 1 for r in self.ranges))
+        live = self._live()
+        return (not live or self._empty_ends > len(live)
+                or (self.one_pass and all(r[PASS] >= 1 for r in live)))
 
     def next(self, segments: list) -> tuple[list[int], object] | None:
         """(range state, unit / BadRecord / None) of the next record, the segment list updated."""
@@ -323,7 +330,7 @@ class _StreamCursor:
             if self._open is None:
                 if self.exhausted:
                     return None
-                state = min(self.ranges, key=self._order)
+                state = min(self._live(), key=self._order)
                 if self.one_pass and state[PASS] >= 1:
                     return None
                 self._open = (state, read_range(self.spec, state, state[CURSOR], self.counter))
@@ -332,18 +339,23 @@ class _StreamCursor:
             item = next(records, StopIteration)
             if item is StopIteration:  # the range's pass is done
                 if self.segment is not None:
-                    self.segment[-1] = True
-                state[PASS], state[CURSOR] = state[PASS] + 1, -1
+                    self.segment[8] = True
+                else:
+                    self._empty_ends += 1
+                advance(state, state[PASS], -1, True)
                 self._open, self.segment = None, None
                 continue
+            self._empty_ends = 0
             position, after, unit = item
             if self.segment is None:
-                # [stream, file, start, end, pass, first record, records, cursor after, range done]
-                self.segment = [self.index, state[FILE], state[START], state[END], state[PASS], position, 0, after, False]
+                # [stream, file, start, end, pass, first record, records, cursor after, range done,
+                #  step, offset, once]
+                self.segment = [self.index, state[FILE], state[START], state[END], state[PASS], position, 0, after,
+                                False, state[STEP], state[OFFSET], state[ONCE]]
                 segments.append(self.segment)
             self.segment[6] += 1
             self.segment[7] = after
-            state[CURSOR] = after
+            advance(state, state[PASS], after, False)
             return state, unit
 
     def close_segment(self) -> None:
@@ -352,9 +364,10 @@ class _StreamCursor:
 
 def read_segment(spec: StreamSpec, segment: list, counter: list[int] | None = None) -> list:
     """The records of a pool's segment, read again (units, None, BadRecord), in order."""
-    _, file, start, end, pass_, first, count, *_ = segment
+    _, file, start, end, pass_, first, count, _, _, step, offset, once = segment
+    state = [file, start, end, pass_, first, step, offset, 0, once]
     items = []
-    for _, _, unit in read_range(spec, [file, start, end, pass_, first], first, counter):
+    for _, _, unit in read_range(spec, state, first, counter, skip=0):  # the first record is kept
         items.append(unit)
         if len(items) == count:
             break
@@ -365,9 +378,9 @@ class Stage2Reader:
     """What one reader (a rank's loader worker, or the rank itself) makes: pools of its ranges, then
     micro batches; the pools it was handed to finish first."""
 
-    def __init__(self, streams: Sequence[StreamSpec], plan: "ReaderPlan", encoder: WindowTokenizer,
+    def __init__(self, streams: Sequence[StreamSpec], plan: "ReaderPlan", mix: MixPlan, encoder: WindowTokenizer,
                  collate: Collator, cut: Cut, pool: int, seed: int, one_pass: bool):
-        self.streams, self.plan, self.encoder, self.collate = streams, plan, encoder, collate
+        self.streams, self.plan, self.mix, self.encoder, self.collate = streams, plan, mix, encoder, collate
         self.cut, self.pool, self.seed, self.one_pass = cut, max(1, pool), seed, one_pass
         # the reader reads ahead of what is trained: its own copy of the range states
         self.cursors = [_StreamCursor(spec, index, [list(r) for r in plan.ranges.get(spec.name, [])], seed, one_pass)
@@ -383,37 +396,32 @@ class Stage2Reader:
         for pool in plan.leftover:
             yield from self._micro_batches(pool, self._read_again(pool))
         number = plan.pools_made
-        while True:
+        while not all(cursor.exhausted for cursor in self.cursors):
             drawn = self._draw(number)
-            if drawn is None:
-                return
-            yield from self._micro_batches(*drawn)
             number += 1
+            if drawn is not None:  # None: every stream this chunk asks for is used up (one pass)
+                yield from self._micro_batches(*drawn)
 
     def _draw(self, number: int) -> tuple[dict, list] | None:
-        rng = random.Random(zlib.crc32(json.dumps([self.seed, self.plan.reader, number]).encode()))
+        """Pool `number` of this reader: plan chunk base + number x readers + reader, read as the
+        global plan says (which stream supplies each of its records)."""
+        plan = self.plan
+        chunk = plan.chunk_base + number * plan.readers + plan.reader
+        rng = random.Random(zlib.crc32(json.dumps([self.seed, plan.reader, number]).encode()))
         segments: list = []
         drawn_into: dict[int, list] = {}
-        live = [c for c in self.cursors if not c.exhausted]
-        weights = [self.plan.weights.get(c.spec.name, 0.0) for c in live]
-        drawn = 0
-        while drawn < self.pool and live:
-            cursor = rng.choices(live, weights if sum(weights) > 0 else None)[0] if len(live) > 1 else live[0]
+        for stream in self.mix.streams(chunk * self.pool, self.pool):
+            cursor = self.cursors[stream]
             step = cursor.next(segments)
-            if step is None:
-                index = live.index(cursor)
-                live.pop(index)
-                weights.pop(index)
-                continue
-            drawn += 1
-            drawn_into.setdefault(id(cursor.segment), []).append(step[1])
+            if step is not None:
+                drawn_into.setdefault(id(cursor.segment), []).append(step[1])
         for cursor in self.cursors:
             cursor.close_segment()
         if not segments:
             return None
         # the pool's canonical order is segment by segment, as reading the segments again gives it
         items = [item for segment in segments for item in drawn_into.get(id(segment), [])]
-        description = {"reader": self.plan.reader, "number": number, "segments": segments,
+        description = {"reader": plan.reader, "number": number, "chunk": chunk, "segments": segments,
                        "seed": rng.getrandbits(32), "cut": self.cut.key(), "skip": [], "consumed": 0}
         return description, items
 
@@ -454,6 +462,7 @@ class Stage2Reader:
             reports, self._reports = self._reports, []
             batch["position"] = {"reader": pool["reader"], "number": pool["number"], "index": index,
                                  "batches": len(chunks), "segments": pool["segments"], "seed": pool["seed"],
+                                 "chunk": pool["chunk"],
                                  "cut": pool["cut"], "skip": pool["skip"], "bad": reports}
             yield batch
 
@@ -500,136 +509,27 @@ class Stage2Reader:
 class _ReaderFactory:
     """What a loader worker needs to build its reader (picklable without the loader itself)."""
 
-    def __init__(self, streams, plans, encoder, collate, cut, pool, seed, one_pass, rank, readers_per_rank):
-        self.streams, self.plans, self.encoder, self.collate = streams, plans, encoder, collate
+    def __init__(self, streams, plans, mix, encoder, collate, cut, pool, seed, one_pass, rank, readers_per_rank):
+        self.streams, self.plans, self.mix, self.encoder, self.collate = streams, plans, mix, encoder, collate
         self.cut, self.pool, self.seed, self.one_pass = cut, pool, seed, one_pass
         self.rank, self.readers_per_rank = rank, readers_per_rank
         self.built: list[Stage2Reader] = []
 
     def __call__(self, local: int) -> Stage2Reader:
-        reader = Stage2Reader(self.streams, self.plans[self.rank * self.readers_per_rank + local], self.encoder,
-                              self.collate, self.cut, self.pool, self.seed, self.one_pass)
+        reader = Stage2Reader(self.streams, self.plans[self.rank * self.readers_per_rank + local], self.mix,
+                              self.encoder, self.collate, self.cut, self.pool, self.seed, self.one_pass)
         self.built.append(reader)
         return reader
 
 
-# -- the plan: which reader holds what ------------------------------------------------------------------
 @dataclass
 class ReaderPlan:
     reader: int
+    readers: int
     ranges: dict  # stream name -> [range state, ...]
-    weights: dict  # stream name -> this reader's weight
     leftover: list  # pools seen in part before the resume: finished first
     pools_made: int  # the number of this reader's next pool (its seed)
-
-
-@dataclass
-class GlobalPosition:
-    """Every stream's ranges, the pools seen in part, the pools each reader made, bad records."""
-
-    ranges: dict = field(default_factory=dict)  # stream name -> [range state, ...]
-    identity: dict = field(default_factory=dict)  # stream name -> its files' identities
-    pools: list = field(default_factory=list)
-    pools_made: dict = field(default_factory=dict)  # reader -> pools made
-    readers: int = 0
-    next_worker: dict = field(default_factory=dict)  # rank -> the worker whose batch comes next
-    bad: set = field(default_factory=set)  # (file, byte) of every bad record skipped so far
-
-    @staticmethod
-    def merge(rank_states: Sequence[dict]) -> "GlobalPosition":
-        """The global position from every rank's `RankPosition.state_dict()` of one checkpoint."""
-        merged = GlobalPosition()
-        for state in rank_states:
-            if not isinstance(state, dict) or state.get("version") != POSITION_VERSION:
-                raise DataFormatError("the checkpoint's stream position was written by another DualNER version; "
-                                      "resume it with that version, or start stage 2 in a new run.output_dir")
-            for name, ranges in state["ranges"].items():
-                merged.ranges.setdefault(name, []).extend(ranges)
-            merged.identity.update(state["identity"])
-            merged.pools += state["pools"]
-            merged.pools_made.update({int(k): v for k, v in state["pools_made"].items()})
-            merged.readers = state["readers"]
-            merged.next_worker[int(state["rank"])] = state["next_worker"]
-            merged.bad |= {tuple(key) for key in state["bad"]}
-        for ranges in merged.ranges.values():
-            ranges.sort(key=lambda r: (r[FILE], r[START]))
-        merged.pools.sort(key=lambda pool: (pool["reader"], pool["number"]))
-        return merged
-
-
-def global_ranges(streams: Sequence[StreamSpec], position: GlobalPosition | None, readers: int,
-                  range_bytes: int, range_sentences: int, log=None) -> dict[str, list[list[int]]]:
-    """Every stream's ranges for `readers` readers: the checkpoint's (re-cut where there are more
-    readers than ranges), or new ones."""
-    ranges: dict[str, list[list[int]]] = {}
-    for spec in streams:
-        saved = position.ranges.get(spec.name) if position else None
-        if saved is not None and position.identity.get(spec.name) != spec.identity():
-            if log is not None:
-                log.warning("stage 2: the files of %s changed since the checkpoint (names, sizes or modification "
-                            "times): its positions start over", spec.name)
-            saved = None
-        if saved is None:
-            saved = [[file, start, end, 0, -1] for file, source in enumerate(spec.sources)
-                     for start, end in initial_ranges(source, range_bytes, range_sentences)]
-        ranges[spec.name] = refine(saved, spec.sources, readers)
-    return ranges
-
-
-# -- the main process: what was trained ---------------------------------------------------------------
-class RankPosition:
-    """One rank's part of the global position, updated from the micro batches it trains: the range
-    states its readers own, the pools seen in part, the pools each of its readers made."""
-
-    def __init__(self, rank: int, readers_per_rank: int, readers: int, names: list[str], owned: dict,
-                 leftover: list, pools_made: dict, identity: dict, known_bad: set, next_worker: int):
-        self.rank, self.readers_per_rank, self.readers, self.names = rank, readers_per_rank, readers, names
-        self.owned = owned  # stream name -> [range state, ...] (this rank's readers')
-        self._index = {(name, r[FILE], r[START], r[END]): r for name, states in owned.items() for r in states}
-        self.pools = {(p["reader"], p["number"]): dict(p) for p in leftover}
-        self.pools_made = dict(pools_made)
-        self.identity, self.next_worker = identity, next_worker
-        # Bad records are counted once each, however many passes read them: those of earlier jobs
-        # (every rank knows them; rank 0 counts them) and the new ones this rank's readers found.
-        self.known_bad, self.new_bad = known_bad, set()
-        self.bad_seen: list[dict] = []  # reports the recipe has not taken yet
-
-    def consumed(self, position: dict) -> None:
-        key = (position["reader"], position["number"])
-        pool = self.pools.get(key)
-        if pool is None:  # a new pool: its records are taken from their ranges
-            for stream, file, start, end, pass_, _, _, after, done in position["segments"]:
-                state = self._index[(self.names[stream], file, start, end)]
-                state[PASS], state[CURSOR] = (pass_ + 1, -1) if done else (pass_, after)
-            pool = {"reader": position["reader"], "number": position["number"], "segments": position["segments"],
-                    "seed": position["seed"]}
-            self.pools[key] = pool
-            reader = position["reader"]
-            self.pools_made[reader] = max(self.pools_made.get(reader, 0), position["number"] + 1)
-        pool.update(cut=position["cut"], skip=position["skip"], consumed=position["index"] + 1)
-        if pool["consumed"] >= position["batches"]:
-            del self.pools[key]
-        for report in position["bad"]:
-            key = (report["path"], report["byte"])
-            if key not in self.known_bad and key not in self.new_bad:
-                self.new_bad.add(key)
-                self.bad_seen.append(report)
-        local = position["reader"] - self.rank * self.readers_per_rank
-        if 0 <= local < self.readers_per_rank:
-            self.next_worker = (local + 1) % self.readers_per_rank
-
-    def state_dict(self) -> dict:
-        return {"version": POSITION_VERSION, "rank": self.rank, "readers": self.readers,
-                "ranges": {name: [list(r) for r in states] for name, states in self.owned.items()},
-                "identity": self.identity, "pools": [dict(p) for p in self.pools.values()],
-                "pools_made": {str(k): v for k, v in self.pools_made.items()},
-                "next_worker": self.next_worker,
-                "bad": sorted(self.new_bad | (self.known_bad if self.rank == 0 else set()))}
-
-    @property
-    def bad_records(self) -> int:
-        """This rank's share of the distinct bad records: summed over ranks, the run's count."""
-        return len(self.new_bad) + (len(self.known_bad) if self.rank == 0 else 0)
+    chunk_base: int  # pool n of this reader is plan chunk chunk_base + n x readers + reader
 
 
 # -- the loader ------------------------------------------------------------------------------------------
@@ -676,6 +576,11 @@ class Stage2Stream:
         self.cut = Cut(micro_batch_size, collate.rows, collate.row_length, sort=pool > 0 and not collate.packed)
         total = sum(spec.weight for spec in self.streams)
         self.mix = {spec.name: spec.weight / total for spec in self.streams}
+        # which stream supplies each sample; plan blocks of whole pools, so that a pool's counts have
+        # a closed form (benchmarks simulate whole passes with it)
+        chunk = pool if pool > 0 else micro_batch_size
+        self.mix_plan = MixPlan([spec.weight for spec in self.streams],
+                                block=chunk * -(-4 * len(self.streams) // chunk))
         self._position: RankPosition | None = None  # None: not planned yet
 
     @property
@@ -686,45 +591,30 @@ class Stage2Stream:
         return self._position
 
     def _plan(self, position: GlobalPosition | None) -> None:
-        ranges = global_ranges(self.streams, position, self.readers, self.range_bytes, self.range_sentences, self.log)
+        limits = {"bytes": self.range_bytes, "sentences": min(self.range_sentences, PREPARED_BLOCK)}
+        ranges = global_ranges(self.streams, position, self.readers, limits, self.log)
         same_readers = position is not None and position.readers == self.readers
-        owner: dict[int, dict[str, list]] = {}
-        holders: dict[str, set] = {}
-        offset = 0
-        for spec in self.streams:  # range j of a stream -> reader (j + offset) mod readers
-            for index, state in enumerate(ranges[spec.name]):
-                reader = (index + offset) % self.readers
-                owner.setdefault(reader, {}).setdefault(spec.name, []).append(state)
-                holders.setdefault(spec.name, set()).add(reader)
-            offset += len(ranges[spec.name])
         leftover = position.pools if position is not None else []
         handed: dict[int, list] = {}
         for index, pool in enumerate(leftover):
             handed.setdefault(pool["reader"] if same_readers else index % self.readers, []).append(pool)
         # pool numbers (seeds) go on where they stopped; after a change of readers, above every old one
         fresh = 1 + max([pool["number"] for pool in leftover] + [-1])
+        base = (position.chunk_base if same_readers else position.next_chunk()) if position is not None else 0
         mine = range(self.rank * self.readers_per_rank, (self.rank + 1) * self.readers_per_rank)
-        self.plans = {reader: ReaderPlan(reader, owner.get(reader, {}), self._reader_mix(reader, holders),
-                                         handed.get(reader, []),
-                                         position.pools_made.get(reader, 0) if same_readers else fresh)
+        owned = {reader: {spec.name: ranges[spec.name][reader] for spec in self.streams} for reader in mine}
+        self.plans = {reader: ReaderPlan(reader, self.readers, owned[reader], handed.get(reader, []),
+                                         position.pools_made.get(reader, 0) if same_readers else fresh, base)
                       for reader in mine}
-        if not any(plan.ranges or plan.leftover for plan in self.plans.values()):
-            raise DataFormatError(
-                f"stage 2: rank {self.rank} has nothing to read: {self.readers} readers (ranks x loader workers) "
-                f"for fewer pieces of data ({', '.join(f'{n}: {len(r)}' for n, r in ranges.items())}); a "
-                f"compressed file is one piece: prepare it (python -m dualner prepare), split it, or set fewer "
-                f"data.loader_workers")
-        self._warn_unsplit(ranges)
+        self._report_unsplit()
         rotation = position.next_worker.get(self.rank, 0) if same_readers else 0
-        owned = {spec.name: [state for reader in mine for state in owner.get(reader, {}).get(spec.name, [])]
-                 for spec in self.streams}
         self._position = RankPosition(
             self.rank, self.readers_per_rank, self.readers, [spec.name for spec in self.streams], owned,
             [pool for reader in mine for pool in handed.get(reader, [])],
             {reader: self.plans[reader].pools_made for reader in mine},
             {spec.name: spec.identity() for spec in self.streams},
-            set(position.bad) if position is not None else set(), rotation)
-        self.factory = _ReaderFactory(self.streams, self.plans, self.encoder, self.collate, self.cut,
+            dict(position.bad) if position is not None else {}, rotation, base)
+        self.factory = _ReaderFactory(self.streams, self.plans, self.mix_plan, self.encoder, self.collate, self.cut,
                                       self.pool if self.pool > 0 else self.cut.micro_batch_size, self.seed,
                                       self.one_pass, self.rank, self.readers_per_rank)
         # A generator of its own: creating an iterator draws a base seed, and drawing it from the
@@ -735,35 +625,20 @@ class Stage2Stream:
                                  generator=torch.Generator().manual_seed(self.seed + self.rank))
         self._iterator = None
 
-    def _reader_mix(self, reader: int, holders: dict[str, set]) -> dict[str, float]:
-        """The probability with which `reader` draws each stream, such that over all readers the
-        streams mix as configured. A stream held by fewer readers than all (fewer pieces than
-        readers) is drawn more often by its holders: share x readers / holders; the streams every
-        reader holds fill the rest of each reader's draws in proportion to their shares (the other
-        readers draw more of them), which keeps each one's global share. Exact while no reader's
-        partial streams ask for more than all its draws."""
-        share = self.mix
-        partial = {name: min(1.0, share[name] * self.readers / len(holders[name]))
-                   for name in share if 0 < len(holders.get(name, ())) < self.readers}
-        full = {name: share[name] for name in share if len(holders.get(name, ())) == self.readers}
-        mine = {name: q for name, q in partial.items() if reader in holders[name]}
-        taken = sum(mine.values())
-        if taken > 1.0 or not full:
-            return {name: q / taken for name, q in mine.items()} if taken > 0 else dict(full)
-        total_full = sum(full.values())
-        return mine | {name: (1.0 - taken) * value / total_full for name, value in full.items()}
-
-    def _warn_unsplit(self, ranges: dict) -> None:
-        if self.log is None or self.rank != 0:
+    def _report_unsplit(self) -> None:
+        """What a piece that cannot be split costs: every reader reads all of it to keep its share."""
+        if self.log is None or self.rank != 0 or self.readers == 1:
             return
         for spec in self.streams:
-            pieces = len(ranges[spec.name])
-            if pieces < self.readers:
+            pieces = unsplit_pieces(spec.sources)
+            if pieces:
                 self.log.warning(
-                    "stage 2: %s has %d piece(s) for %d readers (ranks x loader workers): %d reader(s) draw none "
-                    "of it and the others draw it more often (the mix holds, but these readers' speed bounds "
-                    "it). A compressed file is one piece: run `python -m dualner prepare` on it, or split it "
-                    "into more files", spec.name, pieces, self.readers, self.readers - pieces)
+                    "stage 2: %s has %d piece(s) that cannot be split (a compressed file of one block, or a hub "
+                    "dataset's shard): each of the %d readers (ranks x loader workers) reads all of it to keep 1 "
+                    "record in %d, so this stream reads and decompresses about %dx slower than a splittable one "
+                    "(and a resume decompresses up to its position). Run `python -m dualner prepare` on it, or "
+                    "give it uncompressed or as a splittable (multi-block) file", spec.name, len(pieces),
+                    self.readers, self.readers, self.readers)
 
     # -- reading ---------------------------------------------------------------------------------------
     def __iter__(self) -> Iterator[dict]:
