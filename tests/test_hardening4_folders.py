@@ -148,6 +148,26 @@ def test_rewinding_a_finished_run_keeps_the_newer_work_aside(populated, tmp_path
     assert [event.step for event in events.Scalars("loss/total")] == [1, 2, 3, 4]  # the first job's 3, 4 hidden
 
 
+def test_a_stage2_rewind_teaches_with_the_best_model_as_of_that_step(populated, tmp_path, capfd):
+    from dualner.checkpoint import recorded_best
+    from dualner.stage2 import run_stage2
+    run = tmp_path / "stage2"
+
+    def stage2(*overrides):
+        return config(run, f"stage2.init_from={populated}", *overrides, file="tiny_stage2.yaml")
+
+    run_stage2(stage2())
+    pointer = run / "checkpoints" / "best.json"
+    # as if step 4 had scored best: the rewind to step 2 must teach with the best as of step 2
+    pointer.write_text(json.dumps({**json.loads(pointer.read_text()), "step": 4, "path": "step-4"}))
+    earlier = recorded_best(run / "checkpoints" / "step-2")
+    assert earlier is not None and earlier["step"] <= 2
+    capfd.readouterr()
+    run_stage2(stage2("run.resume=step-2", "run.overwrite=true"))
+    assert f"teacher from {run / 'checkpoints' / earlier['path']}\n" in capfd.readouterr().out
+    assert logged_steps(run) == [1, 2, 3, 4]
+
+
 # -- item 4: export ------------------------------------------------------------------------------------------
 def test_export_refuses_a_non_empty_folder_and_the_run_folder(populated, tmp_path):
     output = tmp_path / "exported"
