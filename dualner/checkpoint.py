@@ -66,7 +66,7 @@ def read_best(root: Path) -> dict | None:
     except (ValueError, UnicodeDecodeError) as error:  # written atomically: damaged or edited by hand
         best, problem = None, str(error)
     else:
-        problem = "no step and step-N path"
+        problem = "it names no step and step-N path"
     if not (isinstance(best, dict) and isinstance(best.get("step"), int) and isinstance(best.get("path"), str)
             and STEP_DIR.match(best["path"])):
         raise CheckpointError(f"{pointer}: unreadable ({problem}); remove it to use the newest complete checkpoint, "
@@ -87,7 +87,8 @@ def recorded_best(path: Path) -> dict | None:
     """best.json as it stood when checkpoint `path` was written (its COMPLETE record); None when the
     run had no best yet or the checkpoint predates the record (2026-12)."""
     best = _record(path).get("best")
-    return best if isinstance(best, dict) and isinstance(best.get("step"), int) and isinstance(best.get("path"), str) else None
+    usable = isinstance(best, dict) and isinstance(best.get("step"), int) and isinstance(best.get("path"), str)
+    return best if usable else None
 
 
 def checkpoint_zero_stage(path: Path) -> int | None:
