@@ -59,7 +59,19 @@ def best_record(step: int, scores: dict) -> dict:
 
 def read_best(root: Path) -> dict | None:
     pointer = root / BEST_POINTER  # root: a checkpoints folder, whatever its name
-    return json.loads(pointer.read_text(encoding="utf-8")) if pointer.is_file() else None
+    if not pointer.is_file():
+        return None
+    try:
+        best = json.loads(pointer.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as error:  # written atomically: damaged or edited by hand
+        best, problem = None, str(error)
+    else:
+        problem = "it names no step and step-N path"
+    if not (isinstance(best, dict) and isinstance(best.get("step"), int) and isinstance(best.get("path"), str)
+            and STEP_DIR.match(best["path"])):
+        raise CheckpointError(f"{pointer}: unreadable ({problem}); remove it to use the newest complete checkpoint, "
+                              f"or name a step-N folder")
+    return best
 
 
 def _record(path: Path) -> dict:
@@ -75,7 +87,8 @@ def recorded_best(path: Path) -> dict | None:
     """best.json as it stood when checkpoint `path` was written (its COMPLETE record); None when the
     run had no best yet or the checkpoint predates the record (2026-12)."""
     best = _record(path).get("best")
-    return best if isinstance(best, dict) and isinstance(best.get("step"), int) else None
+    usable = isinstance(best, dict) and isinstance(best.get("step"), int) and isinstance(best.get("path"), str)
+    return best if usable else None
 
 
 def checkpoint_zero_stage(path: Path) -> int | None:

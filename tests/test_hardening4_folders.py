@@ -14,7 +14,7 @@ import pytest
 
 import dualner.stage1
 from dualner.checkpoint import RunLock
-from dualner.errors import ConfigError, RunLockedError, UserError
+from dualner.errors import CheckpointError, ConfigError, RunLockedError, UserError
 from dualner.model_io import export_model
 from dualner.stage1 import build_stage1, run_stage1
 from tests.conftest import REPO
@@ -66,6 +66,10 @@ def newest_checkpoint_deleted(run):
     shutil.rmtree(run / "checkpoints" / "step-4")
 
 
+def best_json_cut_short(run):
+    (run / "checkpoints" / "best.json").write_text('{"step": 4, "pa')
+
+
 REFUSALS = {  # name: (what the user did to the run first, overrides given the run and another, message)
     "resume an older step of a finished run": (
         unchanged, lambda run, other: ["run.resume=step-2"],
@@ -75,6 +79,9 @@ REFUSALS = {  # name: (what the user did to the run first, overrides given the r
         newest_checkpoint_deleted, lambda run, other: [],
         r"holds results.json \(a run finished at step 4\), but its newest usable checkpoint is step-2; continuing "
         r"would train again over those results. Set run.resume=step-2 run.overwrite=true"),
+    "a best.json cut short by hand": (
+        best_json_cut_short, lambda run, other: [],
+        r"best.json: unreadable \(Unterminated string .*\); remove it to use the newest complete checkpoint"),
     "resume another run's step into a folder holding a run": (
         unchanged, lambda run, other: [f"run.resume={other / 'checkpoints' / 'step-2'}"],
         r"is a checkpoint of another run, and run.output_dir=.* holds a finished run .*run.overwrite=true"),
@@ -98,6 +105,18 @@ def test_a_resume_that_would_overwrite_newer_work_is_refused_writing_nothing(pop
         build_stage1(config(run, *overrides(run, populated)))
     assert snapshot(run) == before and snapshot(populated) == other
     assert not list(tmp_path.glob("run.old-*"))
+
+
+def test_a_damaged_best_json_is_one_line_for_export_and_predict(populated, tmp_path):
+    from dualner.predict import predict_file
+    run = copy_of(populated, tmp_path)
+    best_json_cut_short(run)
+    source = tmp_path / "in.txt"
+    source.write_text("Paris is nice\n")
+    line = one_line_error(cli("export", "--checkpoint", str(run), "--output", str(tmp_path / "exported")))
+    assert "best.json: unreadable" in line and not (tmp_path / "exported").exists()
+    with pytest.raises(CheckpointError, match=r"best.json: unreadable .* or name a step-N folder"):
+        predict_file(run, source, tmp_path / "out.jsonl")
 
 
 def test_a_log_line_cut_by_a_crash_is_not_glued_to_the_next_jobs(populated, tmp_path):
@@ -146,6 +165,26 @@ def test_rewinding_a_finished_run_keeps_the_newer_work_aside(populated, tmp_path
     events = EventAccumulator(str(run / "tensorboard"))
     events.Reload()
     assert [event.step for event in events.Scalars("loss/total")] == [1, 2, 3, 4]  # the first job's 3, 4 hidden
+
+
+def test_a_stage2_rewind_teaches_with_the_best_model_as_of_that_step(populated, tmp_path, capfd):
+    from dualner.checkpoint import recorded_best
+    from dualner.stage2 import run_stage2
+    run = tmp_path / "stage2"
+
+    def stage2(*overrides):
+        return config(run, f"stage2.init_from={populated}", *overrides, file="tiny_stage2.yaml")
+
+    run_stage2(stage2())
+    pointer = run / "checkpoints" / "best.json"
+    # as if step 4 had scored best: the rewind to step 2 must teach with the best as of step 2
+    pointer.write_text(json.dumps({**json.loads(pointer.read_text()), "step": 4, "path": "step-4"}))
+    earlier = recorded_best(run / "checkpoints" / "step-2")
+    assert earlier is not None and earlier["step"] <= 2
+    capfd.readouterr()
+    run_stage2(stage2("run.resume=step-2", "run.overwrite=true"))
+    assert f"teacher from {run / 'checkpoints' / earlier['path']}\n" in capfd.readouterr().out
+    assert logged_steps(run) == [1, 2, 3, 4]
 
 
 # -- item 4: export ------------------------------------------------------------------------------------------

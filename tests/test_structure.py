@@ -141,7 +141,7 @@ def test_the_checkpointer_saves_the_components_it_was_told_of():
     from dualner.checkpoint import Checkpointer
 
     class Manager:
-        def save(self, engine, step, client_state):
+        def save(self, engine, step, client_state, best=None):
             self.saved = client_state
             return step
 
