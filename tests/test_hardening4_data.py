@@ -360,3 +360,10 @@ def test_prepare_refuses_what_holds_no_sentence_before_making_anything(tmp_path,
     assert sorted(path.name for path in tmp_path.iterdir()) == ["c.txt"]
     with pytest.raises(MissingPathError, match=r"prepare: .* is a folder; name its corpus files"):
         main([str(tmp_path), "--tokenizer", "tiny-random", "--max-length", "32", "--output", str(tmp_path / "p")])
+
+
+def test_jsonl_given_as_labeled_conll_says_what_it_is(tmp_path):
+    path = tmp_path / "train.jsonl"
+    path.write_text(json.dumps({"tokens": ["Paris"], "tags": ["B-LOC"]}) + "\n")
+    with pytest.raises(DataFormatError, match=r"train.jsonl: a JSONL file; labeled data is CoNLL"):
+        read_conll(path)
