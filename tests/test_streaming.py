@@ -232,7 +232,7 @@ def test_formats_and_labels(tmp_path):
         "\ufeff" + json.dumps({"tokens": ["Paris", "est"], "lang": "fr", "src_id": 7}) + "\r\n\n"
         + json.dumps({"tokens": ["Bob"], "tags": ["B-PER"]}) + "\n")
     (tmp_path / "t.tsv").write_text("Berlin\tB-LOC\nist\n\n\nda\tO\n")
-    rows = list(iter_sentences(describe_file(tmp_path / "t.jsonl", "k"), "xx", False))
+    rows = list(iter_sentences(describe_file(tmp_path / "t.jsonl", "k"), "fr", False))  # another lang: bad
     assert [r["words"] for r in rows] == [["Paris", "est"], ["Bob"]]
     assert rows[0]["language"] == "fr" and rows[0]["src_id"] == "7"  # a leading byte-order mark is not text
     assert rows[1]["tags"] == []  # target text is unlabeled whatever the file says
