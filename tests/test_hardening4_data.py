@@ -364,6 +364,17 @@ def test_prepare_refuses_what_holds_no_sentence_before_making_anything(tmp_path,
         main([str(tmp_path), "--tokenizer", "tiny-random", "--max-length", "32", "--output", str(tmp_path / "p")])
 
 
+def test_prepare_refuses_one_file_named_twice(tmp_path):
+    from dualner.data.prepared import main
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("eins zwei\n")
+    (tmp_path / "link.txt").symlink_to(corpus)
+    with pytest.raises(ConfigError, match=r"prepare names one file twice \(.*c.txt and .*link.txt are the same file\)"):
+        main([str(corpus), str(tmp_path / "link.txt"), "--tokenizer", "tiny-random", "--max-length", "32",
+              "--output", str(tmp_path / "p")])
+    assert not (tmp_path / "p").exists()
+
+
 def test_jsonl_given_as_labeled_conll_says_what_it_is(tmp_path):
     path = tmp_path / "train.jsonl"
     path.write_text(json.dumps({"tokens": ["Paris"], "tags": ["B-LOC"]}) + "\n")

@@ -38,6 +38,7 @@ import numpy as np
 from dualner.run_layout import RunLayout
 from dualner.data.corpus import (BadRecord, CorpusFile, RawRecord, RecordReader, describe_file,
                                  line_numbers, parse_record)
+from dualner.data.sources import refuse_shared_files
 from dualner.errors import ConfigError, DataFormatError, MissingPathError
 
 MANIFEST = "manifest.json"
@@ -280,6 +281,7 @@ def prepare(inputs: list[str], output: str, tokenizer_path: str, max_length: int
     finished there (none: the folder goes), and prepare run again continues from them."""
     if not inputs:
         raise ConfigError("prepare: name at least one input file")
+    refuse_shared_files({"prepare": inputs})  # a file named twice (or a link to it) would be prepared twice
     files = []
     for path in inputs:
         if Path(path).is_dir():
