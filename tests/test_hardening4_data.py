@@ -302,7 +302,7 @@ def test_prepare_a_truncated_zstd_corpus_is_not_silently_short(tmp_path, tiny_en
     """It used to report 18,688 of 40,000 sentences prepared, exit 0."""
     from dualner.data.prepared import prepare
     corpus = tmp_path / "c.txt.zst"
-    corpus.write_bytes(damaged(CODECS[".zst"](corpus_text(4000)), "truncated"))
+    corpus.write_bytes(damaged(CODECS[".zst"](corpus_text(8000)), "truncated"))  # cut after its first blocks
     with pytest.raises(DataFormatError, match=r"1 bad record\(s\).*c.txt.zst:\d+ \(byte \d+\): damaged zstd data: "
                                               r"the file ends inside the compressed stream \(truncated\)"):
         prepare([str(corpus)], str(tmp_path / "prep"), tiny_encoder, 32, workers=1, log=lambda *_: None)
