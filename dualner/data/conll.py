@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from itertools import repeat
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -94,7 +95,7 @@ class _PrefixDetector:
 
     def _strip(self, sentence: Sentence) -> Sentence:
         prefix = self.prefix
-        if prefix and any(word.startswith(f"{prefix}:") for word in sentence.words):
+        if prefix and any(map(str.startswith, sentence.words, repeat(f"{prefix}:"))):  # (C speed: every word)
             sentence.words = [_strip_language_prefix(word, prefix) for word in sentence.words]
         return sentence
 
