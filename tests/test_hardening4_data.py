@@ -17,7 +17,7 @@ import pytest
 import zstandard
 
 from dualner.data.conll import iter_conll, read_conll
-from dualner.data.corpus import BadRecord, RecordReader, describe_file, estimate_records, parse_record
+from dualner.data.corpus import describe_file, estimate_records
 from dualner.data.formats import DecompressionError, checked_stream, open_decompressed
 from dualner.data.streaming import KIND_TARGET, check_corpus, expand_files, iter_sentences, open_sources
 from dualner.errors import ConfigError, DataFormatError, MissingPathError, UserError
@@ -26,7 +26,7 @@ from tests.conftest import REPO
 # stage-1 run (`populated`, a module fixture) and stage 2 from it, a stream over corpus files
 from tests.test_hardening import cli, config, one_line_error
 from tests.test_hardening3 import populated, stage2  # noqa: F401  (populated: a fixture)
-from tests.test_streaming import make_stream
+from tests.test_streaming import make_stream, read_skipping_bad
 
 PANX = REPO.parent / "shared" / "data" / "panx"  # the real WikiANN files, where the checkout has them
 INVISIBLE_WORDS = ["\ufeff", "\u200b", "\u200c", "\u200d", "\u200e", "\u200f", "\u200f\u200f"]
@@ -114,14 +114,7 @@ def test_a_damaged_compressed_corpus_ends_in_one_bad_record_naming_codec_byte_an
     path = tmp_path / f"de.txt{suffix}"
     path.write_bytes(damaged(CODECS[suffix](corpus_text()), damage))
     file = describe_file(path, "stage2.target.de")
-    read, bad = [], []
-    for record in RecordReader(file, 0, file.end):
-        try:
-            sentence = parse_record(record, file, "de", False)
-        except BadRecord as error:
-            bad.append(error)
-            continue
-        read.append(sentence)
+    read, bad = read_skipping_bad(file, "de")
     assert len(bad) >= 1 and len(read) < 4000
     last = bad[-1]
     pattern = (rf"damaged {CODEC_NAMES[suffix]} data: .*at decompressed byte \d+, compressed byte \d+ of "

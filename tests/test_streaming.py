@@ -384,23 +384,28 @@ def test_prepared_corpus_streams_once_per_pass_and_prepare_resumes(tmp_path, tin
     assert len(everything) == 300 == len(set(everything))
 
 
+def read_skipping_bad(file, language, labeled=False) -> tuple[list[dict], list[BadRecord]]:
+    """Every sentence of a corpus file, and its bad records (as a stream skips them)."""
+    sentences, bad = [], []
+    for record in RecordReader(file, 0, file.end):
+        try:
+            sentence = parse_record(record, file, language, labeled)
+        except BadRecord as error:
+            bad.append(error)
+            continue
+        if sentence is not None:
+            sentences.append(sentence)
+    return sentences, bad
+
+
 def test_real_world_anomalies_in_stage2_corpora(tmp_path):
     """What real corpora carry: a byte-order mark, CRLF, -DOCSTART- markers, zero-width-only
     tokens and lines, space-separated CoNLL columns, IOBES / lower-case tags, null fields, NUL bytes
     and a pretty-printed JSON document; each read as meant or skipped as a bad record that says why."""
     text = tmp_path / "t.txt"
     text.write_bytes("\ufeffEins zwei\r\n-DOCSTART-\r\n\u200b\r\ndrei \u200b vier\r\nbin\x00är\n".encode())
-    file = describe_file(text, "k")
-    read, bad = [], []
-    for record in RecordReader(file, 0, file.end):
-        try:
-            sentence = parse_record(record, file, "de", False)
-        except BadRecord as error:
-            bad.append(error)
-            continue
-        if sentence is not None:
-            read.append(sentence["words"])
-    assert read == [["Eins", "zwei"], ["drei", "vier"]]
+    sentences, bad = read_skipping_bad(describe_file(text, "k"), "de")
+    assert [sentence["words"] for sentence in sentences] == [["Eins", "zwei"], ["drei", "vier"]]
     assert len(bad) == 1 and "NUL byte" in bad[0].reason
     conll = tmp_path / "c.tsv"
     conll.write_text("-DOCSTART- O\n\nParis s-loc\nist o\n\u200b\nNew b-org\nYork E-ORG\n")
