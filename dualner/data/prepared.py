@@ -4,7 +4,8 @@ indexed datasets: ids + index), read by stage 2 with no tokenization and no star
     python -m dualner prepare --tokenizer runs/stage1 --max-length 128 --language de \
         --output prepared/de corpus/de/*.txt.xz [--workers 16] [--shard-mb 64]
 
-Layout of the output folder:
+Layout of the output folder (built in `<output>.partial`, renamed to `<output>` when complete):
+    prepare.json              the inputs and settings it was made of (a rerun continues only the same)
     manifest.json             tokenizer fingerprint, max_length, inputs (size, mtime), shards and
                               their sentence counts; written last: its presence means complete
     NNNN-MMMMMM.tokens.npy    int32 subword ids of every window, back to back
