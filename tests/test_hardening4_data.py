@@ -17,16 +17,16 @@ import pytest
 import zstandard
 
 from dualner.data.conll import iter_conll, read_conll
-from dualner.data.corpus import BadRecord, RecordReader, describe_file, parse_record
+from dualner.data.corpus import describe_file, estimate_records
 from dualner.data.formats import DecompressionError, checked_stream, open_decompressed
 from dualner.data.streaming import KIND_TARGET, check_corpus, expand_files, iter_sentences, open_sources
-from dualner.errors import ConfigError, DataFormatError, MissingPathError
+from dualner.errors import ConfigError, DataFormatError, MissingPathError, UserError
 from tests.conftest import REPO
 # the helpers of earlier rounds: the tiny run's config, `python -m dualner`, one-line errors, a finished
 # stage-1 run (`populated`, a module fixture) and stage 2 from it, a stream over corpus files
 from tests.test_hardening import cli, config, one_line_error
 from tests.test_hardening3 import populated, stage2  # noqa: F401  (populated: a fixture)
-from tests.test_streaming import make_stream
+from tests.test_streaming import make_stream, read_skipping_bad
 
 PANX = REPO.parent / "shared" / "data" / "panx"  # the real WikiANN files, where the checkout has them
 INVISIBLE_WORDS = ["\ufeff", "\u200b", "\u200c", "\u200d", "\u200e", "\u200f", "\u200f\u200f"]
@@ -114,14 +114,7 @@ def test_a_damaged_compressed_corpus_ends_in_one_bad_record_naming_codec_byte_an
     path = tmp_path / f"de.txt{suffix}"
     path.write_bytes(damaged(CODECS[suffix](corpus_text()), damage))
     file = describe_file(path, "stage2.target.de")
-    read, bad = [], []
-    for record in RecordReader(file, 0, file.end):
-        try:
-            sentence = parse_record(record, file, "de", False)
-        except BadRecord as error:
-            bad.append(error)
-            continue
-        read.append(sentence)
+    read, bad = read_skipping_bad(file, "de")
     assert len(bad) >= 1 and len(read) < 4000
     last = bad[-1]
     pattern = (rf"damaged {CODEC_NAMES[suffix]} data: .*at decompressed byte \d+, compressed byte \d+ of "
@@ -130,6 +123,8 @@ def test_a_damaged_compressed_corpus_ends_in_one_bad_record_naming_codec_byte_an
     assert re.search(pattern, last.reason), last.reason
     if damage == "truncated":
         assert "(truncated)" in last.reason
+        # stage2.mix=size counts what is there (it used to raise the codec's error at start-up)
+        assert len(read) <= estimate_records(file)[0] <= len(read) + 1
     assert str(last).startswith(f"{path}:{last.line} (byte {last.byte}):")
 
 
@@ -159,18 +154,23 @@ def test_a_corpus_whose_content_is_not_what_its_name_says_is_refused_at_start_up
         check_corpus(open_sources([str(path)], "stage2.target.de"), "de", KIND_TARGET, "stage2.target.de")
 
 
-@pytest.mark.parametrize("name", ["train.tsv", "in.txt", "in.jsonl"])
-def test_compressed_data_where_plain_text_is_read_says_so(tmp_path, name):
+@pytest.mark.parametrize("name, message", [
+    ("train.tsv", r"train.tsv: gzip data in a .tsv file; this reader takes plain text: decompress it "
+                  r"\(`gzip -dc train.tsv > train.plain.tsv`\)"),
+    ("in.jsonl", r"in.jsonl: gzip data in a .jsonl file; this reader takes plain text"),
+    ("in.txt.gz", r"in.txt.gz: a gzip file; this reader takes plain text: decompress it \(`gzip -dc in.txt.gz > "
+                  r"in.txt`\)"),
+])
+def test_compressed_data_where_plain_text_is_read_says_so(tmp_path, name, message):
     """Labeled CoNLL and prediction input are plain text: gzip data there is called gzip data (it
     used to be "a NUL byte")."""
     from dualner.predict import read_input
     path = tmp_path / name
     path.write_bytes(gzip.compress(b"Paris\tB-LOC\n"))
-    pattern = rf"{name}: gzip data in a \.\w+ file; this reader takes plain text: decompress it \(`gzip -dc {name} >"
-    with pytest.raises(DecompressionError, match=pattern):
+    with pytest.raises(DecompressionError, match=message):
         list(read_input(path))
     if name.endswith(".tsv"):
-        with pytest.raises(DecompressionError, match=pattern):
+        with pytest.raises(DecompressionError, match=message):
             read_conll(path)
 
 
@@ -295,7 +295,7 @@ def test_prepare_a_truncated_zstd_corpus_is_not_silently_short(tmp_path, tiny_en
     """It used to report 18,688 of 40,000 sentences prepared, exit 0."""
     from dualner.data.prepared import prepare
     corpus = tmp_path / "c.txt.zst"
-    corpus.write_bytes(damaged(CODECS[".zst"](corpus_text(4000)), "truncated"))
+    corpus.write_bytes(damaged(CODECS[".zst"](corpus_text(8000)), "truncated"))  # cut after its first blocks
     with pytest.raises(DataFormatError, match=r"1 bad record\(s\).*c.txt.zst:\d+ \(byte \d+\): damaged zstd data: "
                                               r"the file ends inside the compressed stream \(truncated\)"):
         prepare([str(corpus)], str(tmp_path / "prep"), tiny_encoder, 32, workers=1, log=lambda *_: None)
@@ -334,3 +334,42 @@ def test_stage2_meets_a_truncated_zstd_corpus_stops_with_a_checkpoint_naming_it(
             f"compressed stream (truncated), at decompressed byte {len(good)}") in line, line
     stopped_at = re.search(r"checkpoint \S+step-(\d+)", line)
     assert stopped_at and (run / "checkpoints" / f"step-{stopped_at.group(1)}" / "COMPLETE").is_file()
+
+
+@pytest.mark.parametrize("content, flags, message", [
+    (b"", [], r"prepare: .*c.txt: file is empty"),
+    (b"\n \n\n", [], r"prepare: .*c.txt: holds no sentence"),
+    (b"bin\x00\xff\n" * 3, [], r"prepare: .*c.txt:1 \(byte 0\): a NUL byte"),
+    (b"eins\n", ["--workers", "-1"], r"--workers must be >= 1"),
+    (b"eins\n", ["--max-bad-records", "-1"], r"--max-bad-records >= 0"),
+])
+def test_prepare_refuses_what_holds_no_sentence_before_making_anything(tmp_path, content, flags, message):
+    """An empty, blank or binary input used to give an empty prepared corpus (exit 0) or a half-made
+    folder; a negative --workers a ValueError traceback, --max-bad-records -1 an IndexError."""
+    from dualner.data.prepared import main
+    corpus = tmp_path / "c.txt"
+    corpus.write_bytes(content)
+    with pytest.raises(UserError, match=message):
+        main([str(corpus), "--tokenizer", "tiny-random", "--max-length", "32", "--output", str(tmp_path / "p"),
+              *flags])
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["c.txt"]
+    with pytest.raises(MissingPathError, match=r"prepare: .* is a folder; name its corpus files"):
+        main([str(tmp_path), "--tokenizer", "tiny-random", "--max-length", "32", "--output", str(tmp_path / "p")])
+
+
+def test_prepare_refuses_one_file_named_twice(tmp_path):
+    from dualner.data.prepared import main
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("eins zwei\n")
+    (tmp_path / "link.txt").symlink_to(corpus)
+    with pytest.raises(ConfigError, match=r"prepare names one file twice \(.*c.txt and .*link.txt are the same file\)"):
+        main([str(corpus), str(tmp_path / "link.txt"), "--tokenizer", "tiny-random", "--max-length", "32",
+              "--output", str(tmp_path / "p")])
+    assert not (tmp_path / "p").exists()
+
+
+def test_jsonl_given_as_labeled_conll_says_what_it_is(tmp_path):
+    path = tmp_path / "train.jsonl"
+    path.write_text(json.dumps({"tokens": ["Paris"], "tags": ["B-LOC"]}) + "\n")
+    with pytest.raises(DataFormatError, match=r"train.jsonl: a JSONL file; labeled data is CoNLL"):
+        read_conll(path)

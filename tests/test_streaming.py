@@ -234,7 +234,7 @@ def test_formats_and_labels(tmp_path):
         "\ufeff" + json.dumps({"tokens": ["Paris", "est"], "lang": "fr", "src_id": 7}) + "\r\n\n"
         + json.dumps({"tokens": ["Bob"], "tags": ["B-PER"]}) + "\n")
     (tmp_path / "t.tsv").write_text("Berlin\tB-LOC\nist\n\n\nda\tO\n")
-    rows = list(iter_sentences(describe_file(tmp_path / "t.jsonl", "k"), "xx", False))
+    rows = list(iter_sentences(describe_file(tmp_path / "t.jsonl", "k"), "fr", False))  # another lang: bad
     assert [r["words"] for r in rows] == [["Paris", "est"], ["Bob"]]
     assert rows[0]["language"] == "fr" and rows[0]["src_id"] == "7"  # a leading byte-order mark is not text
     assert rows[1]["tags"] == []  # target text is unlabeled whatever the file says
@@ -388,23 +388,28 @@ def test_prepared_corpus_streams_once_per_pass_and_prepare_resumes(tmp_path, tin
     assert len(everything) == 300 == len(set(everything))
 
 
+def read_skipping_bad(file, language, labeled=False) -> tuple[list[dict], list[BadRecord]]:
+    """Every sentence of a corpus file, and its bad records (as a stream skips them)."""
+    sentences, bad = [], []
+    for record in RecordReader(file, 0, file.end):
+        try:
+            sentence = parse_record(record, file, language, labeled)
+        except BadRecord as error:
+            bad.append(error)
+            continue
+        if sentence is not None:
+            sentences.append(sentence)
+    return sentences, bad
+
+
 def test_real_world_anomalies_in_stage2_corpora(tmp_path):
     """What real corpora carry: a byte-order mark, CRLF, -DOCSTART- markers, zero-width-only
     tokens and lines, space-separated CoNLL columns, IOBES / lower-case tags, null fields, NUL bytes
     and a pretty-printed JSON document; each read as meant or skipped as a bad record that says why."""
     text = tmp_path / "t.txt"
     text.write_bytes("\ufeffEins zwei\r\n-DOCSTART-\r\n\u200b\r\ndrei \u200b vier\r\nbin\x00är\n".encode())
-    file = describe_file(text, "k")
-    read, bad = [], []
-    for record in RecordReader(file, 0, file.end):
-        try:
-            sentence = parse_record(record, file, "de", False)
-        except BadRecord as error:
-            bad.append(error)
-            continue
-        if sentence is not None:
-            read.append(sentence["words"])
-    assert read == [["Eins", "zwei"], ["drei", "vier"]]
+    sentences, bad = read_skipping_bad(describe_file(text, "k"), "de")
+    assert [sentence["words"] for sentence in sentences] == [["Eins", "zwei"], ["drei", "vier"]]
     assert len(bad) == 1 and "NUL byte" in bad[0].reason
     conll = tmp_path / "c.tsv"
     conll.write_text("-DOCSTART- O\n\nParis s-loc\nist o\n\u200b\nNew b-org\nYork E-ORG\n")

@@ -22,10 +22,11 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from itertools import repeat
 from pathlib import Path
 from typing import Iterator, Sequence
 
-from dualner.data.formats import MAGIC_BYTES, READ_BLOCK, check_content
+from dualner.data.formats import MAGIC_BYTES, READ_BLOCK, check_content, format_of
 from dualner.errors import DataFormatError, MissingPathError  # DataFormatError re-exported
 from dualner.labels import is_valid_tag
 
@@ -94,7 +95,7 @@ class _PrefixDetector:
 
     def _strip(self, sentence: Sentence) -> Sentence:
         prefix = self.prefix
-        if prefix and any(word.startswith(f"{prefix}:") for word in sentence.words):
+        if prefix and any(map(str.startswith, sentence.words, repeat(f"{prefix}:"))):  # (C speed: every word)
             sentence.words = [_strip_language_prefix(word, prefix) for word in sentence.words]
         return sentence
 
@@ -178,6 +179,9 @@ def iter_conll(path: str | Path, language: str = "", labeled: bool = True) -> It
         raise MissingPathError(f"{path} is a folder, not a data file; name the file (e.g. {path / 'train.tsv'})")
     if not path.is_file():
         raise MissingPathError(f"data file not found: {path}")
+    if format_of(path) == "jsonl":  # else "found 4 column(s)" of its first line
+        raise DataFormatError(f"{path}: a JSONL file; labeled data is CoNLL: `token<TAB>label` per line, a blank "
+                              f"line between sentences (.tsv .conll .iob .bio)")
     words: list[str] = []
     tags: list[str] = []
     first_line = line_number = sentences = 0

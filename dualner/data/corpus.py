@@ -407,10 +407,17 @@ def estimate_records(file: CorpusFile) -> tuple[int, bool]:
             records += sum(1 for _ in reader)
             sampled += min(file.size, start + _SAMPLE_BYTES) - start
         return max(1, round(records * file.size / max(1, sampled))), False
+    chunks, size, more = [], 0, False
     with open(file.path, "rb") as raw, open_decompressed(file.path, file.compression, raw) as compressed:
-        data = compressed.read(EXACT_COUNT_BYTES)
-        more = bool(compressed.read(1))
+        try:
+            while size < EXACT_COUNT_BYTES and (chunk := compressed.read1(EXACT_COUNT_BYTES - size)):
+                chunks.append(chunk)
+                size += len(chunk)
+            more = size >= EXACT_COUNT_BYTES and bool(compressed.read(1))
+        except DecompressionError:
+            pass  # its sentences end at the damage (a bad record when the stream reads it)
         taken = raw.tell()
+    data = b"".join(chunks)
     counted = sum(1 for _ in records_in(io.BytesIO(data), file.format, 0, len(data), 1))
     if not more:
         return counted, True

@@ -104,10 +104,13 @@ def check_content(path: str | Path, codec: str, head: bytes | None = None, compr
         return
     name = Path(path).name
     if not codec:
+        ending = Path(name).suffix
+        named = COMPRESSIONS.get(ending.lower()) == found  # `x.txt.gz` where plain text is read
+        what = f"a {found} file" if named else f"{found} data in a {ending or 'plain'} file"
+        plain = name[:-len(ending)] if named else f"{Path(name).stem}.plain{ending}"
         remedy = (f"rename it to {name}{ENDING_OF_CODEC[found]}" if compressed_ok else
-                  f"this reader takes plain text: decompress it (`{PROGRAM[found]} -dc {name} > "
-                  f"plain{Path(name).suffix}`)")
-        raise DecompressionError(f"{path}: {found} data in a {Path(name).suffix or 'plain'} file; {remedy}")
+                  f"this reader takes plain text: decompress it (`{PROGRAM[found]} -dc {name} > {plain}`)")
+        raise DecompressionError(f"{path}: {what}; {remedy}")
     ending = Path(name).suffix
     if found:
         raise DecompressionError(f"{path}: {found} data in a {ending} file; rename it to "

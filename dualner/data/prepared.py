@@ -4,7 +4,8 @@ indexed datasets: ids + index), read by stage 2 with no tokenization and no star
     python -m dualner prepare --tokenizer runs/stage1 --max-length 128 --language de \
         --output prepared/de corpus/de/*.txt.xz [--workers 16] [--shard-mb 64]
 
-Layout of the output folder:
+Layout of the output folder (built in `<output>.partial`, renamed to `<output>` when complete):
+    prepare.json              the inputs and settings it was made of (a rerun continues only the same)
     manifest.json             tokenizer fingerprint, max_length, inputs (size, mtime), shards and
                               their sentence counts; written last: its presence means complete
     NNNN-MMMMMM.tokens.npy    int32 subword ids of every window, back to back
@@ -38,6 +39,7 @@ import numpy as np
 from dualner.run_layout import RunLayout
 from dualner.data.corpus import (BadRecord, CorpusFile, RawRecord, RecordReader, describe_file,
                                  line_numbers, parse_record)
+from dualner.data.sources import refuse_shared_files
 from dualner.errors import ConfigError, DataFormatError, MissingPathError
 
 MANIFEST = "manifest.json"
@@ -280,11 +282,15 @@ def prepare(inputs: list[str], output: str, tokenizer_path: str, max_length: int
     finished there (none: the folder goes), and prepare run again continues from them."""
     if not inputs:
         raise ConfigError("prepare: name at least one input file")
+    refuse_shared_files({"prepare": inputs})  # a file named twice (or a link to it) would be prepared twice
     files = []
     for path in inputs:
+        if Path(path).is_dir():
+            raise MissingPathError(f"prepare: {path} is a folder; name its corpus files (e.g. {path}/*.txt)")
         if not Path(path).is_file():
             raise MissingPathError(f"prepare: input not found: {path}")
         files.append(describe_file(path, "prepare"))
+        _check_holds_a_sentence(files[-1], language, max_bad_records)
     tokenizer_path, tokenizer = load_tokenizer(tokenizer_path)
     inputs_record = [{"path": str(Path(f.path).resolve()), "size": f.size, "mtime_ns": f.mtime_ns} for f in files]
     plan = {"inputs": inputs_record, "max_length": max_length, "language": language, "shard_bytes": shard_bytes,
@@ -303,6 +309,22 @@ def prepare(inputs: list[str], output: str, tokenizer_path: str, max_length: int
         raise
     os.replace(work, folder)
     return manifest
+
+
+def _check_holds_a_sentence(file: CorpusFile, language: str, max_bad_records: int) -> None:
+    """An input without a sentence (empty, blank, only bad records) refused before anything is made;
+    reads up to its first sentence."""
+    bad = []
+    for record in RecordReader(file, 0, file.end):
+        try:
+            if parse_record(record, file, language, labeled=False) is not None:
+                return
+        except BadRecord as error:
+            bad.append(error)
+            if len(bad) > max_bad_records:
+                raise DataFormatError(f"prepare: {error}") from None
+    raise DataFormatError(f"prepare: {file.path}: " + ("file is empty" if file.size == 0 else
+                                                       "holds no sentence" + (" but bad records" if bad else "")))
 
 
 def load_tokenizer(name: str):
@@ -436,6 +458,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if not 3 <= args.max_length <= 32767 or args.shard_mb < 1:
         raise ConfigError("prepare: --max-length must be in [3, 32767] and --shard-mb >= 1")
+    if (args.workers is not None and args.workers < 1) or args.max_bad_records < 0:
+        raise ConfigError("prepare: --workers must be >= 1 (default: every core) and --max-bad-records >= 0")
     manifest = prepare(args.inputs, args.output, args.tokenizer, args.max_length, args.language, args.workers,
                        args.shard_mb << 20, args.max_bad_records)
     print(f"prepared {manifest['sentences']} sentences in {len(manifest['shards'])} shard(s) -> {args.output}")
