@@ -116,3 +116,13 @@ def test_gradient_path_counts_fewer_dispatches(tmp_path, tiny_encoder):
     assert watched["deepspeed"]["c10d::allreduce_"] > 0 and watched["direct"]["c10d::allreduce_"] == 0
     assert watched["direct"]["aten::_foreach_norm"] == 1 and watched["deepspeed"]["aten::_foreach_norm"] == 0
     assert result["max_loss_difference"] < 1e-5
+
+
+def test_compressed_resume(tmp_path):
+    result = run_bench("compressed_resume.py", tmp_path / "out.json", "--megabytes", "3", "--repeats", "1")
+    files = result["files"]
+    assert files["bgzip (64 KiB members)"]["splittable"] and files["bgzip (64 KiB members)"]["blocks"] > 40
+    assert not files["gzip, one member"]["splittable"]
+    for entry in files.values():
+        for what in ("first_record", "first_pool"):
+            assert positive(entry[what]["at_0_s"]) and positive(entry[what]["at_90_s"])

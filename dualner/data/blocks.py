@@ -37,6 +37,7 @@ from dualner.errors import DataFormatError, MissingPathError
 INDEX_VERSION = 1
 MOST_ENTRIES = 1 << 16  # entry points kept per file in memory (and sent to every loader worker)
 INDEXED_CODECS = ("gzip", "zstd", "xz")
+_CHUNK = 1 << 16  # decompressed bytes handed on at a time: a reader's first record comes after 64 KiB, not 1 MiB
 _EMPTY = np.zeros(0, dtype=np.int64)
 
 
@@ -348,8 +349,10 @@ def _decompressed_from(path: str, index: BlockIndex, block: int) -> Iterator[byt
     with open(path, "rb") as raw:
         if index.codec != "xz":
             raw.seek(int(index.compressed[block]))
-            with open_compressed(index.codec, raw) as stream:
-                while chunk := stream.read(READ_BLOCK):
+            stream = (zstd_module().ZstdDecompressor().stream_reader(raw, read_across_frames=True, closefd=False)
+                      if index.codec == "zstd" else open_compressed(index.codec, raw))
+            with stream:
+                while chunk := stream.read(_CHUNK):
                     yield chunk
             return
         # xz: a decoder given the stream's header and then the blocks from this one on (its index
@@ -363,19 +366,19 @@ def _decompressed_from(path: str, index: BlockIndex, block: int) -> Iterator[byt
             raw.seek(begin)
             left = int(index.stream_ends[stream]) - begin
             while left > 0:
-                data = raw.read(min(left, 1 << 16))
+                data = raw.read(min(left, 1 << 14))
                 if not data:
                     raise DataFormatError(f"{path}: ends at compressed byte {raw.tell()}, inside its xz blocks "
                                           f"(truncated?)")
                 left -= len(data)
                 try:
-                    chunk = decompressor.decompress(data, READ_BLOCK)
+                    chunk = decompressor.decompress(data, _CHUNK)
                     while True:
                         if chunk:
                             yield chunk
                         if decompressor.needs_input or decompressor.eof:
                             break
-                        chunk = decompressor.decompress(b"", READ_BLOCK)
+                        chunk = decompressor.decompress(b"", _CHUNK)
                 except lzma.LZMAError as error:
                     raise DataFormatError(f"{path}: damaged xz data near compressed byte {raw.tell()} ({error}); "
                                           f"recompress it, or restore the file") from None

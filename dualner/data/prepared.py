@@ -5,8 +5,9 @@ indexed datasets: ids + index), read by stage 2 with no tokenization and no star
         --output prepared/de corpus/de/*.txt.xz [--workers 16] [--shard-mb 64]
 
 Layout of the output folder:
-    manifest.json             tokenizer fingerprint, max_length, inputs (size, mtime), shards and
-                              their sentence counts; written last: its presence means complete
+    manifest.json             tokenizer fingerprint, max_length, language, inputs (size, mtime),
+                              the largest token id, shards with their sentence counts and each file's
+                              size and checksums; written last: its presence means complete
     NNNN-MMMMMM.tokens.npy    int32 subword ids of every window, back to back
     NNNN-MMMMMM.word_index.npy int16 word index at each first subword, -1 elsewhere (as encoded)
     NNNN-MMMMMM.windows.npy   int64 (windows, 3): first token, end token, word offset
@@ -19,12 +20,19 @@ A shard is one piece of one input: a byte range of an uncompressed file (each to
 reads its own), or the next ~shard-mb of a compressed one (decompressed once, sequentially, by the
 main process and handed out). Windows are made by dualner.data.encoding.WindowTokenizer, so stage 2
 gets exactly the windows the raw path would make of the same sentences.
+
+Checks. Opening a prepared corpus compares every shard file's size with the manifest (a truncated or
+deleted shard is named at start-up, with the remedy); a shard's first and last 64 KiB are compared
+with their checksum when it is first read, and `prepare --verify FOLDER` compares whole files. A
+run refuses a corpus prepared for another language, or whose token ids pass its model's vocabulary,
+and warns when an input changed since it was prepared.
 """
 
 from __future__ import annotations
 
 import bisect
 import hashlib
+import io
 import json
 import multiprocessing
 import os
@@ -42,11 +50,23 @@ from dualner.errors import ConfigError, DataFormatError, MissingPathError
 MANIFEST = "manifest.json"
 BLOCK = 1 << 16  # sentences shuffled together within a pass (and the largest piece a reader gets)
 FORMAT_NAME = "dualner-prepared"
-VERSION = 1
+VERSION = 2
+_ENDS = 1 << 16  # bytes at each end of a shard file checked when it is first read
+PARTS = ("tokens", "word_index", "windows", "sentences")
 
 
 def is_prepared(path: str | os.PathLike) -> bool:
     return (Path(path) / MANIFEST).is_file()
+
+
+def _ends_digest(head: bytes, tail: bytes, size: int) -> str:
+    return hashlib.sha256(head + tail + str(size).encode()).hexdigest()[:16]
+
+
+def _file_record(data: bytes) -> dict:
+    """What the manifest keeps of one shard file: its size, a checksum of the whole, one of its ends."""
+    return {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(),
+            "ends": _ends_digest(data[:_ENDS], data[-_ENDS:], len(data))}
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
@@ -64,6 +84,7 @@ class _Shard:
     first: int  # global id of its first sentence
     sentences: int
     source: str  # the input file its records came from
+    files: dict  # part -> its size and checksums (the manifest's)
 
 
 class PreparedCorpus:
@@ -78,7 +99,7 @@ class PreparedCorpus:
         first = 0
         for shard in manifest["shards"]:
             self.shards.append(_Shard(shard["name"], first, shard["sentences"],
-                                      manifest["inputs"][shard["input"]]["path"]))
+                                      manifest["inputs"][shard["input"]]["path"], shard["files"]))
             first += shard["sentences"]
         self.sentences = first
         self._starts = [shard.first for shard in self.shards]
@@ -96,10 +117,39 @@ class PreparedCorpus:
             raise DataFormatError(f"{key}: {folder}: not a prepared corpus of this DualNER version "
                                   f"(format {manifest.get('format')!r}, version {manifest.get('version')!r}); "
                                   f"prepare it again")
+        if not manifest["sentences"]:
+            raise DataFormatError(f"{key}: {folder}: the prepared corpus holds no sentence (its inputs were "
+                                  f"empty); prepare it again from the corpus files")
+        for shard in manifest["shards"]:
+            for part, record in shard["files"].items():
+                path = folder / f"{shard['name']}.{part}.npy"
+                size = path.stat().st_size if path.is_file() else None
+                if size != record["bytes"]:
+                    found = "missing" if size is None else f"{size} bytes, the manifest says {record['bytes']}"
+                    raise DataFormatError(f"{key}: {path}: damaged prepared shard ({found}); run prepare again "
+                                          f"with the same inputs and --output (it redoes damaged shards), or "
+                                          f"restore the folder")
         return PreparedCorpus(folder, manifest)
 
     def identity(self) -> list:
         return [self.path, self.sentences, self.fingerprint]
+
+    def check_use(self, language: str, embeddings: int | None, key: str, log) -> None:
+        """Used as `language` by a model with `embeddings` token embeddings (None: unknown)."""
+        prepared_as = self.manifest["language"]
+        if prepared_as and prepared_as != language:
+            raise ConfigError(f"{key}: {self.path} was prepared as language {prepared_as!r} (--language "
+                              f"{prepared_as}) and is used here as {language!r}: name it under "
+                              f"{key.rsplit('.', 1)[0]}.{prepared_as}, or prepare the {language!r} corpus")
+        if embeddings is not None and self.manifest["max_token_id"] >= embeddings:
+            raise ConfigError(f"{key}: {self.path} holds token id {self.manifest['max_token_id']}, beyond this "
+                              f"run's model ({embeddings} token embeddings): it was prepared with another "
+                              f"tokenizer; prepare it again with --tokenizer naming the stage-1 run")
+        for record in self.manifest["inputs"]:
+            path = Path(record["path"])
+            if path.is_file() and (path.stat().st_size, path.stat().st_mtime_ns) != (record["size"], record["mtime_ns"]):
+                log.warning("%s: %s changed (size or modification time) since %s was prepared from it: stage 2 "
+                            "reads the prepared text; run prepare again to train on the new one", key, path, self.path)
 
     def check_tokenizer(self, fingerprint: str, max_length: int, key: str) -> None:
         """`fingerprint`: tokenizer_fingerprint of this run's tokenizer."""
@@ -115,8 +165,14 @@ class PreparedCorpus:
         arrays = self._arrays.get(shard.name)
         if arrays is None:
             # plain ndarray views of the maps: slicing a np.memmap costs a Python-level finalizer
+            for part in PARTS:
+                path = self.folder / f"{shard.name}.{part}.npy"
+                if not _ends_match(path, shard.files[part]):
+                    raise DataFormatError(f"{path}: damaged prepared shard (its checksum differs from the "
+                                          f"manifest's); run prepare again with the same inputs and --output "
+                                          f"(it redoes damaged shards), or restore the folder")
             arrays = {part: np.load(self.folder / f"{shard.name}.{part}.npy", mmap_mode="r").view(np.ndarray)
-                      for part in ("tokens", "word_index", "windows", "sentences")}
+                      for part in PARTS}
             self._arrays[shard.name] = arrays
         return arrays
 
@@ -159,6 +215,32 @@ class PreparedCorpus:
                 counter[0] += 1
             yield position, position + 1, self.windows_of(block * BLOCK + int(permutation[position - block * BLOCK]))
             position += 1
+
+
+def _ends_match(path: Path, record: dict) -> bool:
+    """The file has the recorded size, and its first and last 64 KiB the recorded checksum."""
+    try:
+        if path.stat().st_size != record["bytes"]:
+            return False
+        with open(path, "rb") as handle:
+            head = handle.read(_ENDS)
+            handle.seek(max(0, record["bytes"] - _ENDS))
+            tail = handle.read(_ENDS)
+    except OSError:
+        return False
+    return _ends_digest(head, tail, record["bytes"]) == record["ends"]
+
+
+def verify(folder: str | os.PathLike) -> list[str]:
+    """Every shard file of a prepared corpus against its size and whole checksum: the damaged ones."""
+    corpus = PreparedCorpus.open(folder, "prepare --verify")
+    damaged = []
+    for shard in corpus.manifest["shards"]:
+        for part, record in shard["files"].items():
+            path = corpus.folder / f"{shard['name']}.{part}.npy"
+            if _file_record(path.read_bytes())["sha256"] != record["sha256"]:
+                damaged.append(str(path))
+    return damaged
 
 
 # -- writing -------------------------------------------------------------------------------------------------
@@ -237,15 +319,19 @@ def _write_shard(task: tuple) -> dict:
     name = piece.name
     flat_tokens = np.fromiter((t for ids in tokens for t in ids), dtype=np.int32)
     flat_index = np.fromiter((w for row in word_index for w in row), dtype=np.int16)
+    files = {}
     for part, array in (("tokens", flat_tokens), ("word_index", flat_index),
                         ("windows", np.asarray(windows, dtype=np.int64).reshape(-1, 3)),
                         ("sentences", np.asarray(table, dtype=np.int64).reshape(-1, 5))):
+        buffer = io.BytesIO()
+        np.save(buffer, array)
+        files[part] = _file_record(buffer.getvalue())
         temporary = output / f".{name}.{part}.npy.tmp"
-        with open(temporary, "wb") as handle:
-            np.save(handle, array)
+        temporary.write_bytes(buffer.getbuffer())
         os.replace(temporary, output / f"{name}.{part}.npy")
     counts = {"name": name, "input": piece.input, "sentences": len(table), "windows": len(windows),
-              "tokens": int(flat_tokens.size), "bad_records": bad}
+              "tokens": int(flat_tokens.size), "max_token_id": int(flat_tokens.max()) if flat_tokens.size else -1,
+              "files": files, "bad_records": bad}
     done = output / f".{name}.done.json.tmp"
     done.write_text(json.dumps(counts), encoding="utf-8")
     os.replace(done, output / f"{name}.done.json")
@@ -270,6 +356,21 @@ def _pieces(files: list[CorpusFile], shard_bytes: int) -> Iterator[tuple[CorpusF
             yield file, Piece(index, number), batch
 
 
+def check_window_fits(max_length: int, tokenizer_path: str) -> None:
+    """--max-length must fit the encoder the tokenizer belongs to (where its folder holds a model's
+    config): stage 2 would refuse the corpus, after all the work."""
+    if not (Path(tokenizer_path) / "config.json").is_file():
+        return
+    from transformers import AutoConfig
+
+    from dualner.limits import window_limit
+    limit = window_limit(AutoConfig.from_pretrained(tokenizer_path))
+    if limit is not None and max_length > limit:
+        raise ConfigError(f"prepare: --max-length {max_length} is more than the encoder of {tokenizer_path} can "
+                          f"hold (windows of at most {limit} tokens); use --max-length {limit} or less, as "
+                          f"data.max_length of the stage-2 run")
+
+
 def prepare(inputs: list[str], output: str, tokenizer_path: str, max_length: int, language: str = "",
             workers: int | None = None, shard_bytes: int = 64 << 20, max_bad_records: int = 0,
             log=print) -> dict:
@@ -284,12 +385,14 @@ def prepare(inputs: list[str], output: str, tokenizer_path: str, max_length: int
         if not Path(path).is_file():
             raise MissingPathError(f"prepare: input not found: {path}")
         files.append(describe_file(path, "prepare"))
+    check_window_fits(max_length, tokenizer_path)
     folder = Path(output)
     folder.mkdir(parents=True, exist_ok=True)
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
-    inputs_record = [{"path": str(Path(f.path).resolve()), "size": f.size, "mtime_ns": f.mtime_ns} for f in files]
+    inputs_record = [{"path": str(Path(f.path).resolve()), "size": os.stat(f.path).st_size, "mtime_ns": f.mtime_ns}
+                     for f in files]
     plan_file = folder / "prepare.json"
-    plan = {"inputs": inputs_record, "max_length": max_length, "language": language, "shard_bytes": shard_bytes,
+    plan = {"version": VERSION, "inputs": inputs_record, "max_length": max_length, "language": language, "shard_bytes": shard_bytes,
             "tokenizer": tokenizer_fingerprint(tokenizer)}
     if plan_file.is_file() and json.loads(plan_file.read_text(encoding="utf-8")) != plan:
         raise ConfigError(f"prepare: {folder} holds a preparation of other inputs or settings; choose another "
@@ -304,8 +407,11 @@ def prepare(inputs: list[str], output: str, tokenizer_path: str, max_length: int
         for file, piece, records in _pieces(files, shard_bytes):
             done = folder / f"{piece.name}.done.json"
             if done.is_file():
-                results.append(json.loads(done.read_text(encoding="utf-8")))
-                continue
+                counts = json.loads(done.read_text(encoding="utf-8"))
+                if all(_ends_match(folder / f"{piece.name}.{part}.npy", record)
+                       for part, record in counts["files"].items()):
+                    results.append(counts)
+                    continue
             yield file, piece, records
 
     args = (tokenizer_path, max_length, language, str(folder))
@@ -325,11 +431,14 @@ def prepare(inputs: list[str], output: str, tokenizer_path: str, max_length: int
                               f"done are kept: run prepare again to finish)")
     for message in bad:
         log(f"prepare: skipped a bad record: {message}")
+    if not any(counts["sentences"] for counts in results):
+        raise DataFormatError(f"prepare: {', '.join(inputs)}: no sentence in the input(s); nothing prepared")
     manifest = {"format": FORMAT_NAME, "version": VERSION, "language": language, "max_length": max_length,
                 "tokenizer": {"name": tokenizer.name_or_path, "fingerprint": plan["tokenizer"]},
                 "inputs": inputs_record,
-                "shards": [{key: counts[key] for key in ("name", "input", "sentences", "windows", "tokens")}
+                "shards": [{key: counts[key] for key in ("name", "input", "sentences", "windows", "tokens", "files")}
                            for counts in results],
+                "max_token_id": max(counts["max_token_id"] for counts in results),
                 "sentences": sum(counts["sentences"] for counts in results),
                 "bad_records": len(bad)}
     temporary = folder / f".{MANIFEST}.tmp"
@@ -345,17 +454,30 @@ def main(argv: list[str] | None = None) -> None:
         "stage2.translations.LANG can then name the output folder). Resumable: run it again after an "
         "interruption."))
     from dualner.data.formats import accepted_endings
-    parser.add_argument("inputs", nargs="+", help=f"corpus files ({accepted_endings(compressed=True)})")
-    parser.add_argument("--output", required=True, help="the prepared corpus folder")
-    parser.add_argument("--tokenizer", required=True,
+    parser.add_argument("inputs", nargs="*", help=f"corpus files ({accepted_endings(compressed=True)})")
+    parser.add_argument("--verify", metavar="FOLDER", help="check every file of a prepared corpus against the "
+                        "checksums in its manifest (reads it whole), and prepare nothing")
+    parser.add_argument("--output", help="the prepared corpus folder")
+    parser.add_argument("--tokenizer",
                         help="the stage-1 run folder (its model/), an exported model, or a tokenizer name")
-    parser.add_argument("--max-length", type=int, required=True, help="data.max_length of the stage-2 run")
+    parser.add_argument("--max-length", type=int, help="data.max_length of the stage-2 run")
     parser.add_argument("--language", default="", help="the corpus's language code")
     parser.add_argument("--workers", type=int, default=None, help="tokenizing processes (default: every core)")
     parser.add_argument("--shard-mb", type=int, default=64, help="input megabytes per shard")
     parser.add_argument("--max-bad-records", type=int, default=0,
                         help="malformed or non-UTF-8 records to skip (each reported) before failing")
     args = parser.parse_args(argv)
+    if args.verify:
+        if not is_prepared(args.verify):
+            raise MissingPathError(f"prepare --verify: {args.verify} is not a prepared corpus (no {MANIFEST})")
+        damaged = verify(args.verify)
+        if damaged:
+            raise DataFormatError(f"prepare --verify: {len(damaged)} damaged shard file(s), the first {damaged[0]}; "
+                                  f"remove them and run prepare again with the same inputs and --output")
+        print(f"{args.verify}: every shard file matches its checksum")
+        return
+    if not args.inputs or args.output is None or args.tokenizer is None or args.max_length is None:
+        parser.error("name the input files, --output, --tokenizer and --max-length (or --verify FOLDER)")
     if not 3 <= args.max_length <= 32767 or args.shard_mb < 1:
         raise ConfigError("prepare: --max-length must be in [3, 32767] and --shard-mb >= 1")
     manifest = prepare(args.inputs, args.output, args.tokenizer, args.max_length, args.language, args.workers,
