@@ -13,12 +13,18 @@ Layout of the output folder:
     NNNN-MMMMMM.windows.npy   int64 (windows, 3): first token, end token, word offset
     NNNN-MMMMMM.sentences.npy int64 (sentences, 5): first window, windows, words, byte of the record
                               in its input (decompressed), src_id (-1: none)
-    NNNN-MMMMMM.done.json     the shard's counts; a shard with it is not redone when prepare is
-                              run again after an interruption
+    NNNN-MMMMMM.done.json     the shard's counts; a shard with it (and intact files) is not redone
+                              when prepare is run again after an interruption
+    NNNN.pieces.json          the number of shards of input NNNN where it is read whole (compressed,
+                              not in blocks), written when it has been cut
 
-A shard is one piece of one input: a byte range of an uncompressed file (each tokenizing process
-reads its own), or the next ~shard-mb of a compressed one (decompressed once, sequentially, by the
-main process and handed out). Windows are made by dualner.data.encoding.WindowTokenizer, so stage 2
+A shard is one piece of one input: a byte range of an uncompressed file or of a compressed one made
+of blocks (each tokenizing process reads its own, entering the block that holds its start), or the
+next ~shard-mb of another compressed file (decompressed once, sequentially, by the main process and
+handed out while the workers tokenize). Under torchrun or srun (RANK, WORLD_SIZE) every rank takes
+a share of these units (the largest first, each to the rank with the least work: the same choice on
+every rank) and the rank that finishes last writes the manifest; a shard depends only on its piece,
+so the output is byte-identical for any number of ranks and workers. Windows are made by dualner.data.encoding.WindowTokenizer, so stage 2
 gets exactly the windows the raw path would make of the same sentences.
 
 Checks. Opening a prepared corpus compares every shard file's size with the manifest (a truncated or
@@ -32,6 +38,7 @@ from __future__ import annotations
 
 import bisect
 import hashlib
+import heapq
 import io
 import json
 import multiprocessing
@@ -338,12 +345,63 @@ def _write_shard(task: tuple) -> dict:
     return counts
 
 
-def _pieces(files: list[CorpusFile], shard_bytes: int) -> Iterator[tuple[CorpusFile, Piece, list | None]]:
-    """Every shard's input in order; compressed files decompressed here, once."""
+_COMPRESSION_GUESS = 4  # decompressed bytes per compressed byte of text, for sharing out work only
+
+
+def _units(files: list[CorpusFile], shard_bytes: int) -> list[tuple[int, int, Piece | None]]:
+    """The work: (bytes, input, piece) for each byte range of a splittable file (plain, or compressed
+    in blocks: entered at its block), (bytes, input, None) for a compressed file read whole."""
+    units = []
     for index, file in enumerate(files):
-        if file.splittable:
-            for number, start in enumerate(range(0, max(1, file.size), shard_bytes)):
-                yield file, Piece(index, number, start, min(file.size, start + shard_bytes)), None
+        if not file.splittable:
+            units.append((file.size * _COMPRESSION_GUESS, index, None))
+            continue
+        for number, start in enumerate(range(0, max(1, file.size), shard_bytes)):
+            end = min(file.size, start + shard_bytes)
+            units.append((end - start, index, Piece(index, number, start, end)))
+    return units
+
+
+def rank_units(files: list[CorpusFile], shard_bytes: int, rank: int, world_size: int) -> list:
+    """This rank's units: the largest first, each to the rank with the least work so far (the same
+    choice on every rank, from the files alone). Which rank tokenizes a piece does not change its shard."""
+    load = [(0, r) for r in range(world_size)]
+    mine = []
+    for unit in sorted(_units(files, shard_bytes), key=lambda u: (-u[0], u[1], u[2].number if u[2] else 0)):
+        work, owner = heapq.heappop(load)
+        heapq.heappush(load, (work + unit[0], owner))
+        if owner == rank:
+            mine.append(unit)
+    return sorted(mine, key=lambda u: (u[1], u[2].number if u[2] else 0))
+
+
+def _count_file(folder: Path, index: int) -> Path:
+    """Written once a compressed file read whole was cut into pieces: how many."""
+    return folder / f"{index:04d}.pieces.json"
+
+
+def _done(folder: Path, name: str) -> dict | None:
+    """A shard's counts if it is finished and its files are intact."""
+    done = folder / f"{name}.done.json"
+    if not done.is_file():
+        return None
+    counts = json.loads(done.read_text(encoding="utf-8"))
+    intact = all(_ends_match(folder / f"{name}.{part}.npy", record) for part, record in counts["files"].items())
+    return counts if intact else None
+
+
+def _pieces(files: list[CorpusFile], units: list, shard_bytes: int, folder: Path
+            ) -> Iterator[tuple[CorpusFile, Piece, list | None]]:
+    """Every shard input of `units` in order; a compressed file read whole is decompressed here, once
+    (while the workers tokenize what was handed out), unless all its shards are done."""
+    for _, index, piece in units:
+        file = files[index]
+        if piece is not None:
+            yield file, piece, None
+            continue
+        counted = _count_file(folder, index)
+        if counted.is_file() and all(_done(folder, Piece(index, number).name) is not None
+                                     for number in range(json.loads(counted.read_text())["pieces"])):
             continue
         number, batch, size = 0, [], 0
         for record in RecordReader(file, 0, file.end):
@@ -354,6 +412,40 @@ def _pieces(files: list[CorpusFile], shard_bytes: int) -> Iterator[tuple[CorpusF
                 number, batch, size = number + 1, [], 0
         if batch or number == 0:
             yield file, Piece(index, number), batch
+            number += 1
+        _write_atomically(counted, json.dumps({"pieces": number}))
+
+
+def _every_shard(files: list[CorpusFile], shard_bytes: int, folder: Path) -> list[dict] | None:
+    """Every shard's counts, in order, once every rank has finished its part; None before."""
+    names = []
+    for index, file in enumerate(files):
+        if file.splittable:
+            names += [Piece(index, number).name for number in range(len(range(0, max(1, file.size), shard_bytes)))]
+            continue
+        counted = _count_file(folder, index)
+        if not counted.is_file():
+            return None
+        names += [Piece(index, number).name for number in range(json.loads(counted.read_text())["pieces"])]
+    results = []
+    for name in names:
+        done = folder / f"{name}.done.json"
+        if not done.is_file():
+            return None
+        results.append(json.loads(done.read_text(encoding="utf-8")))
+    return results
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    """Several ranks may write the same file: each replaces it whole (a reader never sees half)."""
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    temporary.write_text(text, encoding="utf-8")
+    os.replace(temporary, path)
+
+
+def default_workers() -> int:
+    """The cores this process may use, shared among the ranks of its node (torchrun's LOCAL_WORLD_SIZE)."""
+    return max(1, len(os.sched_getaffinity(0)) // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
 
 
 def check_window_fits(max_length: int, tokenizer_path: str) -> None:
@@ -373,8 +465,10 @@ def check_window_fits(max_length: int, tokenizer_path: str) -> None:
 
 def prepare(inputs: list[str], output: str, tokenizer_path: str, max_length: int, language: str = "",
             workers: int | None = None, shard_bytes: int = 64 << 20, max_bad_records: int = 0,
-            log=print) -> dict:
-    """Tokenize `inputs` into a prepared corpus in `output` (resumable); returns the manifest."""
+            log=print, rank: int = 0, world_size: int = 1) -> dict | None:
+    """Tokenize `inputs` into a prepared corpus in `output` (resumable): this rank's part of the work
+    (of `world_size` ranks started on the same inputs and output). Returns the manifest, written by
+    the rank that finishes last; None on the others."""
     from transformers import AutoTokenizer
     if not inputs:
         raise ConfigError("prepare: name at least one input file")
@@ -397,21 +491,19 @@ def prepare(inputs: list[str], output: str, tokenizer_path: str, max_length: int
     if plan_file.is_file() and json.loads(plan_file.read_text(encoding="utf-8")) != plan:
         raise ConfigError(f"prepare: {folder} holds a preparation of other inputs or settings; choose another "
                           f"--output or remove it")
-    plan_file.write_text(json.dumps(plan, indent=1), encoding="utf-8")
+    _write_atomically(plan_file, json.dumps(plan, indent=1))
     (folder / MANIFEST).unlink(missing_ok=True)
-    workers = workers or os.cpu_count() or 1
+    workers = workers or default_workers()
     context = multiprocessing.get_context("spawn")
     results = []
 
     def todo():
-        for file, piece, records in _pieces(files, shard_bytes):
-            done = folder / f"{piece.name}.done.json"
-            if done.is_file():
-                counts = json.loads(done.read_text(encoding="utf-8"))
-                if all(_ends_match(folder / f"{piece.name}.{part}.npy", record)
-                       for part, record in counts["files"].items()):
-                    results.append(counts)
-                    continue
+        for file, piece, records in _pieces(files, rank_units(files, shard_bytes, rank, world_size), shard_bytes,
+                                            folder):
+            counts = _done(folder, piece.name)
+            if counts is not None:
+                results.append(counts)
+                continue
             yield file, piece, records
 
     args = (tokenizer_path, max_length, language, str(folder))
@@ -423,6 +515,12 @@ def prepare(inputs: list[str], output: str, tokenizer_path: str, max_length: int
             for counts in pool.imap_unordered(_write_shard, todo(), chunksize=1):
                 results.append(counts)
                 log(f"prepare: {counts['name']}: {counts['sentences']} sentences")
+    if world_size > 1:  # the ranks' shards together, once the last one is done
+        log(f"prepare: rank {rank} of {world_size}: its {len(results)} shard(s) are done")
+        results = _every_shard(files, shard_bytes, folder)
+        if results is None:
+            log(f"prepare: rank {rank}: other ranks are still at work; the last to finish writes the manifest")
+            return None
     results.sort(key=lambda counts: counts["name"])
     bad = [message for counts in results for message in counts["bad_records"]]
     if len(bad) > max_bad_records:
@@ -441,9 +539,7 @@ def prepare(inputs: list[str], output: str, tokenizer_path: str, max_length: int
                 "max_token_id": max(counts["max_token_id"] for counts in results),
                 "sentences": sum(counts["sentences"] for counts in results),
                 "bad_records": len(bad)}
-    temporary = folder / f".{MANIFEST}.tmp"
-    temporary.write_text(json.dumps(manifest, indent=1), encoding="utf-8")
-    os.replace(temporary, folder / MANIFEST)
+    _write_atomically(folder / MANIFEST, json.dumps(manifest, indent=1))
     return manifest
 
 
@@ -452,7 +548,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="dualner prepare", description=(
         "Tokenize unlabeled stage-2 corpora once into memory-mapped shards (stage2.target.LANG or "
         "stage2.translations.LANG can then name the output folder). Resumable: run it again after an "
-        "interruption."))
+        "interruption. Under torchrun or srun every rank takes its share of the pieces (RANK, WORLD_SIZE); "
+        "the shards are the same for any number of ranks and workers."))
     from dualner.data.formats import accepted_endings
     parser.add_argument("inputs", nargs="*", help=f"corpus files ({accepted_endings(compressed=True)})")
     parser.add_argument("--verify", metavar="FOLDER", help="check every file of a prepared corpus against the "
@@ -462,8 +559,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="the stage-1 run folder (its model/), an exported model, or a tokenizer name")
     parser.add_argument("--max-length", type=int, help="data.max_length of the stage-2 run")
     parser.add_argument("--language", default="", help="the corpus's language code")
-    parser.add_argument("--workers", type=int, default=None, help="tokenizing processes (default: every core)")
-    parser.add_argument("--shard-mb", type=int, default=64, help="input megabytes per shard")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="tokenizing processes per rank (default: the cores, shared among the node's ranks)")
+    parser.add_argument("--shard-mb", type=float, default=64, help="input megabytes per shard")
     parser.add_argument("--max-bad-records", type=int, default=0,
                         help="malformed or non-UTF-8 records to skip (each reported) before failing")
     args = parser.parse_args(argv)
@@ -478,8 +576,13 @@ def main(argv: list[str] | None = None) -> None:
         return
     if not args.inputs or args.output is None or args.tokenizer is None or args.max_length is None:
         parser.error("name the input files, --output, --tokenizer and --max-length (or --verify FOLDER)")
-    if not 3 <= args.max_length <= 32767 or args.shard_mb < 1:
-        raise ConfigError("prepare: --max-length must be in [3, 32767] and --shard-mb >= 1")
+    shard_bytes = int(args.shard_mb * (1 << 20))
+    if not 3 <= args.max_length <= 32767 or shard_bytes < 1:
+        raise ConfigError("prepare: --max-length must be in [3, 32767] and --shard-mb more than 0")
+    from dualner.backend.comm import launch_ranks
+    ranks = launch_ranks()
     manifest = prepare(args.inputs, args.output, args.tokenizer, args.max_length, args.language, args.workers,
-                       args.shard_mb << 20, args.max_bad_records)
-    print(f"prepared {manifest['sentences']} sentences in {len(manifest['shards'])} shard(s) -> {args.output}")
+                       shard_bytes, args.max_bad_records, rank=int(ranks["RANK"]),
+                       world_size=int(ranks["WORLD_SIZE"]))
+    if manifest is not None:
+        print(f"prepared {manifest['sentences']} sentences in {len(manifest['shards'])} shard(s) -> {args.output}")
