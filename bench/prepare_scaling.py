@@ -58,7 +58,8 @@ def environment(**extra: str) -> dict:
     return {**env, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **extra}
 
 
-def run_layout(corpus: Path, output: Path, tokenizer: str, ranks: int, workers: int, shard_mb: float) -> tuple[float, float]:
+def run_layout(corpus: Path, output: Path, tokenizer: str, ranks: int, workers: int, shard_mb: float
+               ) -> tuple[float, float]:
     """(wall seconds, CPU seconds) of one preparation on `ranks` ranks of `workers` workers each."""
     shutil.rmtree(output, ignore_errors=True)
     cpu, began = children_cpu(), time.perf_counter()

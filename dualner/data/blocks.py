@@ -24,6 +24,7 @@ import io
 import lzma
 import mmap
 import os
+import socket
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -308,7 +309,7 @@ def _load_cached(cache: Path, stat: os.stat_result) -> BlockIndex | None | bool:
 
 def _save(cache: Path, stat: os.stat_result, codec: str, index: BlockIndex | None) -> bool:
     found = index or BlockIndex(codec, _EMPTY, _EMPTY, 0)
-    temporary = cache.with_name(f"{cache.name}.{os.getpid()}.tmp")
+    temporary = cache.with_name(f"{cache.name}.{socket.gethostname()}.{os.getpid()}.tmp")  # ranks of many nodes
     try:
         cache.parent.mkdir(parents=True, exist_ok=True)
         with open(temporary, "wb") as handle:
@@ -414,7 +415,8 @@ class BlockReader(io.RawIOBase):
         """Start decompressing at the block holding the position, unless the decoder is already
         in that block, before the position."""
         index = self._index
-        if self._chunks is not None and self._at <= self._position and index.entry(self._position) == index.entry(self._at):
+        here = self._chunks is not None and self._at <= self._position
+        if here and index.entry(self._position) == index.entry(self._at):
             return
         self.close_decoder()
         block = index.entry(self._position)

@@ -24,8 +24,9 @@ next ~shard-mb of another compressed file (decompressed once, sequentially, by t
 handed out while the workers tokenize). Under torchrun or srun (RANK, WORLD_SIZE) every rank takes
 a share of these units (the largest first, each to the rank with the least work: the same choice on
 every rank) and the rank that finishes last writes the manifest; a shard depends only on its piece,
-so the output is byte-identical for any number of ranks and workers. Windows are made by dualner.data.encoding.WindowTokenizer, so stage 2
-gets exactly the windows the raw path would make of the same sentences.
+so the output is byte-identical for any number of ranks and workers. Windows are made by
+dualner.data.encoding.WindowTokenizer, so stage 2 gets exactly the windows the raw path would make of
+the same sentences.
 
 Checks. Opening a prepared corpus compares every shard file's size with the manifest (a truncated or
 deleted shard is named at start-up, with the remedy); a shard's first and last 64 KiB are compared
@@ -43,6 +44,7 @@ import io
 import json
 import multiprocessing
 import os
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -154,7 +156,9 @@ class PreparedCorpus:
                               f"tokenizer; prepare it again with --tokenizer naming the stage-1 run")
         for record in self.manifest["inputs"]:
             path = Path(record["path"])
-            if path.is_file() and (path.stat().st_size, path.stat().st_mtime_ns) != (record["size"], record["mtime_ns"]):
+            changed = path.is_file() and (path.stat().st_size, path.stat().st_mtime_ns) != (record["size"],
+                                                                                             record["mtime_ns"])
+            if changed:
                 log.warning("%s: %s changed (size or modification time) since %s was prepared from it: stage 2 "
                             "reads the prepared text; run prepare again to train on the new one", key, path, self.path)
 
@@ -438,13 +442,16 @@ def _every_shard(files: list[CorpusFile], shard_bytes: int, folder: Path) -> lis
 
 def _write_atomically(path: Path, text: str) -> None:
     """Several ranks may write the same file: each replaces it whole (a reader never sees half)."""
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    temporary = path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}.tmp")
     temporary.write_text(text, encoding="utf-8")
     os.replace(temporary, path)
 
 
 def default_workers() -> int:
-    """The cores this process may use, shared among the ranks of its node (torchrun's LOCAL_WORLD_SIZE)."""
+    """The cores this rank may use: Slurm's SLURM_CPUS_PER_TASK, else the cores this process may run
+    on shared among the ranks of its node (torchrun's LOCAL_WORLD_SIZE)."""
+    if os.environ.get("SLURM_CPUS_PER_TASK", "").isdigit():
+        return max(1, int(os.environ["SLURM_CPUS_PER_TASK"]))
     return max(1, len(os.sched_getaffinity(0)) // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
 
 
@@ -486,8 +493,8 @@ def prepare(inputs: list[str], output: str, tokenizer_path: str, max_length: int
     inputs_record = [{"path": str(Path(f.path).resolve()), "size": os.stat(f.path).st_size, "mtime_ns": f.mtime_ns}
                      for f in files]
     plan_file = folder / "prepare.json"
-    plan = {"version": VERSION, "inputs": inputs_record, "max_length": max_length, "language": language, "shard_bytes": shard_bytes,
-            "tokenizer": tokenizer_fingerprint(tokenizer)}
+    plan = {"version": VERSION, "inputs": inputs_record, "max_length": max_length, "language": language,
+            "shard_bytes": shard_bytes, "tokenizer": tokenizer_fingerprint(tokenizer)}
     if plan_file.is_file() and json.loads(plan_file.read_text(encoding="utf-8")) != plan:
         raise ConfigError(f"prepare: {folder} holds a preparation of other inputs or settings; choose another "
                           f"--output or remove it")
