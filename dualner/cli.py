@@ -5,6 +5,7 @@ functions.
     python -m dualner stage1   --config configs/tiny.yaml [key=value ...]
     python -m dualner stage2   --config configs/tiny_stage2.yaml [key=value ...]
     python -m dualner prepare  corpus/de/*.txt.xz --tokenizer runs/x --max-length 128 --output prepared/de
+    python -m dualner index    corpus/de/*.txt.gz
     python -m dualner evaluate --checkpoint runs/x --data de=de/test.tsv [--head seq] [--output f1.json]
     python -m dualner export   --checkpoint runs/x --output exported/
     python -m dualner predict  --model exported/ --input sentences.txt --output entities.jsonl
@@ -163,6 +164,12 @@ def prepare(argv: list[str]) -> int:
     return 0
 
 
+def index(argv: list[str]) -> int:
+    from dualner.data.blocks import main as index_main
+    index_main(argv)
+    return 0
+
+
 def report(argv: list[str]) -> int:
     from dualner.report import main as report_main
     report_main(argv)
@@ -177,7 +184,8 @@ def config(argv: list[str]) -> int:
 
 COMMANDS: dict[str, Callable[[list[str]], int]] = {
     "stage1": stage1, "stage2": stage2, "evaluate": evaluate, "export": export, "predict": predict,
-    "report": report, "config": config, "prepare": prepare}
+    "report": report, "config": config, "prepare": prepare,
+    "index": index}
 
 
 def dispatch(argv: list[str]) -> int:

@@ -286,6 +286,8 @@ def build_stage2(cfg: Config) -> Trainer:
                 if isinstance(source, PreparedCorpus):
                     fingerprint = fingerprint or tokenizer_fingerprint(tokenizer)
                     source.check_tokenizer(fingerprint, cfg.data.max_length, f"{key}.{language}")
+                    source.check_use(language, getattr(initial.model.encoder.config, "vocab_size", None),
+                                     f"{key}.{language}", job.log)
             corpora[(kind, language)] = (sources, f"{key}.{language}")
     if cfg.data.train:
         check_same_split(cfg, RunLayout.of_checkpoint(initial.checkpoint).config)

@@ -123,3 +123,13 @@ def test_cpu_precision(tmp_path):
     assert set(result["median_seconds"]) == {"fp32", "bf16", "autocast-bf16"}
     assert all(positive(value) for value in result["median_seconds"].values())
     assert result["ratio_to_fp32"]["fp32"] == 1.0 and isinstance(result["cpu_has_bf16"], bool) and result["cpu"]
+
+
+def test_compressed_resume(tmp_path):
+    result = run_bench("compressed_resume.py", tmp_path / "out.json", "--megabytes", "3", "--repeats", "1")
+    files = result["files"]
+    assert files["bgzip (64 KiB members)"]["splittable"] and files["bgzip (64 KiB members)"]["blocks"] > 40
+    assert not files["gzip, one member"]["splittable"]
+    for entry in files.values():
+        for what in ("first_record", "first_pool"):
+            assert positive(entry[what]["at_0_s"]) and positive(entry[what]["at_90_s"])

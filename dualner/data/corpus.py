@@ -8,9 +8,11 @@ Ranges. An uncompressed file can be cut anywhere: a range [a, b) owns the record
 [a, b) steps back one byte, skips to the end of that line (a CoNLL reader also to the end of the
 block it landed in) and reads records while they start before b. Any partition of [0, size) into
 ranges therefore reads every record exactly once, whatever the number of pieces, so ranges can be
-re-cut between jobs (dualner.data.streaming). A compressed file cannot be entered in the middle:
-it is one range, and positions in it are offsets in the decompressed bytes (resuming at offset X
-decompresses and discards X bytes: prepare such corpora, dualner.data.prepared).
+re-cut between jobs (dualner.data.streaming). Positions in a compressed file are offsets in its
+decompressed bytes. One made of independent blocks (bgzip, multi-frame zstd, multi-block xz:
+dualner.data.blocks) is cut the same way: a reader enters the block holding its start. Any other
+compressed file cannot be entered in the middle: it is one range (resuming at offset X decompresses
+and discards X bytes: prepare such corpora, dualner.data.prepared).
 
 Records. A record is parsed on its own: a malformed or non-UTF-8 record raises `BadRecord` (with
 its file, byte and line) instead of ending the file, so the stream can skip and count it
@@ -24,10 +26,11 @@ from __future__ import annotations
 import io
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, Iterator
 
+from dualner.data.blocks import BlockIndex, block_index, open_blocks
 from dualner.data.conll import DOCSTART, INVISIBLE, _strip_language_prefix, normalize_tag
 from dualner.data.formats import READ_BLOCK as _BLOCK
 from dualner.data.formats import (DecompressionError, accepted_endings, check_content, corpus_format,
@@ -54,12 +57,13 @@ class CorpusFile:
     path: str
     format: str  # text | jsonl | conll
     compression: str  # "" | gzip | xz | bz2 | zstd
-    size: int
+    size: int  # bytes on disk; decompressed bytes where `blocks` is set
     mtime_ns: int
+    blocks: BlockIndex | None = field(default=None, compare=False, repr=False)  # compressed, >= 2 blocks
 
     @property
     def splittable(self) -> bool:
-        return not self.compression
+        return not self.compression or self.blocks is not None
 
     @property
     def end(self) -> int:
@@ -81,19 +85,25 @@ def describe_file(path: str | Path, key: str) -> CorpusFile:
         check_content(path, found[1])  # gzip data named .txt, xz data named .gz, text named .zst, ...
     except DecompressionError as error:
         raise DecompressionError(f"{key}: {error}") from None
+    blocks = block_index(str(path), found[1]) if found[1] else None
+    if blocks is not None and blocks.blocks >= 2:
+        return CorpusFile(str(path), found[0], found[1], blocks.size, stat.st_mtime_ns, blocks.thinned())
     return CorpusFile(str(path), found[0], found[1], stat.st_size, stat.st_mtime_ns)
 
 
 def open_corpus(file: CorpusFile, buffer: int = _BLOCK) -> BinaryIO:
     """The file's (decompressed) bytes, buffered so that readline() is fast (a small range: a
     small buffer, or opening it would read a whole MiB)."""
+    if file.blocks is not None:
+        return open_blocks(file.path, file.blocks, buffer)
     if file.compression:
         return open_decompressed(file.path, file.compression)
     return open(file.path, "rb", buffering=max(1 << 13, min(buffer, _BLOCK)))
 
 
 def skip_to(handle: BinaryIO, file: CorpusFile, position: int) -> None:
-    """Move to `position`: a seek in a plain file, decompress-and-discard in a compressed one."""
+    """Move to `position`: a seek in a plain or block-indexed file, decompress-and-discard in
+    another compressed one."""
     if file.splittable:
         handle.seek(position)
         return
@@ -403,6 +413,8 @@ def estimate_records(file: CorpusFile) -> tuple[int, bool]:
         records = sampled = 0
         for point in range(_SAMPLE_POINTS):
             start = file.size * point // _SAMPLE_POINTS
+            if file.blocks is not None:  # just past a block's start: no decompressing up to the point
+                start = int(file.blocks.decompressed[file.blocks.entry(start)]) + 1
             reader = RecordReader(file, start, min(file.size, start + _SAMPLE_BYTES))
             records += sum(1 for _ in reader)
             sampled += min(file.size, start + _SAMPLE_BYTES) - start

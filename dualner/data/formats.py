@@ -143,7 +143,7 @@ class DecompressionError(DataFormatError):
 CODEC_ERRORS: tuple[type[BaseException], ...] = (EOFError, OSError, lzma.LZMAError, zlib.error)
 
 
-def _codec_errors() -> tuple[type[BaseException], ...]:
+def codec_errors() -> tuple[type[BaseException], ...]:
     try:
         return CODEC_ERRORS + (zstd_module().ZstdError,)
     except DataFormatError:  # pragma: no cover - zstandard missing
@@ -156,7 +156,7 @@ class _CheckedStream(io.RawIOBase):
     def __init__(self, stream: BinaryIO, path: str | Path, codec: str, raw: BinaryIO | None, owns_raw: bool):
         self._stream, self._raw, self._owns_raw = stream, raw, owns_raw
         self.path, self.codec, self.position = path, codec, 0
-        self._errors = _codec_errors()
+        self._errors = codec_errors()
 
     def readable(self) -> bool:
         return True

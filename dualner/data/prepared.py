@@ -6,30 +6,48 @@ indexed datasets: ids + index), read by stage 2 with no tokenization and no star
 
 Layout of the output folder (built in `<output>.partial`, renamed to `<output>` when complete):
     prepare.json              the inputs and settings it was made of (a rerun continues only the same)
-    manifest.json             tokenizer fingerprint, max_length, inputs (size, mtime), shards and
-                              their sentence counts; written last: its presence means complete
+    manifest.json             tokenizer fingerprint, max_length, language, inputs (size, mtime),
+                              the largest token id, shards with their sentence counts and each file's
+                              size and checksums; written last: its presence means complete
     NNNN-MMMMMM.tokens.npy    int32 subword ids of every window, back to back
     NNNN-MMMMMM.word_index.npy int16 word index at each first subword, -1 elsewhere (as encoded)
     NNNN-MMMMMM.windows.npy   int64 (windows, 3): first token, end token, word offset
     NNNN-MMMMMM.sentences.npy int64 (sentences, 5): first window, windows, words, byte of the record
                               in its input (decompressed), src_id (-1: none)
-    NNNN-MMMMMM.done.json     the shard's counts; a shard with it is not redone when prepare is
-                              run again after an interruption
+    NNNN-MMMMMM.done.json     the shard's counts; a shard with it (and intact files) is not redone
+                              when prepare is run again after an interruption
+    NNNN.pieces.json          the number of shards of input NNNN where it is read whole (compressed,
+                              not in blocks), written when it has been cut
 
-A shard is one piece of one input: a byte range of an uncompressed file (each tokenizing process
-reads its own), or the next ~shard-mb of a compressed one (decompressed once, sequentially, by the
-main process and handed out). Windows are made by dualner.data.encoding.WindowTokenizer, so stage 2
-gets exactly the windows the raw path would make of the same sentences.
+A shard is one piece of one input: a byte range of an uncompressed file or of a compressed one made
+of blocks (each tokenizing process reads its own, entering the block that holds its start), or the
+next ~shard-mb of another compressed file (decompressed once, sequentially, by the main process and
+handed out while the workers tokenize). Under torchrun or srun (RANK, WORLD_SIZE) every rank takes
+a share of these units (the largest first, each to the rank with the least work: the same choice on
+every rank) and the rank that finishes last writes the manifest; a shard depends only on its piece,
+so the output is byte-identical for any number of ranks and workers. Windows are made by
+dualner.data.encoding.WindowTokenizer, so stage 2 gets exactly the windows the raw path would make of
+the same sentences.
+
+Checks. Opening a prepared corpus compares every shard file's size with the manifest (a truncated or
+deleted shard is named at start-up, with the remedy); a shard's first and last 64 KiB are compared
+with their checksum when it is first read, and `prepare --verify FOLDER` compares whole files. A
+run refuses a corpus prepared for another language, or whose token ids pass its model's vocabulary,
+and warns when an input changed since it was prepared.
 """
 
 from __future__ import annotations
 
 import bisect
+import gc
 import hashlib
+import heapq
+import io
 import json
 import multiprocessing
 import os
 import shutil
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -45,11 +63,23 @@ from dualner.errors import ConfigError, DataFormatError, MissingPathError
 MANIFEST = "manifest.json"
 BLOCK = 1 << 16  # sentences shuffled together within a pass (and the largest piece a reader gets)
 FORMAT_NAME = "dualner-prepared"
-VERSION = 1
+VERSION = 2
+_ENDS = 1 << 16  # bytes at each end of a shard file checked when it is first read
+PARTS = ("tokens", "word_index", "windows", "sentences")
 
 
 def is_prepared(path: str | os.PathLike) -> bool:
     return (Path(path) / MANIFEST).is_file()
+
+
+def _ends_digest(head: bytes, tail: bytes, size: int) -> str:
+    return hashlib.sha256(head + tail + str(size).encode()).hexdigest()[:16]
+
+
+def _file_record(data: bytes) -> dict:
+    """What the manifest keeps of one shard file: its size, a checksum of the whole, one of its ends."""
+    return {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(),
+            "ends": _ends_digest(data[:_ENDS], data[-_ENDS:], len(data))}
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
@@ -67,6 +97,7 @@ class _Shard:
     first: int  # global id of its first sentence
     sentences: int
     source: str  # the input file its records came from
+    files: dict  # part -> its size and checksums (the manifest's)
 
 
 class PreparedCorpus:
@@ -81,7 +112,7 @@ class PreparedCorpus:
         first = 0
         for shard in manifest["shards"]:
             self.shards.append(_Shard(shard["name"], first, shard["sentences"],
-                                      manifest["inputs"][shard["input"]]["path"]))
+                                      manifest["inputs"][shard["input"]]["path"], shard["files"]))
             first += shard["sentences"]
         self.sentences = first
         self._starts = [shard.first for shard in self.shards]
@@ -99,10 +130,41 @@ class PreparedCorpus:
             raise DataFormatError(f"{key}: {folder}: not a prepared corpus of this DualNER version "
                                   f"(format {manifest.get('format')!r}, version {manifest.get('version')!r}); "
                                   f"prepare it again")
+        if not manifest["sentences"]:
+            raise DataFormatError(f"{key}: {folder}: the prepared corpus holds no sentence (its inputs were "
+                                  f"empty); prepare it again from the corpus files")
+        for shard in manifest["shards"]:
+            for part, record in shard["files"].items():
+                path = folder / f"{shard['name']}.{part}.npy"
+                size = path.stat().st_size if path.is_file() else None
+                if size != record["bytes"]:
+                    found = "missing" if size is None else f"{size} bytes, the manifest says {record['bytes']}"
+                    raise DataFormatError(f"{key}: {path}: damaged prepared shard ({found}); run prepare again "
+                                          f"with the same inputs and --output (it redoes damaged shards), or "
+                                          f"restore the folder")
         return PreparedCorpus(folder, manifest)
 
     def identity(self) -> list:
         return [self.path, self.sentences, self.fingerprint]
+
+    def check_use(self, language: str, embeddings: int | None, key: str, log) -> None:
+        """Used as `language` by a model with `embeddings` token embeddings (None: unknown)."""
+        prepared_as = self.manifest["language"]
+        if prepared_as and prepared_as != language:
+            raise ConfigError(f"{key}: {self.path} was prepared as language {prepared_as!r} (--language "
+                              f"{prepared_as}) and is used here as {language!r}: name it under "
+                              f"{key.rsplit('.', 1)[0]}.{prepared_as}, or prepare the {language!r} corpus")
+        if embeddings is not None and self.manifest["max_token_id"] >= embeddings:
+            raise ConfigError(f"{key}: {self.path} holds token id {self.manifest['max_token_id']}, beyond this "
+                              f"run's model ({embeddings} token embeddings): it was prepared with another "
+                              f"tokenizer; prepare it again with --tokenizer naming the stage-1 run")
+        for record in self.manifest["inputs"]:
+            path = Path(record["path"])
+            changed = path.is_file() and (path.stat().st_size, path.stat().st_mtime_ns) != (record["size"],
+                                                                                             record["mtime_ns"])
+            if changed:
+                log.warning("%s: %s changed (size or modification time) since %s was prepared from it: stage 2 "
+                            "reads the prepared text; run prepare again to train on the new one", key, path, self.path)
 
     def check_tokenizer(self, fingerprint: str, max_length: int, key: str) -> None:
         """`fingerprint`: tokenizer_fingerprint of this run's tokenizer."""
@@ -118,8 +180,14 @@ class PreparedCorpus:
         arrays = self._arrays.get(shard.name)
         if arrays is None:
             # plain ndarray views of the maps: slicing a np.memmap costs a Python-level finalizer
+            for part in PARTS:
+                path = self.folder / f"{shard.name}.{part}.npy"
+                if not _ends_match(path, shard.files[part]):
+                    raise DataFormatError(f"{path}: damaged prepared shard (its checksum differs from the "
+                                          f"manifest's); run prepare again with the same inputs and --output "
+                                          f"(it redoes damaged shards), or restore the folder")
             arrays = {part: np.load(self.folder / f"{shard.name}.{part}.npy", mmap_mode="r").view(np.ndarray)
-                      for part in ("tokens", "word_index", "windows", "sentences")}
+                      for part in PARTS}
             self._arrays[shard.name] = arrays
         return arrays
 
@@ -164,6 +232,32 @@ class PreparedCorpus:
             position += 1
 
 
+def _ends_match(path: Path, record: dict) -> bool:
+    """The file has the recorded size, and its first and last 64 KiB the recorded checksum."""
+    try:
+        if path.stat().st_size != record["bytes"]:
+            return False
+        with open(path, "rb") as handle:
+            head = handle.read(_ENDS)
+            handle.seek(max(0, record["bytes"] - _ENDS))
+            tail = handle.read(_ENDS)
+    except OSError:
+        return False
+    return _ends_digest(head, tail, record["bytes"]) == record["ends"]
+
+
+def verify(folder: str | os.PathLike) -> list[str]:
+    """Every shard file of a prepared corpus against its size and whole checksum: the damaged ones."""
+    corpus = PreparedCorpus.open(folder, "prepare --verify")
+    damaged = []
+    for shard in corpus.manifest["shards"]:
+        for part, record in shard["files"].items():
+            path = corpus.folder / f"{shard['name']}.{part}.npy"
+            if _file_record(path.read_bytes())["sha256"] != record["sha256"]:
+                damaged.append(str(path))
+    return damaged
+
+
 # -- writing -------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Piece:
@@ -201,7 +295,16 @@ def _records_of(file: CorpusFile, piece: Piece, lines: list | None) -> Iterator[
 
 def _write_shard(task: tuple) -> dict:
     """Tokenize one piece into one shard (in a worker process); returns its counts."""
-    file, piece, records = task
+    # A shard builds millions of small lists and no reference cycles: the cyclic collector would walk
+    # them again and again (a third of the time, measured: bench/RESULTS.md "prepare at cluster scale").
+    gc.disable()
+    try:
+        return _tokenize_shard(*task)
+    finally:
+        gc.enable()
+
+
+def _tokenize_shard(file: CorpusFile, piece: Piece, records: list | None) -> dict:
     state = _worker_state
     encoder, output = state["encoder"], state["output"]
     sentences, bad = [], []
@@ -240,27 +343,82 @@ def _write_shard(task: tuple) -> dict:
     name = piece.name
     flat_tokens = np.fromiter((t for ids in tokens for t in ids), dtype=np.int32)
     flat_index = np.fromiter((w for row in word_index for w in row), dtype=np.int16)
+    files = {}
     for part, array in (("tokens", flat_tokens), ("word_index", flat_index),
                         ("windows", np.asarray(windows, dtype=np.int64).reshape(-1, 3)),
                         ("sentences", np.asarray(table, dtype=np.int64).reshape(-1, 5))):
+        buffer = io.BytesIO()
+        np.save(buffer, array)
+        files[part] = _file_record(buffer.getvalue())
         temporary = output / f".{name}.{part}.npy.tmp"
-        with open(temporary, "wb") as handle:
-            np.save(handle, array)
+        temporary.write_bytes(buffer.getbuffer())
         os.replace(temporary, output / f"{name}.{part}.npy")
     counts = {"name": name, "input": piece.input, "sentences": len(table), "windows": len(windows),
-              "tokens": int(flat_tokens.size), "bad_records": bad}
+              "tokens": int(flat_tokens.size), "max_token_id": int(flat_tokens.max()) if flat_tokens.size else -1,
+              "files": files, "bad_records": bad}
     done = output / f".{name}.done.json.tmp"
     done.write_text(json.dumps(counts), encoding="utf-8")
     os.replace(done, output / f"{name}.done.json")
     return counts
 
 
-def _pieces(files: list[CorpusFile], shard_bytes: int) -> Iterator[tuple[CorpusFile, Piece, list | None]]:
-    """Every shard's input in order; compressed files decompressed here, once."""
+_COMPRESSION_GUESS = 4  # decompressed bytes per compressed byte of text, for sharing out work only
+
+
+def _units(files: list[CorpusFile], shard_bytes: int) -> list[tuple[int, int, Piece | None]]:
+    """The work: (bytes, input, piece) for each byte range of a splittable file (plain, or compressed
+    in blocks: entered at its block), (bytes, input, None) for a compressed file read whole."""
+    units = []
     for index, file in enumerate(files):
-        if file.splittable:
-            for number, start in enumerate(range(0, max(1, file.size), shard_bytes)):
-                yield file, Piece(index, number, start, min(file.size, start + shard_bytes)), None
+        if not file.splittable:
+            units.append((file.size * _COMPRESSION_GUESS, index, None))
+            continue
+        for number, start in enumerate(range(0, max(1, file.size), shard_bytes)):
+            end = min(file.size, start + shard_bytes)
+            units.append((end - start, index, Piece(index, number, start, end)))
+    return units
+
+
+def rank_units(files: list[CorpusFile], shard_bytes: int, rank: int, world_size: int) -> list:
+    """This rank's units: the largest first, each to the rank with the least work so far (the same
+    choice on every rank, from the files alone). Which rank tokenizes a piece does not change its shard."""
+    load = [(0, r) for r in range(world_size)]
+    mine = []
+    for unit in sorted(_units(files, shard_bytes), key=lambda u: (-u[0], u[1], u[2].number if u[2] else 0)):
+        work, owner = heapq.heappop(load)
+        heapq.heappush(load, (work + unit[0], owner))
+        if owner == rank:
+            mine.append(unit)
+    return sorted(mine, key=lambda u: (u[1], u[2].number if u[2] else 0))
+
+
+def _count_file(folder: Path, index: int) -> Path:
+    """Written once a compressed file read whole was cut into pieces: how many."""
+    return folder / f"{index:04d}.pieces.json"
+
+
+def _done(folder: Path, name: str) -> dict | None:
+    """A shard's counts if it is finished and its files are intact."""
+    done = folder / f"{name}.done.json"
+    if not done.is_file():
+        return None
+    counts = json.loads(done.read_text(encoding="utf-8"))
+    intact = all(_ends_match(folder / f"{name}.{part}.npy", record) for part, record in counts["files"].items())
+    return counts if intact else None
+
+
+def _pieces(files: list[CorpusFile], units: list, shard_bytes: int, folder: Path
+            ) -> Iterator[tuple[CorpusFile, Piece, list | None]]:
+    """Every shard input of `units` in order; a compressed file read whole is decompressed here, once
+    (while the workers tokenize what was handed out), unless all its shards are done."""
+    for _, index, piece in units:
+        file = files[index]
+        if piece is not None:
+            yield file, piece, None
+            continue
+        counted = _count_file(folder, index)
+        if counted.is_file() and all(_done(folder, Piece(index, number).name) is not None
+                                     for number in range(json.loads(counted.read_text())["pieces"])):
             continue
         number, batch, size = 0, [], 0
         for record in RecordReader(file, 0, file.end):
@@ -271,15 +429,69 @@ def _pieces(files: list[CorpusFile], shard_bytes: int) -> Iterator[tuple[CorpusF
                 number, batch, size = number + 1, [], 0
         if batch or number == 0:
             yield file, Piece(index, number), batch
+            number += 1
+        _write_atomically(counted, json.dumps({"pieces": number}))
+
+
+def _every_shard(files: list[CorpusFile], shard_bytes: int, folder: Path) -> list[dict] | None:
+    """Every shard's counts, in order, once every rank has finished its part; None before."""
+    names = []
+    for index, file in enumerate(files):
+        if file.splittable:
+            names += [Piece(index, number).name for number in range(len(range(0, max(1, file.size), shard_bytes)))]
+            continue
+        counted = _count_file(folder, index)
+        if not counted.is_file():
+            return None
+        names += [Piece(index, number).name for number in range(json.loads(counted.read_text())["pieces"])]
+    results = []
+    for name in names:
+        done = folder / f"{name}.done.json"
+        if not done.is_file():
+            return None
+        results.append(json.loads(done.read_text(encoding="utf-8")))
+    return results
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    """Several ranks may write the same file: each replaces it whole (a reader never sees half)."""
+    temporary = path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}.tmp")
+    temporary.write_text(text, encoding="utf-8")
+    os.replace(temporary, path)
+
+
+def default_workers() -> int:
+    """The cores this rank may use: Slurm's SLURM_CPUS_PER_TASK, else the cores this process may run
+    on shared among the ranks of its node (torchrun's LOCAL_WORLD_SIZE)."""
+    if os.environ.get("SLURM_CPUS_PER_TASK", "").isdigit():
+        return max(1, int(os.environ["SLURM_CPUS_PER_TASK"]))
+    return max(1, len(os.sched_getaffinity(0)) // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+
+
+def check_window_fits(max_length: int, tokenizer_path: str) -> None:
+    """--max-length must fit the encoder the tokenizer belongs to (where its folder holds a model's
+    config): stage 2 would refuse the corpus, after all the work."""
+    if not (Path(tokenizer_path) / "config.json").is_file():
+        return
+    from transformers import AutoConfig
+
+    from dualner.limits import window_limit
+    limit = window_limit(AutoConfig.from_pretrained(tokenizer_path))
+    if limit is not None and max_length > limit:
+        raise ConfigError(f"prepare: --max-length {max_length} is more than the encoder of {tokenizer_path} can "
+                          f"hold (windows of at most {limit} tokens); use --max-length {limit} or less, as "
+                          f"data.max_length of the stage-2 run")
 
 
 def prepare(inputs: list[str], output: str, tokenizer_path: str, max_length: int, language: str = "",
             workers: int | None = None, shard_bytes: int = 64 << 20, max_bad_records: int = 0,
-            log=print) -> dict:
-    """Tokenize `inputs` into a prepared corpus in `output`; returns the manifest. Everything is
-    checked before a folder is made; the corpus is built in `<output>.partial` and renamed to
-    `output` when complete, so `output` never holds half a corpus. A failed run keeps the shards it
-    finished there (none: the folder goes), and prepare run again continues from them."""
+            log=print, rank: int = 0, world_size: int = 1) -> dict | None:
+    """Tokenize `inputs` into a prepared corpus in `output`: this rank's part of the work (of
+    `world_size` ranks started on the same inputs and output). Everything is checked before a folder
+    is made; the corpus is built in `<output>.partial` and renamed to `output` by the rank that
+    finishes last, so `output` never holds half a corpus. Returns the manifest there, None on the
+    other ranks. A failed run keeps the shards it finished (none, on one rank: the folder goes), and
+    prepare run again continues from them."""
     if not inputs:
         raise ConfigError("prepare: name at least one input file")
     refuse_shared_files({"prepare": inputs})  # a file named twice (or a link to it) would be prepared twice
@@ -292,8 +504,10 @@ def prepare(inputs: list[str], output: str, tokenizer_path: str, max_length: int
         files.append(describe_file(path, "prepare"))
         _check_holds_a_sentence(files[-1], language, max_bad_records)
     tokenizer_path, tokenizer = load_tokenizer(tokenizer_path)
-    inputs_record = [{"path": str(Path(f.path).resolve()), "size": f.size, "mtime_ns": f.mtime_ns} for f in files]
-    plan = {"inputs": inputs_record, "max_length": max_length, "language": language, "shard_bytes": shard_bytes,
+    check_window_fits(max_length, tokenizer_path)
+    inputs_record = [{"path": str(Path(f.path).resolve()), "size": os.stat(f.path).st_size, "mtime_ns": f.mtime_ns}
+                     for f in files]
+    plan = {"version": VERSION, "inputs": inputs_record, "max_length": max_length, "language": language, "shard_bytes": shard_bytes,
             "tokenizer": tokenizer_fingerprint(tokenizer)}
     folder = Path(output)
     work = folder.with_name(f"{folder.name}.partial")
@@ -302,12 +516,18 @@ def prepare(inputs: list[str], output: str, tokenizer_path: str, max_length: int
         return finished
     try:
         manifest = _prepare_in(work, files, plan, tokenizer, tokenizer_path, max_length, language, workers,
-                               shard_bytes, max_bad_records, log)
+                               shard_bytes, max_bad_records, log, rank, world_size)
     except BaseException:
-        if not any(work.glob("*.done.json")):  # nothing to continue from
+        if world_size == 1 and not any(work.glob("*.done.json")):  # nothing to continue from
             shutil.rmtree(work, ignore_errors=True)
         raise
-    os.replace(work, folder)
+    if manifest is None:  # other ranks are still at work: the last one renames the folder
+        return None
+    try:
+        os.replace(work, folder)
+    except FileNotFoundError:  # two ranks finished together: the other one renamed it
+        if not is_prepared(folder):
+            raise
     return manifest
 
 
@@ -374,24 +594,27 @@ def _claim_output(folder: Path, work: Path, plan: dict, log) -> dict | None:
         log(f"prepare: {work} held a preparation of other inputs or settings: starting over")
         shutil.rmtree(work)
     work.mkdir(parents=True, exist_ok=True)
-    (work / "prepare.json").write_text(json.dumps(plan, indent=1), encoding="utf-8")
+    _write_atomically(work / "prepare.json", json.dumps(plan, indent=1))  # ranks of one job write the same
     return None
 
 
 def _prepare_in(folder: Path, files: list[CorpusFile], plan: dict, tokenizer, tokenizer_path: str, max_length: int,
-                language: str, workers: int | None, shard_bytes: int, max_bad_records: int, log) -> dict:
-    """The shards of `files` in `folder` (those done already are kept), then the manifest."""
+                language: str, workers: int | None, shard_bytes: int, max_bad_records: int, log, rank: int,
+                world_size: int) -> dict | None:
+    """This rank's shards of `files` in `folder` (those done already are kept), then, once every
+    rank's are done, the manifest (None while other ranks are still at work)."""
     inputs_record = plan["inputs"]
     (folder / MANIFEST).unlink(missing_ok=True)
-    workers = workers or os.cpu_count() or 1
+    workers = workers or default_workers()
     context = multiprocessing.get_context("spawn")
     results = []
 
     def todo():
-        for file, piece, records in _pieces(files, shard_bytes):
-            done = folder / f"{piece.name}.done.json"
-            if done.is_file():
-                results.append(json.loads(done.read_text(encoding="utf-8")))
+        for file, piece, records in _pieces(files, rank_units(files, shard_bytes, rank, world_size), shard_bytes,
+                                            folder):
+            counts = _done(folder, piece.name)
+            if counts is not None:
+                results.append(counts)
                 continue
             yield file, piece, records
 
@@ -404,6 +627,12 @@ def _prepare_in(folder: Path, files: list[CorpusFile], plan: dict, tokenizer, to
             for counts in pool.imap_unordered(_write_shard, todo(), chunksize=1):
                 results.append(counts)
                 log(f"prepare: {counts['name']}: {counts['sentences']} sentences")
+    if world_size > 1:  # the ranks' shards together, once the last one is done
+        log(f"prepare: rank {rank} of {world_size}: its {len(results)} shard(s) are done")
+        results = _every_shard(files, shard_bytes, folder)
+        if results is None:
+            log(f"prepare: rank {rank}: other ranks are still at work; the last to finish writes the manifest")
+            return None
     results.sort(key=lambda counts: counts["name"])
     bad = _bad_record_messages([record for counts in results for record in counts["bad_records"]], files)
     if len(bad) > max_bad_records:
@@ -412,16 +641,18 @@ def _prepare_in(folder: Path, files: list[CorpusFile], plan: dict, tokenizer, to
                               f"done are kept in {folder}: run prepare again to finish)")
     for message in bad:
         log(f"prepare: skipped a bad record: {message}")
+    if not any(counts["sentences"] for counts in results):
+        raise DataFormatError(f"prepare: {', '.join(f.path for f in files)}: no sentence in the input(s); "
+                              f"nothing prepared")
     manifest = {"format": FORMAT_NAME, "version": VERSION, "language": language, "max_length": max_length,
                 "tokenizer": {"name": tokenizer.name_or_path, "fingerprint": plan["tokenizer"]},
                 "inputs": inputs_record,
-                "shards": [{key: counts[key] for key in ("name", "input", "sentences", "windows", "tokens")}
+                "shards": [{key: counts[key] for key in ("name", "input", "sentences", "windows", "tokens", "files")}
                            for counts in results],
+                "max_token_id": max(counts["max_token_id"] for counts in results),
                 "sentences": sum(counts["sentences"] for counts in results),
                 "bad_records": len(bad)}
-    temporary = folder / f".{MANIFEST}.tmp"
-    temporary.write_text(json.dumps(manifest, indent=1), encoding="utf-8")
-    os.replace(temporary, folder / MANIFEST)
+    _write_atomically(folder / MANIFEST, json.dumps(manifest, indent=1))
     return manifest
 
 
@@ -443,23 +674,43 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="dualner prepare", description=(
         "Tokenize unlabeled stage-2 corpora once into memory-mapped shards (stage2.target.LANG or "
         "stage2.translations.LANG can then name the output folder). Resumable: run it again after an "
-        "interruption."))
+        "interruption. Under torchrun or srun every rank takes its share of the pieces (RANK, WORLD_SIZE); "
+        "the shards are the same for any number of ranks and workers."))
     from dualner.data.formats import accepted_endings
-    parser.add_argument("inputs", nargs="+", help=f"corpus files ({accepted_endings(compressed=True)})")
-    parser.add_argument("--output", required=True, help="the prepared corpus folder")
-    parser.add_argument("--tokenizer", required=True,
+    parser.add_argument("inputs", nargs="*", help=f"corpus files ({accepted_endings(compressed=True)})")
+    parser.add_argument("--verify", metavar="FOLDER", help="check every file of a prepared corpus against the "
+                        "checksums in its manifest (reads it whole), and prepare nothing")
+    parser.add_argument("--output", help="the prepared corpus folder")
+    parser.add_argument("--tokenizer",
                         help="the stage-1 run folder (its model/), an exported model, or a tokenizer name")
-    parser.add_argument("--max-length", type=int, required=True, help="data.max_length of the stage-2 run")
+    parser.add_argument("--max-length", type=int, help="data.max_length of the stage-2 run")
     parser.add_argument("--language", default="", help="the corpus's language code")
-    parser.add_argument("--workers", type=int, default=None, help="tokenizing processes (default: every core)")
-    parser.add_argument("--shard-mb", type=int, default=64, help="input megabytes per shard")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="tokenizing processes per rank (default: the cores, shared among the node's ranks)")
+    parser.add_argument("--shard-mb", type=float, default=64, help="input megabytes per shard")
     parser.add_argument("--max-bad-records", type=int, default=0,
                         help="malformed or non-UTF-8 records to skip (each reported) before failing")
     args = parser.parse_args(argv)
-    if not 3 <= args.max_length <= 32767 or args.shard_mb < 1:
-        raise ConfigError("prepare: --max-length must be in [3, 32767] and --shard-mb >= 1")
+    if args.verify:
+        if not is_prepared(args.verify):
+            raise MissingPathError(f"prepare --verify: {args.verify} is not a prepared corpus (no {MANIFEST})")
+        damaged = verify(args.verify)
+        if damaged:
+            raise DataFormatError(f"prepare --verify: {len(damaged)} damaged shard file(s), the first {damaged[0]}; "
+                                  f"remove them and run prepare again with the same inputs and --output")
+        print(f"{args.verify}: every shard file matches its checksum")
+        return
+    if not args.inputs or args.output is None or args.tokenizer is None or args.max_length is None:
+        parser.error("name the input files, --output, --tokenizer and --max-length (or --verify FOLDER)")
+    shard_bytes = int(args.shard_mb * (1 << 20))
+    if not 3 <= args.max_length <= 32767 or shard_bytes < 1:
+        raise ConfigError("prepare: --max-length must be in [3, 32767] and --shard-mb more than 0")
     if (args.workers is not None and args.workers < 1) or args.max_bad_records < 0:
-        raise ConfigError("prepare: --workers must be >= 1 (default: every core) and --max-bad-records >= 0")
+        raise ConfigError("prepare: --workers must be >= 1 (default: the cores) and --max-bad-records >= 0")
+    from dualner.backend.comm import launch_ranks
+    ranks = launch_ranks()
     manifest = prepare(args.inputs, args.output, args.tokenizer, args.max_length, args.language, args.workers,
-                       args.shard_mb << 20, args.max_bad_records)
-    print(f"prepared {manifest['sentences']} sentences in {len(manifest['shards'])} shard(s) -> {args.output}")
+                       shard_bytes, args.max_bad_records, rank=int(ranks["RANK"]),
+                       world_size=int(ranks["WORLD_SIZE"]))
+    if manifest is not None:
+        print(f"prepared {manifest['sentences']} sentences in {len(manifest['shards'])} shard(s) -> {args.output}")

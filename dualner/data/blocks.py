@@ -1,0 +1,482 @@
+"""Entry points into compressed corpora: where each independent block of a compressed file begins,
+in compressed and decompressed bytes, so that a reader can start at any decompressed position by
+decompressing from the start of the block holding it (O(block), not O(position)).
+
+Which files have blocks (an index of >= 2 blocks makes a file splittable; dualner.data.corpus):
+- bgzip (BGZF) `.gz`: gzip members of <= 64 KiB whose headers carry their compressed size and whose
+  trailers their decompressed size: walked without decompressing;
+- multi-frame `.zst`: the seek table of zstd's seekable format, or a walk over the frame and block
+  headers (frames whose header records their decompressed size, as `zstd`/`pzstd` write for files);
+- multi-block `.xz` (`xz -T0`, `xz --block-size`): the index in the file's footer, O(blocks);
+- other multi-member `.gz` (and `.zst` frames without a recorded size): their boundaries are found
+  only by decompressing the file once, on request (`python -m dualner index FILE`), never at start-up.
+A file with one block (the usual single-stream download) stays one piece, as do `.bz2` files.
+
+An index is built once and cached beside the file (`.NAME.dualner-index.npz`) or, where that folder
+is not writable, in ~/.cache/dualner/block-index (XDG_CACHE_HOME), keyed by the file's path, size and
+modification time: a changed file is indexed again.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import lzma
+import mmap
+import os
+import socket
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO, Iterator
+
+import numpy as np
+
+from dualner.data.formats import READ_BLOCK, DecompressionError, codec_errors, zstd_module
+from dualner.errors import MissingPathError
+
+INDEX_VERSION = 1
+MOST_ENTRIES = 1 << 16  # entry points kept per file in memory (and sent to every loader worker)
+INDEXED_CODECS = ("gzip", "zstd", "xz")
+_CHUNK = 1 << 16  # decompressed bytes handed on at a time: a reader's first record comes after 64 KiB, not 1 MiB
+_EMPTY = np.zeros(0, dtype=np.int64)
+
+
+@dataclass(frozen=True, eq=False)
+class BlockIndex:
+    """The blocks of one compressed file: each block's first compressed byte and first decompressed
+    byte (strictly increasing: empty blocks are left out, a reader passes through them)."""
+
+    codec: str
+    compressed: np.ndarray  # int64
+    decompressed: np.ndarray  # int64, decompressed[0] == 0
+    size: int  # decompressed bytes of the whole file
+    # xz only: the stream of each block, each stream's header offset and where its blocks end
+    stream: np.ndarray = field(default_factory=lambda: _EMPTY)
+    stream_starts: np.ndarray = field(default_factory=lambda: _EMPTY)
+    stream_ends: np.ndarray = field(default_factory=lambda: _EMPTY)
+
+    @property
+    def blocks(self) -> int:
+        return len(self.compressed)
+
+    def entry(self, position: int) -> int:
+        """The block holding decompressed byte `position`."""
+        return max(0, int(np.searchsorted(self.decompressed, position, side="right")) - 1)
+
+    def thinned(self, most: int = MOST_ENTRIES) -> "BlockIndex":
+        """At most about `most` evenly spread entry points (a resume then decompresses at most
+        size/most bytes more before its position): a 300 GB bgzip file has millions of blocks."""
+        if self.blocks <= most:
+            return self
+        bucket = self.decompressed // -(-self.size // most)
+        keep = np.unique(bucket, return_index=True)[1]
+        return BlockIndex(self.codec, self.compressed[keep], self.decompressed[keep], self.size,
+                          self.stream[keep] if len(self.stream) else _EMPTY, self.stream_starts, self.stream_ends)
+
+
+def _from_sizes(codec: str, compressed: list[int], sizes: list[int], **streams) -> BlockIndex:
+    """An index from each block's compressed offset and decompressed size (empty blocks left out)."""
+    sizes_array = np.asarray(sizes, dtype=np.int64)
+    starts = np.cumsum(sizes_array) - sizes_array
+    keep = sizes_array > 0
+    if not keep.any():
+        keep[:1] = True
+    kept = {name: np.asarray(values, dtype=np.int64)[keep] if name == "stream" else np.asarray(values, np.int64)
+            for name, values in streams.items()}
+    return BlockIndex(codec, np.asarray(compressed, dtype=np.int64)[keep], starts[keep], int(sizes_array.sum()),
+                      **kept)
+
+
+# -- reading the block structure -------------------------------------------------------------------------
+def _u16(data, at: int) -> int:
+    return int.from_bytes(data[at:at + 2], "little")
+
+
+def _u32(data, at: int) -> int:
+    return int.from_bytes(data[at:at + 4], "little")
+
+
+def _bgzf_blocks(data) -> BlockIndex | None:
+    """BGZF: every member's header holds its size (the `BC` extra field), its trailer the
+    decompressed size: a walk over headers, no decompression. None if any member is not BGZF."""
+    compressed, sizes, at, end = [], [], 0, len(data)
+    while at < end:
+        if data[at:at + 4] != b"\x1f\x8b\x08\x04" or at + 12 > end:
+            return None
+        extra_end = at + 12 + _u16(data, at + 10)
+        field, block_size = at + 12, None
+        while field + 4 <= extra_end:
+            length = _u16(data, field + 2)
+            if data[field:field + 2] == b"BC" and length == 2:
+                block_size = _u16(data, field + 4) + 1
+            field += 4 + length
+        if block_size is None or at + block_size > end:
+            return None
+        compressed.append(at)
+        sizes.append(_u32(data, at + block_size - 4))
+        at += block_size
+    return _from_sizes("gzip", compressed, sizes)
+
+
+def _gzip_members_by_decompressing(path: str) -> BlockIndex:
+    """Any gzip file's members, found by decompressing it once (their ends are known only there)."""
+    compressed, sizes = [], []
+    consumed, decompressor = 0, None
+    with open(path, "rb") as raw:
+        while data := raw.read(READ_BLOCK):
+            while data:
+                if decompressor is None:
+                    stripped = data.lstrip(b"\0")  # zero padding after a member, as gzip allows
+                    consumed += len(data) - len(stripped)
+                    data = stripped
+                    if not data:
+                        break
+                    compressed.append(consumed)
+                    sizes.append(0)
+                    decompressor = zlib.decompressobj(31)
+                given = data
+                try:
+                    while True:
+                        sizes[-1] += len(decompressor.decompress(given, READ_BLOCK))
+                        if decompressor.eof or not decompressor.unconsumed_tail:
+                            break
+                        given = decompressor.unconsumed_tail
+                except zlib.error as error:
+                    raise DecompressionError.at(path, "gzip", error, sum(sizes), consumed) from None
+                if decompressor.eof:
+                    used = len(data) - len(decompressor.unused_data)
+                    consumed, data, decompressor = consumed + used, decompressor.unused_data, None
+                else:
+                    consumed, data = consumed + len(data), b""
+    if decompressor is not None:
+        raise DecompressionError.at(path, "gzip", "truncated", sum(sizes), consumed)
+    return _from_sizes("gzip", compressed, sizes)
+
+
+_ZSTD_MAGIC = 0xFD2FB528
+_SEEKABLE_MAGIC = 0x8F92EAB1
+
+
+def _zstd_seek_table(data) -> BlockIndex | None:
+    """zstd's seekable format: a skippable frame at the end lists every frame's sizes."""
+    end = len(data)
+    if end < 17 or _u32(data, end - 4) != _SEEKABLE_MAGIC:
+        return None
+    frames, descriptor = _u32(data, end - 9), data[end - 5]
+    entry = 12 if descriptor & 0x80 else 8
+    table = end - 9 - frames * entry
+    if table < 8 or _u32(data, table - 8) != 0x184D2A5E:
+        return None
+    compressed, sizes, at = [], [], 0
+    for frame in range(frames):
+        compressed.append(at)
+        at += _u32(data, table + frame * entry)
+        sizes.append(_u32(data, table + frame * entry + 4))
+    return _from_sizes("zstd", compressed, sizes) if at == table - 8 else None
+
+
+def _zstd_frames(data, path: str, scan: bool) -> BlockIndex | None:
+    """A walk over the frame and block headers. A frame whose header lacks its decompressed size is
+    decompressed to learn it (only when `scan`; else None)."""
+    compressed, sizes, at, end = [], [], 0, len(data)
+    while at < end:
+        magic = _u32(data, at)
+        if 0x184D2A50 <= magic <= 0x184D2A5F:  # a skippable frame (metadata)
+            at += 8 + _u32(data, at + 4)
+            continue
+        if magic != _ZSTD_MAGIC or at + 6 > end:
+            return None
+        descriptor = data[at + 4]
+        single_segment, checksum = descriptor >> 5 & 1, descriptor >> 2 & 1
+        header = at + 5 + (0 if single_segment else 1) + (0, 1, 2, 4)[descriptor & 3]
+        field = (1 if single_segment else 0, 2, 4, 8)[descriptor >> 6]
+        content = int.from_bytes(data[header:header + field], "little") + (256 if field == 2 else 0) if field else None
+        if content is None and not scan:
+            return None  # its size is known only by decompressing it
+        cursor = header + field
+        while True:
+            if cursor + 3 > end:
+                return None
+            block = int.from_bytes(data[cursor:cursor + 3], "little")
+            kind = block >> 1 & 3
+            if kind == 3:
+                return None
+            cursor += 3 + (1 if kind == 1 else block >> 3)
+            if block & 1:
+                break
+        cursor += 4 if checksum else 0
+        if content is None:
+            if not scan:
+                return None
+            reader = zstd_module().ZstdDecompressor().stream_reader(io.BytesIO(data[at:cursor]))
+            content = sum(len(chunk) for chunk in iter(lambda: reader.read(READ_BLOCK), b""))
+        compressed.append(at)
+        sizes.append(content)
+        at = cursor
+    return _from_sizes("zstd", compressed, sizes) if at == end else None
+
+
+def _varint(data, at: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        byte = data[at]
+        at += 1
+        value |= (byte & 0x7F) << shift
+        shift += 7
+        if byte < 0x80:
+            return value, at
+
+
+def _xz_blocks(data) -> BlockIndex | None:
+    """xz: each stream's index (read from its footer, last stream first) lists its blocks' sizes."""
+    streams: list[tuple[int, int, list[tuple[int, int]]]] = []  # (header offset, blocks end, records)
+    end = len(data)
+    while end > 0:
+        while end >= 4 and data[end - 4:end] == b"\0\0\0\0":  # stream padding
+            end -= 4
+        if end < 24 or data[end - 2:end] != b"YZ":
+            return None
+        index_start = end - 12 - (_u32(data, end - 8) + 1) * 4
+        if index_start < 12 or data[index_start] != 0:
+            return None
+        count, at = _varint(data, index_start + 1)
+        records = []
+        for _ in range(count):
+            unpadded, at = _varint(data, at)
+            size, at = _varint(data, at)
+            records.append((unpadded, size))
+        header = index_start - sum(-(-unpadded // 4) * 4 for unpadded, _ in records) - 12
+        if header < 0 or data[header:header + 6] != b"\xfd7zXZ\x00":
+            return None
+        streams.append((header, index_start, records))
+        end = header
+    compressed, sizes, stream_of = [], [], []
+    streams.reverse()
+    for number, (header, _, records) in enumerate(streams):
+        at = header + 12
+        for unpadded, size in records:
+            compressed.append(at)
+            sizes.append(size)
+            stream_of.append(number)
+            at += -(-unpadded // 4) * 4
+    return _from_sizes("xz", compressed, sizes, stream=stream_of, stream_starts=[s[0] for s in streams],
+                       stream_ends=[s[1] for s in streams])
+
+
+def read_block_index(path: str, codec: str, scan: bool = False) -> BlockIndex | None:
+    """The file's blocks; None where that needs a full decompression and `scan` is False, or the
+    structure is not one we know (a damaged file: its reader reports it)."""
+    with open(path, "rb") as handle:
+        if os.fstat(handle.fileno()).st_size == 0:
+            return None
+        with mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as data:
+            try:
+                if codec == "xz":
+                    return _xz_blocks(data)
+                if codec == "zstd":
+                    return _zstd_seek_table(data) or _zstd_frames(data, path, scan)
+                if codec == "gzip":
+                    found = _bgzf_blocks(data)
+                    return found if found is not None or not scan else _gzip_members_by_decompressing(path)
+            except IndexError:  # a header cut off by the file's end
+                return None
+    return None
+
+
+# -- the cache -------------------------------------------------------------------------------------------------
+def _cache_paths(path: str) -> list[Path]:
+    file = Path(path).resolve()
+    cache_home = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    key = hashlib.sha256(str(file).encode()).hexdigest()[:24]
+    return [file.with_name(f".{file.name}.dualner-index.npz"), cache_home / "dualner" / "block-index" / f"{key}.npz"]
+
+
+def _load_cached(cache: Path, stat: os.stat_result) -> BlockIndex | None | bool:
+    """The cached index (None: cached as having no usable blocks), or False when absent or stale."""
+    try:
+        with np.load(cache, allow_pickle=False) as saved:
+            if saved["key"].tolist() != [INDEX_VERSION, stat.st_size, stat.st_mtime_ns]:
+                return False
+            if not len(saved["compressed"]):
+                return None
+            return BlockIndex(str(saved["codec"]), saved["compressed"], saved["decompressed"], int(saved["size"]),
+                              saved["stream"], saved["stream_starts"], saved["stream_ends"])
+    except (OSError, ValueError, KeyError, EOFError, zlib.error):
+        return False
+
+
+def _save(cache: Path, stat: os.stat_result, codec: str, index: BlockIndex | None) -> bool:
+    found = index or BlockIndex(codec, _EMPTY, _EMPTY, 0)
+    temporary = cache.with_name(f"{cache.name}.{socket.gethostname()}.{os.getpid()}.tmp")  # ranks of many nodes
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        with open(temporary, "wb") as handle:
+            np.savez(handle, key=np.asarray([INDEX_VERSION, stat.st_size, stat.st_mtime_ns], dtype=np.int64),
+                     codec=np.asarray(codec), size=np.asarray(found.size), compressed=found.compressed,
+                     decompressed=found.decompressed, stream=found.stream, stream_starts=found.stream_starts,
+                     stream_ends=found.stream_ends)
+        os.replace(temporary, cache)
+        return True
+    except OSError:
+        temporary.unlink(missing_ok=True)
+        return False
+
+
+def block_index(path: str, codec: str, scan: bool = False) -> BlockIndex | None:
+    """The cached index of a compressed file, built (and cached) if absent or stale. `scan`: also
+    decompress the whole file where its blocks cannot be found otherwise (plain multi-member gzip)."""
+    if codec not in INDEXED_CODECS:
+        return None
+    stat = os.stat(path)
+    caches = _cache_paths(path)
+    for cache in caches:
+        cached = _load_cached(cache, stat)
+        if cached is not False:
+            return cached
+    index = read_block_index(path, codec, scan)
+    if index is None and not scan:
+        return None  # not found cheaply: nothing to remember (a scan may find members)
+    for cache in caches:
+        if _save(cache, stat, codec, index):
+            break
+    return index
+
+
+# -- reading from a block ---------------------------------------------------------------------------------------
+def _decompressed_from(path: str, index: BlockIndex, block: int) -> Iterator[bytes]:
+    """The decompressed bytes of the file from the start of `block` on, in chunks."""
+    with open(path, "rb") as raw:
+        if index.codec != "xz":
+            raw.seek(int(index.compressed[block]))
+            stream = (zstd_module().ZstdDecompressor().stream_reader(raw, read_across_frames=True, closefd=False)
+                      if index.codec == "zstd" else gzip.GzipFile(fileobj=raw, mode="rb"))
+            with stream:
+                while chunk := stream.read(_CHUNK):
+                    yield chunk
+            return
+        # xz: a decoder given the stream's header and then the blocks from this one on (its index
+        # is never fed: the decoder checks each block's own check and stops where the blocks end)
+        first = int(index.stream[block])
+        for stream in range(first, len(index.stream_starts)):
+            raw.seek(int(index.stream_starts[stream]))
+            decompressor = lzma.LZMADecompressor(lzma.FORMAT_XZ)
+            decompressor.decompress(raw.read(12))
+            begin = int(index.compressed[block]) if stream == first else int(index.stream_starts[stream]) + 12
+            raw.seek(begin)
+            left = int(index.stream_ends[stream]) - begin
+            while left > 0:
+                data = raw.read(min(left, 1 << 14))
+                if not data:
+                    raise EOFError("the file ends inside its xz blocks")
+                left -= len(data)
+                try:
+                    chunk = decompressor.decompress(data, _CHUNK)
+                    while True:
+                        if chunk:
+                            yield chunk
+                        if decompressor.needs_input or decompressor.eof:
+                            break
+                        chunk = decompressor.decompress(b"", _CHUNK)
+                except lzma.LZMAError as error:
+                    raise lzma.LZMAError(f"{error} near compressed byte {raw.tell()}") from None
+
+
+class BlockReader(io.RawIOBase):
+    """A compressed file's decompressed bytes, seekable: a seek enters the block holding the new
+    position (decompressing from the block's start) unless reading on from here is shorter."""
+
+    def __init__(self, path: str, index: BlockIndex):
+        super().__init__()
+        self._path, self._index = path, index
+        self._position = 0  # what the reader asked for
+        self._chunks: Iterator[bytes] | None = None
+        self._pending = memoryview(b"")  # decompressed bytes from self._at on
+        self._at = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._position
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._position, io.SEEK_END: self._index.size}[whence]
+        self._position = max(0, base + offset)
+        return self._position
+
+    def _enter(self) -> None:
+        """Start decompressing at the block holding the position, unless the decoder is already
+        in that block, before the position."""
+        index = self._index
+        here = self._chunks is not None and self._at <= self._position
+        if here and index.entry(self._position) == index.entry(self._at):
+            return
+        self.close_decoder()
+        block = index.entry(self._position)
+        self._chunks = _decompressed_from(self._path, index, block)
+        self._at = int(index.decompressed[block])
+
+    def readinto(self, buffer) -> int:
+        self._enter()
+        while True:
+            skip = self._position - self._at
+            if skip < len(self._pending):
+                count = min(len(buffer), len(self._pending) - skip)
+                buffer[:count] = self._pending[skip:skip + count]
+                self._pending = self._pending[skip + count:]
+                self._position += count
+                self._at = self._position
+                return count
+            self._at += len(self._pending)
+            try:
+                chunk = next(self._chunks, None)
+            except codec_errors() as error:  # one error style for damaged data (dualner.data.formats)
+                if isinstance(error, OSError) and error.errno is not None:
+                    raise  # an operating-system error (EIO, ...), not the data's
+                self.close_decoder()
+                raise DecompressionError.at(self._path, self._index.codec, error, self._at) from None
+            if chunk is None:
+                self._pending = memoryview(b"")
+                return 0
+            self._pending = memoryview(chunk)
+
+    def close_decoder(self) -> None:
+        if self._chunks is not None:
+            self._chunks.close()
+        self._chunks, self._pending = None, memoryview(b"")
+
+    def close(self) -> None:
+        self.close_decoder()
+        super().close()
+
+
+def open_blocks(path: str, index: BlockIndex, buffer: int = READ_BLOCK) -> BinaryIO:
+    return io.BufferedReader(BlockReader(path, index), buffer_size=max(1 << 13, min(buffer, READ_BLOCK)))
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m dualner index FILE...`: index compressed corpora now, decompressing those whose
+    blocks are found no other way (plain multi-member gzip), so stage 2 and `prepare` can split them."""
+    import argparse
+
+    from dualner.data.formats import corpus_format
+    parser = argparse.ArgumentParser(prog="dualner index", description=main.__doc__)
+    parser.add_argument("files", nargs="+", help="compressed corpus files (.gz, .zst, .xz)")
+    args = parser.parse_args(argv)
+    for path in args.files:
+        if not Path(path).is_file():
+            raise MissingPathError(f"index: not found: {path}")
+        found = corpus_format(path)
+        codec = found[1] if found else ""
+        if codec not in INDEXED_CODECS:
+            print(f"{path}: not a .gz/.zst/.xz corpus: nothing to index")
+            continue
+        index = block_index(path, codec, scan=True)
+        blocks = index.blocks if index is not None else 1
+        verdict = "splittable" if blocks >= 2 else "one piece (recompress it with bgzip, xz -T0 or pzstd)"
+        print(f"{path}: {blocks} block(s), {index.size if index is not None else '?'} bytes decompressed: {verdict}")
