@@ -66,9 +66,9 @@ def test_corrupted_bytes_are_found_when_the_shard_is_read_and_by_verify(prepared
 def test_an_empty_corpus_is_refused_by_prepare_and_at_open(tmp_path, prepared, tiny_encoder):
     empty = tmp_path / "empty.txt"
     empty.write_text("\n\n")
-    with pytest.raises(DataFormatError, match="no sentence in the input"):
+    with pytest.raises(DataFormatError, match="empty.txt: holds no sentence"):  # refused before a folder is made
         prepare([str(empty)], str(tmp_path / "none"), tiny_encoder, 32, "de", workers=1, log=lambda *_: None)
-    assert not (tmp_path / "none" / MANIFEST).exists()
+    assert not (tmp_path / "none").exists() and not (tmp_path / "none.partial").exists()
     _, folder = prepared
     manifest = json.loads((folder / MANIFEST).read_text())
     manifest.update(sentences=0, shards=[])

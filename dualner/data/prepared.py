@@ -581,11 +581,18 @@ def _claim_output(folder: Path, work: Path, plan: dict, log) -> dict | None:
             raise ConfigError(f"prepare --output {folder}: holds something else (not a preparation of these inputs "
                               f"and settings); choose another --output or remove it")
         if is_prepared(folder):
-            log(f"prepare: {folder} already holds this preparation")
-            return json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
+            try:  # every shard file of its size, and its ends as checksummed (cheap: 128 KiB a file)
+                manifest = PreparedCorpus.open(folder, "prepare --output").manifest
+                damage = ", ".join(shard["name"] for shard in manifest["shards"] if _done(folder, shard["name"]) is None)
+            except DataFormatError as error:
+                damage = str(error)
+            if not damage:
+                log(f"prepare: {folder} already holds this preparation")
+                return manifest
+            log(f"prepare: {folder}: damaged ({damage}): redoing the damaged shards")
         if work.exists():
             raise ConfigError(f"prepare: {folder} and {work} both hold unfinished preparations; remove one")
-        os.replace(folder, work)  # an unfinished preparation (an older DualNER wrote in place): continue it
+        os.replace(folder, work)  # a damaged or unfinished preparation (an older DualNER wrote in place): continue it
     elif folder.is_dir():
         folder.rmdir()  # an empty folder made beforehand: the finished corpus takes its place
     if work.exists() and plan_of(work) != plan:
