@@ -70,7 +70,7 @@ def _take(state, sources):
 def _read(share, sources, records, used):
     """One reader reads `records` records of its share in pass order (the loader's rule)."""
     for _ in range(records):
-        while True:
+        for _attempt in range(len(share) + 1):  # a share may hold no record at all (a stride past the end)
             live = [state for state in share if not spent(state)]
             state = min(live, key=lambda s: (s[PASS], s[FILE], s[START], s[ONCE]))
             pass_ = state[PASS]
