@@ -241,19 +241,6 @@ def records_in(handle: BinaryIO, format: str, position: int, end: int, line_numb
         yield RawRecord(block_start, position, block, block_line)
 
 
-def lines_before(file: CorpusFile, position: int) -> int:
-    """Newlines in the file's bytes before `position` (for naming a record's line, on error paths)."""
-    count, left = 0, position
-    with open_decompressed(file) as handle:
-        while left > 0:
-            chunk = handle.read(min(left, 1 << 24))
-            if not chunk:
-                break
-            count += chunk.count(b"\n")
-            left -= len(chunk)
-    return count
-
-
 # -- parsing one record ------------------------------------------------------------------------------
 def _decode(record: RawRecord, file: CorpusFile) -> list[str]:
     if record.start == 0 and record.lines[0][:2] in (b"\xff\xfe", b"\xfe\xff"):
