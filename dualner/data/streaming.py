@@ -1,38 +1,37 @@
 """The stage-2 loader: every corpus read once per pass across all ranks and loader workers, mixed
-with configured weights, tokenized on the fly (or read tokenized from a prepared corpus), and
-resumable exactly, in O(1) of the position, on any number of ranks and workers.
+as configured by one global plan, tokenized on the fly (or read tokenized from a prepared corpus),
+and resumable exactly, in O(1) of the position, on any number of ranks and workers.
 
-Pieces (ranges). Each stream (a kind and language: the labeled source, a target language's text,
-a language's translations) is cut into ranges: byte ranges of uncompressed files
-(dualner.data.corpus: any cut reads every record once), a compressed file whole, or runs of
-sentence ids of a prepared corpus (dualner.data.prepared). There are at least as many ranges per
-stream as readers (ranks x workers) where the data allows, and each range belongs to one reader:
-range j of a stream goes to reader (j + offset) mod readers. A reader's rate therefore does not
-depend on how many readers there are, and the file system serves each byte once per pass.
+The mix (dualner.data.mix). Which stream (the labeled source, a target language's text, a
+language's translations) supplies global sample k is a pure function of the streams' weights and k,
+every prefix within about one sample of the weights. The plan is cut into pools of `pool` samples;
+reader r of R (ranks x workers) makes pools r, r + R, r + 2R, ... . Nothing of this depends on how
+many readers there are or where the data lies, and a reader waits for the stream its pool asks for:
+the mix never changes with the cluster.
 
-A range has its own pass counter and cursor (the next record's byte, or the next index of the
-pass's permutation of a prepared range). A reader walks its ranges in an order drawn anew for
-every pass; a range that reaches its end starts its next pass. Within a pass of a range every
-record is used exactly once; ranges of one stream may be a pass apart when readers go at
-different speeds.
+Shares (dualner.data.shares). Every reader holds an equal share of every stream: equal spans of its
+uncompressed bytes or prepared positions (a share may span files), and a stride of every piece that
+cannot be split (a compressed file of one block, a hub shard: reader r keeps records r, r + R, ...).
+A share is a list of ranges, each with its pass and cursor; a reader walks its ranges of a stream
+lowest pass first, in an order drawn anew for every pass. Since every reader is asked for the same
+number of records of each stream and holds the same amount of it, all ranges go through their
+passes at the same rate: every sentence of a stream is drawn equally often, and a stream's pass is
+its ranges' pass.
 
-Pools. A reader draws `pool` records at a time, choosing the stream of each by weight (a stream's
-weight is scaled by readers / readers holding it, so the global mix stays as configured when a
-stream has fewer ranges than readers), tokenizes them together, shuffles them (padded rows: sorts
-them by length) with a seed of its own, and cuts them into micro batches of whole units. A pool is
-described by its segments: (stream, file, range, pass, first record, records), enough to read it
-again anywhere.
+Pools. A reader reads the records its pool's plan asks for, tokenizes them together, shuffles them
+(padded rows: sorts them by length) with a seed of its own, and cuts them into micro batches of
+whole units. A pool is described by its segments: (stream, file, range, pass, first record,
+records, ...), enough to read it again anywhere.
 
-Position. The main process of each rank sees which micro batches were trained (every batch carries
-its pool's description and its index in the pool) and keeps: each range's pass and cursor (past
-every pool it has seen), the pools it has seen only in part (with how many of their micro batches
-were trained), and how many pools each reader made. A checkpoint saves the ranks' positions, which
-together form one global position. On resume, ranges are assigned to the new readers (re-cut where
-more readers than ranges), pools seen in part go to readers that read them again and skip the
-micro batches already trained, and readers continue at the range cursors: nothing is replayed and
-nothing repeats or goes missing within a pass. On the same number of ranks and workers the
-continuation is identical to the uninterrupted run; on another number, the mixing draws a new
-order (which record follows which changes; which records a pass holds does not).
+Position (dualner.data.position). The main process of each rank sees which micro batches were
+trained (every batch carries its pool's description and its index in the pool) and keeps: each of
+its readers' ranges (pass and cursor, past every pool it has seen), the pools seen only in part, and
+how many pools each reader made. A checkpoint saves the ranks' positions, which together form one
+global position. On the same number of readers the run continues exactly as if never stopped. On
+another number, each stream's ranges are split at their cursors and cut into equal shares again
+(what is left of the current pass on its own), pools seen in part go to readers that read them
+again and skip the micro batches already trained, and the plan goes on at the first pool no reader
+made: nothing is replayed and nothing repeats or goes missing within a pass.
 """
 
 from __future__ import annotations
