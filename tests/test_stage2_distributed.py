@@ -205,3 +205,5 @@ def test_the_sample_log_shows_the_configured_mix_with_a_single_piece_compressed_
                     records["source" if "source_labeled" in sample else "target"] += 1
     share = records["target"] / sum(records.values())
     assert sum(records.values()) >= 100 and abs(share - 0.75) < 0.06, records
+    read = [entry["data/read_seconds/target/de"] for entry in read_log(run).values()]
+    assert all(seconds >= 0 for seconds in read) and sum(read) > 0  # what each stream cost the readers

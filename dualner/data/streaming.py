@@ -40,6 +40,7 @@ import bisect
 import glob
 import json
 import random
+import time
 import zlib
 from dataclasses import dataclass
 from functools import lru_cache
@@ -408,9 +409,12 @@ class Stage2Reader:
         rng = random.Random(zlib.crc32(json.dumps([self.seed, plan.reader, number]).encode()))
         segments: list = []
         drawn_into: dict[int, list] = {}
+        seconds = [0.0] * len(self.cursors)  # how long each stream kept the pool waiting
         for stream in self.mix.streams(chunk * self.pool, self.pool):
             cursor = self.cursors[stream]
+            started = time.perf_counter()
             step = cursor.next(segments)
+            seconds[stream] += time.perf_counter() - started
             if step is not None:
                 drawn_into.setdefault(id(cursor.segment), []).append(step[1])
         for cursor in self.cursors:
@@ -420,7 +424,8 @@ class Stage2Reader:
         # the pool's canonical order is segment by segment, as reading the segments again gives it
         items = [item for segment in segments for item in drawn_into.get(id(segment), [])]
         description = {"reader": plan.reader, "number": number, "chunk": chunk, "segments": segments,
-                       "seed": rng.getrandbits(32), "cut": self.cut.key(), "skip": [], "consumed": 0}
+                       "seed": rng.getrandbits(32), "cut": self.cut.key(), "skip": [], "consumed": 0,
+                       "read_seconds": seconds}
         return description, items
 
     def _read_again(self, pool: dict) -> list:
@@ -460,7 +465,7 @@ class Stage2Reader:
             reports, self._reports = self._reports, []
             batch["position"] = {"reader": pool["reader"], "number": pool["number"], "index": index,
                                  "batches": len(chunks), "segments": pool["segments"], "seed": pool["seed"],
-                                 "chunk": pool["chunk"],
+                                 "chunk": pool["chunk"], "read_seconds": pool.get("read_seconds"),
                                  "cut": pool["cut"], "skip": pool["skip"], "bad": reports}
             yield batch
 
