@@ -195,6 +195,8 @@ class Stage2Recipe(Recipe):
             # the MSE term's size: its weighted share of the total loss (loss/mse is the raw term)
             scalars["loss/mse_share"] = self.weights["mse"] * sums["mse"] / sums["total"]
         scalars |= {f"pseudo_entities/{language}": float(count) for language, count in zip(self.languages, entities)}
+        # this rank's readers: time spent reading each stream (a slow stream holds its pools back)
+        scalars |= {f"data/read_seconds/{name}": seconds for name, seconds in self.stream.position.take_read_seconds().items()}
         return scalars
 
     def on_new_best(self) -> None:

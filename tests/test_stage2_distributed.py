@@ -150,11 +150,13 @@ def test_variants_run_from_config_alone(stage1_run, tmp_path, variant):
 
 
 def test_a_bad_record_deep_in_a_corpus_stops_with_a_checkpoint_then_is_skipped(stage1_run, tmp_path):
-    """data.max_bad_records=0: the run checkpoints and stops naming the key, file, line and byte;
-    rerun with a limit of 1, it resumes after the skipped record and counts it in its log."""
+    """data.max_bad_records=0: the run checkpoints and stops naming the key, file, line and byte of the
+    first bad record; rerun with the limit still below the checkpoint's count, it stops before
+    training, naming them; with a limit of 2 it resumes after the skipped records and counts them."""
     target = tmp_path / "de.jsonl"
     lines = [json.dumps({"tokens": ["Satz", str(i), "in", "Berlin"]}) + "\n" for i in range(30)]
     lines[11] = '{"tokens": ["kaputt", \n'
+    lines[12] = '{"tokens": ["auch kaputt"\n'
     target.write_text("".join(lines))
     run = tmp_path / "run"
     args = ["--config", str(REPO / "configs" / "tiny_stage2.yaml"), f"run.output_dir={run}",
@@ -164,13 +166,17 @@ def test_a_bad_record_deep_in_a_corpus_stops_with_a_checkpoint_then_is_skipped(s
     failed = launch("launchers/stage2.py", args, expect=2)
     message = failed.stderr
     byte = sum(len(line) for line in lines[:11])
-    assert f"stage2.target.de: {target}:12 (byte {byte})" in message and "data.max_bad_records=0" in message
+    assert f"the first on this rank: stage2.target.de: {target}:12 (byte {byte})" in message
+    assert "data.max_bad_records=0" in message
     stopped_at = re.search(r"checkpoint (\S+step-(\d+)):", message)
     assert stopped_at and (run / "checkpoints" / f"step-{stopped_at.group(2)}" / "COMPLETE").is_file()
     assert int(stopped_at.group(2)) < 8
-    launch("launchers/stage2.py", [*args, "data.max_bad_records=1"])
+    again = launch("launchers/stage2.py", args, expect=2).stderr  # the limit still 0: stops before a step
+    assert "the checkpoint counts" in again and f"{target}:12 (byte {byte})" in again
+    assert max(read_log(run)) == int(stopped_at.group(2))  # nothing trained
+    launch("launchers/stage2.py", [*args, "data.max_bad_records=2"])
     log = read_log(run)
-    assert max(log) == 8 and log[8]["data/bad_records"] == 1.0
+    assert max(log) == 8 and log[8]["data/bad_records"] == 2.0
 
 
 def test_the_sample_log_shows_the_configured_mix_with_a_single_piece_compressed_target(stage1_run, tmp_path):
@@ -199,3 +205,5 @@ def test_the_sample_log_shows_the_configured_mix_with_a_single_piece_compressed_
                     records["source" if "source_labeled" in sample else "target"] += 1
     share = records["target"] / sum(records.values())
     assert sum(records.values()) >= 100 and abs(share - 0.75) < 0.06, records
+    read = [entry["data/read_seconds/target/de"] for entry in read_log(run).values()]
+    assert all(seconds >= 0 for seconds in read) and sum(read) > 0  # what each stream cost the readers

@@ -272,6 +272,26 @@ def test_bad_records_are_skipped_and_reported_with_file_line_and_byte(tmp_path, 
     assert stream.position.bad_records == 2 and len(stream.state_dict()["bad"]) == 2
     with pytest.raises(BadRecord, match=r"c.jsonl:12 \(byte \d+\)"):
         list(iter_sentences(describe_file(path, "k"), "xx", False))
+    # rank 1 of 2 reads the second half from its middle: the line is counted, not read from the records
+    second = make_stream(tiny_tokenizer, [str(path)], rank=1, world=2)
+    for _ in second:
+        pass
+    assert [(r["line"], r["byte"]) for r in second.take_bad_records()] == [(22, sum(len(l) for l in lines[:21]))]
+
+
+def test_a_bad_records_line_is_counted_from_the_last_one_counted(tmp_path, monkeypatch):
+    """Lines of bad records deep in one file: each counted forward from the one before, not from byte 0."""
+    from dualner.data import streaming
+    path = tmp_path / "c.txt"
+    path.write_text("".join(f"line {i}\n" for i in range(1000)))
+    starts = []
+    original = streaming.skip_to
+    monkeypatch.setattr(streaming, "skip_to", lambda handle, file, position: starts.append(position)
+                        or original(handle, file, position))
+    index = streaming._LineIndex(describe_file(path, "k"))
+    offsets = [sum(len(f"line {i}\n") for i in range(line)) for line in (300, 700, 500)]
+    assert [index.line_of(offset) for offset in offsets] == [301, 701, 501]
+    assert starts == [0, offsets[0], offsets[0]]  # 500 counted from 300, not from byte 0
 
 
 def test_hub_datasets_are_streamed_by_shard(tmp_path, tiny_tokenizer):

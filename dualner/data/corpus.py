@@ -270,11 +270,6 @@ def records_in(handle: BinaryIO, format: str, position: int, end: int, line_numb
         yield RawRecord(block_start, position, block, block_line)
 
 
-def lines_before(file: CorpusFile, position: int) -> int:
-    """Newlines in the file's bytes before `position` (for naming a record's line, on error paths)."""
-    return line_numbers(file, [position])[position] - 1
-
-
 def line_numbers(file: CorpusFile, positions: list[int]) -> dict[int, int]:
     """The line number of each byte position (1-based), in one read of the file up to the last one."""
     numbers, count, read = {}, 0, 0

@@ -53,6 +53,7 @@ class RankPosition:
         self.known_bad: dict[tuple, list] = known_bad
         self.new_bad: dict[tuple, list] = {}
         self.bad_seen: list[dict] = []  # reports the recipe has not taken yet
+        self.read_seconds = dict.fromkeys(names, 0.0)  # per stream, this rank's new pools, not yet taken
 
     def consumed(self, position: dict) -> None:
         key = (position["reader"], position["number"])
@@ -66,6 +67,8 @@ class RankPosition:
                     advance(state, pass_, after, done)
             pool = {"reader": reader, "number": position["number"], "segments": position["segments"],
                     "seed": position["seed"], "chunk": position["chunk"]}
+            for name, seconds in zip(self.names, position["read_seconds"] or ()):
+                self.read_seconds[name] += seconds
             self.pools[key] = pool
             self.pools_made[reader] = max(self.pools_made.get(reader, 0), position["number"] + 1)
         pool.update(cut=position["cut"], skip=position["skip"], consumed=position["index"] + 1)
@@ -89,6 +92,12 @@ class RankPosition:
                 "next_worker": self.next_worker, "chunk_base": self.chunk_base,
                 "bad": sorted((self.new_bad | (self.known_bad if self.rank == 0 else {})).values(),
                               key=lambda entry: entry[:2])}
+
+    def take_read_seconds(self) -> dict[str, float]:
+        """Seconds this rank's readers spent reading each stream for the pools trained since the last
+        call (a stream that cannot keep up shows here: the plan waits for it)."""
+        taken, self.read_seconds = self.read_seconds, dict.fromkeys(self.names, 0.0)
+        return taken
 
     @property
     def bad_records(self) -> int:

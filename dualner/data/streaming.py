@@ -1,45 +1,46 @@
 """The stage-2 loader: every corpus read once per pass across all ranks and loader workers, mixed
-with configured weights, tokenized on the fly (or read tokenized from a prepared corpus), and
-resumable exactly, in O(1) of the position, on any number of ranks and workers.
+as configured by one global plan, tokenized on the fly (or read tokenized from a prepared corpus),
+and resumable exactly, in O(1) of the position, on any number of ranks and workers.
 
-Pieces (ranges). Each stream (a kind and language: the labeled source, a target language's text,
-a language's translations) is cut into ranges: byte ranges of uncompressed files
-(dualner.data.corpus: any cut reads every record once), a compressed file whole, or runs of
-sentence ids of a prepared corpus (dualner.data.prepared). There are at least as many ranges per
-stream as readers (ranks x workers) where the data allows, and each range belongs to one reader:
-range j of a stream goes to reader (j + offset) mod readers. A reader's rate therefore does not
-depend on how many readers there are, and the file system serves each byte once per pass.
+The mix (dualner.data.mix). Which stream (the labeled source, a target language's text, a
+language's translations) supplies global sample k is a pure function of the streams' weights and k,
+every prefix within about one sample of the weights. The plan is cut into pools of `pool` samples;
+reader r of R (ranks x workers) makes pools r, r + R, r + 2R, ... . Nothing of this depends on how
+many readers there are or where the data lies, and a reader waits for the stream its pool asks for:
+the mix never changes with the cluster.
 
-A range has its own pass counter and cursor (the next record's byte, or the next index of the
-pass's permutation of a prepared range). A reader walks its ranges in an order drawn anew for
-every pass; a range that reaches its end starts its next pass. Within a pass of a range every
-record is used exactly once; ranges of one stream may be a pass apart when readers go at
-different speeds.
+Shares (dualner.data.shares). Every reader holds an equal share of every stream: equal spans of its
+uncompressed bytes or prepared positions (a share may span files), and a stride of every piece that
+cannot be split (a compressed file of one block, a hub shard: reader r keeps records r, r + R, ...).
+A share is a list of ranges, each with its pass and cursor; a reader walks its ranges of a stream
+lowest pass first, in an order drawn anew for every pass. Since every reader is asked for the same
+number of records of each stream and holds the same amount of it, all ranges go through their
+passes at the same rate: every sentence of a stream is drawn equally often, and a stream's pass is
+its ranges' pass.
 
-Pools. A reader draws `pool` records at a time, choosing the stream of each by weight (a stream's
-weight is scaled by readers / readers holding it, so the global mix stays as configured when a
-stream has fewer ranges than readers), tokenizes them together, shuffles them (padded rows: sorts
-them by length) with a seed of its own, and cuts them into micro batches of whole units. A pool is
-described by its segments: (stream, file, range, pass, first record, records), enough to read it
-again anywhere.
+Pools. A reader reads the records its pool's plan asks for, tokenizes them together, shuffles them
+(padded rows: sorts them by length) with a seed of its own, and cuts them into micro batches of
+whole units. A pool is described by its segments: (stream, file, range, pass, first record,
+records, ...), enough to read it again anywhere.
 
-Position. The main process of each rank sees which micro batches were trained (every batch carries
-its pool's description and its index in the pool) and keeps: each range's pass and cursor (past
-every pool it has seen), the pools it has seen only in part (with how many of their micro batches
-were trained), and how many pools each reader made. A checkpoint saves the ranks' positions, which
-together form one global position. On resume, ranges are assigned to the new readers (re-cut where
-more readers than ranges), pools seen in part go to readers that read them again and skip the
-micro batches already trained, and readers continue at the range cursors: nothing is replayed and
-nothing repeats or goes missing within a pass. On the same number of ranks and workers the
-continuation is identical to the uninterrupted run; on another number, the mixing draws a new
-order (which record follows which changes; which records a pass holds does not).
+Position (dualner.data.position). The main process of each rank sees which micro batches were
+trained (every batch carries its pool's description and its index in the pool) and keeps: each of
+its readers' ranges (pass and cursor, past every pool it has seen), the pools seen only in part, and
+how many pools each reader made. A checkpoint saves the ranks' positions, which together form one
+global position. On the same number of readers the run continues exactly as if never stopped. On
+another number, each stream's ranges are split at their cursors and cut into equal shares again
+(what is left of the current pass on its own), pools seen in part go to readers that read them
+again and skip the micro batches already trained, and the plan goes on at the first pool no reader
+made: nothing is replayed and nothing repeats or goes missing within a pass.
 """
 
 from __future__ import annotations
 
+import bisect
 import glob
 import json
 import random
+import time
 import zlib
 from dataclasses import dataclass
 from functools import lru_cache
@@ -49,7 +50,7 @@ from typing import Iterator, Sequence
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from dualner.data.corpus import (BadRecord, CorpusFile, RecordReader, describe_file, lines_before,
+from dualner.data.corpus import (BadRecord, CorpusFile, RecordReader, describe_file, open_decompressed, skip_to,
                                  parse_record)
 from dualner.data.encoding import WindowTokenizer
 from dualner.data.mix import MixPlan
@@ -386,6 +387,7 @@ class Stage2Reader:
         self.cursors = [_StreamCursor(spec, index, [list(r) for r in plan.ranges.get(spec.name, [])], seed, one_pass)
                         for index, spec in enumerate(streams)]
         self._reports: list[dict] = []  # bad records not yet sent with a micro batch
+        self._lines: dict[str, _LineIndex | None] = {}  # line numbers of bad records, per file
         self._reread = [0]  # records of pools read again
 
     def records_read(self) -> int:
@@ -410,9 +412,12 @@ class Stage2Reader:
         rng = random.Random(zlib.crc32(json.dumps([self.seed, plan.reader, number]).encode()))
         segments: list = []
         drawn_into: dict[int, list] = {}
+        seconds = [0.0] * len(self.cursors)  # how long each stream kept the pool waiting
         for stream in self.mix.streams(chunk * self.pool, self.pool):
             cursor = self.cursors[stream]
+            started = time.perf_counter()
             step = cursor.next(segments)
+            seconds[stream] += time.perf_counter() - started
             if step is not None:
                 drawn_into.setdefault(id(cursor.segment), []).append(step[1])
         for cursor in self.cursors:
@@ -422,7 +427,8 @@ class Stage2Reader:
         # the pool's canonical order is segment by segment, as reading the segments again gives it
         items = [item for segment in segments for item in drawn_into.get(id(segment), [])]
         description = {"reader": plan.reader, "number": number, "chunk": chunk, "segments": segments,
-                       "seed": rng.getrandbits(32), "cut": self.cut.key(), "skip": [], "consumed": 0}
+                       "seed": rng.getrandbits(32), "cut": self.cut.key(), "skip": [], "consumed": 0,
+                       "read_seconds": seconds}
         return description, items
 
     def _read_again(self, pool: dict) -> list:
@@ -462,16 +468,19 @@ class Stage2Reader:
             reports, self._reports = self._reports, []
             batch["position"] = {"reader": pool["reader"], "number": pool["number"], "index": index,
                                  "batches": len(chunks), "segments": pool["segments"], "seed": pool["seed"],
-                                 "chunk": pool["chunk"],
+                                 "chunk": pool["chunk"], "read_seconds": pool.get("read_seconds"),
                                  "cut": pool["cut"], "skip": pool["skip"], "bad": reports}
             yield batch
 
     def _report(self, bad: BadRecord) -> dict:
         line = bad.line
         if line is None:  # a record read from the middle of a file: count its line (rare: bad records only)
-            found = [s for spec in self.streams for s in spec.sources
-                     if isinstance(s, CorpusFile) and s.path == bad.path]
-            line = lines_before(found[0], bad.byte) + 1 if found else None
+            if bad.path not in self._lines:
+                found = [s for spec in self.streams for s in spec.sources
+                         if isinstance(s, CorpusFile) and s.path == bad.path]
+                self._lines[bad.path] = _LineIndex(found[0]) if found else None
+            index = self._lines[bad.path]
+            line = index.line_of(bad.byte) if index is not None else None
         return {"path": bad.path, "byte": bad.byte, "line": line, "reason": bad.reason}
 
     def _encode(self, units: list) -> tuple[list[dict], list[list[int]]]:
@@ -504,6 +513,29 @@ class Stage2Reader:
                     windows.append(window)
             unit_windows.append(indices)
         return windows, unit_windows
+
+
+class _LineIndex:
+    """The line of a byte of one file, counted from the nearest byte counted before: a reader's bad
+    records in one file cost about one reading of it together (forward from the previous one), not
+    one reading from byte 0 each."""
+
+    def __init__(self, file: CorpusFile):
+        self.file, self.points = file, [(0, 0)]  # (byte, newlines before it), sorted
+
+    def line_of(self, byte: int) -> int:
+        start, lines = self.points[bisect.bisect_right(self.points, (byte, 1 << 62)) - 1]
+        with open_decompressed(self.file) as handle:
+            skip_to(handle, self.file, start)
+            left = byte - start
+            while left > 0:
+                chunk = handle.read(min(left, 1 << 24))
+                if not chunk:
+                    break
+                lines += chunk.count(b"\n")
+                left -= len(chunk)
+        bisect.insort(self.points, (byte, lines))
+        return lines + 1
 
 
 class _ReaderFactory:
