@@ -160,7 +160,11 @@ def predict(argv: list[str]) -> int:
 
 def prepare(argv: list[str]) -> int:
     from dualner.data.prepared import main as prepare_main
-    prepare_main(argv)
+
+    def launch_ranks() -> dict[str, str]:  # after parsing: --help imports no torch
+        from dualner.backend.comm import launch_ranks as ranks
+        return ranks()
+    prepare_main(argv, launch_ranks)  # under torchrun/srun every rank takes its share
     return 0
 
 

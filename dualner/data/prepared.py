@@ -676,7 +676,9 @@ def _bad_record_messages(bad: list[list], files: list[CorpusFile]) -> list[str]:
             for path, byte, line, reason in bad]
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None, launch_ranks=None) -> None:
+    """`launch_ranks()`: RANK and WORLD_SIZE as the launcher gave them (dualner.cli passes the backend's
+    reader; data code knows no backend); without it, one rank."""
     import argparse
     parser = argparse.ArgumentParser(prog="dualner prepare", description=(
         "Tokenize unlabeled stage-2 corpora once into memory-mapped shards (stage2.target.LANG or "
@@ -714,8 +716,7 @@ def main(argv: list[str] | None = None) -> None:
         raise ConfigError("prepare: --max-length must be in [3, 32767] and --shard-mb more than 0")
     if (args.workers is not None and args.workers < 1) or args.max_bad_records < 0:
         raise ConfigError("prepare: --workers must be >= 1 (default: the cores) and --max-bad-records >= 0")
-    from dualner.backend.comm import launch_ranks
-    ranks = launch_ranks()
+    ranks = launch_ranks() if launch_ranks is not None else {"RANK": "0", "WORLD_SIZE": "1"}
     manifest = prepare(args.inputs, args.output, args.tokenizer, args.max_length, args.language, args.workers,
                        shard_bytes, args.max_bad_records, rank=int(ranks["RANK"]),
                        world_size=int(ranks["WORLD_SIZE"]))

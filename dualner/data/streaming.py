@@ -50,7 +50,7 @@ from typing import Iterator, Sequence
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from dualner.data.corpus import (BadRecord, CorpusFile, RecordReader, describe_file, open_decompressed, skip_to,
+from dualner.data.corpus import (BadRecord, CorpusFile, RecordReader, describe_file, open_corpus, skip_to,
                                  parse_record)
 from dualner.data.encoding import WindowTokenizer
 from dualner.data.mix import MixPlan
@@ -525,7 +525,7 @@ class _LineIndex:
 
     def line_of(self, byte: int) -> int:
         start, lines = self.points[bisect.bisect_right(self.points, (byte, 1 << 62)) - 1]
-        with open_decompressed(self.file) as handle:
+        with open_corpus(self.file) as handle:
             skip_to(handle, self.file, start)
             left = byte - start
             while left > 0:
