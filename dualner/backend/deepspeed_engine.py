@@ -44,11 +44,16 @@ def load_deepspeed_config(path: str | Path, layout: BatchLayout, device: torch.d
     return merged
 
 
+def _enabled(value) -> bool:
+    """A JSON `enabled` as DeepSpeed's parser reads it ("false" in quotes is false)."""
+    return value.strip().lower() in ("true", "1", "yes", "on") if isinstance(value, str) else bool(value)
+
+
 def _bf16_sections(ds_config: dict) -> list[str]:
     """The config's sections that compute in bf16: DeepSpeed's bf16 engine or torch autocast to bf16."""
     sections = []
     for key in ("bf16", "bfloat16"):
-        if isinstance(ds_config.get(key), dict) and ds_config[key].get("enabled"):
+        if isinstance(ds_config.get(key), dict) and _enabled(ds_config[key].get("enabled")):
             sections.append(key)
     if _autocast_dtype(ds_config) == torch.bfloat16:
         sections.append("torch_autocast")
@@ -60,7 +65,7 @@ def precision_of(ds_config: dict) -> str:
     if _bf16_sections(ds_config):
         return "bf16"
     fp16 = ds_config.get("fp16")
-    if (isinstance(fp16, dict) and fp16.get("enabled")) or _autocast_dtype(ds_config) == torch.float16:
+    if (isinstance(fp16, dict) and _enabled(fp16.get("enabled"))) or _autocast_dtype(ds_config) == torch.float16:
         return "fp16"
     return "fp32"
 
