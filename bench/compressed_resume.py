@@ -20,21 +20,18 @@ import random
 import shutil
 import statistics
 import string
-import struct
 import subprocess
 import sys
 import tempfile
 import time
-import zlib
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import write_result  # noqa: E402
+from dualner.data.blocks import bgzf_compress  # noqa: E402
 from dualner.data.corpus import RecordReader, describe_file  # noqa: E402
 
-BGZF_BLOCK = 0xFF00  # bytes of text per member, as bgzip writes them
-BGZF_END = bytes.fromhex("1f8b08040000000000ff0600424302001b0003000000000000000000")
 
 
 def corpus(megabytes: int) -> bytes:
@@ -51,19 +48,6 @@ def corpus(megabytes: int) -> bytes:
         lines.append(line)
         size += len(line)
     return b"".join(lines)
-
-
-def bgzip(data: bytes) -> bytes:
-    """What `bgzip` writes (not installed here): deflate members with their size in a `BC` field."""
-    out = []
-    for begin in range(0, len(data), BGZF_BLOCK):
-        chunk = data[begin:begin + BGZF_BLOCK]
-        deflate = zlib.compressobj(6, zlib.DEFLATED, -15)
-        body = deflate.compress(chunk) + deflate.flush()
-        size = 18 + len(body) + 8
-        out.append(b"\x1f\x8b\x08\x04\0\0\0\0\0\xff" + struct.pack("<H", 6) + b"BC" + struct.pack("<HH", 2, size - 1)
-                   + body + struct.pack("<II", zlib.crc32(chunk), len(chunk)))
-    return b"".join(out) + BGZF_END
 
 
 def zstd_frames(data: bytes, frame: int) -> bytes:
@@ -100,7 +84,7 @@ def main() -> None:
     args = parser.parse_args()
     data = corpus(args.megabytes)
     cursor = data.index(b"\n", len(data) * 9 // 10) + 1  # a record start at 90%
-    files = {"bgzip (64 KiB members)": ("c.txt.gz", lambda: bgzip(data)),
+    files = {"bgzip (64 KiB members)": ("c.txt.gz", lambda: bgzf_compress(data)),
              "zstd, 1 MiB frames": ("c.txt.zst", lambda: zstd_frames(data, 1 << 20)),
              "gzip, one member": ("one.txt.gz", lambda: gzip.compress(data, 6))}
     if shutil.which("xz"):

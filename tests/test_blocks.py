@@ -13,14 +13,13 @@ import random
 import shutil
 import struct
 import subprocess
-import zlib
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from dualner.cli import dispatch
-from dualner.data.blocks import BlockReader, block_index
+from dualner.data.blocks import BlockReader, bgzf_compress, block_index
 from dualner.data.corpus import RecordReader, describe_file, estimate_records
 from dualner.data.encoding import WindowTokenizer
 from dualner.data.packing import Collator
@@ -41,18 +40,7 @@ def conll_blocks(count: int) -> bytes:
 
 
 def bgzf(data: bytes, block: int = 20_000) -> bytes:
-    """bgzip's format: gzip members of <= 64 KiB whose `BC` extra field holds the member's size,
-    then bgzip's empty end-of-file member."""
-    members = []
-    for begin in range(0, len(data), block):
-        chunk = data[begin:begin + block]
-        deflate = zlib.compressobj(6, zlib.DEFLATED, -15)
-        body = deflate.compress(chunk) + deflate.flush()
-        size = 18 + len(body) + 8
-        header = b"\x1f\x8b\x08\x04\0\0\0\0\0\xff" + struct.pack("<H", 6) + b"BC" + struct.pack("<HH", 2, size - 1)
-        members.append(header + body + struct.pack("<II", zlib.crc32(chunk), len(chunk)))
-    members.append(bytes.fromhex("1f8b08040000000000ff0600424302001b0003000000000000000000"))
-    return b"".join(members)
+    return bgzf_compress(data, block)
 
 
 def gzip_members(data: bytes, block: int = 20_000) -> bytes:

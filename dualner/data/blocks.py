@@ -26,6 +26,7 @@ import lzma
 import mmap
 import os
 import socket
+import struct
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -342,6 +343,25 @@ def block_index(path: str, codec: str, scan: bool = False) -> BlockIndex | None:
         if _save(cache, stat, codec, index):
             break
     return index
+
+
+BGZF_TEXT_PER_MEMBER = 0xFF00  # bytes of text per member, as bgzip writes them
+BGZF_END = bytes.fromhex("1f8b08040000000000ff0600424302001b0003000000000000000000")  # bgzip's empty last member
+
+
+def bgzf_compress(data: bytes, block: int = BGZF_TEXT_PER_MEMBER) -> bytes:
+    """What `bgzip` writes, for machines without htslib (and the tests and benchmarks): deflate
+    members of `block` bytes of text whose `BC` extra field holds the member's size, then bgzip's
+    empty end-of-file member."""
+    members = []
+    for begin in range(0, len(data), block):
+        chunk = data[begin:begin + block]
+        deflate = zlib.compressobj(6, zlib.DEFLATED, -15)
+        body = deflate.compress(chunk) + deflate.flush()
+        size = 18 + len(body) + 8
+        header = b"\x1f\x8b\x08\x04\0\0\0\0\0\xff" + struct.pack("<H", 6) + b"BC" + struct.pack("<HH", 2, size - 1)
+        members.append(header + body + struct.pack("<II", zlib.crc32(chunk), len(chunk)))
+    return b"".join(members) + BGZF_END
 
 
 # -- reading from a block ---------------------------------------------------------------------------------------
