@@ -81,14 +81,15 @@ def resume_precision(ds_config: dict, path: Path, device: torch.device, choice: 
     if written is None or written == now:
         return ds_config
     from dualner.logging import get_logger
-    json_precision = precision_of(read_deepspeed_json(path)[0])
-    if (device.type == "cpu" and choice == "auto" and json_precision == "bf16" and {written, now} == {"bf16", "fp32"}):
+    as_written = read_deepspeed_json(path)[0]
+    if (device.type == "cpu" and choice == "auto" and precision_of(as_written) == "bf16"
+            and {written, now} == {"bf16", "fp32"}):
         if written == "bf16":
             get_logger().warning("precision: bf16, as %s was trained (train.cpu_bf16=auto keeps a run's precision); "
                                  "this CPU has no bf16 instructions, so its steps are slow: finish it on a CPU "
                                  "with bf16 or start a new run", checkpoint)
             return {**ds_config, **{key: {**ds_config[key], "enabled": True}
-                                    for key in _bf16_sections(read_deepspeed_json(path)[0])}}
+                                    for key in _bf16_sections(as_written)}}
         get_logger().info("precision: fp32, as %s was trained (train.cpu_bf16=auto keeps a run's precision)",
                           checkpoint)
         return cpu_precision(ds_config, path, device, "fp32")
