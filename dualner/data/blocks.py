@@ -178,6 +178,32 @@ def _zstd_seek_table(data) -> BlockIndex | None:
     return _from_sizes("zstd", compressed, sizes) if at == table - 8 else None
 
 
+def _zstd_frame(data, at: int) -> tuple[int, int | None] | None:
+    """(where the zstd frame starting at `at` ends, its decompressed size where its header records
+    it): a walk over its block headers; None where it is cut off or not a frame."""
+    end = len(data)
+    if _u32(data, at) != _ZSTD_MAGIC or at + 6 > end:
+        return None
+    descriptor = data[at + 4]
+    single_segment, checksum = descriptor >> 5 & 1, descriptor >> 2 & 1
+    header = at + 5 + (0 if single_segment else 1) + (0, 1, 2, 4)[descriptor & 3]
+    field = (1 if single_segment else 0, 2, 4, 8)[descriptor >> 6]
+    content = int.from_bytes(data[header:header + field], "little") + (256 if field == 2 else 0) if field else None
+    cursor = header + field
+    while True:
+        if cursor + 3 > end:
+            return None
+        block = int.from_bytes(data[cursor:cursor + 3], "little")
+        kind = block >> 1 & 3
+        if kind == 3:
+            return None
+        cursor += 3 + (1 if kind == 1 else block >> 3)
+        if block & 1:
+            break
+    cursor += 4 if checksum else 0
+    return (cursor, content) if cursor <= end else None
+
+
 def _zstd_frames(data, path: str, scan: bool) -> BlockIndex | None:
     """A walk over the frame and block headers. A frame whose header lacks its decompressed size is
     decompressed to learn it (only when `scan`; else None)."""
@@ -187,36 +213,72 @@ def _zstd_frames(data, path: str, scan: bool) -> BlockIndex | None:
         if 0x184D2A50 <= magic <= 0x184D2A5F:  # a skippable frame (metadata)
             at += 8 + _u32(data, at + 4)
             continue
-        if magic != _ZSTD_MAGIC or at + 6 > end:
+        frame = _zstd_frame(data, at)
+        if frame is None:
             return None
-        descriptor = data[at + 4]
-        single_segment, checksum = descriptor >> 5 & 1, descriptor >> 2 & 1
-        header = at + 5 + (0 if single_segment else 1) + (0, 1, 2, 4)[descriptor & 3]
-        field = (1 if single_segment else 0, 2, 4, 8)[descriptor >> 6]
-        content = int.from_bytes(data[header:header + field], "little") + (256 if field == 2 else 0) if field else None
-        if content is None and not scan:
-            return None  # its size is known only by decompressing it
-        cursor = header + field
-        while True:
-            if cursor + 3 > end:
-                return None
-            block = int.from_bytes(data[cursor:cursor + 3], "little")
-            kind = block >> 1 & 3
-            if kind == 3:
-                return None
-            cursor += 3 + (1 if kind == 1 else block >> 3)
-            if block & 1:
-                break
-        cursor += 4 if checksum else 0
+        cursor, content = frame
         if content is None:
             if not scan:
-                return None
+                return None  # its size is known only by decompressing it
             reader = zstd_module().ZstdDecompressor().stream_reader(io.BytesIO(data[at:cursor]))
             content = sum(len(chunk) for chunk in iter(lambda: reader.read(READ_BLOCK), b""))
         compressed.append(at)
         sizes.append(content)
         at = cursor
     return _from_sizes("zstd", compressed, sizes) if at == end else None
+
+
+def _zstd_ends_whole(data) -> bool:
+    """Whether the frames (and skippable frames) run to the file's end, none cut off."""
+    at, end = 0, len(data)
+    while at < end:
+        if end - at < 8:
+            return False
+        if 0x184D2A50 <= _u32(data, at) <= 0x184D2A5F:
+            at += 8 + _u32(data, at + 4)
+            continue
+        frame = _zstd_frame(data, at)
+        if frame is None:
+            return False
+        at = frame[0]
+    return at == end
+
+
+_BZ2_STREAM_END = 0x177245385090  # a bzip2 stream's end-of-stream marker (sqrt(pi)), then its 32-bit CRC
+
+
+def _bz2_ends_whole(data) -> bool:
+    """Whether the file ends with a bzip2 stream's end: the 48-bit marker and the 32-bit CRC, then
+    0-7 bits of padding to the byte (the marker is not byte-aligned)."""
+    if len(data) < 11:
+        return False
+    tail = int.from_bytes(data[-11:], "big")
+    return any(tail >> (padding + 32) & ((1 << 48) - 1) == _BZ2_STREAM_END for padding in range(8))
+
+
+def _is_bgzf(data) -> bool:
+    return data[:4] == b"\x1f\x8b\x08\x04" and len(data) >= 16 and data[12:14] == b"BC"
+
+
+def ends_whole(path: str, codec: str) -> bool:
+    """Whether a compressed file's structure runs to its end, told without decompressing it (O(1),
+    or a walk over block headers): xz's index in its footer, zstd's frame and block headers, bgzip's
+    member headers, bzip2's end-of-stream marker. A plain gzip stream records no such thing (True:
+    its damage is found where it is read)."""
+    with open(path, "rb") as handle:
+        if os.fstat(handle.fileno()).st_size == 0:
+            return True
+        with mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as data:
+            try:
+                if codec == "xz":
+                    return _xz_blocks(data) is not None
+                if codec == "zstd":
+                    return _zstd_ends_whole(data)
+                if codec == "bz2":
+                    return _bz2_ends_whole(data)
+                return not _is_bgzf(data) or _bgzf_blocks(data) is not None
+            except IndexError:  # a header cut off by the file's end
+                return False
 
 
 def _varint(data, at: int) -> tuple[int, int]:

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, Iterator
 
-from dualner.data.blocks import BlockIndex, block_index, open_blocks
+from dualner.data.blocks import BlockIndex, block_index, ends_whole, open_blocks
 from dualner.data.conll import DOCSTART, INVISIBLE, _strip_language_prefix, normalize_tag
 from dualner.data.formats import READ_BLOCK as _BLOCK
 from dualner.data.formats import (DecompressionError, accepted_endings, check_content, corpus_format,
@@ -89,6 +89,26 @@ def describe_file(path: str | Path, key: str) -> CorpusFile:
     if blocks is not None and blocks.blocks >= 2:
         return CorpusFile(str(path), found[0], found[1], blocks.size, stat.st_mtime_ns, blocks.thinned())
     return CorpusFile(str(path), found[0], found[1], stat.st_size, stat.st_mtime_ns)
+
+
+WHOLE_CHECK_BYTES = 4 << 20  # compressed files up to this size are decompressed whole by check_complete
+
+
+def check_complete(file: CorpusFile) -> None:
+    """Refuse a compressed file that does not decompress to its end, before anything is written
+    (DecompressionError: file, codec, byte, remedy). One of up to 4 MiB is decompressed whole (its
+    checksums are checked too); a larger one has its end checked where the codec's structure tells
+    it without decompressing (dualner.data.blocks.ends_whole). The damage of a larger single-stream
+    gzip, or corruption inside a larger file, is found where it is read: one bad record."""
+    if not file.compression:
+        return
+    size = os.stat(file.path).st_size
+    if size <= WHOLE_CHECK_BYTES:
+        with open_decompressed(file.path, file.compression) as handle:
+            while handle.read(_BLOCK):
+                pass
+    elif not ends_whole(file.path, file.compression):
+        raise DecompressionError.at(file.path, file.compression, "no end", None, size, size)
 
 
 def open_corpus(file: CorpusFile, buffer: int = _BLOCK) -> BinaryIO:

@@ -126,16 +126,19 @@ class DecompressionError(DataFormatError):
     name says); the message names the file, the codec, the byte reached and the remedy."""
 
     @classmethod
-    def at(cls, path: str | Path, codec: str, cause: BaseException | str, decompressed: int,
+    def at(cls, path: str | Path, codec: str, cause: BaseException | str, decompressed: int | None,
            compressed: int | None = None, size: int | None = None) -> "DecompressionError":
+        """`decompressed` None: the damage was found in the file's structure, without decompressing."""
         if isinstance(cause, EOFError) or cause == "truncated":
             reason = "the file ends inside the compressed stream (truncated)"
+        elif cause == "no end":
+            reason = f"the file does not end as a complete {codec} stream (truncated, or its end is damaged)"
         else:
             reason = f"corrupt data ({cause})"
-        where = f"at decompressed byte {decompressed}"
+        places = [] if decompressed is None else [f"decompressed byte {decompressed}"]
         if compressed is not None:
-            where += f", compressed byte {compressed}" + (f" of {size}" if size is not None else "")
-        return cls(f"{path}: damaged {codec} data: {reason}, {where}; re-download or recompress it "
+            places.append(f"compressed byte {compressed}" + (f" of {size}" if size is not None else ""))
+        return cls(f"{path}: damaged {codec} data: {reason}, at {', '.join(places)}; re-download or recompress it "
                    f"(`{PROGRAM[codec]} -t {path}` tests it)")
 
 

@@ -55,8 +55,9 @@ from typing import Iterator
 import numpy as np
 
 from dualner.run_layout import RunLayout
-from dualner.data.corpus import (BadRecord, CorpusFile, RawRecord, RecordReader, describe_file,
+from dualner.data.corpus import (BadRecord, CorpusFile, RawRecord, RecordReader, check_complete, describe_file,
                                  line_numbers, parse_record)
+from dualner.data.formats import DecompressionError
 from dualner.data.sources import refuse_shared_files
 from dualner.errors import ConfigError, DataFormatError, MissingPathError
 
@@ -70,6 +71,30 @@ PARTS = ("tokens", "word_index", "windows", "sentences")
 
 def is_prepared(path: str | os.PathLike) -> bool:
     return (Path(path) / MANIFEST).is_file()
+
+
+def unfinished_preparation(folder: str | os.PathLike) -> str | None:
+    """What makes `folder` (no manifest.json) look like an unfinished or damaged prepare output, and
+    the remedy; None when nothing of a preparation is in it."""
+    folder = Path(folder)
+    partial = folder.with_name(f"{folder.name}.partial")
+    found = [f"no {MANIFEST}, which prepare writes last, when the corpus is complete"]
+    if (folder / "prepare.json").is_file():
+        found.append("prepare.json is there")
+    shards = len(list(folder.glob("*.done.json")))
+    arrays = len(list(folder.glob("*.npy")))
+    if shards or arrays:
+        found.append(f"{shards} finished shard(s) ({arrays} .npy file(s))")
+    if (partial / "prepare.json").is_file():
+        found.append(f"{partial} holds an unfinished preparation")
+    if folder.name.endswith(".partial") and (folder / "prepare.json").is_file():
+        output = folder.with_name(folder.name[:-len(".partial")])
+        return (f"{folder} is where `prepare` builds {output} ({'; '.join(found)}): run prepare again with the same "
+                f"inputs and --output {output} to finish it, then name {output}")
+    if len(found) == 1:
+        return None
+    return (f"{folder} looks like an unfinished or damaged `prepare` output ({'; '.join(found)}): run prepare again with the same inputs and --output {folder} "
+            f"(it keeps the finished shards and writes the manifest), then `prepare --verify {folder}` checks it")
 
 
 def _ends_digest(head: bytes, tail: bytes, size: int) -> str:
@@ -311,8 +336,8 @@ def _tokenize_shard(file: CorpusFile, piece: Piece, records: list | None) -> dic
     for record in _records_of(file, piece, records):
         try:
             sentence = parse_record(record, file, state["language"], labeled=False)
-        except BadRecord as error:  # [file, byte, line (None: not known yet), reason]
-            bad.append([error.path, error.byte, error.line, error.reason])
+        except BadRecord as error:  # [file, byte, line (None: not known yet), reason, the file's damage?]
+            bad.append([error.path, error.byte, error.line, error.reason, bool(record.damage)])
             continue
         if sentence is not None:
             sentences.append((record.start, sentence))
@@ -417,8 +442,11 @@ def _pieces(files: list[CorpusFile], units: list, shard_bytes: int, folder: Path
             yield file, piece, None
             continue
         counted = _count_file(folder, index)
-        if counted.is_file() and all(_done(folder, Piece(index, number).name) is not None
-                                     for number in range(json.loads(counted.read_text())["pieces"])):
+        done = [Piece(index, number) for number in range(json.loads(counted.read_text())["pieces"])
+                ] if counted.is_file() else []
+        if done and all(_done(folder, piece.name) is not None for piece in done):
+            for piece in done:  # not read again: the caller takes each one's counts
+                yield file, piece, []
             continue
         number, batch, size = 0, [], 0
         for record in RecordReader(file, 0, file.end):
@@ -502,6 +530,10 @@ def prepare(inputs: list[str], output: str, tokenizer_path: str, max_length: int
         if not Path(path).is_file():
             raise MissingPathError(f"prepare: input not found: {path}")
         files.append(describe_file(path, "prepare"))
+        try:
+            check_complete(files[-1])
+        except DecompressionError as error:
+            raise DecompressionError(f"prepare: {error}") from None
         _check_holds_a_sentence(files[-1], language, max_bad_records)
     tokenizer_path, tokenizer = load_tokenizer(tokenizer_path)
     check_window_fits(max_length, tokenizer_path)
@@ -614,14 +646,14 @@ def _prepare_in(folder: Path, files: list[CorpusFile], plan: dict, tokenizer, to
     (folder / MANIFEST).unlink(missing_ok=True)
     workers = workers or default_workers()
     context = multiprocessing.get_context("spawn")
-    results = []
+    results, kept = [], []
 
     def todo():
         for file, piece, records in _pieces(files, rank_units(files, shard_bytes, rank, world_size), shard_bytes,
                                             folder):
             counts = _done(folder, piece.name)
             if counts is not None:
-                results.append(counts)
+                kept.append(counts)
                 continue
             yield file, piece, records
 
@@ -634,6 +666,11 @@ def _prepare_in(folder: Path, files: list[CorpusFile], plan: dict, tokenizer, to
             for counts in pool.imap_unordered(_write_shard, todo(), chunksize=1):
                 results.append(counts)
                 log(f"prepare: {counts['name']}: {counts['sentences']} sentences")
+    if kept:
+        log(f"prepare: continued the preparation in {folder}: {len(kept)} shard(s) finished by an earlier run "
+            f"kept ({sum(len(counts['bad_records']) for counts in kept)} bad record(s) in them, checked against "
+            f"--max-bad-records={max_bad_records} below), {len(results)} made now")
+        results += kept
     if world_size > 1:  # the ranks' shards together, once the last one is done
         log(f"prepare: rank {rank} of {world_size}: its {len(results)} shard(s) are done")
         results = _every_shard(files, shard_bytes, folder)
@@ -641,7 +678,13 @@ def _prepare_in(folder: Path, files: list[CorpusFile], plan: dict, tokenizer, to
             log(f"prepare: rank {rank}: other ranks are still at work; the last to finish writes the manifest")
             return None
     results.sort(key=lambda counts: counts["name"])
-    bad = _bad_record_messages([record for counts in results for record in counts["bad_records"]], files)
+    records = [record for counts in results for record in counts["bad_records"]]
+    bad = _bad_record_messages(records, files)
+    damage = [message for record, message in zip(records, bad) if record[4:5] == [True]]
+    if damage:  # the codec's failure, not the garbage a corrupted stream may decompress to before it
+        others = len(bad) - 1
+        raise DecompressionError(f"prepare: {damage[0]}" + (
+            f"; the {others} other bad record(s) may come from the same damage" if others else ""))
     if len(bad) > max_bad_records:
         raise DataFormatError(f"prepare: {len(bad)} bad record(s), more than --max-bad-records={max_bad_records}; "
                               f"the first: {bad[0]} (fix or remove it, or raise --max-bad-records; the shards "
@@ -668,12 +711,12 @@ def _bad_record_messages(bad: list[list], files: list[CorpusFile]) -> list[str]:
     began mid-file) counted here, in one read of each file concerned."""
     by_path = {file.path: file for file in files}
     unknown: dict[str, list[int]] = {}
-    for path, byte, line, _ in bad:
+    for path, byte, line, *_ in bad:
         if line is None:
             unknown.setdefault(path, []).append(byte)
     lines = {path: line_numbers(by_path[path], positions) for path, positions in unknown.items()}
     return [f"{path}:{line if line is not None else lines[path][byte]} (byte {byte}): {reason}"
-            for path, byte, line, reason in bad]
+            for path, byte, line, reason, *_ in bad]
 
 
 def main(argv: list[str] | None = None, launch_ranks=None) -> None:

@@ -50,8 +50,9 @@ from typing import Iterator, Sequence
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from dualner.data.corpus import (BadRecord, CorpusFile, RecordReader, describe_file, open_corpus, skip_to,
-                                 parse_record)
+from dualner.data.corpus import (BadRecord, CorpusFile, RecordReader, check_complete, describe_file, open_corpus,
+                                 parse_record, skip_to)
+from dualner.data.formats import DecompressionError
 from dualner.data.encoding import WindowTokenizer
 from dualner.data.mix import MixPlan
 from dualner.data.packing import Collator, cut_micro_batches
@@ -75,13 +76,16 @@ def expand_files(pattern: str, key: str) -> list[str]:
     `hf:NAME[:CONFIG]@SPLIT` names a `datasets` dataset (a hub name, or a local folder) with a
     `tokens` column, streamed rather than downloaded whole. A folder holding a prepared corpus
     (its manifest.json) is one entry."""
-    from dualner.data.prepared import is_prepared
+    from dualner.data.prepared import is_prepared, unfinished_preparation
     if pattern.startswith(HUB_PREFIX):
         return [pattern]
     if is_prepared(pattern):
         return [str(pattern)]
     files = sorted(glob.glob(pattern, recursive=True)) if glob.has_magic(pattern) else [pattern]
     if not glob.has_magic(pattern) and Path(pattern).is_dir():
+        unfinished = unfinished_preparation(pattern)
+        if unfinished is not None:
+            raise DataFormatError(f"{key}: {unfinished}")
         raise MissingPathError(f"{key}: {pattern} is a folder; name a file, a glob (e.g. {pattern}/*.txt) "
                                f"or a prepared corpus folder (python -m dualner prepare)")
     files = [f for f in files if Path(f).is_file()]
@@ -127,12 +131,16 @@ def open_sources(files: Sequence[str], key: str) -> list:
 
 def check_corpus(sources: Sequence, language: str, kind: str, key: str) -> None:
     """The first record of every raw corpus file, before anything is written: a known format,
-    UTF-8, and at least one sentence (the rest is read as training streams it)."""
+    UTF-8, and at least one sentence (the rest is read as training streams it); a compressed file
+    also whole to its end (dualner.data.corpus.check_complete)."""
     for source in sources:
         if not isinstance(source, CorpusFile):
             continue
         try:
+            check_complete(source)
             first = next((s for s in iter_sentences(source, language, kind == KIND_SOURCE)), None)
+        except DecompressionError as error:
+            raise DecompressionError(f"{key}: {error}") from None
         except BadRecord as error:
             raise DataFormatError(f"{key}: {error}") from None
         if first is None:
