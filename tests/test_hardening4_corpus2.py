@@ -196,3 +196,59 @@ def test_a_folder_without_manifest_is_named_as_an_unfinished_prepare_output(tmp_
     empty.mkdir()
     with pytest.raises(MissingPathError, match=r"is a folder; name a file, a glob"):  # nothing of a prepare: as before
         expand_files(str(empty), KEY)
+
+
+@pytest.mark.parametrize("damage, message", [
+    ('{"format": "dualner-prepared", "version": 2', r"manifest.json: unreadable \(Expecting"),
+    ("no files", r"manifest.json: damaged manifest \(KeyError: 'files'\)"),
+    ("no sentences", r"manifest.json: damaged manifest \(KeyError: 'sentences'\)"),
+])
+def test_a_damaged_manifest_is_one_line_and_prepare_again_mends_it(tmp_path, tiny_encoder, damage, message):
+    """A manifest edited by hand or cut short used to end in KeyError / AttributeError tracebacks."""
+    from dualner.data.prepared import PreparedCorpus
+    source = tmp_path / "c.txt"
+    source.write_text("".join(f"satz {i} hier\n" for i in range(100)))
+    folder = tmp_path / "prep"
+    prepare([str(source)], str(folder), tiny_encoder, 32, "de", workers=1, log=lambda *_: None)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    if damage == "no files":
+        del manifest["shards"][0]["files"]
+    elif damage == "no sentences":
+        del manifest["sentences"]
+    (folder / "manifest.json").write_text(damage if damage.startswith("{") else json.dumps(manifest))
+    with pytest.raises(DataFormatError, match=rf"^{KEY}: .*{message}.*run prepare again with the same inputs and "
+                                              rf"--output {folder}"):
+        PreparedCorpus.open(folder, KEY)
+    assert prepare([str(source)], str(folder), tiny_encoder, 32, "de", workers=1, log=lambda *_: None)["sentences"] == 100
+    assert PreparedCorpus.open(folder, KEY).sentences == 100
+
+
+def test_damaged_progress_records_of_an_unfinished_prepare_are_redone(tmp_path, tiny_encoder):
+    """A shard's done.json or a file's pieces.json cut short (half-copied) used to be a JSONDecodeError
+    traceback on the rerun; the work they record is done again."""
+    lines = [b"satz %d hier\n" % i for i in range(300)]
+    lines[100] = b"kaputt \xff hier\n"
+    source = tmp_path / "c.txt.gz"
+    source.write_bytes(gzip.compress(b"".join(lines)))
+    output = tmp_path / "prep"
+    with pytest.raises(DataFormatError, match=r"1 bad record\(s\)"):
+        prepare([str(source)], str(output), tiny_encoder, 32, workers=1, log=lambda *_: None)
+    partial = tmp_path / "prep.partial"
+    (partial / "0000-000000.done.json").write_text('{"name": ')
+    (partial / "0000.pieces.json").write_text("garbage")
+    manifest = prepare([str(source)], str(output), tiny_encoder, 32, workers=1, max_bad_records=1, log=lambda *_: None)
+    assert manifest["sentences"] == 299 and manifest["bad_records"] == 1
+
+
+def test_verify_of_a_folder_without_manifest_names_what_is_missing(tmp_path, tiny_encoder):
+    from dualner.data.prepared import main
+    source = tmp_path / "c.txt"
+    source.write_text("".join(f"satz {i} hier\n" for i in range(100)))
+    folder = tmp_path / "prep"
+    prepare([str(source)], str(folder), tiny_encoder, 32, "de", workers=1, log=lambda *_: None)
+    (folder / "manifest.json").unlink()
+    with pytest.raises(MissingPathError, match=rf"prepare --verify: {folder} looks like an unfinished or damaged "
+                                               r"`prepare` output \(no manifest.json"):
+        main(["--verify", str(folder)])
+    with pytest.raises(MissingPathError, match=r"prepare --verify: .*elsewhere is not a prepared corpus"):
+        main(["--verify", str(tmp_path / "elsewhere")])

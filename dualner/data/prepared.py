@@ -150,24 +150,32 @@ class PreparedCorpus:
         try:
             manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError, UnicodeDecodeError) as error:
-            raise DataFormatError(f"{key}: {folder / MANIFEST}: unreadable ({error})") from None
-        if manifest.get("format") != FORMAT_NAME or manifest.get("version") != VERSION:
+            raise DataFormatError(f"{key}: {folder / MANIFEST}: unreadable ({error}); run prepare again with the "
+                                  f"same inputs and --output {folder} (it keeps the intact shards), or restore "
+                                  f"the folder") from None
+        fields = manifest if isinstance(manifest, dict) else {}
+        if fields.get("format") != FORMAT_NAME or fields.get("version") != VERSION:
             raise DataFormatError(f"{key}: {folder}: not a prepared corpus of this DualNER version "
-                                  f"(format {manifest.get('format')!r}, version {manifest.get('version')!r}); "
+                                  f"(format {fields.get('format')!r}, version {fields.get('version')!r}); "
                                   f"prepare it again")
-        if not manifest["sentences"]:
-            raise DataFormatError(f"{key}: {folder}: the prepared corpus holds no sentence (its inputs were "
-                                  f"empty); prepare it again from the corpus files")
-        for shard in manifest["shards"]:
-            for part, record in shard["files"].items():
-                path = folder / f"{shard['name']}.{part}.npy"
-                size = path.stat().st_size if path.is_file() else None
-                if size != record["bytes"]:
-                    found = "missing" if size is None else f"{size} bytes, the manifest says {record['bytes']}"
-                    raise DataFormatError(f"{key}: {path}: damaged prepared shard ({found}); run prepare again "
-                                          f"with the same inputs and --output (it redoes damaged shards), or "
-                                          f"restore the folder")
-        return PreparedCorpus(folder, manifest)
+        try:
+            if not manifest["sentences"]:
+                raise DataFormatError(f"{key}: {folder}: the prepared corpus holds no sentence (its inputs were "
+                                      f"empty); prepare it again from the corpus files")
+            for shard in manifest["shards"]:
+                for part, record in shard["files"].items():
+                    path = folder / f"{shard['name']}.{part}.npy"
+                    size = path.stat().st_size if path.is_file() else None
+                    if size != record["bytes"]:
+                        found = "missing" if size is None else f"{size} bytes, the manifest says {record['bytes']}"
+                        raise DataFormatError(f"{key}: {path}: damaged prepared shard ({found}); run prepare again "
+                                              f"with the same inputs and --output (it redoes damaged shards), or "
+                                              f"restore the folder")
+            return PreparedCorpus(folder, manifest)
+        except (KeyError, TypeError, AttributeError, IndexError) as error:  # edited by hand, or damaged in place
+            raise DataFormatError(f"{key}: {folder / MANIFEST}: damaged manifest ({type(error).__name__}: {error}); "
+                                  f"run prepare again with the same inputs and --output {folder} (it keeps the "
+                                  f"intact shards), or restore the folder") from None
 
     def identity(self) -> list:
         return [self.path, self.sentences, self.fingerprint]
@@ -422,13 +430,30 @@ def _count_file(folder: Path, index: int) -> Path:
     return folder / f"{index:04d}.pieces.json"
 
 
+def _read_record(path: Path, key: str) -> dict | None:
+    """A shard's counts or a file's number of pieces as written; None where absent or damaged (edited
+    by hand, or half-copied: the work it records is done again)."""
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+        return record if isinstance(record, dict) and key in record else None
+    except (OSError, ValueError):
+        return None
+
+
+def _pieces_of(folder: Path, index: int) -> int | None:
+    record = _read_record(_count_file(folder, index), "pieces")
+    return record["pieces"] if record is not None and isinstance(record["pieces"], int) else None
+
+
 def _done(folder: Path, name: str) -> dict | None:
     """A shard's counts if it is finished and its files are intact."""
-    done = folder / f"{name}.done.json"
-    if not done.is_file():
+    counts = _read_record(folder / f"{name}.done.json", "files")
+    if counts is None:
         return None
-    counts = json.loads(done.read_text(encoding="utf-8"))
-    intact = all(_ends_match(folder / f"{name}.{part}.npy", record) for part, record in counts["files"].items())
+    try:
+        intact = all(_ends_match(folder / f"{name}.{part}.npy", record) for part, record in counts["files"].items())
+    except (AttributeError, KeyError, TypeError):
+        return None
     return counts if intact else None
 
 
@@ -441,9 +466,7 @@ def _pieces(files: list[CorpusFile], units: list, shard_bytes: int, folder: Path
         if piece is not None:
             yield file, piece, None
             continue
-        counted = _count_file(folder, index)
-        done = [Piece(index, number) for number in range(json.loads(counted.read_text())["pieces"])
-                ] if counted.is_file() else []
+        done = [Piece(index, number) for number in range(_pieces_of(folder, index) or 0)]
         if done and all(_done(folder, piece.name) is not None for piece in done):
             for piece in done:  # not read again: the caller takes each one's counts
                 yield file, piece, []
@@ -458,7 +481,7 @@ def _pieces(files: list[CorpusFile], units: list, shard_bytes: int, folder: Path
         if batch or number == 0:
             yield file, Piece(index, number), batch
             number += 1
-        _write_atomically(counted, json.dumps({"pieces": number}))
+        _write_atomically(_count_file(folder, index), json.dumps({"pieces": number}))
 
 
 def _every_shard(files: list[CorpusFile], shard_bytes: int, folder: Path) -> list[dict] | None:
@@ -468,16 +491,16 @@ def _every_shard(files: list[CorpusFile], shard_bytes: int, folder: Path) -> lis
         if file.splittable:
             names += [Piece(index, number).name for number in range(len(range(0, max(1, file.size), shard_bytes)))]
             continue
-        counted = _count_file(folder, index)
-        if not counted.is_file():
+        pieces = _pieces_of(folder, index)
+        if pieces is None:
             return None
-        names += [Piece(index, number).name for number in range(json.loads(counted.read_text())["pieces"])]
+        names += [Piece(index, number).name for number in range(pieces)]
     results = []
     for name in names:
-        done = folder / f"{name}.done.json"
-        if not done.is_file():
+        counts = _read_record(folder / f"{name}.done.json", "files")
+        if counts is None:
             return None
-        results.append(json.loads(done.read_text(encoding="utf-8")))
+        results.append(counts)
     return results
 
 
@@ -745,7 +768,8 @@ def main(argv: list[str] | None = None, launch_ranks=None) -> None:
     args = parser.parse_args(argv)
     if args.verify:
         if not is_prepared(args.verify):
-            raise MissingPathError(f"prepare --verify: {args.verify} is not a prepared corpus (no {MANIFEST})")
+            unfinished = Path(args.verify).is_dir() and unfinished_preparation(args.verify)
+            raise MissingPathError(f"prepare --verify: {unfinished or f'{args.verify} is not a prepared corpus (no {MANIFEST})'}")
         damaged = verify(args.verify)
         if damaged:
             raise DataFormatError(f"prepare --verify: {len(damaged)} damaged shard file(s), the first {damaged[0]}; "
