@@ -28,6 +28,7 @@ KINDS = {**{suffix: (suffix, compress) for suffix, compress in CODECS.items()},
          "bgzip": (".gz", bgzf_compress),
          "members": (".gz", lambda data: gzip.compress(data[:len(data) // 3]) + gzip.compress(data[len(data) // 3:]))}
 KEY = "stage2.target.de"
+NO_WHOLE_CHECK = dict.fromkeys(CODEC_NAMES.values(), 0)  # small files standing for large ones
 
 
 def write_kind(tmp_path, kind: str, data: bytes, damage: str = "") -> tuple:
@@ -63,9 +64,9 @@ def test_a_small_damaged_compressed_corpus_is_refused_at_start_up(tmp_path, kind
 
 @pytest.mark.parametrize("kind", [".xz", ".bz2", ".zst", "bgzip"])
 def test_a_large_truncated_corpus_is_refused_from_its_structure(tmp_path, monkeypatch, kind):
-    """Above 4 MiB a file is not decompressed at start-up: its end is checked from the codec's
+    """A larger file (WHOLE_CHECK_BYTES) is not decompressed at start-up: its end is checked from the codec's
     structure (xz's index, bzip2's end-of-stream marker, zstd's and bgzip's block headers)."""
-    monkeypatch.setattr(corpus_module, "WHOLE_CHECK_BYTES", 0)  # these small files stand for large ones
+    monkeypatch.setattr(corpus_module, "WHOLE_CHECK_BYTES", NO_WHOLE_CHECK)  # these small files stand for large ones
     path, suffix = write_kind(tmp_path, kind, corpus_text(), "truncated")
     size = path.stat().st_size
     with pytest.raises(DecompressionError, match=rf"^{KEY}: .*{path.name}: damaged {CODEC_NAMES[suffix]} data: the "
@@ -80,7 +81,7 @@ def test_a_large_truncated_corpus_is_refused_from_its_structure(tmp_path, monkey
 def test_a_large_single_stream_gzip_is_checked_where_it_is_read(tmp_path, monkeypatch):
     """A gzip stream records nothing at its end to check without decompressing: above 4 MiB its
     damage is found when stage 2 reads it (one bad record, tests/test_hardening4_data.py)."""
-    monkeypatch.setattr(corpus_module, "WHOLE_CHECK_BYTES", 0)
+    monkeypatch.setattr(corpus_module, "WHOLE_CHECK_BYTES", NO_WHOLE_CHECK)
     path, _ = write_kind(tmp_path, ".gz", corpus_text(), "truncated")
     start_up_check(path)
 
@@ -126,11 +127,11 @@ def write_flipped_gzip(path, data: bytes) -> None:
 
 @pytest.mark.parametrize("whole_check", [True, False])
 def test_prepare_reports_the_codec_failure_not_the_garbage_before_it(tmp_path, tiny_encoder, monkeypatch, whole_check):
-    """A corrupted gzip used to be reported as UTF-8 bad records. A file up to 4 MiB is refused
+    """A corrupted gzip used to be reported as UTF-8 bad records. A file up to 4 MiB of gzip is refused
     before anything is made; a larger one (WHOLE_CHECK_BYTES 0 here) when its damage is read, the
     codec's failure first whatever --max-bad-records allows."""
     if not whole_check:
-        monkeypatch.setattr(corpus_module, "WHOLE_CHECK_BYTES", 0)
+        monkeypatch.setattr(corpus_module, "WHOLE_CHECK_BYTES", NO_WHOLE_CHECK)
     source = tmp_path / "c.txt.gz"
     write_flipped_gzip(source, corpus_text(4000))
     output = tmp_path / "prep"
