@@ -23,6 +23,7 @@ from typing import Any, Literal
 import yaml
 
 from dualner.errors import ConfigError  # re-exported: `from dualner.config import ConfigError`
+from dualner.run_layout import STEP_DIR, RunLayout
 
 
 def bounded(default: Any, *, minimum: float | None = None, maximum: float | None = None,
@@ -575,6 +576,28 @@ def _validate_stage2(cfg: Config) -> None:
                           "train.batch_unit=sentences")
     if cfg.model.variant != "mlt":
         raise ConfigError(f"model.variant={cfg.model.variant}: dual teaching needs both heads (mlt)")
+    if cfg.run.output_dir.strip():
+        refuse_output_over_init_from(cfg.run.output_dir, stage2.init_from)
+
+
+def init_from_run(init_from: str) -> Path:
+    """The stage-1 run folder stage2.init_from belongs to (it may name the run, its checkpoints folder
+    or one step-N folder), resolved (symlinks followed)."""
+    path = Path(init_from).expanduser().resolve()
+    if STEP_DIR.match(path.name):
+        return RunLayout.of_checkpoint(path).root
+    return path.parent if path.name == "checkpoints" and not RunLayout(path).checkpoints.is_dir() else path
+
+
+def refuse_output_over_init_from(output_dir: str, init_from: str) -> None:
+    """Stage 2 writes a folder of its own: its teacher's run is never moved aside or written into,
+    whatever run.overwrite says (it would then start from a model it had just moved away)."""
+    teacher, output = init_from_run(init_from), Path(output_dir).expanduser().resolve()
+    if output == teacher or teacher in output.parents or output in teacher.parents:
+        where = "is" if output == teacher else "is inside" if teacher in output.parents else "holds"
+        raise ConfigError(f"run.output_dir={output_dir} {where} the stage-1 run {teacher} that stage2.init_from="
+                          f"{init_from} starts from; stage 2 writes a folder of its own (run.overwrite does not "
+                          f"change this), e.g. run.output_dir={teacher.parent / (teacher.name + '-stage2')}")
 
 
 def _validate_training(cfg: Config) -> None:

@@ -1,0 +1,99 @@
+"""Hardening, round 4, second probe (issue 25): run folders, encoder folders, export / predict /
+evaluate / report and `config --check`. Each test is a row of the README's fault table; every refusal
+is one line naming the file or key and writes nothing."""
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from dualner.errors import ConfigError, UserError
+from dualner.stage1 import build_stage1
+from dualner.stage2 import build_stage2
+from tests.conftest import REPO
+from tests.test_hardening import cli, config, one_line_error
+from tests.test_hardening3 import copy_of, populated, snapshot  # noqa: F401  (populated: a fixture)
+
+
+# -- 1. a damaged encoder folder: one line naming the file ---------------------------------------------------
+def cut_short(path: Path, keep: int) -> None:
+    path.write_bytes(path.read_bytes()[:keep])
+
+
+def as_pytorch_bin(folder: Path, keep: int | None = None) -> None:
+    import torch
+    from safetensors.torch import load_file
+    weights = folder / "model.safetensors"
+    torch.save(load_file(str(weights)), folder / "pytorch_model.bin")
+    weights.unlink()
+    if keep is not None:
+        cut_short(folder / "pytorch_model.bin", keep)
+
+
+DAMAGED_ENCODERS = {  # name: (damage done to a copy of the tiny encoder, the file named, what is said)
+    "safetensors cut to its first 100 bytes": (lambda folder: cut_short(folder / "model.safetensors", 100),
+                                              "model.safetensors", r" is not a whole safetensors file \(100 bytes"),
+    "safetensors cut in half": (lambda folder: cut_short(folder / "model.safetensors", 300_000),
+                                "model.safetensors", r" holds 300000 bytes but its header describes \d+ \(truncated\)"),
+    "pytorch_model.bin cut short": (lambda folder: as_pytorch_bin(folder, 1000), "pytorch_model.bin",
+                                    r" cannot be read as weights \(PytorchStreamReader failed"),
+    "pytorch_model.bin of garbage": (lambda folder: (as_pytorch_bin(folder),
+                                                     (folder / "pytorch_model.bin").write_bytes(b"garbage" * 10)),
+                                     "pytorch_model.bin", r" cannot be read as weights"),
+    "config.json not JSON": (lambda folder: (folder / "config.json").write_text("{not json"), "config.json",
+                             r":1:2: not valid JSON \(Expecting property name"),
+    "config.json a list": (lambda folder: (folder / "config.json").write_text("[]"), "config.json",
+                           r" holds a JSON list, not an object"),
+    "tokenizer.json cut short": (lambda folder: cut_short(folder / "tokenizer.json", 50), "tokenizer.json",
+                                 r":\d+:\d+: not valid JSON \(Unterminated string"),
+    "tokenizer_config.json binary": (lambda folder: (folder / "tokenizer_config.json").write_bytes(b"\xff\x00{"),
+                                     "tokenizer_config.json", r" is not UTF-8 JSON \(byte 0\)"),
+}
+
+
+@pytest.mark.parametrize("name", list(DAMAGED_ENCODERS))
+def test_a_damaged_encoder_folder_is_one_line_naming_the_file(tiny_encoder, tmp_path, name):
+    damage, file_name, message = DAMAGED_ENCODERS[name]
+    encoder = tmp_path / "encoder"
+    shutil.copytree(tiny_encoder, encoder)
+    damage(encoder)
+    output = tmp_path / "run"
+    with pytest.raises(ConfigError, match=rf"model.encoder: {encoder / file_name}{message}.*the folder is "
+                                          rf"damaged: copy or download it again"):
+        build_stage1(config(output, f"model.encoder={encoder}"))
+    assert not output.exists()
+
+
+def test_a_truncated_encoder_is_one_line_on_the_command_line(tiny_encoder, tmp_path):
+    encoder = tmp_path / "encoder"
+    shutil.copytree(tiny_encoder, encoder)
+    cut_short(encoder / "model.safetensors", 100)
+    result = cli("stage1", "--config", str(REPO / "configs" / "tiny.yaml"), f"run.output_dir={tmp_path / 'run'}",
+                 f"model.encoder={encoder}", "train.max_steps=2")
+    assert f"{encoder / 'model.safetensors'} is not a whole safetensors file" in one_line_error(result)
+    assert not (tmp_path / "run").exists()
+
+
+# -- 2. stage 2 never writes into (or moves aside) the stage-1 run it starts from ---------------------------
+@pytest.mark.parametrize("where, init_from", [
+    ("is", "run"), ("is", "step"), ("is inside", "run"), ("holds", "step"), ("is", "checkpoints")])
+def test_stage2_refuses_an_output_folder_over_its_init_from_whatever_overwrite_says(populated, tmp_path, where,
+                                                                                    init_from):
+    run = copy_of(populated, tmp_path)
+    output = {"is": run, "is inside": run / "stage2", "holds": tmp_path}[where]
+    source = {"run": run, "step": run / "checkpoints" / "step-2", "checkpoints": run / "checkpoints"}[init_from]
+    before = snapshot(tmp_path)
+    for overwrite in ("false", "true"):
+        with pytest.raises(ConfigError, match=rf"run.output_dir={output} {where} the stage-1 run {run} that "
+                                              rf"stage2.init_from={source} starts from; stage 2 writes a folder of "
+                                              rf"its own \(run.overwrite does not change this\), e.g. "
+                                              rf"run.output_dir={run}-stage2"):
+            build_stage2(config(output, f"stage2.init_from={source}", f"run.overwrite={overwrite}",
+                                file="tiny_stage2.yaml"))
+    assert snapshot(tmp_path) == before and not list(tmp_path.glob("*.old-*"))
+
+
+def test_config_check_refuses_stage2_over_its_init_from(populated):
+    line = one_line_error(cli("config", "--check", "--config", str(REPO / "configs" / "tiny_stage2.yaml"),
+                              f"run.output_dir={populated}", f"stage2.init_from={populated}", "run.overwrite=true"))
+    assert f"is the stage-1 run {populated} that stage2.init_from={populated} starts from" in line
