@@ -97,3 +97,60 @@ def test_config_check_refuses_stage2_over_its_init_from(populated):
     line = one_line_error(cli("config", "--check", "--config", str(REPO / "configs" / "tiny_stage2.yaml"),
                               f"run.output_dir={populated}", f"stage2.init_from={populated}", "run.overwrite=true"))
     assert f"is the stage-1 run {populated} that stage2.init_from={populated} starts from" in line
+
+
+# -- 4, 5. an exported folder: evaluated as predict reads it; a damaged one named ------------------------------
+@pytest.fixture(scope="module")
+def exported(populated, tmp_path_factory):
+    from dualner.model_io import export_model
+    return export_model(populated, tmp_path_factory.mktemp("round2") / "exported")
+
+
+DEV = REPO / "data" / "panx-sample" / "en" / "dev.tsv"
+
+
+def test_evaluate_reads_an_exported_folder_as_its_run(populated, exported):
+    from dualner.evaluate_checkpoint import evaluate_checkpoint
+    assert evaluate_checkpoint(exported, {"en": str(DEV)}, None, max_sentences=8) == \
+        evaluate_checkpoint(populated, {"en": str(DEV)}, None, max_sentences=8)
+
+
+DAMAGED_EXPORTS = {  # name: (damage, what is said)
+    "config.json not JSON": (lambda folder: cut_short(folder / "config.json", 40),
+                             r"config.json:\d+:\d+: not valid JSON"),
+    "config.json without the entity types": (
+        lambda folder: (folder / "config.json").write_text('{"model_type": "xlm-roberta"}'),
+        r"config.json has no dualner_entity_types: not a folder written by `dualner export`"),
+    "model.safetensors cut short": (lambda folder: cut_short(folder / "model.safetensors", 5000),
+                                    r"model.safetensors holds 5000 bytes but its header describes"),
+    "tokenizer.json cut short": (lambda folder: cut_short(folder / "tokenizer.json", 50),
+                                 r"tokenizer.json:\d+:\d+: not valid JSON"),
+}
+
+
+@pytest.mark.parametrize("name", list(DAMAGED_EXPORTS))
+def test_a_damaged_exported_folder_is_named_by_predict_and_evaluate(exported, tmp_path, name):
+    from dualner.evaluate_checkpoint import evaluate_checkpoint
+    from dualner.predict import predict_file
+    damage, message = DAMAGED_EXPORTS[name]
+    folder = copy_of(exported, tmp_path, "exported")
+    damage(folder)
+    source = tmp_path / "in.txt"
+    source.write_text("Paris is nice\n")
+    with pytest.raises(UserError, match=rf"--model {folder}\S* .*{message}.*export the run again"):
+        predict_file(folder, source, tmp_path / "out.jsonl")
+    with pytest.raises(UserError, match=rf"--checkpoint {folder}\S* .*{message}.*export the run again"):
+        evaluate_checkpoint(folder, {"en": str(DEV)}, tmp_path / "f1.json", max_sentences=4)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["exported", "in.txt"]
+
+
+def test_evaluate_of_an_exported_folder_on_the_command_line(exported, tmp_path):
+    output = tmp_path / "f1.json"
+    result = cli("evaluate", "--checkpoint", str(exported), "--data", f"en={DEV}", "--max-sentences", "4",
+                 "--output", str(output))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "per_language" in output.read_text()
+    broken = copy_of(exported, tmp_path, "broken")
+    cut_short(broken / "config.json", 40)
+    line = one_line_error(cli("evaluate", "--checkpoint", str(broken), "--data", f"en={DEV}"))
+    assert f"--checkpoint {broken} (an exported folder): {broken / 'config.json'}:" in line

@@ -141,7 +141,7 @@ JSON_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "special
 DAMAGED_REMEDY = "the folder is damaged: copy or download it again"
 
 
-def _check_json_files(folder: Path, key: str) -> None:
+def _check_json_files(folder: Path, key: str, remedy: str) -> None:
     for name in JSON_FILES:
         path = folder / name
         if not path.is_file():
@@ -149,15 +149,15 @@ def _check_json_files(folder: Path, key: str) -> None:
         try:
             value = json.loads(path.read_bytes().decode("utf-8"))
         except UnicodeDecodeError as error:
-            raise ConfigError(f"{key}: {path} is not UTF-8 JSON (byte {error.start}); {DAMAGED_REMEDY}") from None
+            raise ConfigError(f"{key}: {path} is not UTF-8 JSON (byte {error.start}); {remedy}") from None
         except json.JSONDecodeError as error:
             raise ConfigError(f"{key}: {path}:{error.lineno}:{error.colno}: not valid JSON ({error.msg}); "
-                              f"{DAMAGED_REMEDY}") from None
+                              f"{remedy}") from None
         if not isinstance(value, dict):
-            raise ConfigError(f"{key}: {path} holds a JSON {type(value).__name__}, not an object; {DAMAGED_REMEDY}")
+            raise ConfigError(f"{key}: {path} holds a JSON {type(value).__name__}, not an object; {remedy}")
 
 
-def _check_safetensors(path: Path, key: str) -> None:
+def _check_safetensors(path: Path, key: str, remedy: str) -> None:
     """A safetensors file's 8-byte header length, header and tensor extents against its size (a
     truncated copy fails here, cheaply, rather than in the safetensors reader with no file named)."""
     size = path.stat().st_size
@@ -167,26 +167,26 @@ def _check_safetensors(path: Path, key: str) -> None:
         if header_length is None or header_length > size - 8:
             raise ConfigError(f"{key}: {path} is not a whole safetensors file ({size} bytes"
                               + ("" if header_length is None else f", its header alone claims {header_length}")
-                              + f"; truncated?); {DAMAGED_REMEDY}")
+                              + f"; truncated?); {remedy}")
         try:
             header = json.loads(handle.read(header_length))
             end = max((entry["data_offsets"][1] for name, entry in header.items() if name != "__metadata__"), default=0)
         except (ValueError, KeyError, TypeError, IndexError, AttributeError):
-            raise ConfigError(f"{key}: {path} has no readable safetensors header; {DAMAGED_REMEDY}") from None
+            raise ConfigError(f"{key}: {path} has no readable safetensors header; {remedy}") from None
     if 8 + header_length + end != size:
         raise ConfigError(f"{key}: {path} holds {size} bytes but its header describes {8 + header_length + end}"
-                          f"{' (truncated)' if size < 8 + header_length + end else ''}; {DAMAGED_REMEDY}")
+                          f"{' (truncated)' if size < 8 + header_length + end else ''}; {remedy}")
 
 
-def check_model_files(path: str, key: str) -> None:
+def check_model_files(path: str | Path, key: str, remedy: str = DAMAGED_REMEDY) -> None:
     """The JSON and safetensors files of a local model folder, read as from_pretrained would read them,
     each damaged one named (a hub name is left to the hub)."""
     folder = Path(path)
     if not folder.is_dir():
         return
-    _check_json_files(folder, key)
+    _check_json_files(folder, key, remedy)
     for weights in sorted(folder.glob("*.safetensors")):
-        _check_safetensors(weights, key)
+        _check_safetensors(weights, key, remedy)
 
 
 def load_pretrained_encoder(path: str, build):
