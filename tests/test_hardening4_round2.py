@@ -154,3 +154,49 @@ def test_evaluate_of_an_exported_folder_on_the_command_line(exported, tmp_path):
     cut_short(broken / "config.json", 40)
     line = one_line_error(cli("evaluate", "--checkpoint", str(broken), "--data", f"en={DEV}"))
     assert f"--checkpoint {broken} (an exported folder): {broken / 'config.json'}:" in line
+
+
+# -- 3. report on a damaged results.json: a remedy that works ---------------------------------------------------
+def test_reports_remedy_for_a_damaged_results_file_works(populated, tmp_path):
+    import re
+    import shlex
+    run = copy_of(populated, tmp_path)
+    (run / "results.json").write_text('{"test": {"per_la')
+    line = one_line_error(cli("report", str(run)))
+    assert f"{run / 'results.json'}: not a readable results file" in line
+    move, command = re.search(r"move it aside \(mv (\S+ \S+)\) and run `([^`]+)`", line).groups()
+    source, target = move.split()
+    assert command.startswith("python -m dualner stage1 ")
+    Path(source).rename(target)
+    result = cli(*shlex.split(command)[3:])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"resumed from {run / 'checkpoints' / 'step-4'} at step 4" in result.stdout
+    report = cli("report", str(run))
+    assert report.returncode == 0 and "| **average** |" in report.stdout, report.stderr[-3000:]
+
+
+def test_reports_remedy_names_stage2_for_a_stage2_run(tmp_path):
+    from dualner.report import main
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("stage2:\n  init_from: runs/stage1\n")
+    (run / "results.json").write_text("[]")
+    with pytest.raises(UserError, match=rf"a results file is a JSON object, found a list; move it aside .* run "
+                                        rf"`python -m dualner stage2 --config {run / 'config.yaml'} "
+                                        rf"run.output_dir={run}`"):
+        main([str(run)])
+
+
+def test_report_says_what_a_dash_means(populated, tmp_path, capsys):
+    from dualner.report import main
+    import json
+    other = copy_of(populated, tmp_path)
+    results = json.loads((other / "results.json").read_text())
+    results["test"]["per_language"]["xx"] = 50.0
+    (other / "results.json").write_text(json.dumps(results))
+    main([str(populated), str(other)])
+    table = capsys.readouterr().out
+    assert "| xx | - | 50.00 |" in table
+    assert "-: no test score: that run had no data.test set for the language" in table
+    main([str(populated)])
+    assert "no test score" not in capsys.readouterr().out
