@@ -2,6 +2,7 @@
 evaluate / report and `config --check`. Each test is a row of the README's fault table; every refusal
 is one line naming the file or key and writes nothing."""
 
+import json
 import shutil
 from pathlib import Path
 
@@ -200,3 +201,22 @@ def test_report_says_what_a_dash_means(populated, tmp_path, capsys):
     assert "-: no test score: that run had no data.test set for the language" in table
     main([str(populated)])
     assert "no test score" not in capsys.readouterr().out
+
+
+# -- 6. a moved run folder resumes where it stopped --------------------------------------------------------------
+def test_a_moved_stage2_run_resumes_at_its_checkpoints_positions(populated, tmp_path, capfd):
+    from dualner.stage2 import run_stage2
+    first, moved = tmp_path / "a", tmp_path / "b"
+
+    def stage2(output, steps):
+        return config(output, f"stage2.init_from={populated}", f"train.max_steps={steps}", file="tiny_stage2.yaml")
+
+    run_stage2(stage2(first, 2))
+    first.rename(moved)  # mv runs/a runs/b
+    capfd.readouterr()
+    run_stage2(stage2(moved, 4))
+    log = capfd.readouterr().out
+    assert f"resumed from {moved / 'checkpoints' / 'step-2'} at step 2" in log
+    assert "changed since the checkpoint" not in log  # its source file, stage2_data/, moved with it
+    steps = [json.loads(line)["step"] for line in (moved / "losses.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]
