@@ -13,6 +13,7 @@ import dataclasses
 import functools
 import json
 import math
+import os
 import sys
 import types
 import typing
@@ -740,7 +741,34 @@ def _check_as_the_job(cfg: Config, args) -> str:
             load_config(args.config, args.overrides, stage=stage, world_size=world_size)
         except ConfigError as error:
             raise ConfigError(f"{error} [config --check assumed {'; '.join(scope)}]") from None
+    check_named_files(cfg, stage)
     return "; ".join(scope)
+
+
+def check_named_files(cfg: Config, stage: int) -> None:
+    """`config --check`: the files and folders the config names exist where the job will look for them
+    (relative paths from the working folder, as the job reads them), with the job's own messages; what
+    is in them is left to the job. A missing stage2.init_from is only noted: a job script may check
+    the stage-2 config before its stage-1 run has been made."""
+    from dualner.errors import MissingPathError
+    for split in ("train", "dev", "test"):
+        for language, path in getattr(cfg.data, split).items():
+            if Path(path).is_dir():
+                raise MissingPathError(f"data.{split}.{language}: {path} is a folder, not a data file; name the file")
+            if not Path(path).is_file():
+                raise MissingPathError(f"data.{split}.{language}: data file not found: {path}")
+    encoder = os.path.expanduser(cfg.model.encoder)
+    if stage == 1 and encoder.startswith((".", "/", "~")) and not Path(encoder).exists():
+        raise MissingPathError(f"model.encoder: no such folder {encoder}")
+    if stage != 2:
+        return
+    if not Path(cfg.stage2.init_from).expanduser().exists():  # a job script may check before stage 1 has run
+        print(f"dualner config --check: note: stage2.init_from={cfg.stage2.init_from} does not exist yet; the "
+              f"stage-2 job needs it (the stage-1 run's folder or a step-N checkpoint)", file=sys.stderr)
+    from dualner.data.streaming import expand_files
+    for group in ("target", "translations"):
+        for language, pattern in getattr(cfg.stage2, group).items():
+            expand_files(pattern, f"stage2.{group}.{language}")
 
 
 def main(argv: list[str] | None = None) -> None:

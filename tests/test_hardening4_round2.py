@@ -3,6 +3,7 @@ evaluate / report and `config --check`. Each test is a row of the README's fault
 is one line naming the file or key and writes nothing."""
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -159,7 +160,6 @@ def test_evaluate_of_an_exported_folder_on_the_command_line(exported, tmp_path):
 
 # -- 3. report on a damaged results.json: a remedy that works ---------------------------------------------------
 def test_reports_remedy_for_a_damaged_results_file_works(populated, tmp_path):
-    import re
     import shlex
     run = copy_of(populated, tmp_path)
     (run / "results.json").write_text('{"test": {"per_la')
@@ -190,7 +190,6 @@ def test_reports_remedy_names_stage2_for_a_stage2_run(tmp_path):
 
 def test_report_says_what_a_dash_means(populated, tmp_path, capsys):
     from dualner.report import main
-    import json
     other = copy_of(populated, tmp_path)
     results = json.loads((other / "results.json").read_text())
     results["test"]["per_language"]["xx"] = 50.0
@@ -220,3 +219,21 @@ def test_a_moved_stage2_run_resumes_at_its_checkpoints_positions(populated, tmp_
     assert "changed since the checkpoint" not in log  # its source file, stage2_data/, moved with it
     steps = [json.loads(line)["step"] for line in (moved / "losses.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4]
+
+
+# -- 7. config --check finds the missing files the job would refuse -----------------------------------------------
+@pytest.mark.parametrize("config_file, overrides, message", [
+    ("tiny.yaml", ["data.dev.xx=/no/such/dev.tsv"], r"data.dev.xx: data file not found: /no/such/dev.tsv"),
+    ("tiny.yaml", [f"data.train.en={REPO / 'data'}"], r"data.train.en: .*data is a folder, not a data file"),
+    ("tiny_stage2.yaml", ["stage2.target={de: /no/such/*.txt}"], r"stage2.target.de: '/no/such/\*.txt' matches no file"),
+])
+def test_config_check_refuses_a_data_file_that_does_not_exist(config_file, overrides, message):
+    line = one_line_error(cli("config", "--check", "--config", str(REPO / "configs" / config_file), *overrides))
+    assert re.search(message, line), line
+
+
+def test_config_check_notes_a_stage1_run_not_made_yet(tmp_path):
+    result = cli("config", "--check", "--config", str(REPO / "configs" / "tiny_stage2.yaml"),
+                 f"stage2.init_from={tmp_path / 'stage1'}")
+    assert result.returncode == 0 and result.stdout.startswith("ok: "), result.stderr[-3000:]
+    assert f"note: stage2.init_from={tmp_path / 'stage1'} does not exist yet" in result.stderr
