@@ -196,8 +196,9 @@ def is_export(path: str | Path) -> bool:
     one (so that a damaged config.json is named, not taken for "no checkpoint")."""
     path = Path(path)
     layout = RunLayout(path)
-    return (path / "config.json").is_file() and not (
-        STEP_DIR.match(path.name) or path.name == "checkpoints" or layout.checkpoints.is_dir() or layout.config.is_file())
+    run_or_checkpoint = (STEP_DIR.match(path.name) or path.name == "checkpoints" or layout.checkpoints.is_dir()
+                         or layout.config.is_file())
+    return (path / "config.json").is_file() and not run_or_checkpoint
 
 
 EXPORT_REMEDY = "export the run again (python -m dualner export --checkpoint RUN --output NEW_FOLDER)"

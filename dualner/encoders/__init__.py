@@ -189,7 +189,7 @@ def check_model_files(path: str | Path, key: str, remedy: str = DAMAGED_REMEDY) 
         _check_safetensors(weights, key, remedy)
 
 
-def load_pretrained_encoder(path: str, build):
+def load_pretrained_encoder(path: str, build: Callable[[str], object]):
     """`build(path)` (the model from its pretrained weights), a failure to read the weights (a
     truncated or foreign pytorch_model.bin: torch's zip or unpickling errors) one line naming the file."""
     try:
@@ -199,7 +199,8 @@ def load_pretrained_encoder(path: str, build):
         if not present:
             raise
         reason = next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)
-        raise ConfigError(f"model.encoder: {Path(path) / present[0]} cannot be read as weights ({reason.split('. ')[0][:160]}); "
+        reason = reason.split(". ")[0][:160]  # torch's first sentence says what failed; the rest is advice
+        raise ConfigError(f"model.encoder: {Path(path) / present[0]} cannot be read as weights ({reason}); "
                           f"{DAMAGED_REMEDY}") from None
 
 
