@@ -95,7 +95,7 @@ def evaluate(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="dualner evaluate",
                                      description="Test F1 per language of a trained model (any ZeRO stage).")
     parser.add_argument("--checkpoint", required=True,
-                        help="a step-N folder, or a run/checkpoints folder (its best checkpoint)")
+                        help="a step-N folder, a run/checkpoints folder (its best checkpoint) or an exported folder")
     parser.add_argument("--data", nargs="+", required=True, metavar="LANG=PATH")
     parser.add_argument("--output", help="JSON file for {per_language, average}")
     parser.add_argument("--overwrite", action="store_true",

@@ -13,6 +13,7 @@ import dataclasses
 import functools
 import json
 import math
+import os
 import sys
 import types
 import typing
@@ -23,6 +24,7 @@ from typing import Any, Literal
 import yaml
 
 from dualner.errors import ConfigError  # re-exported: `from dualner.config import ConfigError`
+from dualner.run_layout import STEP_DIR, RunLayout
 
 
 def bounded(default: Any, *, minimum: float | None = None, maximum: float | None = None,
@@ -575,6 +577,28 @@ def _validate_stage2(cfg: Config) -> None:
                           "train.batch_unit=sentences")
     if cfg.model.variant != "mlt":
         raise ConfigError(f"model.variant={cfg.model.variant}: dual teaching needs both heads (mlt)")
+    if cfg.run.output_dir.strip():
+        refuse_output_over_init_from(cfg.run.output_dir, stage2.init_from)
+
+
+def init_from_run(init_from: str) -> Path:
+    """The stage-1 run folder stage2.init_from belongs to (it may name the run, its checkpoints folder
+    or one step-N folder), resolved (symlinks followed)."""
+    path = Path(init_from).expanduser().resolve()
+    if STEP_DIR.match(path.name):
+        return RunLayout.of_checkpoint(path).root
+    return path.parent if path.name == "checkpoints" and not RunLayout(path).checkpoints.is_dir() else path
+
+
+def refuse_output_over_init_from(output_dir: str, init_from: str) -> None:
+    """Stage 2 writes a folder of its own: its teacher's run is never moved aside or written into,
+    whatever run.overwrite says (it would then start from a model it had just moved away)."""
+    teacher, output = init_from_run(init_from), Path(output_dir).expanduser().resolve()
+    if output == teacher or teacher in output.parents or output in teacher.parents:
+        where = "is" if output == teacher else "is inside" if teacher in output.parents else "holds"
+        raise ConfigError(f"run.output_dir={output_dir} {where} the stage-1 run {teacher} that stage2.init_from="
+                          f"{init_from} starts from; stage 2 writes a folder of its own (run.overwrite does not "
+                          f"change this), e.g. run.output_dir={teacher.parent / (teacher.name + '-stage2')}")
 
 
 def _validate_training(cfg: Config) -> None:
@@ -717,7 +741,34 @@ def _check_as_the_job(cfg: Config, args) -> str:
             load_config(args.config, args.overrides, stage=stage, world_size=world_size)
         except ConfigError as error:
             raise ConfigError(f"{error} [config --check assumed {'; '.join(scope)}]") from None
+    check_named_files(cfg, stage)
     return "; ".join(scope)
+
+
+def check_named_files(cfg: Config, stage: int) -> None:
+    """`config --check`: the files and folders the config names exist where the job will look for them
+    (relative paths from the working folder, as the job reads them), with the job's own messages; what
+    is in them is left to the job. A missing stage2.init_from is only noted: a job script may check
+    the stage-2 config before its stage-1 run has been made."""
+    from dualner.errors import MissingPathError
+    for split in ("train", "dev", "test"):
+        for language, path in getattr(cfg.data, split).items():
+            if Path(path).is_dir():
+                raise MissingPathError(f"data.{split}.{language}: {path} is a folder, not a data file; name the file")
+            if not Path(path).is_file():
+                raise MissingPathError(f"data.{split}.{language}: data file not found: {path}")
+    encoder = os.path.expanduser(cfg.model.encoder)
+    if stage == 1 and encoder.startswith((".", "/", "~")) and not Path(encoder).exists():
+        raise MissingPathError(f"model.encoder: no such folder {encoder}")
+    if stage != 2:
+        return
+    if not Path(cfg.stage2.init_from).expanduser().exists():  # a job script may check before stage 1 has run
+        print(f"dualner config --check: note: stage2.init_from={cfg.stage2.init_from} does not exist yet; the "
+              f"stage-2 job needs it (the stage-1 run's folder or a step-N checkpoint)", file=sys.stderr)
+    from dualner.data.streaming import expand_files
+    for group in ("target", "translations"):
+        for language, pattern in getattr(cfg.stage2, group).items():
+            expand_files(pattern, f"stage2.{group}.{language}")
 
 
 def main(argv: list[str] | None = None) -> None:

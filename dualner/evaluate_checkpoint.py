@@ -10,7 +10,7 @@ from dualner.checkpoint import choice_without_best, write_json_atomic
 from dualner.config import check_head, evaluation_head
 from dualner.data.encoding import WindowTokenizer
 from dualner.evaluate import evaluate_sets, format_table, load_eval_sets
-from dualner.model_io import inference_collator, load_trained_model
+from dualner.model_io import inference_collator, load_any
 from dualner.errors import ConfigError
 from dualner.logging import get_logger
 from dualner.run_layout import RunLayout
@@ -53,7 +53,7 @@ def evaluate_checkpoint(checkpoint: str | Path, data: dict[str, str], output: st
     info = init_distributed()
     log = get_logger()
     device = accelerator_device(info.local_rank)
-    loaded = load_trained_model(checkpoint)
+    loaded = load_any(checkpoint, "--checkpoint")  # an exported folder too, as predict reads it
     fallback = choice_without_best(checkpoint)
     if fallback:  # an unfinished run (or one without dev sets): not the model selection would pick
         log.warning("--checkpoint %s has no best checkpoint recorded; evaluating %s (name a step-N folder to "

@@ -24,11 +24,12 @@ from transformers import AutoConfig, AutoModelForTokenClassification, AutoTokeni
 
 from dualner.checkpoint import load_model_state, resolve_checkpoint, select_checkpoint
 from dualner.data.packing import Collator, packs_by_default
+from dualner.encoders import check_model_files
 from dualner.errors import CheckpointError, ConfigError, MissingPathError
 from dualner.labels import LabelSet
 from dualner.limits import usable_max_length
 from dualner.model import DualNERModel, with_encoder_dropout
-from dualner.run_layout import RunLayout, aside_name
+from dualner.run_layout import STEP_DIR, RunLayout, aside_name
 
 ASSETS_FILE = "dualner.json"
 WEIGHTS = "model.safetensors"  # of an exported folder
@@ -191,13 +192,26 @@ def _write_export(loaded: LoadedModel, output: Path) -> None:
 
 
 def is_export(path: str | Path) -> bool:
-    config = Path(path) / "config.json"
-    return config.is_file() and "dualner_entity_types" in config.read_text(encoding="utf-8")
-
-
-def load_exported(path: str | Path) -> LoadedModel:
+    """A model folder (config.json) that is no run, checkpoints or step-N folder: an export, read as
+    one (so that a damaged config.json is named, not taken for "no checkpoint")."""
     path = Path(path)
+    layout = RunLayout(path)
+    run_or_checkpoint = (STEP_DIR.match(path.name) or path.name == "checkpoints" or layout.checkpoints.is_dir()
+                         or layout.config.is_file())
+    return (path / "config.json").is_file() and not run_or_checkpoint
+
+
+EXPORT_REMEDY = "export the run again (python -m dualner export --checkpoint RUN --output NEW_FOLDER)"
+
+
+def load_exported(path: str | Path, flag: str = "--model") -> LoadedModel:
+    path = Path(path)
+    check_model_files(path, f"{flag} {path} (an exported folder)", EXPORT_REMEDY)
     config = AutoConfig.from_pretrained(path)
+    if not isinstance(getattr(config, "dualner_entity_types", None), list):
+        raise CheckpointError(f"{flag} {path}: {path / 'config.json'} has no dualner_entity_types: not a folder "
+                              f"written by `dualner export` (a plain Hugging Face model has no span heads); "
+                              f"name a run folder, a step-N folder, or {EXPORT_REMEDY}")
     label_set = LabelSet(tuple(config.dualner_entity_types))
     model = DualNERModel.from_encoder_config(config, len(label_set.entity_types))
     _, prefix = _token_classification_layout(config)
@@ -218,10 +232,10 @@ def load_exported(path: str | Path) -> LoadedModel:
                        usable_max_length(config.dualner_max_length, config), path, getattr(config, "dualner_variant", "mlt"))
 
 
-def load_any(path: str | Path) -> LoadedModel:
+def load_any(path: str | Path, flag: str = "--model") -> LoadedModel:
     """An exported folder, or a run / step-N checkpoint folder."""
     if not Path(path).exists():
-        raise MissingPathError(f"--model: no such folder {path}")
+        raise MissingPathError(f"{flag}: no such folder {path}")
     if not Path(path).is_dir():
-        raise MissingPathError(f"--model: {path} is a file; name an exported folder, a run folder or a step-N folder")
-    return load_exported(path) if is_export(path) else load_trained_model(path)
+        raise MissingPathError(f"{flag}: {path} is a file; name an exported folder, a run folder or a step-N folder")
+    return load_exported(path, flag) if is_export(path) else load_trained_model(path)

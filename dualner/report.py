@@ -9,6 +9,8 @@ import argparse
 import json
 from pathlib import Path
 
+import yaml
+
 from dualner.errors import DataFormatError, MissingPathError
 from dualner.run_layout import RunLayout
 
@@ -26,7 +28,25 @@ def side_by_side(runs: dict[str, dict], split: str) -> str:
         lines.append(f"| {language} | " + " | ".join("-" if c is None else f"{c:.2f}" for c in cells) + " |")
     averages = [runs[n].get(split, {}).get("average") for n in names]
     lines.append("| **average** | " + " | ".join("-" if a is None else f"**{a:.2f}**" for a in averages) + " |")
+    if any(" - " in line for line in lines[2:]):
+        lines.append(f"\n-: no {split} score: that run had no data.{split} set for the language (or none at all); "
+                     f"its average is over its own languages")
     return "\n".join(lines)
+
+
+def rerun_remedy(run: Path, damaged: Path) -> str:
+    """A remedy that works for a run whose results.json cannot be read: without it, the run's own
+    command resumes at its newest checkpoint (the last step) and writes the results again; with it,
+    the run refuses to train over results it cannot read."""
+    stage = "1"
+    try:
+        saved = yaml.safe_load(RunLayout(run).config.read_text(encoding="utf-8"))
+        stage = "2" if ((saved or {}).get("stage2") or {}).get("init_from") else "1"
+    except (OSError, yaml.YAMLError, AttributeError):
+        pass  # the command below then names the problem with config.yaml
+    return (f"move it aside (mv {damaged} {damaged}.damaged) and run `python -m dualner stage{stage} --config "
+            f"{RunLayout(run).config} run.output_dir={run}`: it resumes at the newest checkpoint and writes "
+            f"results.json again")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -52,9 +72,8 @@ def main(argv: list[str] | None = None) -> None:
         try:
             results = json.loads(path.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as error:
-            raise DataFormatError(f"{path}: not a readable results file ({error}); rerun the run to rewrite "
-                                  f"it") from None
-        check_results(results, path)
+            raise DataFormatError(f"{path}: not a readable results file ({error}); {rerun_remedy(run, path)}") from None
+        check_results(results, path, run)
         runs[column_name(run, args.runs)] = results
     if not any(args.split in results for results in runs.values()):
         raise DataFormatError(f"no {args.split} results in {', '.join(map(str, args.runs))} (the runs had no "
@@ -67,7 +86,7 @@ def column_name(run: Path, runs: list[Path]) -> str:
     return run.name if sum(other.name == run.name for other in runs) == 1 else str(run)
 
 
-def check_results(results: object, path: Path) -> None:
+def check_results(results: object, path: Path, run: Path) -> None:
     """The shape the table reads (dualner.train writes it): an object whose `dev` and `test` entries,
     where present, hold a `per_language` object of F1 numbers and an `average` number."""
     def number(value: object) -> bool:
@@ -89,7 +108,7 @@ def check_results(results: object, path: Path) -> None:
             if problem:
                 break
     if problem:
-        raise DataFormatError(f"{path}: not a DualNER results file: {problem}; rerun the run to rewrite it")
+        raise DataFormatError(f"{path}: not a DualNER results file: {problem}; {rerun_remedy(run, path)}")
 
 
 if __name__ == "__main__":

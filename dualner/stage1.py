@@ -13,7 +13,7 @@ from dualner.data.encoding import WindowTokenizer
 from dualner.data.loader import PlannedMicroBatches, micro_batch_loader
 from dualner.data.packing import Collator, model_inputs
 from dualner.data.sources import read_source
-from dualner.encoders import load_encoder_pair, resolve_encoder
+from dualner.encoders import load_encoder_pair, load_pretrained_encoder, resolve_encoder
 from dualner.errors import ConfigError
 from dualner.evaluate import load_eval_sets
 from dualner.limits import check_max_length, check_vocabulary
@@ -101,8 +101,8 @@ def build_stage1(cfg: Config) -> Trainer:
                  len(windows), len(sentences), steps_per_epoch, label_set.bio_tags)
     weights = resolve_weights(Stage1Recipe.TERMS, {name: 1.0 for name in VARIANT_TERMS[cfg.model.variant]},
                               cfg.train.loss_weights)
-    model = DualNERModel.from_pretrained_encoder(encoder_path, len(label_set.entity_types), cfg.model.dropout,
-                                                 cfg.model.encoder_dropout, cfg.model.attention)
+    model = load_pretrained_encoder(encoder_path, lambda path: DualNERModel.from_pretrained_encoder(
+        path, len(label_set.entity_types), cfg.model.dropout, cfg.model.encoder_dropout, cfg.model.attention))
     if cfg.model.freeze_word_embeddings:
         model.freeze_word_embeddings()
     total_steps = cfg.train.max_steps or cfg.train.epochs * steps_per_epoch

@@ -10,9 +10,11 @@ each head's KL to the teacher's same head), `mse` (weight stage2.mse_weight, SPE
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
@@ -25,7 +27,7 @@ from dualner.config import Config, ModelConfig, Stage2Config, validate
 from dualner.data.encoding import WindowTokenizer
 from dualner.data.packing import Collator, model_inputs
 from dualner.data.sources import check_same_split, read_source, refuse_shared_files
-from dualner.data.corpus import describe_file, estimate_records
+from dualner.data.corpus import CorpusFile, describe_file, estimate_records
 from dualner.data.prepared import PreparedCorpus, tokenizer_fingerprint
 from dualner.data.streaming import (KIND_SOURCE, KIND_TARGET, KIND_TRANSLATION, STREAM_META, HubSource,
                                     Stage2Stream, StreamSpec, check_corpus, expand_files, iter_sentences,
@@ -426,6 +428,24 @@ def write_source_files(folder: RunFolder, source: tuple[list, list]) -> tuple[Pa
     return labeled, (remainder if remainder.stat().st_size > 0 else None)
 
 
+@dataclass(frozen=True)
+class RunFolderFile(CorpusFile):
+    """A file stage 2 writes in its own run folder (the labeled source as JSONL): known by its name
+    there and its content, not its absolute path and time, so that a moved (or copied) run folder
+    resumes at its checkpoint's positions rather than calling the file changed."""
+
+    digest: str = ""
+
+    def identity(self) -> list:
+        return [Path(self.path).name, self.size, self.digest]
+
+
+def run_folder_file(path: Path) -> RunFolderFile:
+    described = describe_file(path, "data.train")
+    return RunFolderFile(described.path, described.format, described.compression, described.size,
+                         described.mtime_ns, described.blocks, hashlib.sha256(path.read_bytes()).hexdigest())
+
+
 def corpus_sizes(cfg: Config, corpora: dict, source: tuple[list, list] | None, log=None) -> dict:
     """Sentences per stream (stage2.mix=size): {(kind, language): count}, the labeled source and its
     unlabeled remainder included. Start-up reads O(1) of each corpus: a prepared corpus's count is
@@ -466,10 +486,10 @@ def build_stream(job: Job, folder: RunFolder, windows_of: WindowTokenizer, colla
     labeled, remainder = write_source_files(folder, source) if source is not None else (None, None)
     targets = {language: sources for (kind, language), (sources, _) in corpora.items() if kind == KIND_TARGET}
     if remainder is not None:
-        targets[f"{cfg.data.source_language}-remainder"] = [describe_file(remainder, "data.train")]
+        targets[f"{cfg.data.source_language}-remainder"] = [run_folder_file(remainder)]
     translations = {language: sources for (kind, language), (sources, _) in corpora.items()
                     if kind == KIND_TRANSLATION}
-    streams = ([(KIND_SOURCE, cfg.data.source_language, [describe_file(labeled, "data.train")],
+    streams = ([(KIND_SOURCE, cfg.data.source_language, [run_folder_file(labeled)],
                  stage2.source_weight)] if labeled else [])
     for kind, group, weight in ((KIND_TARGET, targets, stage2.target_weight),
                                 (KIND_TRANSLATION, translations, stage2.translation_weight)):

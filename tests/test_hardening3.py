@@ -156,7 +156,10 @@ REFUSALS = {  # name: (builder, overrides, where, environment, message)
     "data file that is a folder": (build_stage1, [f"data.dev.xx={REPO / 'data'}"], "fresh", {}, r"is a folder"),
     "fp16 on a CPU": (build_stage1, [f"deepspeed.config={REPO / 'ds_configs' / 'zero2_fp16.json'}"], "run", {},
                       r"fp16 does not run on a CPU"),
-    "stage 2 into the stage-1 folder": (stage2, [], "run", {}, r"holds another run .*section\(s\) .*stage2"),
+    "stage 2 into the stage-1 folder": (stage2, [], "run", {}, r"run.output_dir=.* is the stage-1 run .* that "
+                                                               r"stage2.init_from=.* starts from"),
+    "stage 2 into the stage-1 folder, with overwrite": (stage2, ["run.overwrite=true"], "run", {},
+                                                        r"stage 2 writes a folder of its own \(run.overwrite does not"),
     "stage 2 with another encoder": (stage2, ["model.encoder=multilingual-e5-small"], "fresh", {},
                                      r"model.encoder=multilingual-e5-small: stage 2 continues the model"),
     "stage 2 target that is a folder": (stage2, [f"stage2.target={{de: {REPO / 'data'}}}"], "fresh", {},

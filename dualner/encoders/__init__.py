@@ -11,7 +11,9 @@ Anything else is passed to `from_pretrained` unchanged (a folder or a hub name).
 from __future__ import annotations
 
 import fcntl
+import json
 import os
+import pickle
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
@@ -132,6 +134,76 @@ def _check_folder(path: str, key: str, *needs: tuple[str, ...]) -> None:
                                  if options == TOKENIZER_FILES and key == "model.encoder" else ""))
 
 
+# The JSON files from_pretrained reads from a model folder (each an object); a damaged one is named
+# here, where transformers would say only that "the folder" cannot be read, or raise a TypeError.
+JSON_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+              "vocab.json", "model.safetensors.index.json", "pytorch_model.bin.index.json")
+DAMAGED_REMEDY = "the folder is damaged: copy or download it again"
+
+
+def _check_json_files(folder: Path, key: str, remedy: str) -> None:
+    for name in JSON_FILES:
+        path = folder / name
+        if not path.is_file():
+            continue
+        try:
+            value = json.loads(path.read_bytes().decode("utf-8"))
+        except UnicodeDecodeError as error:
+            raise ConfigError(f"{key}: {path} is not UTF-8 JSON (byte {error.start}); {remedy}") from None
+        except json.JSONDecodeError as error:
+            raise ConfigError(f"{key}: {path}:{error.lineno}:{error.colno}: not valid JSON ({error.msg}); "
+                              f"{remedy}") from None
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: {path} holds a JSON {type(value).__name__}, not an object; {remedy}")
+
+
+def _check_safetensors(path: Path, key: str, remedy: str) -> None:
+    """A safetensors file's 8-byte header length, header and tensor extents against its size (a
+    truncated copy fails here, cheaply, rather than in the safetensors reader with no file named)."""
+    size = path.stat().st_size
+    with path.open("rb") as handle:
+        prefix = handle.read(8)
+        header_length = int.from_bytes(prefix, "little") if len(prefix) == 8 else None
+        if header_length is None or header_length > size - 8:
+            raise ConfigError(f"{key}: {path} is not a whole safetensors file ({size} bytes"
+                              + ("" if header_length is None else f", its header alone claims {header_length}")
+                              + f"; truncated?); {remedy}")
+        try:
+            header = json.loads(handle.read(header_length))
+            end = max((entry["data_offsets"][1] for name, entry in header.items() if name != "__metadata__"), default=0)
+        except (ValueError, KeyError, TypeError, IndexError, AttributeError):
+            raise ConfigError(f"{key}: {path} has no readable safetensors header; {remedy}") from None
+    if 8 + header_length + end != size:
+        raise ConfigError(f"{key}: {path} holds {size} bytes but its header describes {8 + header_length + end}"
+                          f"{' (truncated)' if size < 8 + header_length + end else ''}; {remedy}")
+
+
+def check_model_files(path: str | Path, key: str, remedy: str = DAMAGED_REMEDY) -> None:
+    """The JSON and safetensors files of a local model folder, read as from_pretrained would read them,
+    each damaged one named (a hub name is left to the hub)."""
+    folder = Path(path)
+    if not folder.is_dir():
+        return
+    _check_json_files(folder, key, remedy)
+    for weights in sorted(folder.glob("*.safetensors")):
+        _check_safetensors(weights, key, remedy)
+
+
+def load_pretrained_encoder(path: str, build: Callable[[str], object]):
+    """`build(path)` (the model from its pretrained weights), a failure to read the weights (a
+    truncated or foreign pytorch_model.bin: torch's zip or unpickling errors) one line naming the file."""
+    try:
+        return build(path)
+    except (OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError) as error:
+        present = [name for name in WEIGHT_FILES if (Path(path) / name).is_file()]
+        if not present:
+            raise
+        reason = next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)
+        reason = reason.split(". ")[0][:160]  # torch's first sentence says what failed; the rest is advice
+        raise ConfigError(f"model.encoder: {Path(path) / present[0]} cannot be read as weights ({reason}); "
+                          f"{DAMAGED_REMEDY}") from None
+
+
 def _from_pretrained(loader, path: str, key: str):
     try:
         return loader.from_pretrained(path)
@@ -146,5 +218,8 @@ def load_encoder_pair(encoder_path: str, tokenizer_path: str, tokenizer_key: str
     from transformers import AutoConfig, AutoTokenizer
     _check_folder(encoder_path, "model.encoder", ("config.json",), WEIGHT_FILES)
     _check_folder(tokenizer_path, tokenizer_key, TOKENIZER_FILES)
+    check_model_files(encoder_path, "model.encoder")
+    if tokenizer_path != encoder_path:
+        check_model_files(tokenizer_path, tokenizer_key)
     return (_from_pretrained(AutoTokenizer, tokenizer_path, tokenizer_key),
             _from_pretrained(AutoConfig, encoder_path, "model.encoder"))
