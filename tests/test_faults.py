@@ -14,7 +14,7 @@ STEPS = 8
 COMMON = [f"train.max_steps={STEPS}", "train.eval_every=4", "train.save_every=2", "train.log_every=1",
           "train.keep_last=10", "data.max_train_sentences=256", "data.max_eval_sentences=24",
           "stage2.sample_log=true", "stage2.bucket_pool=32",
-          f"deepspeed.config={REPO / 'ds_configs' / 'zero2_fp32.json'}"]
+          f"engine.config={REPO / 'ds_configs' / 'zero2_fp32.json'}"]
 # Two kill points: between checkpoints (step 3: the resumed run redoes it from step-2) and at a
 # checkpointed, evaluated step (step 4 is both), where the save may be cut short.
 KILL_POINTS = [3, 4]
@@ -126,7 +126,7 @@ def test_nonfinite_loss_is_detected_on_every_rank(tmp_path, tiny_encoder, policy
     read one step later, so a stop happens after step 4 with a checkpoint of that state."""
     output = tmp_path / "run"
     result = run("launchers/stage1.py", "tiny.yaml", output, f"train.nonfinite_loss={policy}",
-                 f"deepspeed.config={REPO / 'ds_configs' / f'{zero}_fp32.json'}", fault="nan:rank=1:step=3",
+                 f"engine.config={REPO / 'ds_configs' / f'{zero}_fp32.json'}", fault="nan:rank=1:step=3",
                  check=False)
     log = result.stdout + result.stderr
     if policy == "stop":

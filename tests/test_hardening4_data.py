@@ -328,7 +328,7 @@ def test_stage2_meets_a_truncated_zstd_corpus_stops_with_a_checkpoint_naming_it(
     started = cli("stage2", "--config", str(REPO / "configs" / "tiny_stage2.yaml"), f"run.output_dir={run}",
                   f"stage2.init_from={populated}", f"stage2.target={{de: {target}}}", "stage2.mix=equal",
                   "stage2.bucket_pool=8", "train.max_steps=8", "train.eval_every=100", "data.max_eval_sentences=8",
-                  f"deepspeed.config={REPO / 'ds_configs' / 'zero0_fp32.json'}")
+                  f"engine.config={REPO / 'ds_configs' / 'zero0_fp32.json'}")
     line = one_line_error(started)
     assert (f"stage2.target.de: {target}:31 (byte {len(good)}): damaged zstd data: the file ends inside the "
             f"compressed stream (truncated), at decompressed byte {len(good)}") in line, line
