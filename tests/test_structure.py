@@ -93,6 +93,7 @@ def test_the_engine_interface_is_the_one_the_backend_implements():
     from dualner.backend import EngineSetup, TeacherEngine, TrainingEngine
     from dualner.backend.deepspeed_config import DeepSpeedSetup
     from dualner.backend.deepspeed_engine import DeepSpeedTeacher, DeepSpeedTrainingEngine
+    from dualner.backend.fsdp2 import FSDP2Setup, FSDP2TrainingEngine, ShardedTeacher
     from dualner.backend.teacher import ReplicaTeacher
     from dualner.train import Trainer
 
@@ -102,14 +103,14 @@ def test_the_engine_interface_is_the_one_the_backend_implements():
 
     def assigned(cls):
         return inspect.signature(cls.__init__).parameters.keys() | set(cls.__init__.__code__.co_names)
-    for engine in (DeepSpeedTrainingEngine,):
+    for engine in (DeepSpeedTrainingEngine, FSDP2TrainingEngine):
         for name in members(TrainingEngine) | set(TrainingEngine.__annotations__):
             assert hasattr(engine, name) or name in assigned(engine), (engine, name)
         assert hasattr(engine, "whole_parameters")  # what ReplicaTeacher.copy_from reads
-    for teacher in (DeepSpeedTeacher, ReplicaTeacher):
+    for teacher in (DeepSpeedTeacher, ReplicaTeacher, ShardedTeacher):
         for name in members(TeacherEngine) | set(TeacherEngine.__annotations__):
             assert hasattr(teacher, name) or name in assigned(teacher), (teacher, name)
-    for setup in (DeepSpeedSetup,):
+    for setup in (DeepSpeedSetup, FSDP2Setup):
         for name in members(EngineSetup) | set(EngineSetup.__annotations__):
             assert hasattr(setup, name) or name in setup.__dataclass_fields__, (setup, name)
     assert Trainer.__annotations__["engine"] in ("TrainingEngine", TrainingEngine)

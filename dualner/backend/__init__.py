@@ -4,7 +4,8 @@
   on the accelerator).
 - one module per engine kind (the config's `engine.kind`), each with its settings (the rest of the
   `engine:` section), their rules, its checkpoint files and the answer to "can this checkpoint
-  resume here": `deepspeed_config` (DeepSpeed's JSON; the engine in `deepspeed_engine`).
+  resume here": `deepspeed_config` (DeepSpeed's JSON; the engine in `deepspeed_engine`) and `fsdp2`
+  (torch's fully_shard and distributed checkpoint).
 - `optimizer`: AdamW and the learning-rate schedule, shared by the engines.
 - `teacher`: the frozen teacher as a whole replica on each rank, for any engine.
 - `placement`: host batches to the device (pinned memory, non-blocking copies).
@@ -31,7 +32,7 @@ if TYPE_CHECKING:
     from dualner.data.batching import BatchLayout
 
 # engine.kind -> the module that knows it; the first is the default of a config without `engine.kind`
-ENGINE_KINDS = {"deepspeed": "dualner.backend.deepspeed_config"}
+ENGINE_KINDS = {"deepspeed": "dualner.backend.deepspeed_config", "fsdp2": "dualner.backend.fsdp2"}
 DEFAULT_KIND = next(iter(ENGINE_KINDS))
 
 
