@@ -67,6 +67,21 @@ def test_fsdp2_export_holds_the_weights_deepspeed_trains(stage1_runs):
         assert torch.allclose(fsdp2[name], zero3[name], atol=1e-4, rtol=1e-3), name
 
 
+def test_fsdp2_export_predicts_what_the_deepspeed_export_predicts(stage1_runs, tmp_path):
+    """`export` of each run's last checkpoint, then `predict` on the German dev sample: the same
+    tokens and entities, line by line (the weights agree to 1e-4: the test above)."""
+    from dualner.model_io import export_model
+    from dualner.predict import predict_file
+    source = REPO / "data" / "panx-sample" / "de" / "dev.tsv"
+    predicted = {}
+    for name, run in stage1_runs.items():
+        exported = export_model(run / "checkpoints" / "step-20", tmp_path / name)
+        output = tmp_path / f"{name}.jsonl"
+        assert predict_file(exported, source, output) > 100
+        predicted[name] = [json.loads(line) for line in output.read_text().splitlines()]
+    assert predicted["fsdp2"] == predicted["zero3"]
+
+
 @pytest.mark.parametrize("nproc", [1, 3])
 def test_fsdp2_checkpoint_of_2_ranks_resumes_on_another_number_of_ranks(stage1_runs, tmp_path, nproc):
     straight = stage1_runs["fsdp2"]

@@ -11,6 +11,7 @@ told of (the same on every rank: written once, by rank 0).
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -265,5 +266,7 @@ def consolidated_state_dict(checkpoint: Path) -> dict[str, torch.Tensor]:
                for key, item in metadata.state_dict_metadata.items()
                if key.startswith("model.") and isinstance(item, TensorStorageMetadata)}
     state = {"model": weights}
-    dcp.load(state, checkpoint_id=folder, no_dist=True)
+    with warnings.catch_warnings():  # DCP warns that it reads in one process: what is asked of it here
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
+        dcp.load(state, checkpoint_id=folder, no_dist=True)
     return {name: tensor.float() for name, tensor in state["model"].items()}
