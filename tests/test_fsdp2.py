@@ -2,7 +2,8 @@
 gloo ranks against DeepSpeed ZeRO-3, fp32, same seed and data, dropout off so both draw alike: the
 same per-step losses over 20 steps in stage 1 and stage 2 (teacher replica, gradient accumulation
 and clipping on), the same weights exported; an FSDP2 checkpoint of 2 ranks resumes on 1 and 3
-and continues with the uninterrupted run's losses; another engine's checkpoint is refused."""
+and continues with the uninterrupted run's losses; another engine's checkpoint is refused; the
+teacher refresh copies the student into a sharded teacher and a replica alike."""
 
 import json
 import shutil
@@ -121,3 +122,8 @@ def test_stage2_fsdp2_trains_as_deepspeed_zero3(stage1_runs, tmp_path):
     assert sorted(fsdp2) == sorted(zero3) == list(range(1, 21))
     for step in range(1, 21):
         assert fsdp2[step] == pytest.approx(zero3[step], rel=SAME), step
+
+
+def test_fsdp2_teacher_refresh_copies_the_student(tiny_encoder):
+    output = launch("tests/fsdp2_refresh_check.py", [], nproc=2)
+    assert (output.stdout + output.stderr).count("teacher equals student after refresh") == 2
