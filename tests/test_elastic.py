@@ -80,7 +80,7 @@ stage2:
   sample_log: true
 train: {{global_batch_size: 12, micro_batch_size: 2, lr: 1.0e-4, warmup_steps: 0, max_steps: 16,
         eval_every: 100, log_every: 4, keep_last: 2}}
-deepspeed: {{config: {repo}/ds_configs/zero0_fp32.json}}
+engine: {{kind: deepspeed, config: {repo}/ds_configs/zero0_fp32.json}}
 logging: {{progress_bar: false}}
 """
 
