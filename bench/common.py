@@ -64,7 +64,7 @@ def english_run(output: str | Path, encoder: str, data: str | Path, sentences: i
             f"data.max_train_sentences={'null' if sentences is None else sentences}", "data.dev={}", "data.test={}",
             f"data.max_length={max_length}", f"train.global_batch_size={batch}",
             f"train.micro_batch_size={micro or batch}", f"train.max_steps={steps}", f"train.log_every={log_every}",
-            f"train.eval_every={steps}", "train.warmup_steps=0", f"deepspeed.config={ds_config}",
+            f"train.eval_every={steps}", "train.warmup_steps=0", f"engine.config={ds_config}",
             "logging.tensorboard=false"]
 
 

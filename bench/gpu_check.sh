@@ -129,7 +129,7 @@ for shape in b128 t16k; do
   [ $shape = t16k ] && SHAPE_ARGS="train.batch_unit=tokens data.pack_length=128 train.global_batch_size=$TOKENS \
 train.micro_batch_size=$TOKENS"
   step "profile_$shape" 120 40 "DUALNER_COUNT_SYNCS=1 python3 launchers/stage1.py --config configs/tiny.yaml run.output_dir='$WORK/runs/profile_$shape' \
-deepspeed.config=$DS $COMMON $SHAPE_ARGS profile.enabled=true profile.start_step=$PSTART profile.steps=$PSTEPS \
+engine.config=$DS $COMMON $SHAPE_ARGS profile.enabled=true profile.start_step=$PSTART profile.steps=$PSTEPS \
 && mkdir -p '$OUT/profile_$shape' && cd '$WORK/runs/profile_$shape/profile' && cp top_ops_*.txt summary_*.json \
 '$OUT/profile_$shape/' && for t in *.pt.trace.json; do gzip -c \$t > '$OUT/profile_$shape/'\$t.gz; done"
 done
@@ -140,11 +140,11 @@ step costs 150 60 "python3 bench/stage2_costs.py --encoder '$ENC' --data-root '$
 # the launchers under ZeRO-2 / ZeRO-3 (stage 1) and ZeRO-3 (stage 2, from the ZeRO-3 stage-1 run)
 for z in zero2 zero3; do
   step "stage1_$z" 80 35 "DUALNER_COUNT_SYNCS=1 python3 launchers/stage1.py --config configs/tiny.yaml \
-run.output_dir='$WORK/runs/stage1_$z' deepspeed.config=ds_configs/$z.json $COMMON"
+run.output_dir='$WORK/runs/stage1_$z' engine.config=ds_configs/$z.json $COMMON"
 done
 TARGETS=$(for l in de es fr ru zh ar; do [ -f "$DATA/$l/train.tsv" ] && printf '%s: %s, ' "$l" "$DATA/$l/train.tsv"; done)
 step stage2_zero3 90 40 "DUALNER_COUNT_SYNCS=1 python3 launchers/stage2.py --config configs/tiny_stage2.yaml \
-run.output_dir='$WORK/runs/stage2_zero3' deepspeed.config=ds_configs/zero3.json $COMMON \
+run.output_dir='$WORK/runs/stage2_zero3' engine.config=ds_configs/zero3.json $COMMON \
 stage2.init_from='$WORK/runs/stage1_zero3' 'stage2.target={${TARGETS%, }}'"
 
 step b32 100 40 "$TPUT --batch $(( S_B / 4 )) --output '$WORK/steps/b32.json'"

@@ -67,7 +67,7 @@ def count(repo: Path, stage: int, steps: int, folder: Path, init_from: Path | No
     config = repo / "configs" / ("tiny.yaml" if stage == 1 else "tiny_stage2.yaml")
     overrides = [f"run.output_dir={run_dir}", f"train.max_steps={steps}", "train.eval_every=1000",
                  "train.save_every=1000", "train.log_every=1000", "data.dev={}", "data.test={}",
-                 f"deepspeed.config={repo / ds_config}", "logging.tensorboard=false"]
+                 f"engine.config={repo / ds_config}", "logging.tensorboard=false"]
     if init_from is not None:
         overrides.append(f"stage2.init_from={init_from}")
     env = {**os.environ, "PYTHONPATH": f"{folder / 'inject'}:{repo}", "DUALNER_SYNC_COUNTS": str(counts),

@@ -36,7 +36,7 @@ def timed_stage2(stage1: Path, corpus: Path, output: Path) -> float:
     command = [sys.executable, str(REPO / "launchers" / "stage2.py"), "--config", str(REPO / "configs" / "tiny_stage2.yaml"),
                f"run.output_dir={output}", f"stage2.init_from={stage1}", f"stage2.target={{xx: {corpus}}}",
                "train.max_steps=1", "train.eval_every=100", "data.max_eval_sentences=8", "data.test={}",
-               "logging.tensorboard=false", f"deepspeed.config={REPO / 'ds_configs' / 'zero0_fp32.json'}"]
+               "logging.tensorboard=false", f"engine.config={REPO / 'ds_configs' / 'zero0_fp32.json'}"]
     started = time.perf_counter()
     subprocess.run(command, cwd=REPO, check=True, capture_output=True, env={**os.environ, "PYTHONPATH": str(REPO)})
     return time.perf_counter() - started

@@ -146,7 +146,7 @@ def launch(variant: str, args, folder: Path, stage1_dir: Path) -> dict:
                  f"train.global_batch_size={2 * args.micro_batch}", f"train.micro_batch_size={args.micro_batch}",
                  f"train.max_steps={args.steps}",
                  "train.log_every=1000", "train.eval_every=1000", "train.warmup_steps=0",
-                 f"deepspeed.config={REPO / ds_config}", "logging.tensorboard=false", "logging.progress_bar=false",
+                 f"engine.config={REPO / ds_config}", "logging.tensorboard=false", "logging.progress_bar=false",
                  *extra]
     if stage == 2:
         overrides += [f"stage2.init_from={stage1_dir}", "stage2.target={}", "stage2.bucket_pool=256"]
@@ -189,7 +189,7 @@ def main() -> None:
                         str(REPO / "configs" / "tiny.yaml"), f"run.output_dir={stage1_dir}",
                         f"model.encoder={args.encoder}", "model.freeze_word_embeddings=true", "train.max_steps=1",
                         "train.eval_every=1", "data.max_eval_sentences=8", "data.test={}",
-                        f"data.max_length={args.max_length}", f"deepspeed.config={REPO / 'ds_configs/zero0_fp32.json'}"],
+                        f"data.max_length={args.max_length}", f"engine.config={REPO / 'ds_configs/zero0_fp32.json'}"],
                        cwd=REPO, check=True, capture_output=True, env={**os.environ, "PYTHONPATH": str(REPO)})
         for round_ in range(args.repeats):
             for variant in VARIANTS:

@@ -270,7 +270,7 @@ def real_run(folder: Path) -> dict:
     stage1 = folder / "stage1"
     subprocess.run([sys.executable, str(REPO / "launchers/stage1.py"), "--config", str(REPO / "configs/tiny.yaml"),
                     f"run.output_dir={stage1}", "train.max_steps=2", "train.eval_every=2",
-                    "data.max_eval_sentences=8", f"deepspeed.config={REPO / 'ds_configs/zero0_fp32.json'}"],
+                    "data.max_eval_sentences=8", f"engine.config={REPO / 'ds_configs/zero0_fp32.json'}"],
                    check=True, env=env, capture_output=True)
     german = read_conll(REPO / "data/panx-sample/de/train.tsv", "de", max_sentences=2000)
     target = folder / "de.txt.gz"
@@ -283,7 +283,7 @@ def real_run(folder: Path) -> dict:
          f"run.output_dir={run}", f"stage2.init_from={stage1}", f"stage2.target={{de: {target}}}",
          "stage2.mix=size", "stage2.bucket_pool=16", "data.loader_workers=2", "stage2.sample_log=true",
          "train.max_steps=10", "train.eval_every=100", "data.max_eval_sentences=8",
-         f"deepspeed.config={REPO / 'ds_configs/zero0_fp32.json'}"], env=env, capture_output=True, text=True)
+         f"engine.config={REPO / 'ds_configs/zero0_fp32.json'}"], env=env, capture_output=True, text=True)
     if output.returncode:
         raise SystemExit(output.stderr[-3000:])
     records = {"source": 0, "target": 0}

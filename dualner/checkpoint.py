@@ -74,7 +74,7 @@ def read_best(root: Path) -> dict | None:
     return best
 
 
-def _record(path: Path) -> dict:
+def completion_record(path: Path) -> dict:
     """A checkpoint's COMPLETE record ({} when it cannot be read)."""
     try:
         record = json.loads((path / COMPLETE_MARKER).read_text(encoding="utf-8"))
@@ -86,25 +86,9 @@ def _record(path: Path) -> dict:
 def recorded_best(path: Path) -> dict | None:
     """best.json as it stood when checkpoint `path` was written (its COMPLETE record); None when the
     run had no best yet or the checkpoint predates the record (2026-12)."""
-    best = _record(path).get("best")
+    best = completion_record(path).get("best")
     usable = isinstance(best, dict) and isinstance(best.get("step"), int) and isinstance(best.get("path"), str)
     return best if usable else None
-
-
-def checkpoint_zero_stage(path: Path) -> int | None:
-    """The ZeRO stage a checkpoint was written under: recorded in its COMPLETE record; for older
-    checkpoints told by the file names (ZeRO-3 only: 0-2 look alike), else None."""
-    record = _record(path)
-    if isinstance(record.get("zero_stage"), int):
-        return record["zero_stage"]
-    return 3 if any(path.glob("zero_pp_rank_*_model_states.pt")) else None
-
-
-def checkpoint_precision(path: Path) -> str | None:
-    """The precision a checkpoint was trained in ("bf16", "fp16", "fp32"), as its COMPLETE record
-    says; None for checkpoints written before it was recorded."""
-    precision = _record(path).get("precision")
-    return precision if isinstance(precision, str) else None
 
 
 def prunable(root: Path, keep_last: int) -> list[Path]:
@@ -200,7 +184,7 @@ def choice_without_best(path: str | Path) -> str | None:
 
 
 def load_model_state(checkpoint: Path) -> dict[str, torch.Tensor]:
-    """Consolidated fp32 weights from a checkpoint of any ZeRO stage, in one process, reading no code."""
+    """Consolidated fp32 weights from a checkpoint of any engine, in one process, reading no code."""
     from dualner.backend import consolidated_state_dict
     try:
         return consolidated_state_dict(checkpoint)
@@ -341,9 +325,8 @@ class CheckpointManager:
                                   f"the newest complete checkpoint") from error
         comm.barrier()
         if self.info.is_main:
-            write_json_atomic(path / COMPLETE_MARKER, {"step": step, "zero_stage": getattr(engine, "zero_stage", None),
-                                                       "precision": getattr(engine, "precision", None),
-                                                       "best": best, "files": file_manifest(path)})
+            write_json_atomic(path / COMPLETE_MARKER, {"step": step, **engine.checkpoint_record(), "best": best,
+                                                       "files": file_manifest(path)})
         comm.barrier()
         self.prune()
         return path

@@ -93,7 +93,7 @@ def stage2(argv: list[str]) -> int:
 
 def evaluate(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="dualner evaluate",
-                                     description="Test F1 per language of a trained model (any ZeRO stage).")
+                                     description="Test F1 per language of a trained model (any engine).")
     parser.add_argument("--checkpoint", required=True,
                         help="a step-N folder, a run/checkpoints folder (its best checkpoint) or an exported folder")
     parser.add_argument("--data", nargs="+", required=True, metavar="LANG=PATH")

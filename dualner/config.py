@@ -72,7 +72,7 @@ class ModelConfig:
     # no attention dropout is needed (evaluation, the teacher) and CUDA has it, else SDPA with a
     # block-diagonal mask; "sdpa" / "varlen" force one (varlen has no attention dropout).
     attention: Literal["auto", "sdpa", "varlen"] = "auto"
-    compile: bool = False  # torch.compile the encoder (ZeRO 0-2)
+    compile: bool = False  # torch.compile the encoder (engines that gather no parameters inside it)
 
 
 @dataclass
@@ -185,17 +185,12 @@ class Stage2Config:
     # Uncompressed corpus files are read in byte ranges of at most this many MiB, each by one reader
     # (more, smaller ones where there are more readers than ranges); compressed files are one range.
     range_mb: int = bounded(64, minimum=1)
-    # The frozen teacher under ZeRO-3: "replica" keeps a whole copy on every device (no parameter
-    # gathering in its forward; XLM-R large is 1.1 GB in bf16), "partitioned" lets ZeRO-3 partition
-    # it like the student, "auto": a replica when it takes under a quarter of the device's memory.
-    # ZeRO 0-2 always hold it whole.
+    # The frozen teacher under an engine that partitions parameters: "replica" keeps a whole copy on
+    # every device (no parameter gathering in its forward; XLM-R large is 1.1 GB in bf16),
+    # "partitioned" lets the engine partition it like the student, "auto": a replica when it takes
+    # under a quarter of the device's memory. Engines that keep parameters whole hold it whole.
     teacher_placement: Literal["auto", "replica", "partitioned"] = "auto"
     sample_log: bool = False  # write every consumed sample id per rank (data audits, resume tests)
-
-
-@dataclass
-class DeepSpeedConfig:
-    config: str = "ds_configs/zero2.json"
 
 
 @dataclass
@@ -223,7 +218,9 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     stage2: Stage2Config = field(default_factory=Stage2Config)
-    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    # The distributed engine: `kind` (dualner.backend.ENGINE_KINDS; the first when absent) and that
+    # engine's own settings, checked by the backend (unknown keys refused per kind).
+    engine: dict[str, Any] = field(default_factory=dict)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     profile: ProfileConfig = field(default_factory=ProfileConfig)
 
@@ -316,11 +313,11 @@ def _build(cls: type, values: dict, prefix: str) -> Any:
     return cls(**kwargs)
 
 
-def build_dataclass(cls: type, tree: dict, source: str | Path | None = None) -> Any:
+def build_dataclass(cls: type, tree: dict, source: str | Path | None = None, prefix: str = "") -> Any:
     """A (nested) dataclass from a tree of YAML values: unknown keys refused with the valid ones,
-    types and ranges checked; errors name the key (and `source`, a file)."""
+    types and ranges checked; errors name the key (under `prefix`, a section) and `source`, a file."""
     try:
-        return _build(cls, tree, "")
+        return _build(cls, tree, prefix)
     except ConfigError as error:
         raise ConfigError(f"{source}: {error}" if source else str(error)) from None
 
@@ -419,9 +416,10 @@ def read_config_file(path: str | Path) -> dict:
     if not isinstance(tree, dict):
         raise ConfigError(f"{path}: a config is a YAML mapping of sections (run:, model:, data:, train:, ...), "
                           f"found a {type(tree).__name__}")
-    if "zero_optimization" in tree:
-        raise ConfigError(f"{path} is a DeepSpeed JSON, not an experiment config: give it as "
-                          f"deepspeed.config={path} and --config a YAML file (configs/*.yaml)")
+    from dualner.backend import config_file_mistake
+    mistake = config_file_mistake(tree, path)
+    if mistake:
+        raise ConfigError(mistake)
     return tree
 
 
@@ -441,7 +439,7 @@ def _parse_yaml(path: Path, text: str) -> Any:
 def _parse_json(path: Path, text: str) -> Any:
     """JSON is the YAML subset most tools write, but with tabs YAML refuses: read it as JSON."""
     try:
-        return json.loads(text, object_pairs_hook=functools.partial(_unique_keys, path))
+        return json.loads(text, object_pairs_hook=functools.partial(unique_keys, path))
     except json.JSONDecodeError as error:
         raise ConfigError(f"{path}:{error.lineno}:{error.colno}: not valid JSON: {error.msg}") from None
 
@@ -469,10 +467,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
 
 def _fails_alone(tree: dict, message: str, stage: int | None, world_size: int | None) -> bool:
     try:
-        cfg = build_dataclass(Config, tree)
-        ds_json = _check_rules(cfg, stage, world_size)
-        if ds_json is not None and message.startswith(f"{cfg.deepspeed.config}:"):
-            _deepspeed_parses(cfg, world_size, *ds_json)  # only what DeepSpeed's parser says needs it imported
+        validate(build_dataclass(Config, tree), stage, world_size)
     except ConfigError as error:
         return str(error) == message
     return False
@@ -498,7 +493,7 @@ def check_head(variant: str, head: str) -> None:
 
 def validate(cfg: Config, stage: int | None = None, world_size: int | None = None,
              engine_parser: bool = True) -> None:
-    """Every rule across fields that the config (and the DeepSpeed JSON it names) decides alone, in one
+    """Every rule across fields that the config (and the engine's files it names) decides alone, in one
     place, so that a job script can refuse a config before any rank starts (`dualner config --check`).
     `load_config` calls it; the first broken rule raises ConfigError naming the keys.
 
@@ -509,11 +504,9 @@ def validate(cfg: Config, stage: int | None = None, world_size: int | None = Non
       stage2.epochs only with stage2.mix=size and train.batch_unit=sentences, and model.variant=mlt),
       and those of every training run: eval.select_on=source needs the source's dev set;
       data.pack_length holds a window; token batches need packing and
-      a micro batch of whole rows; the DeepSpeed JSON (deepspeed.config, read relative to the working
-      folder as the run reads it) exists, is a JSON object with a known ZeRO stage, no optimizer or
-      scheduler, model.compile only under ZeRO 0-2, and passes DeepSpeed's own parser (which imports
-      DeepSpeed: seconds, once).
-    - `world_size` and `stage`: the JSON's batch sizes agree with the ones derived for that many ranks.
+      a micro batch of whole rows; and the engine's own rules (dualner.backend: the `engine:` section's
+      keys for its kind always; with a stage, its files, its parser, what it supports), with
+      `world_size` those of that many ranks.
 
     What needs more than the config stays where it is read, later: the encoder (its vocabulary,
     positions, packable family: dualner.limits, the collator), the data (files, the global batch
@@ -522,16 +515,16 @@ def validate(cfg: Config, stage: int | None = None, world_size: int | None = Non
     GPU, the fused AdamW kernel), and the names in train.loss_weights (the stage's loss terms are its
     recipe's TERMS, a registry in code that a new term joins without touching this file).
 
-    `engine_parser=False` leaves DeepSpeed's parser to the caller that is about to run it anyway
-    (a training job: dualner.backend.load_engine_config, with the real layout).
+    `engine_parser=False` leaves the engine's own parser to the caller that is about to run it anyway
+    (a training job: dualner.backend.prepare_engine, with the real layout).
     """
-    ds_json = _check_rules(cfg, stage, world_size)
-    if ds_json is not None and engine_parser:
-        _deepspeed_parses(cfg, world_size, *ds_json)
+    from dualner import backend  # the engine's section is the backend's to read
+    _check_rules(cfg, stage, world_size)
+    backend.check_engine(cfg, stage, world_size, engine_parser)
 
 
-def _check_rules(cfg: Config, stage: int | None, world_size: int | None) -> tuple[dict, Path] | None:
-    """validate's rules but DeepSpeed's own parser; with a stage, the DeepSpeed JSON they read."""
+def _check_rules(cfg: Config, stage: int | None, world_size: int | None) -> None:
+    """validate's rules but the engine's."""
     if stage not in (None, 1, 2):
         raise ConfigError(f"stage {stage!r}: expected 1 or 2")
     if world_size is not None and world_size < 1:
@@ -540,21 +533,15 @@ def _check_rules(cfg: Config, stage: int | None, world_size: int | None) -> tupl
     if head not in _TRAINED_HEADS[cfg.model.variant]:
         raise ConfigError(f"eval.head={cfg.eval.head} reads a head that model.variant={cfg.model.variant} "
                           f"never trains; use eval.head=auto (or {sorted(_TRAINED_HEADS[cfg.model.variant])[0]})")
-    split = batch_split(cfg.train, world_size) if world_size is not None else None
+    if world_size is not None:
+        batch_split(cfg.train, world_size)
     if stage is None:
-        return None
+        return
     if stage == 1:
         _validate_stage1(cfg)
     else:
         _validate_stage2(cfg)
     _validate_training(cfg)
-    ds_config, path = read_deepspeed_json(cfg.deepspeed.config)
-    if split is not None:
-        check_deepspeed_batch_sizes(ds_config, path, cfg.train.global_batch_size, *split, world_size)
-    if cfg.model.compile and zero_stage(ds_config) == 3:
-        raise ConfigError("model.compile=true works with ZeRO stages 0-2 (ZeRO-3 gathers "
-                          "parameters inside the module)")
-    return ds_config, path
 
 
 def _validate_stage1(cfg: Config) -> None:
@@ -634,39 +621,7 @@ def batch_split(train: TrainConfig, world_size: int) -> tuple[int, int]:
     return micro, per_rank // micro
 
 
-_DEEPSPEED_BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
-
-
-def read_deepspeed_json(name: str | Path) -> tuple[dict, Path]:
-    """deepspeed.config's JSON: a file holding a JSON object whose zero_optimization.stage is known."""
-    path = Path(name)
-    if path.is_dir():
-        raise ConfigError(f"deepspeed.config: {path} is a folder; name a JSON file (ds_configs/*.json)")
-    if not path.is_file():
-        raise ConfigError(f"deepspeed.config: file not found: {path}")
-    try:
-        text = path.read_text(encoding="utf-8")
-        if not text.strip():
-            raise ConfigError(f"deepspeed.config: {path} is empty; a DeepSpeed config is a JSON object (ds_configs/*.json)")
-        ds_config = json.loads(text, object_pairs_hook=functools.partial(_unique_keys, path))
-    except json.JSONDecodeError as error:
-        raise ConfigError(f"{path}:{error.lineno}: not valid JSON: {error.msg}") from error
-    except UnicodeDecodeError as error:
-        raise ConfigError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start})") from error
-    if not isinstance(ds_config, dict):
-        raise ConfigError(f"{path}: a DeepSpeed config is a JSON object ({{...}}), found a {type(ds_config).__name__}")
-    if not isinstance(ds_config.get("zero_optimization", {}), dict):
-        raise ConfigError(f"{path}: zero_optimization must be an object")
-    stage = zero_stage(ds_config)
-    if stage not in (0, 1, 2, 3):
-        raise ConfigError(f"{path}: zero_optimization.stage must be 0, 1, 2 or 3, got {stage!r}")
-    if "optimizer" in ds_config or "scheduler" in ds_config:
-        raise ConfigError(f"{path}: optimizer and scheduler come from the train section "
-                          f"(AdamW, warmup then linear decay); remove them from the JSON")
-    return ds_config, path
-
-
-def _unique_keys(path: Path, pairs: list[tuple[str, Any]]) -> dict:
+def unique_keys(path: Path, pairs: list[tuple[str, Any]]) -> dict:
     """One JSON object, refused where a key comes twice (json keeps the last silently)."""
     seen: set[str] = set()
     for key, _ in pairs:
@@ -675,39 +630,6 @@ def _unique_keys(path: Path, pairs: list[tuple[str, Any]]) -> dict:
                               f"second); keep one")
         seen.add(key)
     return dict(pairs)
-
-
-def zero_stage(ds_config: dict) -> Any:
-    """The JSON's ZeRO stage (0 when it names none)."""
-    return ds_config.get("zero_optimization", {}).get("stage", 0)
-
-
-def check_deepspeed_batch_sizes(ds_config: dict, path: Path, global_batch: int, micro: int, accumulation: int,
-                                world_size: int) -> dict:
-    """The three batch sizes derived for `world_size` ranks; one the JSON sets must agree."""
-    derived = dict(zip(_DEEPSPEED_BATCH_KEYS, (global_batch, micro, accumulation)))
-    for key, value in derived.items():
-        if key in ds_config and ds_config[key] != value:
-            raise ConfigError(
-                f"{path}: {key}={ds_config[key]!r} disagrees with {value} derived from "
-                f"train.global_batch_size={global_batch} on {world_size} rank(s); "
-                f"remove it from the JSON or make them agree")
-    return derived
-
-
-def _deepspeed_parses(cfg: Config, world_size: int | None, ds_config: dict, path: Path) -> None:
-    """DeepSpeed's own parser on the JSON, with batch sizes for the process's world (one rank before
-    the process group starts: the job's world size is checked above): its rejections and the keys
-    it never reads refused. Imports DeepSpeed, through the backend that owns it."""
-    from dualner import backend
-    from dualner.backend import comm
-    # The job's batch split (checked against the JSON's batch keys above), presented to the parser for
-    # the ranks it sees: this process's group, or one rank before the group exists.
-    ranks = comm.current().world_size
-    micro, accumulation = batch_split(cfg.train, world_size or ranks)
-    parsed = {key: value for key, value in ds_config.items() if key not in _DEEPSPEED_BATCH_KEYS}
-    parsed |= dict(zip(_DEEPSPEED_BATCH_KEYS, (micro * accumulation * ranks, micro, accumulation)))
-    backend.check_engine_config(parsed, path)
 
 
 def config_to_dict(config: Any) -> dict:
@@ -787,7 +709,7 @@ def main(argv: list[str] | None = None) -> None:
     action.add_argument("--check", action="store_true",
                         help="only validate: print one 'ok' line, or the error (exit 2)")
     parser.add_argument("--stage", type=int, choices=(1, 2),
-                        help="also the rules of training this stage (batch, packing, DeepSpeed JSON, ...); "
+                        help="also the rules of training this stage (batch, packing, the engine's config, ...); "
                              "--check without it: the stage the config is for (2 where it sets stage2.init_from, "
                              "target or translations)")
     parser.add_argument("--world-size", type=int, metavar="N",

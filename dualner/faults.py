@@ -88,6 +88,6 @@ def instrument(trainer) -> None:
                 return
             if kind == "enospc_in_save":
                 import errno
-                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(root / tag / "mp_rank_00_model_states.pt"))
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(root / tag))
             os.kill(os.getpid(), signal.SIGKILL)  # kill_in_save: before the checkpoint is marked complete
         engine.save = failing_save

@@ -1,6 +1,6 @@
 """A training job before it builds anything (`start_job`): the config validated for its stage and
 world size (dualner.config.validate), the process group, the device, the batch layout, the engine's
-config and what the job will do with its run folder, every one checked and nothing written. The
+setup and what the job will do with its run folder, every one checked and nothing written. The
 stages build their data and model from it, then the engine (`Job.build_engine`), then open the
 folder (dualner.run_folder.RunFolder.open); dualner.train assembles the rest.
 """
@@ -19,7 +19,7 @@ import torch
 from dualner import backend, faults
 from dualner.backend import comm
 from dualner.backend.placement import pin_memory_wanted
-from dualner.checkpoint import CheckpointManager, checkpoint_precision
+from dualner.checkpoint import CheckpointManager, completion_record
 from dualner.config import Config, validate
 from dualner.data.batching import BatchLayout, derive_batch_layout
 from dualner.data.loader import default_workers
@@ -36,7 +36,7 @@ class Job:
     info: comm.DistInfo
     device: torch.device
     layout: BatchLayout  # global = micro x accumulation x world: the one source of these numbers
-    engine_config: dict  # the backend's config (the DeepSpeed JSON, batch sizes derived into it)
+    engine_setup: backend.EngineSetup  # the engine's settings, checked for this layout and device
     folder: FolderPlan  # a new run, or the checkpoint this job continues from (decided again under the lock)
     loader_workers: int
     pin_memory: bool
@@ -46,48 +46,42 @@ class Job:
     def run_dir(self) -> Path:
         return Path(self.cfg.run.output_dir)
 
-    @property
-    def zero_stage(self) -> int:
-        return backend.zero_stage(self.engine_config)
-
     def collator(self, pad_id: int, position_offset: int | None, **extra) -> Collator:
         return training_collator(self.cfg, self.device, pad_id, position_offset, **extra)
 
     def build_engine(self, model: torch.nn.Module, total_steps: int) -> backend.TrainingEngine:
         """The student's engine (builds no files: the run folder is opened after it)."""
-        return backend.build_training_engine(model, self.engine_config, self.cfg.train, total_steps,
-                                             compile_encoder=self.cfg.model.compile,
-                                             fixed_shapes=self.cfg.train.batch_unit == "tokens")
+        return self.engine_setup.build(model, self.cfg.train, total_steps, compile_encoder=self.cfg.model.compile,
+                                       fixed_shapes=self.cfg.train.batch_unit == "tokens")
 
 
 def start_job(cfg: Config, stage: int) -> Job:
     info = comm.init_distributed()
     log = get_logger()
-    # every config rule (the launchers checked them already); DeepSpeed's parser runs below, once
+    # every config rule (the launchers checked them already); the engine's parser runs below, once
     validate(cfg, stage, info.world_size, engine_parser=False)
     run_dir = Path(cfg.run.output_dir)
     check_output_dir(run_dir)
     seed_everything(cfg.run.seed, info.rank)
     layout = derive_batch_layout(cfg.train, info.world_size)
     device = comm.accelerator_device(info.local_rank)
-    engine_config = backend.load_engine_config(cfg.deepspeed.config, layout, device, cfg.train.cpu_bf16)
+    engine_setup = backend.prepare_engine(cfg, layout, device)
     faults.check()
-    folder = _plan_folder(cfg, backend.zero_stage(engine_config), log)  # refusals: nothing written yet
-    if folder.resume_from:
+    folder = _plan_folder(cfg, engine_setup, log)  # refusals: nothing written yet
+    if folder.resume_from:  # the engine continues as the checkpoint was trained (its precision)
         checkpoint = Path(folder.resume_from)
-        engine_config = backend.keep_run_precision(engine_config, cfg.deepspeed.config, device, cfg.train.cpu_bf16,
-                                                   checkpoint, checkpoint_precision(checkpoint))
+        engine_setup = engine_setup.continuing(checkpoint, completion_record(checkpoint))
     workers = default_workers(cfg.data.loader_workers, device, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
-    return Job(cfg, f"stage {stage}", info, device, layout, engine_config, folder, workers, pin_memory_wanted(device), log)
+    return Job(cfg, f"stage {stage}", info, device, layout, engine_setup, folder, workers, pin_memory_wanted(device), log)
 
 
-def _plan_folder(cfg: Config, zero_stage: int, log) -> FolderPlan:
+def _plan_folder(cfg: Config, engine_setup: backend.EngineSetup, log) -> FolderPlan:
     """What this job does with its folder (dualner.run_folder), decided by rank 0 reading only;
     every rank gets the answer, or raises the same refusal."""
     def decide() -> FolderPlan:
         reader = CheckpointManager(Path(cfg.run.output_dir), cfg.train.keep_last, 1, log)
         reader.lock.probe()  # a live run in the folder: say so, rather than judge its files
-        return plan_folder(cfg, reader, zero_stage, log)
+        return plan_folder(cfg, reader, engine_setup, log)
     return decided_on_rank0(decide)
 
 

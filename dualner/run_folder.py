@@ -42,9 +42,10 @@ from typing import TYPE_CHECKING, Callable
 
 import yaml
 
+from dualner import backend
 from dualner.backend import comm
-from dualner.checkpoint import (CheckpointManager, checkpoint_zero_stage, is_complete, read_best,
-                                recorded_best, step_dirs, verify, write_json_atomic)
+from dualner.checkpoint import (CheckpointManager, completion_record, is_complete, read_best, recorded_best,
+                                step_dirs, verify, write_json_atomic)
 from dualner.config import Config, config_to_dict, save_config
 from dualner.errors import CheckpointError, ConfigError, RunLockedError, UserError
 from dualner.run_layout import COMPLETE_MARKER, STEP_DIR, RunLayout, aside_name
@@ -191,7 +192,7 @@ def _best_after_rewind(resume: str, chosen: Path, manager: CheckpointManager) ->
                           f"new run (another run.output_dir)")
 
 
-def plan_folder(cfg: Config, manager: CheckpointManager, zero_stage: int, log=None) -> FolderPlan:
+def plan_folder(cfg: Config, manager: CheckpointManager, engine_setup: backend.EngineSetup, log=None) -> FolderPlan:
     """Decide what this job does with its folder, reading only; refusals raise here."""
     run_dir = manager.run_dir
     entries = run_entries(run_dir)
@@ -280,7 +281,7 @@ def plan_folder(cfg: Config, manager: CheckpointManager, zero_stage: int, log=No
             _check_aside_writable(run_dir)
             return FolderPlan(aside=str(aside_name(run_dir)))
         return FolderPlan()
-    _check_zero_stage(chosen, zero_stage, cfg)
+    backend.check_resume(engine_setup, chosen, completion_record(chosen))  # the engine's answer
     history = _history(continued.root)
     if history and isinstance(history[-1].get("config"), dict):
         before = history[-1]["config"]
@@ -293,11 +294,12 @@ def plan_folder(cfg: Config, manager: CheckpointManager, zero_stage: int, log=No
                       job=1 if foreign else (len(history) or 1) + 1)
 
 
-def confirm_plan(first: FolderPlan, cfg: Config, manager: CheckpointManager, zero_stage: int) -> FolderPlan:
+def confirm_plan(first: FolderPlan, cfg: Config, manager: CheckpointManager,
+                 engine_setup: backend.EngineSetup) -> FolderPlan:
     """Rank 0, holding the run lock: decide again, since another job may have written the folder
     after `first` was decided (two jobs started together). The same decision: the plan, with its
     recorded settings brought up to date; another: refused, nothing written."""
-    again = plan_folder(cfg, manager, zero_stage)
+    again = plan_folder(cfg, manager, engine_setup)
     if again.decision() != first.decision():
         raise RunLockedError(
             f"run.output_dir={manager.run_dir} changed while this job was starting (another job wrote "
@@ -334,18 +336,6 @@ def _check_aside_writable(run_dir: Path) -> None:
         raise ConfigError(f"run.output_dir={run_dir}: the earlier run's files would be moved to "
                           f"{run_dir.name}.old-<time> beside it, but {parent} is not writable; "
                           f"choose another run.output_dir")
-
-
-def _check_zero_stage(checkpoint: Path, zero_stage: int, cfg: Config) -> None:
-    written = checkpoint_zero_stage(checkpoint)
-    # checkpoints that do not record it: ZeRO-3's files are told apart by their names, 0-2 are not
-    differs = written != zero_stage if written is not None else zero_stage == 3
-    if differs:
-        told = f"ZeRO stage {written}" if written is not None else "ZeRO stage 0, 1 or 2"
-        raise CheckpointError(
-            f"run.resume: {checkpoint} was written under {told}, but deepspeed.config={cfg.deepspeed.config} "
-            f"is stage {zero_stage}; resume with a DeepSpeed JSON of the checkpoint's stage, or start a new "
-            f"run (run.overwrite=true, or another run.output_dir)")
 
 
 def apply_plan(plan: FolderPlan, cfg: Config, run_dir: Path, log=None) -> None:
@@ -464,7 +454,7 @@ class RunFolder:
         checkpoints.take_lock()
         atexit.register(checkpoints.release_lock)
         try:
-            plan = decided_on_rank0(lambda: confirm_plan(job.folder, cfg, checkpoints, job.zero_stage))
+            plan = decided_on_rank0(lambda: confirm_plan(job.folder, cfg, checkpoints, job.engine_setup))
         except UserError:
             checkpoints.release_lock()
             raise

@@ -21,7 +21,7 @@ from typing import NamedTuple
 import torch
 import yaml
 
-from dualner.backend import build_teacher, comm
+from dualner.backend import comm
 from dualner.checkpoint import load_model_state, read_best, resolve_checkpoint
 from dualner.config import Config, ModelConfig, Stage2Config, validate
 from dualner.data.encoding import WindowTokenizer
@@ -323,7 +323,7 @@ def build_stage2(cfg: Config) -> Trainer:
         teacher.load_state_dict(student.state_dict())
     job.log.info("stage 2: student from %s, teacher from %s", initial.checkpoint, teacher_source)
     engine = job.build_engine(student, total_steps)
-    teacher_engine = build_teacher(teacher, job.engine_config, stage2.teacher_placement)
+    teacher_engine = job.engine_setup.build_teacher(teacher, stage2.teacher_placement)
     folder = RunFolder.open(job, lambda run_dir: save_model_assets(run_dir, tokenizer, student.encoder.config,
                                                                    label_set, cfg.model.variant, cfg.data.max_length))
     stream = build_stream(job, folder, windows_of, collate, source, corpora, sizes)

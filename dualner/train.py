@@ -255,10 +255,9 @@ def assemble(job: Job, engine: TrainingEngine, folder: RunFolder, recipe: Recipe
                               job.stage_name, engine.device, folder.plan.start_step + 1)
     layout = job.layout
     job.log.info(
-        "%s: %d steps, global batch %d %s = micro %d x accumulation %d x world %d (derived into "
-        "the DeepSpeed config), ZeRO stage %d from %s, %s rows", job.stage_name, total_steps,
-        layout.global_batch_size, layout.unit, layout.micro_batch_size, engine.accumulation_steps,
-        job.info.world_size, engine.zero_stage, cfg.deepspeed.config,
+        "%s: %d steps, global batch %d %s = micro %d x accumulation %d x world %d, engine %s, %s rows",
+        job.stage_name, total_steps, layout.global_batch_size, layout.unit, layout.micro_batch_size,
+        engine.accumulation_steps, job.info.world_size, job.engine_setup.describe(),
         f"packed {eval_collator.row_length}-token" if eval_collator.packed else "padded")
     trainer = Trainer(job, engine, folder, recipe, total_steps, label_set, eval_collator, progress, checkpointer,
                       metrics)

@@ -15,7 +15,7 @@ from dualner.stage2 import build_stage2
 from tests.conftest import REPO
 
 TINY = ["train.max_steps=2", "data.max_train_sentences=64", "data.max_eval_sentences=8",
-        f"deepspeed.config={REPO / 'ds_configs' / 'zero0_fp32.json'}"]
+        f"engine.config={REPO / 'ds_configs' / 'zero0_fp32.json'}"]
 
 
 def snapshot(folder):

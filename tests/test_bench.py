@@ -33,6 +33,15 @@ def test_throughput_against_hf_trainer(tmp_path, tiny_encoder):
     assert result["speedup"] == pytest.approx(result["ours"]["tokens_per_s"] / result["hf_trainer"]["tokens_per_s"])
 
 
+def test_engines(tmp_path, tiny_encoder):
+    result = run_bench("engines.py", tmp_path / "out.json", "--repeats", "1", "--steps", "4", "--window", "2")
+    for engine in ("zero3", "fsdp2"):
+        assert len(result["runs"][engine]) == 1
+        assert positive(result["median"][engine]["step_seconds"]) and positive(result["median"][engine]["peak_rss_mib"])
+    assert result["fsdp2_over_zero3"]["step_seconds"] == pytest.approx(
+        result["median"]["fsdp2"]["step_seconds"] / result["median"]["zero3"]["step_seconds"])
+
+
 def test_stage2_costs(tmp_path, tiny_encoder):
     result = run_bench("stage2_costs.py", tmp_path / "out.json", "--smoke")
     for part in ("stage1", "stage2_same_sentences", "stage2_trggold"):

@@ -79,3 +79,23 @@ def test_every_shipped_deepspeed_config_is_valid():
     for path in (REPO / "ds_configs").glob("*.json"):
         assert load_deepspeed_config(path, BatchLayout(128, 32, 4, 1))["train_batch_size"] == 128
         assert yaml.safe_load(path.read_text())["zero_optimization"]["stage"] in (0, 2, 3)
+
+
+def test_the_engine_section_holds_its_kinds_own_keys():
+    """engine.kind chooses the engine; the other keys are that engine's, checked by the backend."""
+    from dualner.backend import engine_settings
+    tiny = REPO / "configs" / "tiny.yaml"
+    with pytest.raises(ConfigError, match=r"engine.kind: 'fsdp3' is not one of \['deepspeed', 'fsdp2'\]"):
+        load_config(tiny, ["engine.kind=fsdp3"])
+    with pytest.raises(ConfigError, match=r"unknown config key 'engine.config'; valid keys under 'engine': precision, "
+                                          r"gradient_clipping, reshard_after_forward \(the keys of engine.kind=fsdp2"):
+        load_config(tiny, ["engine.kind=fsdp2"])  # the YAML's deepspeed key stays: replace the section whole
+    with pytest.raises(ConfigError, match=r"engine.precision: 'fp16' is not one of \['fp32', 'bf16'\]"):
+        load_config(tiny, ["engine={kind: fsdp2, precision: fp16}"])
+    with pytest.raises(ConfigError, match=r"model.compile=true works with engine.kind=deepspeed"):
+        load_config(tiny, ["engine={kind: fsdp2}", "model.compile=true"], stage=1)
+    cfg = load_config(tiny, ["engine={kind: fsdp2, precision: bf16, gradient_clipping: 0}"], stage=1, world_size=2)
+    _, settings = engine_settings(cfg.engine)
+    assert (settings.precision, settings.gradient_clipping, settings.reshard_after_forward) == ("bf16", 0.0, True)
+    _, default = engine_settings(load_config(tiny, ["engine={}"], stage=1).engine)  # no kind: DeepSpeed's defaults
+    assert default.config == "ds_configs/zero2.json"

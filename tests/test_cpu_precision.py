@@ -77,7 +77,7 @@ def test_a_run_records_its_precision_and_resumes_in_it(tmp_path, tiny_encoder, c
     record names what ran, and the resumed run continues in it (a bf16 run switched to fp32 would
     fail to load DeepSpeed's optimizer state)."""
     output = tmp_path / "run"
-    bf16 = f"deepspeed.config={BF16_JSON}"
+    bf16 = f"engine.config={BF16_JSON}"
     run_stage1(config(output, bf16, "train.max_steps=2", "train.cpu_bf16=fp32"))
     record = json.loads((output / "checkpoints" / "step-2" / COMPLETE_MARKER).read_text())
     assert record["precision"] == "fp32"

@@ -24,7 +24,7 @@ def losses(run_dir):
 @pytest.mark.parametrize("zero", ["zero2", "zero3"])
 def test_resume_on_another_number_of_ranks(tmp_path, tiny_encoder, zero):
     config = ["--config", str(REPO / "configs" / "tiny.yaml"),
-              f"deepspeed.config={REPO / 'ds_configs' / f'{zero}_fp32.json'}", *ARGS]
+              f"engine.config={REPO / 'ds_configs' / f'{zero}_fp32.json'}", *ARGS]
     straight = tmp_path / "straight"
     launch("launchers/stage1.py", [*config, f"run.output_dir={straight}"], nproc=2)
     expected = losses(straight)
@@ -52,7 +52,7 @@ def test_stage1_resumed_on_fewer_ranks_finishes_with_a_loadable_best(tmp_path, t
     # a learning rate too small to change a prediction: step 3 stays the best, written by 2 ranks
     config = ["--config", str(REPO / "configs" / "tiny.yaml"), f"run.output_dir={run}", "train.max_steps=6",
               "train.eval_every=3", "train.lr=1e-12", "data.max_eval_sentences=16",
-              f"deepspeed.config={REPO / 'ds_configs' / 'zero2_fp32.json'}"]
+              f"engine.config={REPO / 'ds_configs' / 'zero2_fp32.json'}"]
     launch("launchers/stage1.py", [*config, "run.max_steps_per_job=3"], nproc=2, expect=75)
     launch("launchers/stage1.py", config, nproc=1)
     results = json.loads((run / "results.json").read_text())
@@ -80,7 +80,7 @@ stage2:
   sample_log: true
 train: {{global_batch_size: 12, micro_batch_size: 2, lr: 1.0e-4, warmup_steps: 0, max_steps: 16,
         eval_every: 100, log_every: 4, keep_last: 2}}
-deepspeed: {{config: {repo}/ds_configs/zero0_fp32.json}}
+engine: {{kind: deepspeed, config: {repo}/ds_configs/zero0_fp32.json}}
 logging: {{progress_bar: false}}
 """
 
@@ -91,7 +91,7 @@ def test_stage2_resumes_on_2_1_2_3_ranks_using_every_sentence_once_per_pass(tmp_
     stage1 = tmp_path / "stage1"
     launch("launchers/stage1.py", ["--config", str(REPO / "configs" / "tiny.yaml"), f"run.output_dir={stage1}",
                                    "train.max_steps=2", "train.eval_every=2", "data.max_eval_sentences=8",
-                                   f"deepspeed.config={REPO / 'ds_configs' / 'zero0_fp32.json'}"])
+                                   f"engine.config={REPO / 'ds_configs' / 'zero0_fp32.json'}"])
     target = tmp_path / "de.txt"
     target.write_text("".join(f"Satz {i} in Berlin .\n" for i in range(40)))
     run = tmp_path / "stage2"

@@ -20,7 +20,7 @@ from tests.conftest import REPO, SAMPLE, launch
 def zero3_run(tmp_path_factory, tiny_encoder):
     run = tmp_path_factory.mktemp("export") / "run"
     launch("launchers/stage1.py", ["--config", str(REPO / "configs" / "tiny.yaml"), f"run.output_dir={run}",
-                                   f"deepspeed.config={REPO / 'ds_configs' / 'zero3_fp32.json'}",
+                                   f"engine.config={REPO / 'ds_configs' / 'zero3_fp32.json'}",
                                    "train.max_steps=30", "train.eval_every=15", "train.lr=3.0e-3",
                                    "data.max_eval_sentences=20", "data.max_train_sentences=2000"], nproc=2)
     return run

@@ -14,7 +14,7 @@ STEPS = 8
 COMMON = [f"train.max_steps={STEPS}", "train.eval_every=4", "train.save_every=2", "train.log_every=1",
           "train.keep_last=10", "data.max_train_sentences=256", "data.max_eval_sentences=24",
           "stage2.sample_log=true", "stage2.bucket_pool=32",
-          f"deepspeed.config={REPO / 'ds_configs' / 'zero2_fp32.json'}"]
+          f"engine.config={REPO / 'ds_configs' / 'zero2_fp32.json'}"]
 # Two kill points: between checkpoints (step 3: the resumed run redoes it from step-2) and at a
 # checkpointed, evaluated step (step 4 is both), where the save may be cut short.
 KILL_POINTS = [3, 4]
@@ -120,14 +120,15 @@ def test_stage2_survives_a_killed_rank(stage1_reference, stage2_reference, tmp_p
         assert len(consumed) == len(set(consumed))  # 8 steps read far less than one pass
 
 
-@pytest.mark.parametrize("policy, zero", [("stop", "zero2"), ("skip", "zero3")])
-def test_nonfinite_loss_is_detected_on_every_rank(tmp_path, tiny_encoder, policy, zero):
+@pytest.mark.parametrize("policy, engine", [("stop", "engine.config=ds_configs/zero2_fp32.json"),
+                                            ("skip", "engine.config=ds_configs/zero3_fp32.json"),
+                                            ("skip", "engine={kind: fsdp2}")], ids=["zero2", "zero3", "fsdp2"])
+def test_nonfinite_loss_is_detected_on_every_rank(tmp_path, tiny_encoder, policy, engine):
     """NaN on rank 1 in step 3: the optimizer skips step 3 on both ranks (on the device); the flag is
     read one step later, so a stop happens after step 4 with a checkpoint of that state."""
     output = tmp_path / "run"
-    result = run("launchers/stage1.py", "tiny.yaml", output, f"train.nonfinite_loss={policy}",
-                 f"deepspeed.config={REPO / 'ds_configs' / f'{zero}_fp32.json'}", fault="nan:rank=1:step=3",
-                 check=False)
+    result = run("launchers/stage1.py", "tiny.yaml", output, f"train.nonfinite_loss={policy}", engine,
+                 fault="nan:rank=1:step=3", check=False)
     log = result.stdout + result.stderr
     if policy == "stop":
         assert result.returncode != 0

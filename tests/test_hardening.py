@@ -23,7 +23,7 @@ from dualner.stage1 import build_stage1, run_stage1
 from dualner.stage2 import build_stage2
 from tests.conftest import REPO, SAMPLE, child_env
 
-FP32 = f"deepspeed.config={REPO / 'ds_configs' / 'zero0_fp32.json'}"
+FP32 = f"engine.config={REPO / 'ds_configs' / 'zero0_fp32.json'}"
 TINY = ["train.max_steps=4", "train.eval_every=2", "train.save_every=2", "train.log_every=1",
         "data.max_train_sentences=64", "data.max_eval_sentences=8", "train.keep_last=5", FP32]
 
@@ -125,7 +125,7 @@ def test_a_failed_start_leaves_nothing_that_blocks_the_corrected_rerun(tmp_path,
         build_stage1(config(output, f"data.dev.xx={tmp_path / 'missing.tsv'}"))
     assert not output.exists()
     with pytest.raises(ConfigError):
-        build_stage1(config(output, f"deepspeed.config={ds_json(tmp_path, {'bf16': {'enabled': True}, 'zero_optimizationn': {}})}"))
+        build_stage1(config(output, f"engine.config={ds_json(tmp_path, {'bf16': {'enabled': True}, 'zero_optimizationn': {}})}"))
     assert not output.exists()
     run_stage1(config(output, "train.max_steps=2"))  # the corrected rerun
     assert (output / "results.json").is_file() and not (output / ".dualner.lock").exists()
@@ -268,7 +268,7 @@ def test_prediction_keeps_empty_sentences_and_refuses_bad_input(trained_run, tmp
     (["train.lrr=1"], "unknown config key 'train.lrr'"),
     (["train.max_steps=0"], "train.max_steps: 0 is out of range"),
     ([f"data.train.en={SAMPLE / 'nope.tsv'}"], "data.train.en: data file not found"),
-    ([f"deepspeed.config={REPO / 'ds_configs' / 'zero2_fp16.json'}"], "fp16 does not run on a CPU"),
+    ([f"engine.config={REPO / 'ds_configs' / 'zero2_fp16.json'}"], "fp16 does not run on a CPU"),
 ])
 def test_user_errors_are_one_line_with_exit_code_2(tmp_path, tiny_encoder, args, expected):
     result = cli("stage1", "--config", str(REPO / "configs" / "tiny.yaml"), f"run.output_dir={tmp_path / 'run'}",

@@ -23,7 +23,7 @@ from tests.conftest import REPO
 # one set of run helpers for both hardening files: the tiny run's overrides, `python -m dualner`, one-line errors
 from tests.test_hardening import cli, config, one_line_error
 
-ZERO3 = f"deepspeed.config={REPO / 'ds_configs' / 'zero3_fp32.json'}"
+ZERO3 = f"engine.config={REPO / 'ds_configs' / 'zero3_fp32.json'}"
 
 
 def snapshot(folder):
@@ -142,7 +142,7 @@ REFUSALS = {  # name: (builder, overrides, where, environment, message)
                              r"holds another run .*model.dropout 0.1 -> 0.3"),
     "other data settings": (build_stage1, ["data.max_length=32"], "run", {}, r"holds another run .*data.max_length"),
     "ZeRO-stage change on resume": (build_stage1, [ZERO3], "run", {},
-                                    r"written under ZeRO stage 0, but deepspeed.config=.*zero3_fp32.json is stage 3"),
+                                    r"written under ZeRO stage 0, but engine.config=.*zero3_fp32.json is stage 3"),
     "max_length above the positions, with overwrite": (build_stage1, ["data.max_length=1000", "run.overwrite=true"],
                                                        "run", {}, r"data.max_length=1000 is more than .* 512"),
     "max_length above the positions": (build_stage1, ["data.max_length=1000"], "fresh", {},
@@ -154,7 +154,7 @@ REFUSALS = {  # name: (builder, overrides, where, environment, message)
                                               r"DUALNER_FAULT='garbage': expected KIND:rank=R:step=S"),
     "missing dev file": (build_stage1, ["data.dev.xx=/no/such/dev.tsv"], "fresh", {}, r"data.dev.xx: data file not found"),
     "data file that is a folder": (build_stage1, [f"data.dev.xx={REPO / 'data'}"], "fresh", {}, r"is a folder"),
-    "fp16 on a CPU": (build_stage1, [f"deepspeed.config={REPO / 'ds_configs' / 'zero2_fp16.json'}"], "run", {},
+    "fp16 on a CPU": (build_stage1, [f"engine.config={REPO / 'ds_configs' / 'zero2_fp16.json'}"], "run", {},
                       r"fp16 does not run on a CPU"),
     "stage 2 into the stage-1 folder": (stage2, [], "run", {}, r"run.output_dir=.* is the stage-1 run .* that "
                                                                r"stage2.init_from=.* starts from"),
@@ -315,8 +315,6 @@ def test_dualner_cache_that_is_a_file_names_the_variable(tmp_path, monkeypatch):
 
 def test_disk_full_in_a_save_names_the_step_and_the_path(tmp_path):
     class FullDisk:
-        zero_stage = 0
-
         def save(self, root, tag, state):
             raise RuntimeError("[enforce fail at inline_container.cc:603] . unexpected pos 64 vs 0: basic_ios::clear")
 
@@ -468,14 +466,15 @@ def test_a_finished_run_whose_checkpoints_are_gone_is_not_silently_retrained(pop
 
 
 def test_a_checkpoint_tells_its_zero_stage(tmp_path):
-    from dualner.checkpoint import checkpoint_zero_stage
+    from dualner.backend.deepspeed_config import checkpoint_zero_stage
+    from dualner.checkpoint import completion_record
     recorded = tmp_path / "step-2"
     recorded.mkdir()
     (recorded / COMPLETE_MARKER).write_text(json.dumps({"step": 2, "zero_stage": 2, "files": {}}))
-    assert checkpoint_zero_stage(recorded) == 2
+    assert checkpoint_zero_stage(completion_record(recorded), recorded) == 2
     older = tmp_path / "step-4"  # written before the stage was recorded: ZeRO-3 by its file names
     older.mkdir()
     (older / COMPLETE_MARKER).write_text(json.dumps({"step": 4, "files": {}}))
-    assert checkpoint_zero_stage(older) is None
+    assert checkpoint_zero_stage(completion_record(older), older) is None
     (older / "zero_pp_rank_0_mp_rank_00_model_states.pt").write_bytes(b"")
-    assert checkpoint_zero_stage(older) == 3
+    assert checkpoint_zero_stage(completion_record(older), older) == 3

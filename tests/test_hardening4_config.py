@@ -15,7 +15,7 @@ from dualner.config import ConfigError, load_config
 from tests.conftest import REPO, child_env
 
 STAGE1 = REPO / "configs" / "tiny.yaml"
-FP32 = f"deepspeed.config={REPO / 'ds_configs' / 'zero0_fp32.json'}"
+FP32 = f"engine.config={REPO / 'ds_configs' / 'zero0_fp32.json'}"
 
 
 def dualner(*args: str, cwd=REPO) -> subprocess.CompletedProcess:
@@ -55,7 +55,7 @@ YAML_FILES = {
     "not UTF-8": (b"train:\n  lr: \xff\n", r"c.yaml: not UTF-8 text \(invalid start byte at byte 13\)"),
     "a DeepSpeed JSON given as the config": ((REPO / "ds_configs" / "zero0_fp32.json").read_text(),
                                              r"c.yaml is a DeepSpeed JSON, not an experiment config: give it as "
-                                             r"deepspeed.config="),
+                                             r"engine.config="),
 }
 
 
@@ -151,7 +151,7 @@ def test_config_check_runs_deepspeeds_parser_without_stage(tmp_path):
     """A `bf_16` typo in the DeepSpeed JSON: refused by the job through DeepSpeed's parser, and now by
     `config --check` without --stage."""
     typo = write(tmp_path / "ds.json", (REPO / "ds_configs" / "zero0.json").read_text().replace('"bf16"', '"bf_16"'))
-    refused(dualner("config", "--check", "--config", str(STAGE1), f"deepspeed.config={typo}"),
+    refused(dualner("config", "--check", "--config", str(STAGE1), f"engine.config={typo}"),
             r"ds.json: unknown DeepSpeed key 'bf_16'; valid top-level keys: .*bf16")
 
 
@@ -166,7 +166,7 @@ def test_the_launcher_world_size_is_the_one_assumed():
 def test_a_deepspeed_json_key_given_twice(tmp_path):
     twice = write(tmp_path / "ds.json", '{"zero_optimization": {"stage": 0, "stage": 2}}')
     with pytest.raises(ConfigError, match=r"ds.json: key 'stage' given twice in one object"):
-        load_config(STAGE1, [f"deepspeed.config={twice}"], stage=1)
+        load_config(STAGE1, [f"engine.config={twice}"], stage=1)
 
 
 # -- overrides ------------------------------------------------------------------------------------------

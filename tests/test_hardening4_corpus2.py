@@ -95,7 +95,7 @@ def test_stage2_refuses_a_small_truncated_gzip_target_at_start_up_writing_nothin
     run = tmp_path / "run"
     line = one_line_error(cli("stage2", "--config", str(REPO / "configs" / "tiny_stage2.yaml"), f"run.output_dir={run}",
                               f"stage2.init_from={populated}", f"stage2.target={{de: {target}}}", "stage2.mix=size",
-                              f"deepspeed.config={REPO / 'ds_configs' / 'zero0_fp32.json'}"))
+                              f"engine.config={REPO / 'ds_configs' / 'zero0_fp32.json'}"))
     assert re.search(rf"{KEY}: {target}: damaged gzip data: the file ends inside the compressed stream \(truncated\), "
                      rf"at decompressed byte \d+, compressed byte \d+ of {target.stat().st_size}", line), line
     assert not run.exists()

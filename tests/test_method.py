@@ -16,7 +16,7 @@ from tests.conftest import REPO
 STAGE1 = REPO / "configs" / "tiny.yaml"
 STAGE2 = REPO / "configs" / "tiny_stage2.yaml"
 QUICK = ["train.max_steps=2", "train.eval_every=2", "data.max_eval_sentences=8",
-         f"deepspeed.config={REPO / 'ds_configs' / 'zero0_fp32.json'}"]
+         f"engine.config={REPO / 'ds_configs' / 'zero0_fp32.json'}"]
 
 
 @pytest.fixture(scope="module")

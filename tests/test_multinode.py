@@ -26,7 +26,7 @@ def test_two_nodes_train_together(tmp_path, tiny_encoder, launcher):
                      f"--node_rank={node_rank}", "--master_addr=127.0.0.1", f"--master_port={port}"]
         command = [*start, str(REPO / "launchers" / "stage1.py"), "--config", str(REPO / "configs" / "tiny.yaml"),
                    f"run.output_dir={output}", "train.max_steps=4", "train.eval_every=4",
-                   "data.max_eval_sentences=16", f"deepspeed.config={REPO / 'ds_configs' / 'zero2_fp32.json'}"]
+                   "data.max_eval_sentences=16", f"engine.config={REPO / 'ds_configs' / 'zero2_fp32.json'}"]
         processes.append(subprocess.Popen(command, cwd=REPO, env=child_env(PYTHONPATH=str(REPO)),
                                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     logs = [process.communicate(timeout=600)[0] for process in processes]

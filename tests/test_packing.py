@@ -309,11 +309,11 @@ def test_launchers_train_the_same_with_and_without_packing(tmp_path, tiny_encode
     losses packed and unpacked."""
     common = ["--config", str(REPO / "configs" / "tiny.yaml"), "train.max_steps=4", "train.eval_every=4",
               "train.log_every=1", "train.bucket_multiplier=1", "data.max_train_sentences=128",
-              "data.max_eval_sentences=16", f"deepspeed.config={REPO / 'ds_configs' / 'zero0_fp32.json'}",
+              "data.max_eval_sentences=16", f"engine.config={REPO / 'ds_configs' / 'zero0_fp32.json'}",
               *NO_DROPOUT]
     stage2 = ["--config", str(REPO / "configs" / "tiny_stage2.yaml"), "train.max_steps=3", "train.eval_every=3",
               "train.log_every=1", "stage2.bucket_pool=0", "data.max_train_sentences=64",
-              "data.max_eval_sentences=16", f"deepspeed.config={REPO / 'ds_configs' / 'zero0_fp32.json'}",
+              "data.max_eval_sentences=16", f"engine.config={REPO / 'ds_configs' / 'zero0_fp32.json'}",
               *NO_DROPOUT]
     runs = {}
     for packing in ("true", "false"):

@@ -20,7 +20,7 @@ def read_losses(run_dir):
 
 def stage1(run_dir, ds_config, *extra, expect=0):
     return launch("launchers/stage1.py", ["--config", str(REPO / "configs" / "tiny.yaml"),
-                                          f"run.output_dir={run_dir}", f"deepspeed.config={ds_config}",
+                                          f"run.output_dir={run_dir}", f"engine.config={ds_config}",
                                           *COMMON, *extra], nproc=2, expect=expect)
 
 

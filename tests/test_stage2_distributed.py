@@ -24,14 +24,14 @@ def stage1_run(tmp_path_factory, tiny_encoder):
                                    "data.max_train_sentences=3000", "train.global_batch_size=32",
                                    "train.micro_batch_size=32", "eval.head=seq",
                                    # ZeRO-0: stage 2 then reads a plain (non-partitioned) checkpoint
-                                   f"deepspeed.config={REPO / 'ds_configs' / 'zero0_fp32.json'}"])
+                                   f"engine.config={REPO / 'ds_configs' / 'zero0_fp32.json'}"])
     return run
 
 
 def stage2(run_dir, init_from, ds_config, *extra, expect=0):
     return launch("launchers/stage2.py", ["--config", str(REPO / "configs" / "tiny_stage2.yaml"),
                                           f"run.output_dir={run_dir}", f"stage2.init_from={init_from}",
-                                          f"deepspeed.config={REPO / ds_config}", *STAGE2, *extra],
+                                          f"engine.config={REPO / ds_config}", *STAGE2, *extra],
                   nproc=2, expect=expect)
 
 
@@ -123,7 +123,7 @@ def test_variants_run_from_config_alone(stage1_run, tmp_path, variant):
         launch("launchers/stage1.py", ["--config", str(REPO / "configs" / "tiny.yaml"), f"run.output_dir={init_from}",
                                        "data.train_fraction=0.5", "train.max_steps=2", "train.eval_every=2",
                                        "data.max_eval_sentences=8", "eval.head=seq",
-                                       f"deepspeed.config={REPO / 'ds_configs' / 'zero0_fp32.json'}"])
+                                       f"engine.config={REPO / 'ds_configs' / 'zero0_fp32.json'}"])
     launch("launchers/stage2.py", ["--config", str(REPO / "configs" / "tiny_stage2.yaml"),
                                    f"run.output_dir={run}", f"stage2.init_from={init_from}",
                                    "train.max_steps=3", "train.eval_every=3", "train.log_every=1",
@@ -196,7 +196,7 @@ def test_the_sample_log_shows_the_configured_mix_with_a_single_piece_compressed_
                                    "stage2.mix=equal", "stage2.source_weight=1", "stage2.target_weight=3",
                                    "stage2.bucket_pool=16", "data.loader_workers=2", "stage2.sample_log=true",
                                    "train.max_steps=10", "train.eval_every=100", "data.max_eval_sentences=8",
-                                   f"deepspeed.config={REPO / 'ds_configs' / 'zero0_fp32.json'}"], nproc=2)
+                                   f"engine.config={REPO / 'ds_configs' / 'zero0_fp32.json'}"], nproc=2)
     records = {"source": 0, "target": 0}
     for rank in (0, 1):
         for step in samples_by_step(run, rank).values():

@@ -41,52 +41,78 @@ def test_the_training_loop_is_one_short_function_over_small_components():
         assert call in loop, call
 
 
-# What only the backend may name: DeepSpeed's modules, classes and engine attributes.
-DEEPSPEED_NAMES = re.compile(r"^(DeepSpeed[A-Z]\w*|deepspeed_engine|ds_tensor|GatheredParameters|"
-                             r"gradient_accumulation_steps|is_gradient_accumulation_boundary|save_checkpoint|"
-                             r"load_checkpoint|_config|zero_to_fp32|ds_to_universal)$")
+# What only the backend may name: DeepSpeed's modules, classes, engine attributes and our readings of
+# its JSON (identifiers), and its keys, file names and ZeRO stages (strings, docstrings aside).
+DEEPSPEED_NAMES = re.compile(r"deepspeed|^ds_|_ds_|zero_stage|ds_tensor|GatheredParameters|gradient_accumulation_steps$|"
+                             r"is_gradient_accumulation_boundary|save_checkpoint|load_checkpoint|^_config$|"
+                             r"zero_to_fp32|ds_to_universal", re.IGNORECASE)
+DEEPSPEED_TEXT = re.compile(r"deepspeed|zero_optimization|zero_stage|zero_pp_rank|mp_rank_|ds_config|\bZeRO\b", re.IGNORECASE)
+
+
+def deepspeed_mentions(path, text):
+    """Every identifier (imports, names, attributes, definitions, arguments) and string constant but
+    docstrings of a module's source that names DeepSpeed."""
+    tree = ast.parse(text)
+    docstrings = {id(node.body[0].value) for node in ast.walk(tree)
+                  if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+                  and node.body and isinstance(node.body[0], ast.Expr) and isinstance(node.body[0].value, ast.Constant)}
+    found = []
+    for node in ast.walk(tree):
+        names = [alias.name for alias in node.names] if isinstance(node, (ast.Import, ast.ImportFrom)) else []
+        names += [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+        names += [node.id] if isinstance(node, ast.Name) else [node.attr] if isinstance(node, ast.Attribute) else []
+        names += [node.name] if isinstance(node, (ast.FunctionDef, ast.ClassDef)) else []
+        names += [argument.arg for argument in node.args.args] if isinstance(node, ast.FunctionDef) else []
+        found += [f"{path.name}:{node.lineno}: {name}" for name in names if DEEPSPEED_NAMES.search(name)]
+        if (isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings
+                and DEEPSPEED_TEXT.search(node.value)):
+            found.append(f"{path.name}:{node.lineno}: {node.value[:60]!r}")
+    found += [f"{path.name}: .engine.engine" for _ in re.finditer(r"\.engine\.engine\b", text)]
+    return found
 
 
 def test_deepspeed_is_named_only_under_the_backend():
-    """Imports, names and attribute accesses: outside dualner/backend/ the code uses the engine
-    interface (dualner.backend.TrainingEngine), never DeepSpeed itself."""
+    """Outside dualner/backend/ the code uses the engine interfaces (dualner.backend.EngineSetup,
+    TrainingEngine), never DeepSpeed itself, its JSON, its file names or its ZeRO stages."""
     found = []
     for path in sorted(LIBRARY.rglob("*.py")):
-        if "backend" in path.relative_to(LIBRARY).parts:
-            continue
-        text = path.read_text()
-        for node in ast.walk(ast.parse(text)):
-            modules = ([alias.name for alias in node.names] if isinstance(node, ast.Import)
-                       else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
-            names = ([node.id] if isinstance(node, ast.Name) else [node.attr] if isinstance(node, ast.Attribute)
-                     else [alias.name for alias in node.names] if isinstance(node, ast.ImportFrom) else [])
-            found += [f"{path.name}:{node.lineno}: imports {module}" for module in modules if "deepspeed" in module]
-            # (config.DeepSpeedConfig is our schema of the YAML's `deepspeed:` section, not DeepSpeed's)
-            found += [f"{path.name}:{node.lineno}: {name}" for name in names
-                      if DEEPSPEED_NAMES.match(name) and name != "DeepSpeedConfig"]
-        found += [f"{path.name}: .engine.engine" for _ in re.finditer(r"\.engine\.engine\b", text)]
+        if "backend" not in path.relative_to(LIBRARY).parts:
+            found += deepspeed_mentions(path, path.read_text())
     assert not found, found
-    # ... and the check finds what it is for
-    sample = "import deepspeed\nx = self.engine.engine.gradient_accumulation_steps()\n"
-    assert any(DEEPSPEED_NAMES.match(n.attr) for n in ast.walk(ast.parse(sample)) if isinstance(n, ast.Attribute))
+    # ... and the check finds what it is for, in the backend and in a sample of each kind
+    assert deepspeed_mentions(LIBRARY / "backend" / "deepspeed_config.py",
+                              (LIBRARY / "backend" / "deepspeed_config.py").read_text())
+    sample = ("import deepspeed\nx = self.engine.engine.gradient_accumulation_steps()\n"
+              "def f(ds_config):\n    return {'zero_stage': 3, 'name': f'{x}/mp_rank_00_model_states.pt'}\n")
+    assert len(deepspeed_mentions(LIBRARY / "sample.py", sample)) == 6
 
 
 def test_the_engine_interface_is_the_one_the_backend_implements():
     import inspect
 
-    from dualner.backend import TeacherEngine, TrainingEngine
-    from dualner.backend.deepspeed_engine import DeepSpeedTeacher, DeepSpeedTrainingEngine, ReplicaTeacher
+    from dualner.backend import EngineSetup, TeacherEngine, TrainingEngine
+    from dualner.backend.deepspeed_config import DeepSpeedSetup
+    from dualner.backend.deepspeed_engine import DeepSpeedTeacher, DeepSpeedTrainingEngine
+    from dualner.backend.fsdp2 import FSDP2Setup, FSDP2TrainingEngine, ShardedTeacher
+    from dualner.backend.teacher import ReplicaTeacher
     from dualner.train import Trainer
 
     def members(protocol):
         return {name for name in vars(protocol) if not name.startswith("_") or name == "__call__"} - {
             "_is_protocol", "_is_runtime_protocol"}
-    for name in members(TrainingEngine) | set(TrainingEngine.__annotations__):
-        assert hasattr(DeepSpeedTrainingEngine, name) or name in inspect.signature(
-            DeepSpeedTrainingEngine.__init__).parameters or name in DeepSpeedTrainingEngine.__init__.__code__.co_names, name
-    for teacher in (DeepSpeedTeacher, ReplicaTeacher):
+
+    def assigned(cls):
+        return inspect.signature(cls.__init__).parameters.keys() | set(cls.__init__.__code__.co_names)
+    for engine in (DeepSpeedTrainingEngine, FSDP2TrainingEngine):
+        for name in members(TrainingEngine) | set(TrainingEngine.__annotations__):
+            assert hasattr(engine, name) or name in assigned(engine), (engine, name)
+        assert hasattr(engine, "whole_parameters")  # what ReplicaTeacher.copy_from reads
+    for teacher in (DeepSpeedTeacher, ReplicaTeacher, ShardedTeacher):
         for name in members(TeacherEngine) | set(TeacherEngine.__annotations__):
-            assert hasattr(teacher, name), (teacher, name)
+            assert hasattr(teacher, name) or name in assigned(teacher), (teacher, name)
+    for setup in (DeepSpeedSetup, FSDP2Setup):
+        for name in members(EngineSetup) | set(EngineSetup.__annotations__):
+            assert hasattr(setup, name) or name in setup.__dataclass_fields__, (setup, name)
     assert Trainer.__annotations__["engine"] in ("TrainingEngine", TrainingEngine)
 
 
@@ -98,7 +124,7 @@ def test_a_new_loss_term_is_one_function_and_one_weight(tmp_path, tiny_encoder, 
     run_stage1(load_config(REPO / "configs" / "tiny.yaml", [
         f"run.output_dir={output}", "train.max_steps=2", "train.eval_every=2", "train.log_every=1",
         "data.max_train_sentences=64", "data.max_eval_sentences=8", "train.loss_weights.dummy=0.5",
-        f"deepspeed.config={REPO / 'ds_configs' / 'zero0_fp32.json'}"]))
+        f"engine.config={REPO / 'ds_configs' / 'zero0_fp32.json'}"]))
     for line in (output / "losses.jsonl").read_text().splitlines():
         entry = json.loads(line)
         expected = entry["loss/seq"] + entry["loss/start"] + entry["loss/end"] + 0.5 * entry["loss/dummy"]

@@ -50,11 +50,11 @@ RULES = {
                                                           "train.micro_batch_size=100"], None,
                                          r"train.micro_batch_size=100 tokens is not a whole number of rows of "
                                          r"data.pack_length=64"),
-    "DeepSpeed JSON missing": (STAGE1, 1, None, ["deepspeed.config=ds_configs/nothing.json"], None,
-                               r"deepspeed.config: file not found: ds_configs/nothing.json"),
-    "DeepSpeed JSON a folder": (STAGE1, 1, None, ["deepspeed.config=ds_configs"], None,
-                                r"deepspeed.config: ds_configs is a folder; name a JSON file"),
-    "DeepSpeed JSON empty": (STAGE1, 1, None, [], " \n", r"deepspeed.config: .*ds.json is empty"),
+    "DeepSpeed JSON missing": (STAGE1, 1, None, ["engine.config=ds_configs/nothing.json"], None,
+                               r"engine.config: file not found: ds_configs/nothing.json"),
+    "DeepSpeed JSON a folder": (STAGE1, 1, None, ["engine.config=ds_configs"], None,
+                                r"engine.config: ds_configs is a folder; name a JSON file"),
+    "DeepSpeed JSON empty": (STAGE1, 1, None, [], " \n", r"engine.config: .*ds.json is empty"),
     "DeepSpeed JSON not JSON": (STAGE1, 1, None, [], '{\n "bf16": {"enabled": true,}\n}', r"ds.json:2: not valid JSON"),
     "DeepSpeed JSON not UTF-8": (STAGE1, 1, None, [], b'{"a": "\xff"}', r"ds.json: not UTF-8 text"),
     "DeepSpeed JSON not an object": (STAGE1, 1, None, [], "[1, 2]", r"ds.json: a DeepSpeed config is a JSON object"),
@@ -69,7 +69,7 @@ RULES = {
     "DeepSpeed batch sizes that disagree": (STAGE1, 1, 2, [], '{"gradient_accumulation_steps": 2}',
                                             r"ds.json: gradient_accumulation_steps=2 disagrees with 1 derived from "
                                             r"train.global_batch_size=16 on 2 rank\(s\)"),
-    "compile under ZeRO-3": (STAGE1, 1, None, ["model.compile=true", "deepspeed.config=ds_configs/zero3_fp32.json"],
+    "compile under ZeRO-3": (STAGE1, 1, None, ["model.compile=true", "engine.config=ds_configs/zero3_fp32.json"],
                              None, r"model.compile=true works with ZeRO stages 0-2"),
     # DeepSpeed's own parser (dualner.backend.deepspeed_engine): imports DeepSpeed
     "DeepSpeed rejects the JSON": (STAGE1, 1, None, [], '{"zero_optimization": {"stage": 2, "stagee": 1}}',
@@ -78,7 +78,7 @@ RULES = {
                                      r"ds.json: unknown DeepSpeed key 'gradient_clippingg'; valid top-level keys: "
                                      r".*gradient_clipping"),
 }
-DEEPSPEED_PARSER_RULES = 2  # the last two: raised by dualner.backend.deepspeed_engine._check_with_deepspeed
+DEEPSPEED_PARSER_RULES = 2  # the last two: raised by dualner.backend.deepspeed_engine.check_with_deepspeed
 
 
 def overrides_of(name, tmp_path) -> list[str]:
@@ -88,7 +88,7 @@ def overrides_of(name, tmp_path) -> list[str]:
         return overrides
     target = tmp_path / "ds.json"
     (target.write_bytes if isinstance(ds_json, bytes) else target.write_text)(ds_json)
-    return [*overrides, f"deepspeed.config={target}"]
+    return [*overrides, f"engine.config={target}"]
 
 
 def config_check(args: list[str]) -> subprocess.CompletedProcess:
@@ -121,9 +121,11 @@ def test_load_config_with_the_stage_refuses_every_rule(name, tmp_path):
 
 def test_every_rule_of_validate_has_a_case():
     """A rule added to validate without a refusal case above fails here (counts its raises)."""
+    from dualner.backend import deepspeed_config
     functions = [config_module._check_rules, config_module._validate_stage1, config_module._validate_stage2,
-                 config_module._validate_training, config_module.batch_split, config_module.read_deepspeed_json,
-                 config_module.check_deepspeed_batch_sizes, config_module._unique_keys]
+                 config_module._validate_training, config_module.batch_split, deepspeed_config.read_deepspeed_json,
+                 deepspeed_config.check_deepspeed_batch_sizes, deepspeed_config.check_config,
+                 config_module.unique_keys]
     raises = sum(inspect.getsource(function).count("raise ConfigError(") for function in functions)
     arguments_checks = 2  # stage and world size themselves (test_stage_and_world_size_arguments)
     two_ways = 2  # "stage 2's length" (neither / both) and stage2.epochs (mix / batch unit): one raise each
@@ -204,9 +206,9 @@ def test_a_config_valid_only_on_more_ranks_passes_for_them(tmp_path):
     spelled = tmp_path / "zero0_5ranks.json"
     spelled.write_text('{"zero_optimization": {"stage": 0}, "train_batch_size": 120, '
                        '"train_micro_batch_size_per_gpu": 24, "gradient_accumulation_steps": 1}')
-    load_config(STAGE1, [*overrides, f"deepspeed.config={spelled}"], stage=1, world_size=5)
+    load_config(STAGE1, [*overrides, f"engine.config={spelled}"], stage=1, world_size=5)
     result = subprocess.run([sys.executable, "-m", "dualner", "config", "--check", "--stage", "1", "--world-size", "5",
-                             "--config", str(STAGE1), *overrides, f"deepspeed.config={spelled}"], cwd=REPO,
+                             "--config", str(STAGE1), *overrides, f"engine.config={spelled}"], cwd=REPO,
                             capture_output=True, text=True, env=child_env(PYTHONPATH=str(REPO)))
     assert result.returncode == 0 and result.stdout.startswith("ok"), result.stderr[-2000:]
 
@@ -218,7 +220,7 @@ def test_a_deepspeed_rejection_from_the_yaml_file_names_the_file(tmp_path):
     rejected.write_text('{"zero_optimization": {"stage": 0}, "no_such_deepspeed_key": 1}')
     experiment = tmp_path / "experiment.yaml"
     tree = yaml.safe_load(STAGE1.read_text())
-    tree["deepspeed"]["config"] = str(rejected)
+    tree["engine"]["config"] = str(rejected)
     experiment.write_text(yaml.safe_dump(tree))
     with pytest.raises(ConfigError, match=rf"^{re.escape(str(experiment))}: {re.escape(str(rejected))}: unknown "
                                           r"DeepSpeed key 'no_such_deepspeed_key'"):

@@ -2,26 +2,38 @@
 
 - `comm`: the process group, rank facts and every collective (host values over gloo, device values
   on the accelerator).
-- `deepspeed_engine`: the DeepSpeed implementation of the engines below, checkpoint files and their
-  consolidation.
-- `optimizer`: fused AdamW and the learning-rate schedule, shared by backends.
+- one module per engine kind (the config's `engine.kind`), each with its settings (the rest of the
+  `engine:` section), their rules, its checkpoint files and the answer to "can this checkpoint
+  resume here": `deepspeed_config` (DeepSpeed's JSON; the engine in `deepspeed_engine`) and `fsdp2`
+  (torch's fully_shard and distributed checkpoint).
+- `optimizer`: AdamW and the learning-rate schedule, shared by the engines.
+- `teacher`: the frozen teacher as a whole replica on each rank, for any engine.
 - `placement`: host batches to the device (pinned memory, non-blocking copies).
 
-Outside this package the project names no DeepSpeed module, class or attribute (tests/test_structure.py
-checks): it builds engines with the functions below and uses them through `TrainingEngine` and
-`TeacherEngine`. A second backend (FSDP2, say) is one more module implementing these two, chosen here.
+Outside this package the project names no engine (tests/test_structure.py checks): a job prepares
+its `EngineSetup` here (`prepare_engine`), builds the student and teacher from it and uses them
+through `TrainingEngine` and `TeacherEngine`.
 """
 
 from __future__ import annotations
 
+import importlib
+import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 import torch
 
+from dualner.errors import CheckpointError, ConfigError
+from dualner.run_layout import COMPLETE_MARKER
+
 if TYPE_CHECKING:
-    from dualner.config import TrainConfig
+    from dualner.config import Config, TrainConfig
     from dualner.data.batching import BatchLayout
+
+# engine.kind -> the module that knows it; the first is the default of a config without `engine.kind`
+ENGINE_KINDS = {"deepspeed": "dualner.backend.deepspeed_config", "fsdp2": "dualner.backend.fsdp2"}
+DEFAULT_KIND = next(iter(ENGINE_KINDS))
 
 
 class TrainingEngine(Protocol):
@@ -30,7 +42,6 @@ class TrainingEngine(Protocol):
 
     device: torch.device
     module: torch.nn.Module
-    zero_stage: int
     last_step_flag: torch.Tensor  # on the device: 1.0 when the last optimizer step was skipped on every rank
 
     @property
@@ -41,6 +52,7 @@ class TrainingEngine(Protocol):
     def train(self) -> None: ...
     def eval(self) -> None: ...
     def lr(self) -> float: ...
+    def checkpoint_record(self) -> dict: ...  # what a checkpoint's COMPLETE record says of the engine
     def save(self, root: Path, tag: str, client_state: dict) -> None: ...
     def load(self, path: Path, world_size: int | None = None) -> dict: ...  # returns the client state
 
@@ -55,47 +67,90 @@ class TeacherEngine(Protocol):
     def copy_from(self, student: TrainingEngine) -> None: ...
 
 
-def load_engine_config(path: str | Path, layout: "BatchLayout", device: torch.device | None = None,
-                       cpu_bf16: str = "auto") -> dict:
-    """The engine's config file (ds_configs/*.json), checked, with the batch sizes derived into it
-    and, on a CPU, the precision train.cpu_bf16 chooses."""
-    from dualner.backend.deepspeed_engine import load_deepspeed_config
-    return load_deepspeed_config(path, layout, device, cpu_bf16)
+class EngineSetup(Protocol):
+    """A job's engine before it is built: its settings checked against the device and the batch
+    layout; what it answers about checkpoints; the builder of the student and the teacher."""
+
+    kind: str
+
+    def describe(self) -> str: ...  # for the job's first log line
+    def check_resume(self, checkpoint: Path, record: dict) -> None: ...  # CheckpointError: not here
+    def continuing(self, checkpoint: Path, record: dict) -> "EngineSetup": ...  # as the checkpoint was trained
+    def build(self, model: torch.nn.Module, train: "TrainConfig", total_steps: int, compile_encoder: bool = False,
+              fixed_shapes: bool = False) -> TrainingEngine: ...
+    def build_teacher(self, model: torch.nn.Module, placement: str) -> TeacherEngine: ...
 
 
-def keep_run_precision(engine_config: dict, path: str | Path, device: torch.device, cpu_bf16: str,
-                       checkpoint: Path, written: str | None) -> dict:
-    """The engine config a resumed run continues in: the precision its checkpoint was trained in
-    (`written`, from its COMPLETE record), or a refusal where the two cannot load into each other."""
-    from dualner.backend.deepspeed_engine import resume_precision
-    return resume_precision(engine_config, Path(path), device, cpu_bf16, checkpoint, written)
+def _kind_module(kind: str):
+    return importlib.import_module(ENGINE_KINDS[kind])
 
 
-def check_engine_config(engine_config: dict, path: Path) -> None:
-    """The engine's own parser on a config (its rejections and the keys it never reads refused)."""
-    from dualner.backend.deepspeed_engine import _check_with_deepspeed
-    _check_with_deepspeed(engine_config, Path(path))
+def engine_settings(section: dict):
+    """(the kind's module, its settings) of a config's `engine:` section: `kind` one of ENGINE_KINDS,
+    the other keys those of the kind's settings (unknown ones refused, naming the valid ones)."""
+    from dualner.config import build_dataclass
+    kind = section.get("kind", DEFAULT_KIND)
+    if kind not in ENGINE_KINDS:
+        raise ConfigError(f"engine.kind: {kind!r} is not one of {list(ENGINE_KINDS)}")
+    module = _kind_module(kind)
+    own = {key: value for key, value in section.items() if key != "kind"}
+    try:
+        return module, build_dataclass(module.SETTINGS, own, prefix="engine")
+    except ConfigError as error:
+        raise ConfigError(f"{error} (the keys of engine.kind={kind}; a section of another kind: "
+                          f"engine='{{kind: {kind}, ...}}' replaces it whole)") from None
 
 
-def zero_stage(engine_config: dict) -> int:
-    from dualner.config import zero_stage as stage_of  # the one reading of the JSON's stage
-    return stage_of(engine_config)
+def check_engine(cfg: "Config", stage: int | None, world_size: int | None, parser: bool) -> None:
+    """The `engine:` section's keys always; with a stage, the rules of training with it (the engine's
+    own parser too where `parser`)."""
+    module, settings = engine_settings(cfg.engine)
+    if stage is not None:
+        module.check_config(settings, cfg, world_size, parser)
 
 
-def build_training_engine(model: torch.nn.Module, engine_config: dict, train: "TrainConfig", total_steps: int,
-                          compile_encoder: bool = False, fixed_shapes: bool = False) -> TrainingEngine:
-    from dualner.backend.deepspeed_engine import DeepSpeedTrainingEngine
-    return DeepSpeedTrainingEngine(model, engine_config, train, total_steps, compile_encoder=compile_encoder,
-                                   fixed_shapes=fixed_shapes)
+def prepare_engine(cfg: "Config", layout: "BatchLayout", device: torch.device) -> EngineSetup:
+    """The job's engine setup: its settings read and checked for this layout and device (the engine's
+    own parser included), nothing built."""
+    module, settings = engine_settings(cfg.engine)
+    return module.prepare(settings, layout, device, cfg.train.cpu_bf16)
 
 
-def build_teacher(model: torch.nn.Module, engine_config: dict, placement: str) -> TeacherEngine:
-    """stage2.teacher_placement: a whole replica on each rank, or partitioned like the student."""
-    from dualner.backend.deepspeed_engine import build_teacher as build
-    return build(model, engine_config, placement)
+def config_file_mistake(tree: dict, path: Path) -> str | None:
+    """An engine's own config file given as the experiment config: what to do instead."""
+    for kind in ENGINE_KINDS:
+        mistake = getattr(_kind_module(kind), "config_file_mistake", lambda *_: None)(tree, path)
+        if mistake:
+            return mistake
+    return None
+
+
+def written_by(checkpoint: Path, record: dict) -> str | None:
+    """The engine kind whose files `checkpoint` holds: its COMPLETE record's, else told by the files."""
+    if record.get("engine") in ENGINE_KINDS:
+        return record["engine"]
+    return next((kind for kind in ENGINE_KINDS if _kind_module(kind).writes(checkpoint)), None)
+
+
+def check_resume(setup: EngineSetup, checkpoint: Path, record: dict) -> None:
+    """Can this job's engine continue `checkpoint`? Refused (CheckpointError) before anything is
+    written where another engine kind wrote it or the engine says no."""
+    kind = written_by(checkpoint, record)
+    if kind is not None and kind != setup.kind:
+        raise CheckpointError(
+            f"run.resume: {checkpoint} was written by engine.kind={kind}, and this job's engine is "
+            f"engine.kind={setup.kind}; the two engines' states do not load into each other. Resume with "
+            f"engine.kind={kind}, or start a new run from its weights (stage2.init_from, or run.overwrite=true)")
+    setup.check_resume(checkpoint, record)
 
 
 def consolidated_state_dict(checkpoint: Path) -> dict[str, torch.Tensor]:
-    """Consolidated fp32 weights from a checkpoint of any ZeRO stage, in one process, reading no code."""
-    from dualner.backend.deepspeed_engine import consolidated_state_dict as consolidate
-    return consolidate(checkpoint)
+    """Consolidated fp32 weights from a checkpoint of any engine, in one process, reading no code."""
+    try:
+        record = json.loads((checkpoint / COMPLETE_MARKER).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        record = {}
+    kind = written_by(checkpoint, record if isinstance(record, dict) else {})
+    if kind is None:
+        raise CheckpointError(f"{checkpoint}: holds no engine's files (neither {' nor '.join(ENGINE_KINDS)})")
+    return _kind_module(kind).consolidated_state_dict(checkpoint)

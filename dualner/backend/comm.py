@@ -199,6 +199,14 @@ def device_all_reduce(tensors: Sequence[torch.Tensor], device: torch.device, op:
     return buffer
 
 
+def broadcast_tensors_(tensors: Sequence[torch.Tensor], src: int = 0) -> None:
+    """In place, on the device: every rank's tensors become rank `src`'s (a model's initial weights,
+    which each rank drew with its own seed, before an engine shards them)."""
+    if _several_ranks():
+        for tensor in tensors:
+            dist.broadcast(_in_place_buffer(tensor), src=src)
+
+
 def device_all_reduce_(tensor: torch.Tensor, op: str = "max") -> torch.Tensor:
     """In place, on the device, asynchronously with respect to the host (for the per-step
     non-finite flag, which the optimizer reads on the device)."""

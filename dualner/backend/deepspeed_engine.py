@@ -1,9 +1,7 @@
-"""The DeepSpeed backend: ds_configs JSON validated, the training engine (ZeRO 0-3, bf16/fp16/fp32,
-fused AdamW + warmup/decay), the frozen teacher engine, checkpoint files and their consolidation.
-Every `import deepspeed` of the project is in this file.
-
-The JSON files are read, never rewritten. The only keys the code fills are the three batch sizes,
-which depend on the world size; when the JSON sets one of them it must agree.
+"""The DeepSpeed engine (engine.kind=deepspeed): ds_configs JSON checked by DeepSpeed's parser, the
+training engine (ZeRO 0-3, bf16/fp16/fp32, fused AdamW + warmup/decay), the frozen teacher engine,
+checkpoint files and their consolidation. Every `import deepspeed` of the project is in this file;
+the JSON's own rules and what its checkpoints are: dualner.backend.deepspeed_config.
 """
 
 from __future__ import annotations
@@ -18,9 +16,11 @@ from pathlib import Path
 
 import torch
 
-from dualner.backend import comm, zero_stage
+from dualner.backend import comm
+from dualner.backend.deepspeed_config import KIND, check_deepspeed_batch_sizes, read_deepspeed_json, zero_stage
 from dualner.backend.optimizer import SkippableStep, build_optimizer, warmup_linear_decay
-from dualner.config import TrainConfig, check_deepspeed_batch_sizes, read_deepspeed_json
+from dualner.backend.teacher import ReplicaTeacher
+from dualner.config import TrainConfig
 from dualner.errors import CheckpointError, ConfigError
 from dualner.data.batching import BatchLayout
 from dualner.run_layout import COMPLETE_MARKER
@@ -34,13 +34,13 @@ def load_deepspeed_config(path: str | Path, layout: BatchLayout, device: torch.d
     batch sizes agreeing with the derived ones, no optimizer/scheduler, a precision the device runs
     (bf16 on a CPU as train.cpu_bf16 decides), and every key one DeepSpeed reads (unknown keys refused
     with the valid ones listed; DeepSpeed's own rejections reported as one line)."""
-    ds_config, path = read_deepspeed_json(path)  # the checks dualner.config.validate also makes
+    ds_config, path = read_deepspeed_json(path)  # the checks dualner.config.validate also makes (deepspeed_config)
     derived = check_deepspeed_batch_sizes(ds_config, path, layout.global_batch_size, layout.micro_batch_size,
                                           layout.accumulation_steps, layout.world_size)
     merged = {**ds_config, **derived}
     _check_precision(merged, path, device)
     merged = cpu_precision(merged, path, device, cpu_bf16)
-    _check_with_deepspeed(merged, path)
+    check_with_deepspeed(merged, path)
     return merged
 
 
@@ -95,7 +95,7 @@ def resume_precision(ds_config: dict, path: Path, device: torch.device, choice: 
         return cpu_precision(ds_config, path, device, "fp32")
     raise CheckpointError(
         f"run.resume: {checkpoint} was trained in {written}, but this job would train in {now} "
-        f"(deepspeed.config={path}, train.cpu_bf16={choice}); the optimizer states of the two do not load "
+        f"(engine.config={path}, train.cpu_bf16={choice}); the optimizer states of the two do not load "
         f"into each other. Resume with the run's precision, or start a new run (run.overwrite=true, or "
         f"another run.output_dir)")
 
@@ -153,7 +153,7 @@ class _ReadKeys(dict):
         return super().__contains__(key)
 
 
-def _check_with_deepspeed(ds_config: dict, path: Path) -> None:
+def check_with_deepspeed(ds_config: dict, path: Path) -> None:
     """Parse the JSON with DeepSpeed's own config class, as deepspeed.initialize will, and refuse
     the top-level keys it never reads (DeepSpeed ignores them silently: a typo would be lost)."""
     import deepspeed
@@ -279,7 +279,21 @@ class DeepSpeedTrainingEngine:
         self.last_step_flag.copy_(self._skip.flag)
         self._skip.flag.zero_()
 
+    def whole_parameters(self):
+        """The module's parameters, each whole in turn (ZeRO-3 gathers one at a time; every rank
+        iterates them all)."""
+        import deepspeed
+        for parameter in self.module.parameters():
+            if hasattr(parameter, "ds_tensor"):
+                with deepspeed.zero.GatheredParameters([parameter], modifier_rank=None):
+                    yield parameter.data
+            else:
+                yield parameter.data
+
     # -- checkpoints ---------------------------------------------------------------------------------
+    def checkpoint_record(self) -> dict:
+        return {"engine": KIND, "zero_stage": self.zero_stage, "precision": self.precision}
+
     def save(self, root: Path, tag: str, client_state: dict) -> None:
         self.engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=False)
 
@@ -370,62 +384,14 @@ def _autocast_dtype(ds_config: dict) -> torch.dtype | None:
     return None
 
 
-def device_memory_bytes(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).total_memory
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-
-
-class ReplicaTeacher:
-    """The frozen teacher as a whole copy on this rank's device, outside DeepSpeed, in the student's
-    compute dtype: its forward gathers nothing, so under ZeRO-3 it costs one forward and no
-    collectives (DeepSpeedTeacher under ZeRO-3 gathers every partitioned parameter again for each
-    forward). A refresh gathers the student's partitions one parameter at a time."""
-
-    def __init__(self, model: torch.nn.Module, ds_config: dict):
-        self.device = comm.accelerator_device(comm.current().local_rank)
-        for parameter in model.parameters():
-            parameter.requires_grad_(False)
-        self._module = model.to(device=self.device, dtype=_compute_dtype(ds_config)).eval()
-        self._autocast = _autocast_dtype(ds_config)
-
-    @staticmethod
-    def fits(model: torch.nn.Module, ds_config: dict, fraction: float = 0.25) -> bool:
-        """Whether a whole copy takes under `fraction` of the device's memory (teacher_placement=auto)."""
-        device = comm.accelerator_device(comm.current().local_rank)
-        size = sum(p.numel() for p in model.parameters()) * torch.tensor([], dtype=_compute_dtype(ds_config)).element_size()
-        return size < fraction * device_memory_bytes(device)
-
-    @property
-    def module(self) -> torch.nn.Module:
-        return self._module
-
-    @torch.no_grad()
-    def __call__(self, *args, **kwargs):
-        if self._autocast is None:
-            return self._module(*args, **kwargs)
-        with torch.autocast(self.device.type, dtype=self._autocast):
-            return self._module(*args, **kwargs)
-
-    @torch.no_grad()
-    def copy_from(self, student: DeepSpeedTrainingEngine) -> None:
-        """Student -> teacher; under ZeRO-3 each parameter is gathered in turn (every rank calls this)."""
-        import deepspeed
-        for source, target in zip(student.module.parameters(), self._module.parameters()):
-            if hasattr(source, "ds_tensor"):
-                with deepspeed.zero.GatheredParameters([source], modifier_rank=None):
-                    target.copy_(source.data.to(target.dtype))
-            else:
-                target.copy_(source.data.to(target.dtype))
-
-
 def build_teacher(model: torch.nn.Module, ds_config: dict, placement: str):
     """The frozen teacher: a replica (ReplicaTeacher) under ZeRO-3 when `placement` asks for it (or
     "auto" and it fits in a quarter of the device), else DeepSpeed's (DeepSpeedTeacher: whole on
     every rank under ZeRO 0-2, partitioned like the student under ZeRO-3)."""
+    dtype = _compute_dtype(ds_config)
     if zero_stage(ds_config) == 3 and (placement == "replica" or (
-            placement == "auto" and ReplicaTeacher.fits(model, ds_config))):
-        return ReplicaTeacher(model, ds_config)
+            placement == "auto" and ReplicaTeacher.fits(model, dtype))):
+        return ReplicaTeacher(model, dtype, _autocast_dtype(ds_config))
     return DeepSpeedTeacher(model, ds_config)
 
 
