@@ -23,6 +23,19 @@ def tiny_tokenizer(tiny_encoder):
     return AutoTokenizer.from_pretrained(tiny_encoder)
 
 
+# The files that start the most launchers, longest first (the last CI run's --durations). scripts/test.sh
+# hands whole files to two workers in collection order (--no-loadscope-reorder): the long files start
+# first and the many short ones fill the end. xdist's own order (most tests first) left these, which
+# have few tests, for last: one worker ran the quickstart or the fault tests alone at the end.
+LONGEST_FILES_FIRST = ("test_faults.py", "test_elastic.py", "test_stage2_distributed.py", "test_fsdp2.py", "test_bench.py",
+                       "test_quickstart.py", "test_reproduce.py", "test_slurm.py", "test_stage1_distributed.py",
+                       "test_hardening.py")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: position for position, name in enumerate(LONGEST_FILES_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
+
 
 DISTRIBUTED_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT",
                          "DUALNER_FAULT", "DUALNER_TEST_FAULTS")

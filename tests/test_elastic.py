@@ -1,6 +1,6 @@
 """A checkpoint written by 2 ranks resumes on 1 rank (through DeepSpeed's universal checkpoint,
-optimizer state included) and on 2 ranks; training continues with the uninterrupted run's losses:
-exactly on 2 ranks, within 0.1% on 1 (float reduction order; dropout off so both draw alike)."""
+optimizer state included); training continues with the uninterrupted run's losses within 0.1%
+(float reduction order; dropout off so both draw alike)."""
 
 import json
 import shutil
@@ -21,6 +21,8 @@ def losses(run_dir):
     return entries
 
 
+# Resuming on the same 2 ranks (exact losses) is proved by tests/test_stage1_distributed.py (ZeRO-3) and
+# tests/test_faults.py (ZeRO-2); here only the change of world size, each launch being the main cost.
 @pytest.mark.parametrize("zero", ["zero2", "zero3"])
 def test_resume_on_another_number_of_ranks(tmp_path, tiny_encoder, zero):
     config = ["--config", str(REPO / "configs" / "tiny.yaml"),
@@ -28,20 +30,16 @@ def test_resume_on_another_number_of_ranks(tmp_path, tiny_encoder, zero):
     straight = tmp_path / "straight"
     launch("launchers/stage1.py", [*config, f"run.output_dir={straight}"], nproc=2)
     expected = losses(straight)
-    for nproc in (1, 2):
-        resumed = tmp_path / f"resumed-on-{nproc}"
-        shutil.copytree(straight, resumed)
-        shutil.rmtree(resumed / "checkpoints" / "step-8")
-        (resumed / "results.json").unlink()
-        result = launch("launchers/stage1.py", [*config, f"run.output_dir={resumed}"], nproc=nproc)
-        assert "resumed from" in result.stdout + result.stderr
-        actual = losses(resumed)
-        for step in range(5, 9):
-            if nproc == 2:
-                assert actual[step] == pytest.approx(expected[step], abs=1e-6), (nproc, step)
-            else:  # another reduction order (and, under ZeRO-3, partitioning) on 1 rank
-                assert actual[step] == pytest.approx(expected[step], rel=1e-3), (nproc, step)
-    assert (tmp_path / "resumed-on-1" / "checkpoints" / "step-4" / "universal" / "COMPLETE").is_file()
+    resumed = tmp_path / "resumed-on-1"
+    shutil.copytree(straight, resumed)
+    shutil.rmtree(resumed / "checkpoints" / "step-8")
+    (resumed / "results.json").unlink()
+    result = launch("launchers/stage1.py", [*config, f"run.output_dir={resumed}"], nproc=1)
+    assert "resumed from" in result.stdout + result.stderr
+    actual = losses(resumed)
+    for step in range(5, 9):  # another reduction order (and, under ZeRO-3, partitioning) on 1 rank
+        assert actual[step] == pytest.approx(expected[step], rel=1e-3), step
+    assert (resumed / "checkpoints" / "step-4" / "universal" / "COMPLETE").is_file()
 
 
 def test_stage1_resumed_on_fewer_ranks_finishes_with_a_loadable_best(tmp_path, tiny_encoder):

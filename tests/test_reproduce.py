@@ -15,7 +15,7 @@ TINY_FRAGMENT = {
     "model": {"encoder": "tiny-random"},
     "data": {"max_length": 64, "max_train_sentences": 256, "max_eval_sentences": 24},
     "train": {"global_batch_size": 8, "micro_batch_size": 8, "lr": 1.0e-3, "warmup_steps": 1,
-              "max_steps": 4, "eval_every": 2, "log_every": 1, "keep_last": 1},
+              "max_steps": 2, "eval_every": 2, "log_every": 1, "keep_last": 1},
     "engine": {"kind": "deepspeed", "config": "ds_configs/zero0_fp32.json"},
     "logging": {"progress_bar": False, "tensorboard": False},
 }
