@@ -158,6 +158,9 @@ def resolve_checkpoint(path: str | Path) -> Path:
     path = Path(path)
     if not path.exists():
         raise MissingPathError(f"checkpoint not found: {path}")
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: is a file, not a checkpoint; name a run folder, its checkpoints/ folder "
+                              f"or one of its step-N folders")
     chosen, _ = select_checkpoint(path)
     problem = verify(chosen)
     if problem:

@@ -22,7 +22,7 @@ from dualner.config import check_head, evaluation_head
 from dualner.data.conll import BOM, iter_conll
 from dualner.data.formats import format_of
 from dualner.data.readers import iter_jsonl, iter_text
-from dualner.errors import ConfigError, MissingPathError
+from dualner.errors import ConfigError, DataFormatError, MissingPathError
 from dualner.data.encoding import WindowTokenizer
 from dualner.data.packing import model_inputs
 from dualner.evaluate import scatter_to_words
@@ -38,6 +38,8 @@ def check_input(path: Path) -> None:
         raise MissingPathError(f"--input: {path} is a folder; name a file (plain text, CoNLL or JSONL)")
     if not path.is_file():
         raise MissingPathError(f"--input: no such file {path}")
+    if path.stat().st_size == 0:  # as training and prepare refuse it: an empty input is a mistake upstream
+        raise DataFormatError(f"--input: {path}: file is empty; name the file that holds the sentences")
 
 
 def earlier_prediction(path: Path) -> bool:

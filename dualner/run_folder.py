@@ -230,6 +230,7 @@ def plan_folder(cfg: Config, manager: CheckpointManager, engine_setup: backend.E
                 f"would mix with it. Set run.overwrite=true to start a new run (the old one is moved to "
                 f"{run_dir.name}.old-<time>), choose another run.output_dir, or run.resume=auto to continue it")
     elif resume == "auto":
+        skipped = []  # newer checkpoints that did not verify, named in a refusal below
         for _, path in reversed(step_dirs(manager.root)):
             if not is_complete(path):
                 continue  # half-written: cleared when the job starts
@@ -237,6 +238,7 @@ def plan_folder(cfg: Config, manager: CheckpointManager, engine_setup: backend.E
             if problem is None:
                 chosen = path
                 break
+            skipped.append(problem)
             if log is not None:
                 log.warning("skipping a damaged checkpoint: %s", problem)
         if chosen is None and holds_run:
@@ -250,7 +252,8 @@ def plan_folder(cfg: Config, manager: CheckpointManager, engine_setup: backend.E
         finished = finished_after(run_dir, _step_of(str(chosen))) if chosen is not None else None
         if finished:  # its newer checkpoints were removed or damaged: no silent retraining over its results
             raise CheckpointError(
-                f"run.output_dir={run_dir} holds {finished}, but its newest usable checkpoint is {chosen.name}; "
+                f"run.output_dir={run_dir} holds {finished}, but its newest usable checkpoint is {chosen.name}"
+                + (f" (newer ones are damaged: {'; '.join(skipped)})" if skipped else "") + "; "
                 f"continuing would train again over those results. Set run.resume={chosen.name} "
                 f"run.overwrite=true to do so (the results and copies of the logs are then moved to "
                 f"{run_dir.name}.old-<time>), or choose another run.output_dir")

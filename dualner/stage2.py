@@ -32,7 +32,7 @@ from dualner.data.prepared import PreparedCorpus, tokenizer_fingerprint
 from dualner.data.streaming import (KIND_SOURCE, KIND_TARGET, KIND_TRANSLATION, STREAM_META, HubSource,
                                     Stage2Stream, StreamSpec, check_corpus, expand_files, iter_sentences,
                                     open_sources)
-from dualner.errors import BadRecordsError, ConfigError
+from dualner.errors import BadRecordsError, CheckpointError, ConfigError, MissingPathError
 from dualner.evaluate import load_eval_sets
 from dualner.job import Job, start_job
 from dualner.limits import check_max_length
@@ -338,7 +338,10 @@ def adopt_stage1_encoder(cfg: Config) -> None:
     """Stage 2 continues the stage-1 model, so its encoder and tokenizer are the stage-1 run's. A
     `model.encoder` / `model.tokenizer` naming another is refused; one left at its default takes the
     stage-1 run's value, so config.yaml records what is trained."""
-    checkpoint = resolve_checkpoint(cfg.stage2.init_from)
+    try:
+        checkpoint = resolve_checkpoint(cfg.stage2.init_from)
+    except (CheckpointError, MissingPathError) as error:  # name the key: the path alone does not say which
+        raise type(error)(f"stage2.init_from: {error}") from None
     saved = RunLayout.of_checkpoint(checkpoint).config
     if not saved.is_file():
         return

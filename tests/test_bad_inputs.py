@@ -72,13 +72,17 @@ def test_batch_sizes_that_do_not_divide(tmp_path):
 
 
 @pytest.mark.parametrize("init_from, message", [
-    ("nowhere", "checkpoint not found: nowhere"),
-    ("EMPTY", "holds no complete step-N checkpoint"),
+    ("nowhere", "stage2.init_from: checkpoint not found: nowhere"),
+    ("EMPTY", "stage2.init_from: .*empty: holds no complete step-N checkpoint"),
+    ("FILE", "stage2.init_from: .*a-file: is a file, not a checkpoint; name a run folder"),
 ])
 def test_stage2_needs_a_stage1_model(tmp_path, init_from, message):
     if init_from == "EMPTY":
         (tmp_path / "empty").mkdir()
         init_from = str(tmp_path / "empty")
+    if init_from == "FILE":
+        (tmp_path / "a-file").write_text("not a run\n")
+        init_from = str(tmp_path / "a-file")
     with pytest.raises((FileNotFoundError, CheckpointError), match=message):
         build_stage2(config(tmp_path / "run", f"stage2.init_from={init_from}", file="tiny_stage2.yaml"))
     assert not (tmp_path / "run").exists()

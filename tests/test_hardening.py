@@ -261,6 +261,11 @@ def test_prediction_keeps_empty_sentences_and_refuses_bad_input(trained_run, tmp
     line = one_line_error(cli("predict", "--model", str(trained_run), "--input", str(tmp_path / "nope.txt"),
                               "--output", str(tmp_path / "c.jsonl")))
     assert "--input: no such file" in line and "nope.txt" in line
+    empty = tmp_path / "empty.txt"
+    empty.write_bytes(b"")
+    line = one_line_error(cli("predict", "--model", str(trained_run), "--input", str(empty), "--output",
+                              str(tmp_path / "d.jsonl")))
+    assert f"--input: {empty}: file is empty" in line and not (tmp_path / "d.jsonl").exists()
 
 
 # -- the command line: one line, exit codes, signals ---------------------------------------------------

@@ -66,6 +66,11 @@ def newest_checkpoint_deleted(run):
     shutil.rmtree(run / "checkpoints" / "step-4")
 
 
+def newest_model_states_cut_in_half(run):
+    states = next((run / "checkpoints" / "step-4").rglob("*model_states.pt"))
+    states.write_bytes(states.read_bytes()[: states.stat().st_size // 2])
+
+
 def best_json_cut_short(run):
     (run / "checkpoints" / "best.json").write_text('{"step": 4, "pa')
 
@@ -79,6 +84,10 @@ REFUSALS = {  # name: (what the user did to the run first, overrides given the r
         newest_checkpoint_deleted, lambda run, other: [],
         r"holds results.json \(a run finished at step 4\), but its newest usable checkpoint is step-2; continuing "
         r"would train again over those results. Set run.resume=step-2 run.overwrite=true"),
+    "resume=auto on a finished run whose newest checkpoint is damaged": (
+        newest_model_states_cut_in_half, lambda run, other: [],
+        r"its newest usable checkpoint is step-2 \(newer ones are damaged: .*step-4/.*model_states.pt: \d+ bytes, "
+        r"\d+ when it was written \(truncated or damaged\)\); continuing would train again"),
     "a best.json cut short by hand": (
         best_json_cut_short, lambda run, other: [],
         r"best.json: unreadable \(Unterminated string .*\); remove it to use the newest complete checkpoint"),
