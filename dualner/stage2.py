@@ -182,7 +182,10 @@ class Stage2Recipe(Recipe):
         stats = {"agreement_words": self._stats.get("agreement_words", torch.zeros((), device=device)),
                  "words": self._stats.get("words", torch.zeros((), device=device)),
                  "entities_per_language": self._stats.get("entities_per_language",
-                                                          torch.zeros(len(self.languages), device=device))}
+                                                          torch.zeros(len(self.languages), device=device)),
+                 # summed over ranks with the window's one device reduction (no collective of its own)
+                 "stream_wait_seconds": torch.tensor(list(self.stream.position.take_wait_seconds().values()),
+                                                     dtype=torch.float32, device=device)}
         self._stats = {}
         return stats
 
@@ -196,7 +199,13 @@ class Stage2Recipe(Recipe):
             scalars["loss/mse_share"] = self.weights["mse"] * sums["mse"] / sums["total"]
         scalars |= {f"pseudo_entities/{language}": float(count) for language, count in zip(self.languages, entities)}
         # this rank's readers: time spent reading each stream (a slow stream holds its pools back)
-        scalars |= {f"data/read_seconds/{name}": seconds for name, seconds in self.stream.position.take_read_seconds().items()}
+        position = self.stream.position
+        scalars |= {f"data/read_seconds/{name}": seconds for name, seconds in position.take_read_seconds().items()}
+        # what the step waited for each stream, the mean over ranks (as data/wait_seconds, its total)
+        waits = sums["stream_wait_seconds"]
+        waits = waits if isinstance(waits, list) else [waits]
+        world_size = comm.current().world_size
+        scalars |= {f"data/wait_seconds/{name}": seconds / world_size for name, seconds in zip(position.names, waits)}
         return scalars
 
     def on_new_best(self) -> None:

@@ -684,8 +684,11 @@ class Stage2Stream:
         position = self.position  # plans the readers (and makes the loader) if nothing did yet
         if self._iterator is None:
             self._iterator = iter(self.loader)
+        started = time.perf_counter()
         batch = next(self._iterator)
-        position.consumed(batch["position"])
+        # the wait is charged to the streams where the batch is assembled: a pool's first micro batch
+        # waits for its reader to read it (position.stream_waits)
+        position.consumed(batch["position"], time.perf_counter() - started)
         return batch
 
     def records_read(self) -> int:
