@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import time
 from pathlib import Path
 from typing import NamedTuple
 
@@ -138,6 +139,8 @@ class Stage2Recipe(Recipe):
 
     def batches(self, start_step: int):
         self._check_known_bad_records()
+        if start_step > 0:
+            self._catch_up()
         if self.sample_log is not None:  # marks where this job's (possibly resumed) record begins
             with self.sample_log.open("a", encoding="utf-8") as handle:
                 handle.write(json.dumps({"job_starts_after_step": start_step}) + "\n")
@@ -146,6 +149,24 @@ class Stage2Recipe(Recipe):
             if self.sample_log is not None:
                 self._log_samples(batch, self._step)
             yield batch
+
+    def _catch_up(self) -> None:
+        """A resume reads up to its position before the first step, every rank, then waits for the
+        others with a timeout sized for the longest catch-up (a compressed file that cannot be split
+        is decompressed up to the position: minutes at hundreds of GB), so that no collective of
+        training waits for a rank still catching up and trips its timeout."""
+        estimate = self.stream.catch_up_estimate()
+        # this rank's readers catch up in parallel (loader workers), each stream after the other
+        barrier = comm.PatientBarrier(sum(seconds for _, seconds, _ in estimate.values()))
+        started = time.perf_counter()
+        self.stream.catch_up()
+        caught_up = time.perf_counter() - started
+        barrier.wait()
+        log = self.stream.log
+        if log is not None and estimate:
+            log.info("stage 2: caught up with the checkpoint's position in %.1f s, every rank in %.1f s "
+                     "(the wait's timeout: %.0f s)", caught_up, time.perf_counter() - started,
+                     barrier.timeout.total_seconds())
 
     def begin_step(self, step: int) -> None:
         self._step = step

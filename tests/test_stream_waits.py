@@ -1,6 +1,8 @@
 """Issue 24, item 3: a stream that cannot keep up makes the training step wait for it (the mix is
 never changed to hide it), and TensorBoard shows that wait per stream."""
 
+import json
+import re
 import time
 
 import pytest
@@ -46,3 +48,33 @@ def test_tensorboard_shows_the_steps_wait_for_a_slow_stream(populated, tmp_path,
     slept = 0.01 * slow_records[0]
     assert slept > 0.1 and 0.8 * slept <= sum(target) <= sum(total) + 1e-6
     assert sum(source) < 0.5 * sum(target)
+
+
+def test_a_resume_whose_catch_up_outlasts_the_collective_timeout_still_trains(populated, tmp_path, monkeypatch):
+    """2 ranks, the target one .gz file (a piece that cannot be split: a resume decompresses up to
+    its position). Start-up says what the catch-up costs and names `prepare`; rank 1 catching up 30 s
+    longer than rank 0, with collectives timing out after 20 s, the resume still trains: the ranks
+    wait for each other's catch-up before the first step, with a timeout sized for it."""
+    import gzip
+
+    from tests.conftest import REPO, launch
+    target = tmp_path / "de.txt.gz"
+    with gzip.open(target, "wt") as handle:
+        handle.writelines(f"Satz {i} aus Berlin und Hamburg\n" for i in range(3000))
+    run = tmp_path / "run"
+    args = ["--config", str(REPO / "configs" / "tiny_stage2.yaml"), f"run.output_dir={run}",
+            f"stage2.init_from={populated}", f"stage2.target={{de: {target}}}", "stage2.mix=equal",
+            "stage2.bucket_pool=16", "train.eval_every=100", "train.save_every=2", "data.max_eval_sentences=8",
+            f"deepspeed.config={REPO / 'ds_configs' / 'zero0_fp32.json'}"]
+    launch("launchers/stage2.py", [*args, "train.max_steps=4"], nproc=2)
+    monkeypatch.setenv("DUALNER_COLLECTIVE_TIMEOUT_S", "20")
+    monkeypatch.setenv("SLOW_CATCH_UP_S", "30")
+    resumed = launch("tests/stage2_with_a_slow_catch_up.py", [*args, "train.max_steps=6"], nproc=2)
+    log = resumed.stdout + resumed.stderr
+    assert re.search(r"resuming target/de decompresses and discards about [\d.]+ MB of \S+de\.txt\.gz up to the "
+                     r"checkpoint's position \(about \d+ s on one CPU per reader\).*python -m dualner prepare", log)
+    caught_up = re.search(r"caught up with the checkpoint's position in ([\d.]+) s, every rank in ([\d.]+) s "
+                          r"\(the wait's timeout: (\d+) s\)", log)
+    assert caught_up and float(caught_up.group(2)) >= 30 and int(caught_up.group(3)) >= 40, log[-3000:]
+    losses = [json.loads(line)["step"] for line in (run / "losses.jsonl").read_text().splitlines()]
+    assert losses[-1] == 6
