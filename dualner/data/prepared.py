@@ -43,6 +43,7 @@ import gc
 import hashlib
 import heapq
 import io
+import itertools
 import json
 import multiprocessing
 import os
@@ -341,8 +342,9 @@ def _tokenize_shard(file: CorpusFile, piece: Piece, records: list | None) -> dic
             tokens.append(ids)
             word_index.append(encoded["word_index"][row])
     name = piece.name
-    flat_tokens = np.fromiter((t for ids in tokens for t in ids), dtype=np.int32)
-    flat_index = np.fromiter((w for row in word_index for w in row), dtype=np.int16)
+    total = windows[-1][1] if windows else 0
+    flat_tokens = np.fromiter(itertools.chain.from_iterable(tokens), dtype=np.int32, count=total)
+    flat_index = np.fromiter(itertools.chain.from_iterable(word_index), dtype=np.int16, count=total)
     files = {}
     for part, array in (("tokens", flat_tokens), ("word_index", flat_index),
                         ("windows", np.asarray(windows, dtype=np.int64).reshape(-1, 3)),
