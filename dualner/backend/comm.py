@@ -96,8 +96,9 @@ def init_distributed() -> DistInfo:
 
 
 def collective_timeout() -> timedelta:
-    """How long a collective waits for the slowest rank before failing: `DUALNER_COLLECTIVE_TIMEOUT_S`,
-    else torch's default (30 minutes)."""
+    """How long a collective of the default process group waits for the slowest rank before failing:
+    `DUALNER_COLLECTIVE_TIMEOUT_S`, else torch's default (30 minutes, which groups created without a
+    timeout, e.g. DeepSpeed's, keep)."""
     configured = os.environ.get(TIMEOUT_ENV, "")
     if not configured:
         return dist.default_pg_timeout
