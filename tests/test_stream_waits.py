@@ -81,3 +81,14 @@ def test_a_resume_whose_catch_up_outlasts_the_collective_timeout_still_trains(po
     assert caught_up and float(caught_up.group(2)) >= 30 and int(caught_up.group(3)) >= 40, log[-3000:]
     logged = {entry["step"]: entry for entry in map(json.loads, (run / "losses.jsonl").read_text().splitlines())}
     assert max(logged) == 6 and logged[5]["data/wait_seconds"] >= 27  # the mean over ranks: both waited
+
+
+@pytest.mark.parametrize("value", ["soon", "0", "-5"])
+def test_a_bad_collective_timeout_is_refused_naming_the_variable(monkeypatch, value):
+    from dualner.backend.comm import collective_timeout
+    from dualner.errors import ConfigError
+    monkeypatch.setenv("DUALNER_COLLECTIVE_TIMEOUT_S", value)
+    with pytest.raises(ConfigError, match=rf"DUALNER_COLLECTIVE_TIMEOUT_S='{value}': expected a positive number"):
+        collective_timeout()
+    monkeypatch.setenv("DUALNER_COLLECTIVE_TIMEOUT_S", "90")
+    assert collective_timeout().total_seconds() == 90
