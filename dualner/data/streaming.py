@@ -723,7 +723,7 @@ class Stage2Stream:
         stream: (bytes, estimated seconds, the file), for the reader of this rank with the most
         (a rank's loader workers catch up in parallel)."""
         found: dict[str, tuple[int, float, str]] = {}
-        for reader, plan in self.plans.items():
+        for plan in self.plans.values():
             for index, spec in enumerate(self.streams):
                 cursor = _StreamCursor(spec, index, plan.ranges.get(spec.name, []), self.seed, self.one_pass)
                 pieces = [(spec.sources[segment[1]], segment[5]) for pool in plan.leftover
