@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import itertools
 import os
 import random
 import resource
@@ -42,10 +43,11 @@ def write_corpus(path: Path, sentences: int) -> None:
     rng = random.Random(0)
     vocabulary = ["".join(rng.choice(string.ascii_lowercase) for _ in range(rng.randint(2, 11)))
                   for _ in range(50_000)]
-    weights = [1 / (rank + 1) for rank in range(len(vocabulary))]
+    # the cumulative weights once (random.choices would add up 50,000 weights for every sentence)
+    cumulative = list(itertools.accumulate(1 / (rank + 1) for rank in range(len(vocabulary))))
     with path.open("w") as handle:
         for _ in range(sentences):
-            handle.write(" ".join(rng.choices(vocabulary, weights, k=rng.randint(5, 30))) + " .\n")
+            handle.write(" ".join(rng.choices(vocabulary, cum_weights=cumulative, k=rng.randint(5, 30))) + " .\n")
 
 
 def children_cpu() -> float:

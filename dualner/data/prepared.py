@@ -279,10 +279,12 @@ _worker_state: dict = {}
 
 def _init_worker(tokenizer_path: str, max_length: int, language: str, output: str) -> None:
     from transformers import AutoTokenizer
+    _use_tokenizer(AutoTokenizer.from_pretrained(tokenizer_path), max_length, language, output)
 
+
+def _use_tokenizer(tokenizer, max_length: int, language: str, output: str) -> None:
     from dualner.data.encoding import WindowTokenizer
     from dualner.labels import LabelSet
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
     _worker_state.update(encoder=WindowTokenizer(tokenizer, LabelSet(()), max_length), language=language,
                          output=Path(output))
 
@@ -628,8 +630,8 @@ def _prepare_in(folder: Path, files: list[CorpusFile], plan: dict, tokenizer, to
             yield file, piece, records
 
     args = (tokenizer_path, max_length, language, str(folder))
-    if workers == 1:
-        _init_worker(*args)
+    if workers == 1:  # in this process, with the tokenizer it loaded (a load costs seconds of CPU)
+        _use_tokenizer(tokenizer, max_length, language, str(folder))
         results += [_write_shard(task) for task in todo()]
     else:
         with context.Pool(workers, initializer=_init_worker, initargs=args) as pool:
