@@ -2,6 +2,9 @@
 CPU-second against the tokenizer's single-process ceiling, and 2 ranks x 2 workers against one
 worker on the same input.
 
+- in process: prepare's tokenizing path alone (the whole corpus as one shard: read, parse, tokenize,
+  cut windows, write) in this process, no process start-up;
+- fixed cost: one `prepare --workers 1` process on 20 sentences (imports, tokenizer load, ...);
 - ceiling: the tokenizer alone (`tokenizer(words, is_split_into_words=True)` in batches of 512) over
   the corpus's sentences, in this process: sentences per CPU-second;
 - one worker: `python -m dualner prepare --workers 1` (tokenizing in its main process);
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import itertools
 import os
 import random
 import resource
@@ -42,10 +46,11 @@ def write_corpus(path: Path, sentences: int) -> None:
     rng = random.Random(0)
     vocabulary = ["".join(rng.choice(string.ascii_lowercase) for _ in range(rng.randint(2, 11)))
                   for _ in range(50_000)]
-    weights = [1 / (rank + 1) for rank in range(len(vocabulary))]
+    # the cumulative weights once (random.choices would add up 50,000 weights for every sentence)
+    cumulative = list(itertools.accumulate(1 / (rank + 1) for rank in range(len(vocabulary))))
     with path.open("w") as handle:
         for _ in range(sentences):
-            handle.write(" ".join(rng.choices(vocabulary, weights, k=rng.randint(5, 30))) + " .\n")
+            handle.write(" ".join(rng.choices(vocabulary, cum_weights=cumulative, k=rng.randint(5, 30))) + " .\n")
 
 
 def children_cpu() -> float:
@@ -96,6 +101,29 @@ def ceiling(corpus: Path, tokenizer_path: str) -> float:
     return len(sentences) / (time.process_time() - began)
 
 
+def in_process(corpus: Path, tokenizer_path: str, folder: Path) -> float:
+    """prepare's tokenizing path alone, in this process: the whole corpus as one shard (read, parse,
+    tokenize, cut windows, write), no process start-up: sentences per CPU-second."""
+    from dualner.data import prepared
+    from dualner.data.corpus import describe_file
+    file = describe_file(corpus, "bench")
+    folder.mkdir(exist_ok=True)
+    prepared._init_worker(tokenizer_path, 128, "xx", str(folder))
+    began = time.process_time()
+    counts = prepared._write_shard((file, prepared.Piece(0, 0, 0, file.size), None))
+    return counts["sentences"] / (time.process_time() - began)
+
+
+def fixed_cpu(tokenizer: str, folder: Path) -> float:
+    """CPU-seconds of one `prepare --workers 1` process on a corpus of 20 sentences: what a process
+    pays whatever its input (imports, torch included; tokenizer load; fingerprint; output)."""
+    tiny = folder / "tiny.txt"
+    write_corpus(tiny, 20)
+    output = folder / "tiny_prepared"
+    shutil.rmtree(output, ignore_errors=True)
+    return run_layout(tiny, output, tokenizer, 1, 1, 0.5)[1]
+
+
 def digest(folder: Path) -> str:
     hashed = hashlib.sha256()
     for path in sorted(folder.glob("*.npy")):
@@ -118,12 +146,14 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
         corpus = Path(folder) / "corpus.txt"
         write_corpus(corpus, args.sentences)
-        ceilings, startups = [], []
+        ceilings, startups, shards, fixed = [], [], [], []
         runs: dict[str, list[tuple[float, float]]] = {name: [] for name in layouts}
         digests = {}
         for _ in range(args.repeats):
             ceilings.append(ceiling(corpus, tokenizer))
+            shards.append(in_process(corpus, tokenizer, Path(folder) / "in_process"))
             startups.append(startup_cpu(tokenizer))
+            fixed.append(fixed_cpu(tokenizer, Path(folder)))
             for name, (ranks, workers) in layouts.items():
                 output = Path(folder) / name.replace(" ", "_")
                 runs[name].append(run_layout(corpus, output, tokenizer, ranks, workers, args.shard_mb))
@@ -132,6 +162,9 @@ def main() -> None:
     result = {"sentences": args.sentences, "encoder": args.encoder, "repeats": args.repeats, "cpus": os.cpu_count(),
               "tokenizer_ceiling_sentences_per_cpu_s": statistics.median(ceilings),
               "startup_cpu_s_per_process": start_cpu, "identical_output": len(set(digests.values())) == 1,
+              "in_process_sentences_per_cpu_s": statistics.median(shards),
+              "in_process_of_ceiling": statistics.median(shards) / statistics.median(ceilings),
+              "prepare_process_fixed_cpu_s": statistics.median(fixed),
               "layouts": {}}
     for name, measured in runs.items():
         wall = statistics.median(w for w, _ in measured)
@@ -146,6 +179,9 @@ def main() -> None:
     result["wall_speedup_2x2_vs_1"] = one["wall_s"] / many["wall_s"]
     print(f"tokenizer ceiling: {result['tokenizer_ceiling_sentences_per_cpu_s']:.0f} sentences/CPU-s; "
           f"start-up {start_cpu:.2f} CPU-s per process; identical output: {result['identical_output']}")
+    print(f"tokenizing path in one process: {result['in_process_sentences_per_cpu_s']:.0f} sentences/CPU-s "
+          f"({result['in_process_of_ceiling']:.2f}x the ceiling); a prepare process's fixed cost "
+          f"{result['prepare_process_fixed_cpu_s']:.1f} CPU-s")
     for name, row in result["layouts"].items():
         print(f"{name:22s} wall {row['wall_s']:7.1f} s  CPU {row['cpu_s']:7.1f} s  "
               f"{row['sentences_per_cpu_s']:6.0f} sentences/CPU-s ({row['sentences_per_cpu_s_without_startup']:6.0f} "

@@ -16,11 +16,13 @@
      the share and the count; nothing is read).
    Baseline: the per-reader mix this replaced (main a68da5b, `Stage2Stream._reader_mix` reimplemented
    here): pieces dealt round-robin, every reader drawing its own pieces by its own weights.
-2. Even passes across elastic resumes, simulated record by record on the same layout scaled to 400k
+2. Even passes across elastic resumes, simulated record by record on the same layout scaled to 1M
    sentences (smallest language ~1,900) with the loader's share and resume code (equal_shares,
    reshare, the range-state advance of dualner.data.position) and its reading order (lowest pass
-   first): 2 ranks x 2 workers -> 3 x 2 at 40% of the pass, and 3 x 2 -> 2 x 2; max/min appearances
-   per eighth over the first pass.
+   first), at 40% of the pass, ranks x loader workers: 2 -> 3 and 3 -> 2 ranks (no workers), 2 x 2
+   -> 3 x 2, 3 x 2 -> 2 x 2, 2 x 2 -> 3 x 1, 3 x 1 -> 2 x 2; max/min appearances per eighth over the
+   first pass, and the stride leftover cost: the decompressed records each reader reads for the rest
+   of the pass of a single-block language after the resume, against going on without one.
 3. Bytes read by all readers / file size, at 1,024 readers of one plain file (real reads, counted at
    the file handle).
 4. --real (a second command): a real 2 ranks x 2 loader workers stage-2 run (tiny random encoder, 10 steps) with one
@@ -28,6 +30,7 @@
 
     python bench/stream_mix.py --output bench/results/stream_mix.json          # 1-3
     python bench/stream_mix.py --output bench/results/stream_mix.json --real   # 4
+    python bench/stream_mix.py --output bench/results/stream_mix.json --resumes   # 2 alone
 """
 
 from __future__ import annotations
@@ -55,6 +58,9 @@ from dualner.data.shares import CURSOR, END, FILE, ONCE, PASS, SKIP, START, STEP
 
 REPO = Path(__file__).resolve().parents[1]
 POOL = 2048
+# (ranks, loader workers) before and after an elastic resume (part 2)
+RESUME_SHAPES = [((2, 0), (3, 0)), ((3, 0), (2, 0)), ((2, 2), (3, 2)), ((3, 2), (2, 2)), ((2, 2), (3, 1)),
+                 ((3, 1), (2, 2))]
 GLOBAL_BATCH = 500
 
 
@@ -179,7 +185,24 @@ def _take(state: list[int], size: int) -> int | None:
     return position
 
 
-def simulate_resume(sizes: np.ndarray, before: int, after: int, at: float) -> dict:
+def stride_leftover_cost(before_states: list, after_states: list, size: int) -> dict:
+    """What the rest of a pass of a piece that cannot be split costs each reader, in decompressed
+    records, after a re-share against going on without one. Every range of such a piece is read
+    from the file's start (decompressed up to its cursor, then on to the end); a reader goes on with
+    its one open stride range, while a new reader reads each of its leftover ranges (one per old
+    reader's stride) that way."""
+    uninterrupted = max(size - max(0, state[CURSOR]) for state in before_states if state[ONCE] < 0)
+    resumed = max(sum(size for state in share if state[ONCE] >= 0) for share in after_states)
+    return {"uninterrupted_records_per_reader": int(uninterrupted), "resumed_records_per_reader": int(resumed),
+            "ratio": resumed / uninterrupted, "full_reads_per_reader": resumed / size}
+
+
+def simulate_resume(sizes: np.ndarray, before_shape: tuple[int, int], after_shape: tuple[int, int],
+                    at: float) -> dict:
+    """A run of `before_shape` (ranks, loader workers; 0 workers: the rank reads) resumed at `at` of
+    the pass on `after_shape`: a reader is (rank, worker), reader index rank x max(1, workers) +
+    worker (dualner.data.streaming), so the shares follow from the number of readers."""
+    before, after = (ranks * max(1, workers) for ranks, workers in (before_shape, after_shape))
     sources = [CorpusFile("labeled.jsonl", "jsonl", "", int(sizes[0]), 0)] + [
         CorpusFile(f"l{d}.txt.xz", "text", "xz", int(size), 0) for d, size in enumerate(sizes[1:])]
     limits = {"bytes": 64 << 20, "sentences": 1 << 16}
@@ -191,8 +214,11 @@ def simulate_resume(sizes: np.ndarray, before: int, after: int, at: float) -> di
     chunk, readers, switch = 0, before, int(samples * at)
     while chunk * POOL < 1.25 * samples:  # on past the epoch: every range has finished its first pass
         if readers == before and chunk * POOL >= switch:
+            old_shares = shares
             shares = [reshare([s for share in stream for s in share], [sources[d]], after, limits)
                       for d, stream in enumerate(shares)]
+            leftover = [stride_leftover_cost([s for share in old_shares[d] for s in share], shares[d], int(sizes[d]))
+                        for d in range(1, len(sizes))]
             readers = after  # pools go on at the first chunk no reader made (all made up to `chunk`)
         counts = np.diff(plan.cumulative(np.arange(chunk, chunk + readers + 1, dtype=np.int64) * POOL), axis=0)
         for reader in range(readers):
@@ -213,7 +239,9 @@ def simulate_resume(sizes: np.ndarray, before: int, after: int, at: float) -> di
     for appearances in in_epoch:
         eighths = [appearances[len(appearances) * e // 8:len(appearances) * (e + 1) // 8].mean() for e in range(8)]
         ratios.append(max(eighths) / min(eighths))
-    return {"readers": f"{before}->{after}", "at": at,
+    worst = max(leftover, key=lambda cost: cost["ratio"])
+    return {"shape": "{}x{} -> {}x{}".format(*before_shape, *after_shape), "readers": f"{before}->{after}", "at": at,
+            "stride_leftover_worst": worst,
             "first_pass_every_record_once": all(bool((seen == 1).all()) for seen in first_pass),
             "eighth_ratio_worst": float(max(ratios)), "eighth_ratio_worst_stream": int(np.argmax(ratios)),
             "eighth_ratio_median_stream": float(np.median(ratios))}
@@ -304,6 +332,7 @@ def main() -> None:
     parser.add_argument("--sentences", type=float, default=5e9)
     parser.add_argument("--windows", type=int, default=20)
     parser.add_argument("--real", action="store_true", help="only part 4, added to --output's other results")
+    parser.add_argument("--resumes", action="store_true", help="only part 2, added to --output's other results")
     args = parser.parse_args()
     if args.real:
         result = json.loads(Path(args.output).read_text()) if Path(args.output).is_file() else {}
@@ -312,9 +341,15 @@ def main() -> None:
         print(result["real_2x2_gz"], flush=True)
         write_result(args.output, result)
         return
-    result = {"cc100": layout_results(args.sentences, [4, 256, 2048], args.windows)}
     small = cc100_sizes(1_000_000, labeled=5_000)
-    result["resumes"] = [simulate_resume(small, 4, 6, 0.4), simulate_resume(small, 6, 4, 0.4)]
+    resumes = [simulate_resume(small, before, after, 0.4) for before, after in RESUME_SHAPES]
+    if args.resumes:
+        result = json.loads(Path(args.output).read_text()) if Path(args.output).is_file() else {}
+        result["resumes"] = resumes
+        print(resumes, flush=True)
+        write_result(args.output, result)
+        return
+    result = {"cc100": layout_results(args.sentences, [4, 256, 2048], args.windows), "resumes": resumes}
     print(result["resumes"], flush=True)
     result["bytes_read"] = bytes_read_ratio(1024, 1_200_000)
     print(result["bytes_read"], flush=True)

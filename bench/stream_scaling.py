@@ -216,6 +216,8 @@ def main() -> None:
     parser.add_argument("--loader-sentences", type=int, default=100_000)
     parser.add_argument("--loader-batches", type=int, default=200)
     parser.add_argument("--skip", nargs="*", default=[], choices=["readers", "resume", "loader"])
+    parser.add_argument("--formats", nargs="*", default=["text", "jsonl", "xz", "prepared"],
+                        choices=["text", "jsonl", "xz", "prepared"], help="part 1's corpora")
     parser.add_argument("--output", type=Path)
     args = parser.parse_args()
     from transformers import AutoTokenizer
@@ -229,10 +231,12 @@ def main() -> None:
         folder = Path(folder)
         if "readers" not in args.skip:
             corpora = write_corpora(folder, args.sentences)
-            prepared = folder / "prepared"
-            prepare([str(corpora["jsonl"])], str(prepared), tokenizer_path, 128, "xx", workers=2,
-                    shard_bytes=8 << 20, log=lambda *_: None)
-            result["reader_rate"] = reader_rates(corpora, prepared, args.repeats)
+            prepared = folder / "prepared" if "prepared" in args.formats else None
+            if prepared is not None:
+                prepare([str(corpora["jsonl"])], str(prepared), tokenizer_path, 128, "xx", workers=2,
+                        shard_bytes=8 << 20, log=lambda *_: None)
+            chosen = {name: path for name, path in corpora.items() if name in args.formats}
+            result["reader_rate"] = reader_rates(chosen, prepared, args.repeats)
         if "resume" not in args.skip:
             result["resume"] = resume_cost(tokenizer, args.repeats, folder)
             print("resume:", result["resume"], flush=True)

@@ -14,6 +14,7 @@ import hashlib
 import json
 import math
 import re
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -140,6 +141,8 @@ class Stage2Recipe(Recipe):
 
     def batches(self, start_step: int):
         self._check_known_bad_records()
+        if start_step > 0:
+            self._catch_up()
         if self.sample_log is not None:  # marks where this job's (possibly resumed) record begins
             with self.sample_log.open("a", encoding="utf-8") as handle:
                 handle.write(json.dumps({"job_starts_after_step": start_step}) + "\n")
@@ -148,6 +151,24 @@ class Stage2Recipe(Recipe):
             if self.sample_log is not None:
                 self._log_samples(batch, self._step)
             yield batch
+
+    def _catch_up(self) -> None:
+        """A resume reads up to its position before the first step, every rank, then waits for the
+        others with a timeout sized for the longest catch-up (a compressed file that cannot be split
+        is decompressed up to the position: minutes at hundreds of GB), so that no collective of
+        training waits for a rank still catching up and trips its timeout."""
+        estimate = self.stream.catch_up_estimate()
+        # this rank's readers catch up in parallel (loader workers), each stream after the other
+        barrier = comm.PatientBarrier(sum(seconds for _, seconds, _ in estimate.values()))
+        started = time.perf_counter()
+        self.stream.catch_up()
+        caught_up = time.perf_counter() - started
+        barrier.wait()
+        log = self.stream.log
+        if log is not None and estimate:
+            log.info("stage 2: caught up with the checkpoint's position in %.1f s, every rank in %.1f s "
+                     "(the wait's timeout: %.0f s)", caught_up, time.perf_counter() - started,
+                     barrier.timeout.total_seconds())
 
     def begin_step(self, step: int) -> None:
         self._step = step
@@ -184,7 +205,10 @@ class Stage2Recipe(Recipe):
         stats = {"agreement_words": self._stats.get("agreement_words", torch.zeros((), device=device)),
                  "words": self._stats.get("words", torch.zeros((), device=device)),
                  "entities_per_language": self._stats.get("entities_per_language",
-                                                          torch.zeros(len(self.languages), device=device))}
+                                                          torch.zeros(len(self.languages), device=device)),
+                 # summed over ranks with the window's one device reduction (no collective of its own)
+                 "stream_wait_seconds": torch.tensor(list(self.stream.position.take_wait_seconds().values()),
+                                                     dtype=torch.float32, device=device)}
         self._stats = {}
         return stats
 
@@ -198,7 +222,13 @@ class Stage2Recipe(Recipe):
             scalars["loss/mse_share"] = self.weights["mse"] * sums["mse"] / sums["total"]
         scalars |= {f"pseudo_entities/{language}": float(count) for language, count in zip(self.languages, entities)}
         # this rank's readers: time spent reading each stream (a slow stream holds its pools back)
-        scalars |= {f"data/read_seconds/{name}": seconds for name, seconds in self.stream.position.take_read_seconds().items()}
+        position = self.stream.position
+        scalars |= {f"data/read_seconds/{name}": seconds for name, seconds in position.take_read_seconds().items()}
+        # what the step waited for each stream, the mean over ranks (as data/wait_seconds, its total)
+        waits = sums["stream_wait_seconds"]
+        waits = waits if isinstance(waits, list) else [waits]
+        world_size = comm.current().world_size
+        scalars |= {f"data/wait_seconds/{name}": seconds / world_size for name, seconds in zip(position.names, waits)}
         return scalars
 
     def on_new_best(self) -> None:

@@ -1,4 +1,6 @@
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from dualner.data.batching import BatchPlan, bucketed_micro_batches
 from dualner.data.conll import DataFormatError, Sentence, read_conll
@@ -117,3 +119,33 @@ def test_bare_boundary_piece_is_not_the_labeled_one():
         [Sentence(["北", "京", "Paris"], ["B-LOC", "I-LOC", "B-LOC"], "zh")]).to_list()[0]
     assert row["input_ids"] == [0, 4, 5, 4, 6, 7, 2]
     assert row["word_index"] == [-1, -1, 0, -1, 1, 2, -1]
+
+
+def _bare_boundary_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    vocab = {"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3, "▁": 4, "北": 5, "京": 6, "▁Paris": 7, "▁a": 8, "b": 9}
+    backend = Tokenizer(models.Unigram([(token, -1.0) for token in vocab], unk_id=3))
+    backend.pre_tokenizer = pre_tokenizers.Metaspace()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, cls_token="<s>", sep_token="</s>",
+                                   pad_token="<pad>", unk_token="<unk>")
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(sentences=st.lists(st.lists(st.sampled_from(["北", "京", "Paris", "ab", "abbbbbbbbbbbb", "bab", "\u200b", "x",
+                                                    "Ünïcødé", "New", "York-based", "e5"]), max_size=30),
+                          min_size=1, max_size=12),
+       max_length=st.integers(3, 40), bare=st.booleans())
+def test_the_whole_batch_path_makes_the_windows_of_the_word_by_word_path(tiny_tokenizer, sentences, max_length, bare):
+    """encode_batch computes the one-window sentences for the whole batch at once; every sentence's
+    windows are those of the general path (`_windows`: word by word), long, CJK and empty words too."""
+    tokenizer = _bare_boundary_tokenizer() if bare else tiny_tokenizer
+    encoder = WindowTokenizer(tokenizer, LABELS, max_length)
+    rows = encoder.encode_batch({"words": sentences, "tags": [[] for _ in sentences], "row": list(range(len(sentences)))})
+    for row, words in enumerate(sentences):
+        encoded = tokenizer([words], is_split_into_words=True, add_special_tokens=False, verbose=False)
+        expected = [(first, ids, index) for first, _, ids, index in
+                    encoder._windows(encoded["input_ids"][0], encoded.word_ids(0), len(words), max_length - 2)]
+        made = [(rows["word_offset"][i], rows["input_ids"][i], rows["word_index"][i])
+                for i, of in enumerate(rows["row"]) if of == row]
+        assert made == expected, words

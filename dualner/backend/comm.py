@@ -19,12 +19,16 @@ from __future__ import annotations
 import os
 import socket
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any, Sequence
 
 import torch
 import torch.distributed as dist
 
+from dualner.errors import ConfigError
+
 STRICT_ENV = "DUALNER_STRICT_COLLECTIVES"  # the test switch of the collective audit
+TIMEOUT_ENV = "DUALNER_COLLECTIVE_TIMEOUT_S"  # seconds a collective may wait for the slowest rank
 
 
 @dataclass(frozen=True)
@@ -83,12 +87,28 @@ def init_distributed() -> DistInfo:
         device = accelerator_device(int(os.environ.get("LOCAL_RANK", 0)))
         if device.type == "cuda":
             torch.cuda.set_device(device)  # NCCL and object collectives use the current device
-        dist.init_process_group(backend=process_group_backend(device),
+        dist.init_process_group(backend=process_group_backend(device), timeout=collective_timeout(),
                                 rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]))
         if os.environ.get(STRICT_ENV) == "1":  # tests only (tests/conftest.py)
             from dualner.backend.testing import install_strict_audit
             install_strict_audit()
     return current()
+
+
+def collective_timeout() -> timedelta:
+    """How long a collective of the default process group waits for the slowest rank before failing:
+    `DUALNER_COLLECTIVE_TIMEOUT_S`, else torch's default (30 minutes, which groups created without a
+    timeout, e.g. DeepSpeed's, keep)."""
+    configured = os.environ.get(TIMEOUT_ENV, "")
+    if not configured:
+        return dist.default_pg_timeout
+    try:
+        seconds = float(configured)
+    except ValueError:
+        seconds = 0.0
+    if seconds <= 0:
+        raise ConfigError(f"{TIMEOUT_ENV}={configured!r}: expected a positive number of seconds")
+    return timedelta(seconds=seconds)
 
 
 def current() -> DistInfo:
@@ -112,6 +132,27 @@ def shutdown() -> None:
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
+
+
+class PatientBarrier:
+    """A barrier for a wait whose length is known ahead and may pass the collective timeout (a
+    resume's catch-up): its timeout is twice the collective timeout plus four times the longest
+    `expected_seconds` of any rank. Every rank builds it before the wait (that is a collective, at the
+    usual timeout) and passes it after; training's own collectives then start together."""
+
+    def __init__(self, expected_seconds: float):
+        self.timeout = 2 * collective_timeout() + timedelta(seconds=4 * max(0.0, expected_seconds))
+        self._group = None
+        if _several_ranks():
+            longest = host_all_reduce([max(0.0, expected_seconds)], "max")[0]  # every rank: one timeout
+            self.timeout = 2 * collective_timeout() + timedelta(seconds=4 * longest)
+            self._group = dist.new_group(backend="gloo", timeout=self.timeout)
+
+    def wait(self) -> None:
+        if self._group is not None:
+            dist.barrier(group=self._group)
+            dist.destroy_process_group(self._group)
+            self._group = None
 
 
 # -- objects -------------------------------------------------------------------------------------

@@ -33,6 +33,16 @@ def advance(state: list[int], pass_: int, after: int, done: bool) -> None:
         state[PASS], state[CURSOR], state[SKIP] = pass_, after, state[STEP] - 1
 
 
+def stream_waits(waited: float, read_seconds: Sequence[float]) -> list[float]:
+    """The part of a wait for a pool's first micro batch that each stream caused: the seconds the
+    pool's reader spent reading each stream, scaled down to the wait when the wait was shorter
+    (loader workers read ahead, hiding the rest). What is left of the wait (tokenizing, collating)
+    is no stream's."""
+    total = sum(read_seconds)
+    scale = min(1.0, waited / total) if total > 0 else 0.0
+    return [seconds * scale for seconds in read_seconds]
+
+
 class RankPosition:
     """One rank's part of the global position, updated from the micro batches it trains: the range
     states its readers own, the pools seen in part, the pools each of its readers made."""
@@ -54,8 +64,10 @@ class RankPosition:
         self.new_bad: dict[tuple, list] = {}
         self.bad_seen: list[dict] = []  # reports the recipe has not taken yet
         self.read_seconds = dict.fromkeys(names, 0.0)  # per stream, this rank's new pools, not yet taken
+        self.wait_seconds = dict.fromkeys(names, 0.0)  # per stream, what the training step waited, not yet taken
 
-    def consumed(self, position: dict) -> None:
+    def consumed(self, position: dict, waited: float = 0.0) -> None:
+        """A micro batch was trained; `waited`: the seconds the training step waited for it."""
         key = (position["reader"], position["number"])
         pool = self.pools.get(key)
         reader = position["reader"]
@@ -67,8 +79,10 @@ class RankPosition:
                     advance(state, pass_, after, done)
             pool = {"reader": reader, "number": position["number"], "segments": position["segments"],
                     "seed": position["seed"], "chunk": position["chunk"]}
-            for name, seconds in zip(self.names, position["read_seconds"] or ()):
+            read = position["read_seconds"] or [0.0] * len(self.names)
+            for name, seconds, stream_wait in zip(self.names, read, stream_waits(waited, read)):
                 self.read_seconds[name] += seconds
+                self.wait_seconds[name] += stream_wait
             self.pools[key] = pool
             self.pools_made[reader] = max(self.pools_made.get(reader, 0), position["number"] + 1)
         pool.update(cut=position["cut"], skip=position["skip"], consumed=position["index"] + 1)
@@ -97,6 +111,11 @@ class RankPosition:
         """Seconds this rank's readers spent reading each stream for the pools trained since the last
         call (a stream that cannot keep up shows here: the plan waits for it)."""
         taken, self.read_seconds = self.read_seconds, dict.fromkeys(self.names, 0.0)
+        return taken
+
+    def take_wait_seconds(self) -> dict[str, float]:
+        """Seconds the training step waited for each stream's records since the last call."""
+        taken, self.wait_seconds = self.wait_seconds, dict.fromkeys(self.names, 0.0)
         return taken
 
     @property

@@ -43,6 +43,7 @@ import gc
 import hashlib
 import heapq
 import io
+import itertools
 import json
 import multiprocessing
 import os
@@ -311,10 +312,12 @@ _worker_state: dict = {}
 
 def _init_worker(tokenizer_path: str, max_length: int, language: str, output: str) -> None:
     from transformers import AutoTokenizer
+    _use_tokenizer(AutoTokenizer.from_pretrained(tokenizer_path), max_length, language, output)
 
+
+def _use_tokenizer(tokenizer, max_length: int, language: str, output: str) -> None:
     from dualner.data.encoding import WindowTokenizer
     from dualner.labels import LabelSet
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
     _worker_state.update(encoder=WindowTokenizer(tokenizer, LabelSet(()), max_length), language=language,
                          output=Path(output))
 
@@ -374,8 +377,9 @@ def _tokenize_shard(file: CorpusFile, piece: Piece, records: list | None) -> dic
             tokens.append(ids)
             word_index.append(encoded["word_index"][row])
     name = piece.name
-    flat_tokens = np.fromiter((t for ids in tokens for t in ids), dtype=np.int32)
-    flat_index = np.fromiter((w for row in word_index for w in row), dtype=np.int16)
+    total = windows[-1][1] if windows else 0
+    flat_tokens = np.fromiter(itertools.chain.from_iterable(tokens), dtype=np.int32, count=total)
+    flat_index = np.fromiter(itertools.chain.from_iterable(word_index), dtype=np.int16, count=total)
     files = {}
     for part, array in (("tokens", flat_tokens), ("word_index", flat_index),
                         ("windows", np.asarray(windows, dtype=np.int64).reshape(-1, 3)),
@@ -681,8 +685,8 @@ def _prepare_in(folder: Path, files: list[CorpusFile], plan: dict, tokenizer, to
             yield file, piece, records
 
     args = (tokenizer_path, max_length, language, str(folder))
-    if workers == 1:
-        _init_worker(*args)
+    if workers == 1:  # in this process, with the tokenizer it loaded (a load costs seconds of CPU)
+        _use_tokenizer(tokenizer, max_length, language, str(folder))
         results += [_write_shard(task) for task in todo()]
     else:
         with context.Pool(workers, initializer=_init_worker, initargs=args) as pool:

@@ -37,7 +37,9 @@ made: nothing is replayed and nothing repeats or goes missing within a pass.
 from __future__ import annotations
 
 import bisect
+import collections
 import glob
+import itertools
 import json
 import random
 import time
@@ -67,6 +69,9 @@ HUB_PREFIX = "hf:"
 STREAM_META = ("language", "kind", "sample_id", "src_id", "word_offset", "pass")
 DEFAULT_RANGE_BYTES = 64 << 20
 DEFAULT_RANGE_SENTENCES = 1 << 16
+# decompress-and-discard speed per CPU, bytes of output a second (issue 24's measurements; bz2 from
+# its ratio to gzip on the same text): what a resume inside a piece that cannot be split costs
+DECOMPRESSION_RATE = {"gzip": 190e6, "xz": 48e6, "zstd": 730e6, "bz2": 12e6}
 
 
 # -- the streams and their pieces ------------------------------------------------------------------
@@ -333,17 +338,37 @@ class _StreamCursor:
         return (not live or self._empty_ends > len(live)
                 or (self.one_pass and all(r[PASS] >= 1 for r in live)))
 
+    def next_range(self) -> list[int] | None:
+        """The range to read next (None: none is left)."""
+        if self.exhausted:
+            return None
+        state = min(self._live(), key=self._order)
+        return None if self.one_pass and state[PASS] >= 1 else state
+
+    def _open_next(self) -> bool:
+        """Open the range to read next (False: none is left)."""
+        state = self.next_range()
+        if state is None:
+            return False
+        self._open = (state, read_range(self.spec, state, state[CURSOR], self.counter))
+        self.segment = None
+        return True
+
+    def catch_up(self) -> None:
+        """Where entering the range to read next reads what comes before its cursor (a piece that
+        cannot be split, decompressed up to there), open it and read up to its first record now: a
+        resume's catch-up happens here, not in whichever pool first asks for this stream."""
+        state = self.next_range() if self._open is None else None
+        if state is not None and _reads_before(self.spec.sources[state[FILE]], state[CURSOR]) and self._open_next():
+            state, records = self._open
+            first = next(records, StopIteration)
+            self._open = (state, iter(()) if first is StopIteration else itertools.chain([first], records))
+
     def next(self, segments: list) -> tuple[list[int], object] | None:
         """(range state, unit / BadRecord / None) of the next record, the segment list updated."""
         while True:
-            if self._open is None:
-                if self.exhausted:
-                    return None
-                state = min(self._live(), key=self._order)
-                if self.one_pass and state[PASS] >= 1:
-                    return None
-                self._open = (state, read_range(self.spec, state, state[CURSOR], self.counter))
-                self.segment = None
+            if self._open is None and not self._open_next():
+                return None
             state, records = self._open
             item = next(records, StopIteration)
             if item is StopIteration:  # the range's pass is done
@@ -369,6 +394,17 @@ class _StreamCursor:
 
     def close_segment(self) -> None:
         self.segment = None
+
+
+def _skipped_bytes(source, position: int) -> int:
+    """What entering `source` at `position` decompresses and throws away."""
+    return max(0, position) if isinstance(source, CorpusFile) and not source.splittable else 0
+
+
+def _reads_before(source, position: int) -> bool:
+    """Whether entering `source` at `position` reads what comes before it (a compressed file that
+    cannot be split, a hub dataset's shard); elsewhere it is a seek."""
+    return position > 0 and (isinstance(source, HubSource) or _skipped_bytes(source, position) > 0)
 
 
 def read_segment(spec: StreamSpec, segment: list, counter: list[int] | None = None) -> list:
@@ -403,8 +439,14 @@ class Stage2Reader:
 
     def __iter__(self) -> Iterator[dict]:
         plan = self.plan
-        for pool in plan.leftover:
-            yield from self._micro_batches(pool, self._read_again(pool))
+        # A resume's whole catch-up before the first micro batch (the pools seen in part read again,
+        # every stream's next range read up to its cursor), so that the rank waits for it once,
+        # before training's first collective (Stage2Stream.catch_up), never in the middle of a step.
+        leftover = [(pool, self._read_again(pool)) for pool in plan.leftover]
+        for cursor in self.cursors:
+            cursor.catch_up()
+        for pool, items in leftover:
+            yield from self._micro_batches(pool, items)
         number = plan.pools_made
         while not all(cursor.exhausted for cursor in self.cursors):
             drawn = self._draw(number)
@@ -622,6 +664,7 @@ class Stage2Stream:
         self.mix_plan = MixPlan([spec.weight for spec in self.streams],
                                 block=chunk * -(-4 * len(self.streams) // chunk))
         self._position: RankPosition | None = None  # None: not planned yet
+        self._caught_up: collections.deque = collections.deque()  # (batch, waited) made by catch_up
 
     @property
     def position(self) -> RankPosition:
@@ -647,6 +690,8 @@ class Stage2Stream:
                                          position.pools_made.get(reader, 0) if same_readers else fresh, base)
                       for reader in mine}
         self._report_unsplit()
+        if position is not None:
+            self._report_catch_up()
         rotation = position.next_worker.get(self.rank, 0) if same_readers else 0
         self._position = RankPosition(
             self.rank, self.readers_per_rank, self.readers, [spec.name for spec in self.streams], owned,
@@ -664,6 +709,7 @@ class Stage2Stream:
                                  prefetch_factor=4 if self.workers else None,
                                  generator=torch.Generator().manual_seed(self.seed + self.rank))
         self._iterator = None
+        self._caught_up.clear()
 
     def _report_unsplit(self) -> None:
         """What a piece that cannot be split costs: every reader reads all of it to keep its share."""
@@ -680,6 +726,50 @@ class Stage2Stream:
                     "give it uncompressed or as a splittable (multi-block) file", spec.name, len(pieces),
                     self.readers, self.readers, self.readers)
 
+    def catch_up_estimate(self) -> dict[str, tuple[int, float, str]]:
+        """What this rank's resume must decompress and throw away before its first micro batch, per
+        stream: (bytes, estimated seconds, the file), for the reader of this rank with the most
+        (a rank's loader workers catch up in parallel)."""
+        found: dict[str, tuple[int, float, str]] = {}
+        for plan in self.plans.values():
+            for index, spec in enumerate(self.streams):
+                cursor = _StreamCursor(spec, index, plan.ranges.get(spec.name, []), self.seed, self.one_pass)
+                pieces = [(spec.sources[segment[1]], segment[5]) for pool in plan.leftover
+                          for segment in pool["segments"] if segment[0] == index]
+                state = cursor.next_range()
+                if state is not None:
+                    pieces.append((spec.sources[state[FILE]], state[CURSOR]))
+                skipped = [(_skipped_bytes(source, at), source) for source, at in pieces]
+                total = sum(count for count, _ in skipped)
+                if total and total > found.get(spec.name, (0,))[0]:
+                    seconds = sum(count / DECOMPRESSION_RATE.get(source.compression, 48e6) for count, source in skipped)
+                    found[spec.name] = (total, seconds, max(skipped, key=lambda item: item[0])[1].path)
+        return found
+
+    def _report_catch_up(self) -> None:
+        """A resume inside pieces that cannot be split: what it costs, and the remedy."""
+        if self.log is None or self.rank != 0:
+            return
+        for name, (skipped, seconds, path) in self.catch_up_estimate().items():
+            self.log.warning(
+                "stage 2: resuming %s decompresses and discards about %.1f MB of %s up to the checkpoint's position "
+                "(about %.0f s on one CPU per reader) before the first step; the ranks wait for each other's "
+                "catch-up with a timeout sized for it. Run `python -m dualner prepare` on it, or give it uncompressed "
+                "or as a splittable (multi-block) file, and a resume costs O(1)", name, skipped / 1e6, path, seconds)
+
+    def catch_up(self) -> None:
+        """A resume's catch-up, done before training: every reader of this rank reads up to its
+        positions (decompressing pieces that cannot be split up to them) and makes its first micro
+        batch, held for `next_batch`. The caller then waits for the other ranks (comm.PatientBarrier),
+        so that no collective of training waits for a rank still catching up."""
+        self._start()
+        for _ in range(self.readers_per_rank):  # the loader takes its workers' batches in turn
+            started = time.perf_counter()
+            batch = next(self._iterator, None)
+            if batch is None:
+                break
+            self._caught_up.append((batch, time.perf_counter() - started))
+
     # -- reading ---------------------------------------------------------------------------------------
     def __iter__(self) -> Iterator[dict]:
         while True:
@@ -688,12 +778,23 @@ class Stage2Stream:
             except StopIteration:
                 return
 
-    def next_batch(self) -> dict:
+    def _start(self) -> RankPosition:
         position = self.position  # plans the readers (and makes the loader) if nothing did yet
         if self._iterator is None:
             self._iterator = iter(self.loader)
-        batch = next(self._iterator)
-        position.consumed(batch["position"])
+        return position
+
+    def next_batch(self) -> dict:
+        position = self._start()
+        if self._caught_up:
+            batch, waited = self._caught_up.popleft()
+        else:
+            started = time.perf_counter()
+            batch = next(self._iterator)
+            waited = time.perf_counter() - started
+        # the wait is charged to the streams where the batch is assembled: a pool's first micro batch
+        # waits for its reader to read it (position.stream_waits)
+        position.consumed(batch["position"], waited)
         return batch
 
     def records_read(self) -> int:
