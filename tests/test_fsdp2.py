@@ -125,5 +125,5 @@ def test_stage2_fsdp2_trains_as_deepspeed_zero3(stage1_runs, tmp_path):
 
 
 def test_fsdp2_teacher_refresh_copies_the_student(tiny_encoder):
-    output = launch("tests/fsdp2_refresh_check.py", [], nproc=2)
+    output = launch("tests/teacher_refresh_check.py", ["fsdp2"], nproc=2)
     assert (output.stdout + output.stderr).count("teacher equals student after refresh") == 2

@@ -99,7 +99,7 @@ def test_zero3_with_teacher_completes(stage1_run, tmp_path):
 
 
 def test_zero3_teacher_refresh_copies_the_student(tiny_encoder):
-    output = launch("tests/zero3_refresh_check.py", [], nproc=2)
+    output = launch("tests/teacher_refresh_check.py", ["deepspeed"], nproc=2)
     assert output.stdout.count("teacher equals student after refresh") == 2
 
 

@@ -1,30 +1,41 @@
-"""Run by tests/test_fsdp2.py under torchrun: under FSDP2 on 2 ranks, the teacher refresh copies the
-trained student exactly, for both placements: sharded like the student (each rank copies its own
-shards) and a whole replica on every rank (each parameter gathered in turn)."""
+"""Run under torchrun on 2 ranks by tests/test_stage2_distributed.py (`deepspeed`: ZeRO-3) and
+tests/test_fsdp2.py (`fsdp2`): the teacher refresh copies the trained student exactly, for both
+placements: sharded like the student (each rank copies its own shards or partition) and a whole
+replica on every rank (each parameter gathered in turn)."""
 
 import sys
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
 
+from dualner.backend import deepspeed_config, fsdp2  # noqa: E402
 from dualner.backend.comm import init_distributed  # noqa: E402
-from dualner.backend.fsdp2 import FSDP2Settings, ShardedTeacher, prepare  # noqa: E402
 from dualner.backend.teacher import ReplicaTeacher  # noqa: E402
 from dualner.config import TrainConfig  # noqa: E402
 from dualner.data.batching import BatchLayout  # noqa: E402
 from dualner.encoders import resolve_encoder  # noqa: E402
 from dualner.model import DualNERModel  # noqa: E402
 
+kind = sys.argv[1]
 info = init_distributed()
 encoder = resolve_encoder("tiny-random")
-setup = prepare(FSDP2Settings(), BatchLayout(4, 2, 1, 2), torch.device("cpu"), "auto")
-torch.manual_seed(info.rank)  # the ranks draw different heads: the engine starts from rank 0's
+layout = BatchLayout(4, 2, 1, 2)
+if kind == "deepspeed":
+    settings = deepspeed_config.DeepSpeedSettings(config=str(REPO / "ds_configs" / "zero3_fp32.json"))
+    setup = deepspeed_config.prepare(settings, layout, torch.device("cpu"), "auto")
+else:
+    setup = fsdp2.prepare(fsdp2.FSDP2Settings(), layout, torch.device("cpu"), "auto")
+torch.manual_seed(info.rank)  # the ranks draw different heads: what each rank holds must still agree
 student = setup.build(DualNERModel.from_pretrained_encoder(encoder, 3), TrainConfig(lr=1e-2, warmup_steps=0), 10)
 sharded = setup.build_teacher(DualNERModel.from_pretrained_encoder(encoder, 3), "partitioned")
 replica = setup.build_teacher(DualNERModel.from_pretrained_encoder(encoder, 3), "replica")
-assert isinstance(sharded, ShardedTeacher) and isinstance(replica, ReplicaTeacher)
+assert isinstance(replica, ReplicaTeacher) and not isinstance(sharded, ReplicaTeacher)
+assert not any(hasattr(p, "ds_tensor") for p in replica.module.parameters())  # whole, not partitioned
+if kind == "deepspeed":  # a tiny model fits: auto places a replica
+    assert isinstance(setup.build_teacher(DualNERModel.from_pretrained_encoder(encoder, 3), "auto"), ReplicaTeacher)
 ids = torch.randint(5, 200, (2, 7))
 mask = torch.ones_like(ids)
 for _ in range(2):
