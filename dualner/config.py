@@ -290,6 +290,14 @@ def _whole(value: Any) -> int | None:
     return int(number) if number.is_integer() and not isinstance(value, bool) else None
 
 
+def _renamed_section(prefix: str, key: str) -> str:
+    """A top-level section named after an engine kind is an earlier version's engine section."""
+    from dualner.backend import ENGINE_KINDS
+    if prefix or key not in ENGINE_KINDS:
+        return ""
+    return f" (a '{key}:' section is now 'engine:' with 'kind: {key}' and the same keys)"
+
+
 def _build(cls: type, values: dict, prefix: str) -> Any:
     if not isinstance(values, dict):
         raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {values!r}")
@@ -300,7 +308,7 @@ def _build(cls: type, values: dict, prefix: str) -> Any:
     if unknown:
         where = f"{prefix}." if prefix else ""
         raise ConfigError(f"unknown config key '{where}{unknown[0]}'; valid keys under "
-                          f"'{prefix or '<top>'}': {', '.join(names)}")
+                          f"'{prefix or '<top>'}': {', '.join(names)}" + _renamed_section(prefix, unknown[0]))
     kwargs = {}
     for name, value in values.items():
         key = f"{prefix}.{name}" if prefix else name

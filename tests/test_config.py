@@ -29,6 +29,14 @@ def test_unknown_key_lists_valid_ones(tmp_path):
         load_config(None, ["nope.x=1"])
 
 
+def test_an_earlier_versions_engine_section_says_what_it_became(tmp_path):
+    path = tmp_path / "old.yaml"
+    path.write_text("deepspeed:\n  config: ds_configs/zero0_fp32.json\n")
+    with pytest.raises(ConfigError, match=r"unknown config key 'deepspeed'; .*\(a 'deepspeed:' section is now "
+                                          r"'engine:' with 'kind: deepspeed' and the same keys\)"):
+        load_config(path)
+
+
 @pytest.mark.parametrize("override, message", [
     ("train.epochs=abc", "train.epochs: expected int"),
     ("train.lr=[1]", "train.lr: expected float"),
