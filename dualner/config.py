@@ -675,6 +675,24 @@ def _check_as_the_job(cfg: Config, args) -> str:
     return "; ".join(scope)
 
 
+def _check_max_length_if_local(cfg: Config, encoder: str) -> None:
+    """data.max_length against the encoder's positions, as the job checks it, where the encoder's
+    config.json is on this machine (a folder, or a built-in alias built before); a hub name is left
+    to the job (checking it would download)."""
+    from dualner.encoders import default_cache_dir
+    from dualner.limits import check_max_length
+    folder = next((Path(p) for p in (encoder, default_cache_dir() / encoder) if (Path(p) / "config.json").is_file()),
+                  None)
+    if folder is None:
+        return
+    from transformers import AutoConfig
+    try:
+        encoder_config = AutoConfig.from_pretrained(str(folder))
+    except (OSError, ValueError):
+        return  # a damaged folder: the job names its file
+    check_max_length(cfg.data.max_length, encoder_config, f"model.encoder={cfg.model.encoder}")
+
+
 def check_named_files(cfg: Config, stage: int) -> None:
     """`config --check`: the files and folders the config names exist where the job will look for them
     (relative paths from the working folder, as the job reads them), with the job's own messages; what
@@ -690,6 +708,8 @@ def check_named_files(cfg: Config, stage: int) -> None:
     encoder = os.path.expanduser(cfg.model.encoder)
     if stage == 1 and encoder.startswith((".", "/", "~")) and not Path(encoder).exists():
         raise MissingPathError(f"model.encoder: no such folder {encoder}")
+    if stage == 1:
+        _check_max_length_if_local(cfg, encoder)
     if stage != 2:
         return
     if not Path(cfg.stage2.init_from).expanduser().exists():  # a job script may check before stage 1 has run

@@ -12,6 +12,7 @@ import pytest
 
 from dualner.cli import dispatch
 from dualner.data.prepared import MANIFEST, PreparedCorpus, main as prepare_main, prepare
+import dualner.data.prepared as prepared_module
 from dualner.errors import ConfigError, DataFormatError
 
 
@@ -46,7 +47,8 @@ def test_a_truncated_or_deleted_shard_is_named_at_open_and_prepare_redoes_it(pre
     assert [len(corpus.windows_of(i)) for i in range(corpus.sentences)] == [1] * 200
 
 
-def test_corrupted_bytes_are_found_when_the_shard_is_read_and_by_verify(prepared, tiny_encoder, capsys):
+def test_corrupted_bytes_are_found_at_open_when_the_shard_is_read_and_by_verify(prepared, tiny_encoder, capsys,
+                                                                              monkeypatch):
     plain, folder = prepared
     assert dispatch(["prepare", "--verify", str(folder)]) == 0
     assert "every shard file matches" in capsys.readouterr().out
@@ -54,7 +56,13 @@ def test_corrupted_bytes_are_found_when_the_shard_is_read_and_by_verify(prepared
     data = bytearray(sentences.read_bytes())
     data[-3] ^= 0xFF  # same size: only a checksum sees it
     sentences.write_bytes(bytes(data))
+    # a small corpus is checksummed whole at open: refused at start-up, before a run folder is made
+    with pytest.raises(DataFormatError, match=r"stage2.target.de: .*0000-000000\.sentences\.npy: damaged prepared "
+                                              r"shard \(its checksum differs"):
+        PreparedCorpus.open(folder, "stage2.target.de")
+    monkeypatch.setattr(prepared_module, "WHOLE_CHECK_BYTES", 0)  # a large one: sizes at open, ends when read
     corpus = PreparedCorpus.open(folder)  # sizes hold
+    monkeypatch.undo()
     with pytest.raises(DataFormatError, match=r"0000-000000\.sentences\.npy: damaged prepared shard \(its checksum"):
         corpus.windows_of(0)
     with pytest.raises(DataFormatError, match=r"1 damaged shard file.*0000-000000\.sentences\.npy"):

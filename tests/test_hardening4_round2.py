@@ -237,3 +237,9 @@ def test_config_check_notes_a_stage1_run_not_made_yet(tmp_path):
                  f"stage2.init_from={tmp_path / 'stage1'}")
     assert result.returncode == 0 and result.stdout.startswith("ok: "), result.stderr[-3000:]
     assert f"note: stage2.init_from={tmp_path / 'stage1'} does not exist yet" in result.stderr
+
+
+def test_config_check_refuses_a_max_length_beyond_the_encoders_positions(tiny_encoder):
+    line = one_line_error(cli("config", "--check", "--config", str(REPO / "configs" / "tiny.yaml"),
+                              f"model.encoder={tiny_encoder}", "data.max_length=1000"))
+    assert "data.max_length=1000 is more than model.encoder=" in line and "set data.max_length=512 or less" in line

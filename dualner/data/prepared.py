@@ -67,6 +67,10 @@ BLOCK = 1 << 16  # sentences shuffled together within a pass (and the largest pi
 FORMAT_NAME = "dualner-prepared"
 VERSION = 2
 _ENDS = 1 << 16  # bytes at each end of a shard file checked when it is first read
+# a corpus whose shard files hold at most this many bytes is checksummed whole when it is opened
+# (about a tenth of a second); a larger one by size at start-up and by its ends when a shard is first
+# read (its whole checksum: `prepare --verify`), as a TB corpus cannot be read at every start
+WHOLE_CHECK_BYTES = 64 << 20
 PARTS = ("tokens", "word_index", "windows", "sentences")
 
 
@@ -146,7 +150,9 @@ class PreparedCorpus:
         self._orders: dict[tuple, np.ndarray] = {}
 
     @staticmethod
-    def open(path: str | os.PathLike, key: str = "") -> "PreparedCorpus":
+    def open(path: str | os.PathLike, key: str = "", whole_check: bool = True) -> "PreparedCorpus":
+        """`whole_check`: checksum a small corpus's files whole (WHOLE_CHECK_BYTES); `prepare --verify`
+        checks every file itself, to list all the damaged ones."""
         folder = Path(path)
         try:
             manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
@@ -172,6 +178,14 @@ class PreparedCorpus:
                         raise DataFormatError(f"{key}: {path}: damaged prepared shard ({found}); run prepare again "
                                               f"with the same inputs and --output (it redoes damaged shards), or "
                                               f"restore the folder")
+            records = [(folder / f"{shard['name']}.{part}.npy", record)
+                       for shard in manifest["shards"] for part, record in shard["files"].items()]
+            if whole_check and sum(record["bytes"] for _, record in records) <= WHOLE_CHECK_BYTES:
+                for path, record in records:
+                    if _sha256(path) != record["sha256"]:
+                        raise DataFormatError(f"{key}: {path}: damaged prepared shard (its checksum differs from "
+                                              f"the manifest's); run prepare again with the same inputs and "
+                                              f"--output (it redoes damaged shards), or restore the folder")
             return PreparedCorpus(folder, manifest)
         except (KeyError, TypeError, AttributeError, IndexError) as error:  # edited by hand, or damaged in place
             raise DataFormatError(f"{key}: {folder / MANIFEST}: damaged manifest ({type(error).__name__}: {error}); "
@@ -280,14 +294,22 @@ def _ends_match(path: Path, record: dict) -> bool:
     return _ends_digest(head, tail, record["bytes"]) == record["ends"]
 
 
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def verify(folder: str | os.PathLike) -> list[str]:
     """Every shard file of a prepared corpus against its size and whole checksum: the damaged ones."""
-    corpus = PreparedCorpus.open(folder, "prepare --verify")
+    corpus = PreparedCorpus.open(folder, "prepare --verify", whole_check=False)
     damaged = []
     for shard in corpus.manifest["shards"]:
         for part, record in shard["files"].items():
             path = corpus.folder / f"{shard['name']}.{part}.npy"
-            if _file_record(path.read_bytes())["sha256"] != record["sha256"]:
+            if _sha256(path) != record["sha256"]:
                 damaged.append(str(path))
     return damaged
 
