@@ -710,15 +710,20 @@ def check_named_files(cfg: Config, stage: int) -> None:
         raise MissingPathError(f"model.encoder: no such folder {encoder}")
     if stage == 1:
         _check_max_length_if_local(cfg, encoder)
+        from dualner.data.sources import refuse_shared_files
+        refuse_shared_files({f"data.train.{language}": [path] for language, path in cfg.data.train.items()})
     if stage != 2:
         return
     if not Path(cfg.stage2.init_from).expanduser().exists():  # a job script may check before stage 1 has run
         print(f"dualner config --check: note: stage2.init_from={cfg.stage2.init_from} does not exist yet; the "
               f"stage-2 job needs it (the stage-1 run's folder or a step-N checkpoint)", file=sys.stderr)
+    from dualner.data.sources import refuse_shared_files
     from dualner.data.streaming import expand_files
+    files = {f"data.train.{language}": [path] for language, path in cfg.data.train.items()}
     for group in ("target", "translations"):
         for language, pattern in getattr(cfg.stage2, group).items():
-            expand_files(pattern, f"stage2.{group}.{language}")
+            files[f"stage2.{group}.{language}"] = expand_files(pattern, f"stage2.{group}.{language}")
+    refuse_shared_files(files)  # one file under two keys would be trained twice
 
 
 def main(argv: list[str] | None = None) -> None:

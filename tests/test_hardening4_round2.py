@@ -243,3 +243,11 @@ def test_config_check_refuses_a_max_length_beyond_the_encoders_positions(tiny_en
     line = one_line_error(cli("config", "--check", "--config", str(REPO / "configs" / "tiny.yaml"),
                               f"model.encoder={tiny_encoder}", "data.max_length=1000"))
     assert "data.max_length=1000 is more than model.encoder=" in line and "set data.max_length=512 or less" in line
+
+
+def test_config_check_refuses_one_file_under_two_keys(tmp_path):
+    link = tmp_path / "de.tsv"
+    link.symlink_to(REPO / "data" / "panx-sample" / "en" / "train.tsv")
+    line = one_line_error(cli("config", "--check", "--config", str(REPO / "configs" / "tiny.yaml"),
+                              f"data.train.de={link}"))
+    assert "data.train.en and data.train.de name one file" in line and "trained twice" in line
