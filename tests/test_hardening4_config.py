@@ -260,8 +260,8 @@ ENCODER_FOLDERS = {
     "an empty tokenizer folder": (lambda folder: folder.parent / "empty", "model.tokenizer",
                                   r"model.tokenizer: .*empty holds no tokenizer.json"),
     "a config.json that is not JSON": (lambda folder: [(folder / "config.json").write_text("{"), folder][1],
-                                       "model.encoder", r"model.encoder: .* cannot be read by transformers: .*"
-                                                        r"not a valid JSON file"),
+                                       "model.encoder", r"model.encoder: .*config.json:1:2: not valid JSON .*; the "
+                                                        r"folder is damaged: copy or download it again"),
 }
 
 
