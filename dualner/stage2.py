@@ -3,21 +3,16 @@ trained on labeled source plus streamed unlabeled target text and translations; 
 on the fly for every micro batch, supplies cross-head pseudo labels; the entity-aware MSE term pulls
 entity representations together; a better student replaces the teacher.
 
-Loss terms: `gold_seq`, `gold_start`, `gold_end` (the source's gold labels), `pseudo_seq`,
-`pseudo_start`, `pseudo_end` (the teacher's cross-head pseudo labels; with stage2.teaching=self_kl,
-each head's KL to the teacher's same head), `mse` (weight stage2.mse_weight, SPEC's lambda).
+Loss terms: dualner.stage2_losses. The corpora and streams: dualner.data.stage2_inputs.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import re
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
 
 import torch
 import yaml
@@ -26,102 +21,29 @@ from dualner.backend import comm
 from dualner.checkpoint import load_model_state, read_best, resolve_checkpoint
 from dualner.config import Config, ModelConfig, Stage2Config, validate
 from dualner.data.encoding import WindowTokenizer
-from dualner.data.packing import Collator, model_inputs
+from dualner.data.packing import model_inputs
 from dualner.data.sources import check_same_split, read_source, refuse_shared_files
-from dualner.data.corpus import CorpusFile, describe_file, estimate_records
 from dualner.data.prepared import PreparedCorpus, tokenizer_fingerprint
-from dualner.data.streaming import (KIND_SOURCE, KIND_TARGET, KIND_TRANSLATION, STREAM_META, HubSource,
-                                    Stage2Stream, StreamSpec, check_corpus, expand_files, iter_sentences,
-                                    open_sources)
+from dualner.data.streaming import (KIND_TARGET, KIND_TRANSLATION, STREAM_META, Stage2Stream, check_corpus,
+                                    expand_files, open_sources)
 from dualner.errors import BadRecordsError, CheckpointError, ConfigError, MissingPathError
 from dualner.evaluate import load_eval_sets
-from dualner.job import Job, start_job
+from dualner.job import start_job
 from dualner.limits import check_max_length
-from dualner.labels import IGNORE_INDEX
-from dualner.losses import centroid_mse, entity_representations, head_kl, parallel_mse, token_cross_entropy
-from dualner.model import DualNERModel, HeadOutputs
+from dualner.model import DualNERModel
 from dualner.model_io import load_trained_model, load_weights, save_model_assets
 from dualner.recipe import Recipe, resolve_weights
 from dualner.run_folder import RunFolder
 from dualner.run_layout import RunLayout
-from dualner.teacher import PseudoLabels, build_pseudo_labels
+from dualner.teacher import build_pseudo_labels
+from dualner.stage2_losses import STAGE2_TERMS, Forward, StepPool
+from dualner.data.stage2_inputs import build_stream, check_translation_pairs, corpus_sizes
 from dualner.train import Trainer, assemble, train
-
-
-class StepPool:
-    """What the MSE term carries from one micro batch to the next within a step (mse_pool=step)."""
-
-    def __init__(self):
-        self.carried = None
-
-
-class Forward(NamedTuple):
-    student: HeadOutputs
-    teacher: HeadOutputs
-    pseudo: PseudoLabels
-    batch: dict
-    settings: Stage2Config
-    pool: StepPool
-
-    @property
-    def denominator(self) -> torch.Tensor | None:
-        """loss_normalization=shared: the micro batch's words, for every term; else each term's own."""
-        return self.pseudo.words if self.settings.loss_normalization == "shared" else None
-
-
-def _gold(head: str):
-    def term(f: Forward) -> torch.Tensor:
-        logits = getattr(f.student, f"{head}_logits")
-        if f"{head}_labels" not in f.batch:  # no labeled source window in this micro batch
-            return logits.sum() * 0.0
-        return token_cross_entropy(logits, f.batch[f"{head}_labels"], f.denominator)
-    return term
-
-
-def _pseudo(head: str):
-    def term(f: Forward) -> torch.Tensor:
-        logits = getattr(f.student, f"{head}_logits")
-        if f.settings.teaching == "self_kl":
-            return head_kl(logits, getattr(f.teacher, f"{head}_logits"), f.batch["word_index"])
-        return token_cross_entropy(logits, getattr(f.pseudo, f"{head}_labels"), f.denominator)
-    return term
-
-
-def entity_mse(f: Forward) -> torch.Tensor:
-    """Entities come from gold labels where a window has them, else from pseudo labels."""
-    batch, labels = f.batch, f.pseudo.start_labels
-    if "start_labels" in batch:
-        segments = batch["segment_ids"]
-        labeled = _segments_with(batch["start_labels"] != IGNORE_INDEX, segments, batch["num_segments"])
-        labeled_tokens = (segments >= 0) & labeled[segments.clamp(min=0)]
-        labels = torch.where(labeled_tokens, batch["start_labels"], labels)
-    representations, present = entity_representations(f.student, labels, batch["word_index"],
-                                                       batch["segment_ids"], batch["num_segments"])
-    reduction = f.settings.mse_reduction
-    if f.settings.mse == "parallel":
-        return parallel_mse(representations, present, batch["pairs"], reduction)
-    if f.settings.mse_pool == "step":
-        if f.pool.carried is None:
-            zeros = torch.zeros(present.shape[1], device=present.device)
-            f.pool.carried = (torch.zeros(present.shape[1], representations.shape[-1], device=present.device), zeros)
-        loss, f.pool.carried = centroid_mse(representations, present, reduction, f.pool.carried)
-        return loss
-    return centroid_mse(representations, present, reduction)
-
-
-def _segments_with(mask: torch.Tensor, segment_ids: torch.Tensor, num_segments: int) -> torch.Tensor:
-    """(segments,) bool: the windows with at least one True token in `mask`."""
-    bins = torch.where(segment_ids >= 0, segment_ids, num_segments).reshape(-1)
-    found = torch.zeros(num_segments + 1, device=mask.device).scatter_reduce(
-        0, bins, mask.reshape(-1).float(), "amax")
-    return found[:num_segments] > 0
 
 
 class Stage2Recipe(Recipe):
     evaluate_initial_model = True
-    TERMS = {**{f"gold_{head}": _gold(head) for head in ("seq", "start", "end")},
-             **{f"pseudo_{head}": _pseudo(head) for head in ("seq", "start", "end")},
-             "mse": entity_mse}
+    TERMS = STAGE2_TERMS
 
     def __init__(self, engine, teacher, stream: Stage2Stream, settings: Stage2Config,
                  label_set, languages: list[str], weights: dict[str, float], dev_sets: list, test_sets: list,
@@ -407,143 +329,6 @@ def warn_if_unfinished(init_from: str, checkpoint: Path, log) -> None:
     elif not run.results.is_file():
         log.warning("stage2.init_from=%s: the stage-1 run has not finished (no results.json); starting from "
                     "its best checkpoint so far, %s", init_from, checkpoint.name)
-
-
-def check_translation_pairs(sources: list, key: str, source, sample: int = 200) -> None:
-    """stage2.mse=parallel pairs a translation with its source sentence by `src_id`: a corpus whose
-    records carry none (or name no source sentence) would make the MSE term 0 at every step. The
-    first `sample` records of each file are checked (start-up reads O(1) of a corpus)."""
-    known = {sentence.source for sentence in source[0]} if source is not None else None
-    for corpus in sources:
-        if isinstance(corpus, HubSource):
-            continue
-        if isinstance(corpus, PreparedCorpus):
-            records = ({"src_id": corpus.windows_of(i)[0]["src_id"], "sample_id": f"{corpus.path}#{i}"}
-                       for i in range(min(sample, corpus.sentences)))
-        elif corpus.format != "jsonl":
-            raise ConfigError(f"{key}: {corpus.path}: stage2.mse=parallel pairs each translation with its source "
-                              f"by `src_id`, which only JSONL records carry; use stage2.mse=centroid")
-        else:
-            records = iter_sentences(corpus, "", False)
-        matched, seen = 0, 0
-        for record in records:
-            if not record["src_id"]:
-                raise ConfigError(f"{key}: {record['sample_id']}: no src_id; stage2.mse=parallel pairs each "
-                                  f"translation with its source sentence by src_id; add it or use stage2.mse=centroid")
-            matched += known is None or record["src_id"] in known
-            seen += 1
-            if seen >= sample:
-                break
-        if seen and not matched:
-            raise ConfigError(f"{key}: {corpus.path}: none of the first {seen} src_ids names a labeled source "
-                              f"sentence (src_id is the sentence's index in data.train, 0 to {len(known) - 1}); "
-                              f"stage2.mse=parallel would have no pair to compare")
-
-
-def write_source_files(folder: RunFolder, source: tuple[list, list]) -> tuple[Path, Path | None]:
-    """The labeled source as JSONL in the run folder (with `src_id`); with train_fraction < 1 the
-    remainder goes to a second, unlabeled file."""
-    data = folder.layout.stage2_data
-    labeled, remainder = data / "source_labeled.jsonl", data / "source_remainder.jsonl"
-    if comm.current().is_main:
-        data.mkdir(parents=True, exist_ok=True)
-        kept, rest = source
-        for path, part, with_tags in ((labeled, kept, True), (remainder, rest, False)):
-            text = "".join(json.dumps({"tokens": sentence.words, "lang": sentence.language, "src_id": sentence.source,
-                                       **({"tags": sentence.tags} if with_tags else {})}, ensure_ascii=False) + "\n"
-                           for sentence in part).encode("utf-8")
-            if path.is_file() and path.read_bytes() == text:
-                continue  # a resumed run: unchanged, so the checkpoint's positions in it still hold
-            temporary = path.with_suffix(".tmp")
-            temporary.write_bytes(text)
-            temporary.replace(path)
-    comm.barrier()
-    return labeled, (remainder if remainder.stat().st_size > 0 else None)
-
-
-@dataclass(frozen=True)
-class RunFolderFile(CorpusFile):
-    """A file stage 2 writes in its own run folder (the labeled source as JSONL): known by its name
-    there and its content, not its absolute path and time, so that a moved (or copied) run folder
-    resumes at its checkpoint's positions rather than calling the file changed."""
-
-    digest: str = ""
-
-    def identity(self) -> list:
-        return [Path(self.path).name, self.size, self.digest]
-
-
-def run_folder_file(path: Path) -> RunFolderFile:
-    described = describe_file(path, "data.train")
-    return RunFolderFile(described.path, described.format, described.compression, described.size,
-                         described.mtime_ns, described.blocks, hashlib.sha256(path.read_bytes()).hexdigest())
-
-
-def corpus_sizes(cfg: Config, corpora: dict, source: tuple[list, list] | None, log=None) -> dict:
-    """Sentences per stream (stage2.mix=size): {(kind, language): count}, the labeled source and its
-    unlabeled remainder included. Start-up reads O(1) of each corpus: a prepared corpus's count is
-    in its manifest; a raw file up to 4 MiB is counted, a larger one estimated from 16 samples
-    (dualner.data.corpus.estimate_records)."""
-    sizes, estimated = {}, []
-    for (kind, language), (sources, key) in corpora.items():
-        total = 0
-        for corpus in sources:
-            if isinstance(corpus, HubSource):
-                raise ConfigError(f"{key}: stage2.mix=size counts every corpus's sentences, which a hub dataset "
-                                  f"({corpus.path}) does not tell in advance; use stage2.mix=equal")
-            if isinstance(corpus, PreparedCorpus):
-                total += corpus.sentences
-                continue
-            count, exact = estimate_records(corpus)
-            total += count
-            if not exact:
-                estimated.append(corpus.path)
-        sizes[(kind, language)] = total
-    if estimated and log is not None:
-        log.info("stage 2: sentence counts of %d large raw file(s) estimated from samples (prepare them for exact "
-                 "counts): %s", len(estimated), ", ".join(estimated[:4]) + (" ..." if len(estimated) > 4 else ""))
-    if source is not None:
-        sizes[(KIND_SOURCE, cfg.data.source_language)] = len(source[0])
-        if source[1]:
-            sizes[(KIND_TARGET, f"{cfg.data.source_language}-remainder")] = len(source[1])
-    return sizes
-
-
-def build_stream(job: Job, folder: RunFolder, windows_of: WindowTokenizer, collate: Collator,
-                 source: tuple[list, list] | None, corpora: dict, sizes: dict | None) -> Stage2Stream:
-    """One stream per (kind, language). stage2.mix=size: each drawn in proportion to its sentences
-    times its kind's weight; mix=equal: the labeled source carries `source_weight`, and
-    `target_weight` / `translation_weight` are shared equally by the target languages (the unlabeled
-    source remainder counts as one) and by the translation languages."""
-    cfg, stage2 = job.cfg, job.cfg.stage2
-    labeled, remainder = write_source_files(folder, source) if source is not None else (None, None)
-    targets = {language: sources for (kind, language), (sources, _) in corpora.items() if kind == KIND_TARGET}
-    if remainder is not None:
-        targets[f"{cfg.data.source_language}-remainder"] = [run_folder_file(remainder)]
-    translations = {language: sources for (kind, language), (sources, _) in corpora.items()
-                    if kind == KIND_TRANSLATION}
-    streams = ([(KIND_SOURCE, cfg.data.source_language, [run_folder_file(labeled)],
-                 stage2.source_weight)] if labeled else [])
-    for kind, group, weight in ((KIND_TARGET, targets, stage2.target_weight),
-                                (KIND_TRANSLATION, translations, stage2.translation_weight)):
-        streams += [(kind, language, sources, weight / len(group)) for language, sources in group.items()]
-    if sizes is not None:  # kind weight x sentences
-        kind_weight = {KIND_SOURCE: stage2.source_weight, KIND_TARGET: stage2.target_weight,
-                       KIND_TRANSLATION: stage2.translation_weight}
-        streams = [(kind, language, sources, kind_weight[kind] * sizes[(kind, language)])
-                   for kind, language, sources, _ in streams]
-    pair_with = str(labeled) if stage2.mse == "parallel" and labeled is not None else ""
-    # the remainder's records name data.train's languages, as the labeled source's do (no one stream language)
-    specs = [StreamSpec(f"{kind}/{language}", kind, "" if language.endswith("-remainder") else language, sources,
-                        weight, pair_with if kind == KIND_TRANSLATION else "")
-             for kind, language, sources, weight in streams]
-    job.log.info("stage 2 streams over %d rank(s) x %d loader worker(s): %s", job.info.world_size,
-                 max(1, job.loader_workers), ", ".join(f"{spec.name} ({len(spec.sources)} file(s), weight "
-                                                       f"{spec.weight:.3g})" for spec in specs))
-    # a translation and its source travel as one unit of the stream (dualner.data.streaming)
-    return Stage2Stream(specs, windows_of, job.layout.micro_batch_size, cfg.run.seed, job.info.rank,
-                        job.info.world_size, collate, pool=stage2.bucket_pool, workers=job.loader_workers,
-                        pin_memory=job.pin_memory, range_bytes=stage2.range_mb << 20, log=job.log)
 
 
 def run_stage2(cfg: Config) -> dict:

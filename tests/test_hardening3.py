@@ -18,7 +18,8 @@ from dualner.errors import (CheckpointError, ConfigError, DataFormatError, Missi
                             UserError)
 from dualner.run_layout import RunLayout
 from dualner.stage1 import build_stage1, run_stage1
-from dualner.stage2 import adopt_stage1_encoder, build_stage2, check_translation_pairs, warn_if_unfinished
+from dualner.data.stage2_inputs import check_translation_pairs
+from dualner.stage2 import adopt_stage1_encoder, build_stage2, warn_if_unfinished
 from tests.conftest import REPO
 # one set of run helpers for both hardening files: the tiny run's overrides, `python -m dualner`, one-line errors
 from tests.test_hardening import cli, config, one_line_error

@@ -1,0 +1,159 @@
+"""Stage 2's inputs assembled into its streams: the corpora each config key names, opened and
+checked; the labeled source written into the run folder; sentences per stream for stage2.mix=size;
+the streams' specs and the Stage2Stream over them (dualner.data.streaming)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from dualner.backend import comm
+from dualner.config import Config
+from dualner.data.corpus import CorpusFile, describe_file, estimate_records
+from dualner.data.encoding import WindowTokenizer
+from dualner.data.packing import Collator
+from dualner.data.prepared import PreparedCorpus
+from dualner.data.streaming import (KIND_SOURCE, KIND_TARGET, KIND_TRANSLATION, HubSource, Stage2Stream,
+                                    StreamSpec, iter_sentences)
+from dualner.errors import ConfigError
+from dualner.job import Job
+from dualner.run_folder import RunFolder
+
+
+def check_translation_pairs(sources: list, key: str, source, sample: int = 200) -> None:
+    """stage2.mse=parallel pairs a translation with its source sentence by `src_id`: a corpus whose
+    records carry none (or name no source sentence) would make the MSE term 0 at every step. The
+    first `sample` records of each file are checked (start-up reads O(1) of a corpus)."""
+    known = {sentence.source for sentence in source[0]} if source is not None else None
+    for corpus in sources:
+        if isinstance(corpus, HubSource):
+            continue
+        if isinstance(corpus, PreparedCorpus):
+            records = ({"src_id": corpus.windows_of(i)[0]["src_id"], "sample_id": f"{corpus.path}#{i}"}
+                       for i in range(min(sample, corpus.sentences)))
+        elif corpus.format != "jsonl":
+            raise ConfigError(f"{key}: {corpus.path}: stage2.mse=parallel pairs each translation with its source "
+                              f"by `src_id`, which only JSONL records carry; use stage2.mse=centroid")
+        else:
+            records = iter_sentences(corpus, "", False)
+        matched, seen = 0, 0
+        for record in records:
+            if not record["src_id"]:
+                raise ConfigError(f"{key}: {record['sample_id']}: no src_id; stage2.mse=parallel pairs each "
+                                  f"translation with its source sentence by src_id; add it or use stage2.mse=centroid")
+            matched += known is None or record["src_id"] in known
+            seen += 1
+            if seen >= sample:
+                break
+        if seen and not matched:
+            raise ConfigError(f"{key}: {corpus.path}: none of the first {seen} src_ids names a labeled source "
+                              f"sentence (src_id is the sentence's index in data.train, 0 to {len(known) - 1}); "
+                              f"stage2.mse=parallel would have no pair to compare")
+
+
+def write_source_files(folder: RunFolder, source: tuple[list, list]) -> tuple[Path, Path | None]:
+    """The labeled source as JSONL in the run folder (with `src_id`); with train_fraction < 1 the
+    remainder goes to a second, unlabeled file."""
+    data = folder.layout.stage2_data
+    labeled, remainder = data / "source_labeled.jsonl", data / "source_remainder.jsonl"
+    if comm.current().is_main:
+        data.mkdir(parents=True, exist_ok=True)
+        kept, rest = source
+        for path, part, with_tags in ((labeled, kept, True), (remainder, rest, False)):
+            text = "".join(json.dumps({"tokens": sentence.words, "lang": sentence.language, "src_id": sentence.source,
+                                       **({"tags": sentence.tags} if with_tags else {})}, ensure_ascii=False) + "\n"
+                           for sentence in part).encode("utf-8")
+            if path.is_file() and path.read_bytes() == text:
+                continue  # a resumed run: unchanged, so the checkpoint's positions in it still hold
+            temporary = path.with_suffix(".tmp")
+            temporary.write_bytes(text)
+            temporary.replace(path)
+    comm.barrier()
+    return labeled, (remainder if remainder.stat().st_size > 0 else None)
+
+
+@dataclass(frozen=True)
+class RunFolderFile(CorpusFile):
+    """A file stage 2 writes in its own run folder (the labeled source as JSONL): known by its name
+    there and its content, not its absolute path and time, so that a moved (or copied) run folder
+    resumes at its checkpoint's positions rather than calling the file changed."""
+
+    digest: str = ""
+
+    def identity(self) -> list:
+        return [Path(self.path).name, self.size, self.digest]
+
+
+def run_folder_file(path: Path) -> RunFolderFile:
+    described = describe_file(path, "data.train")
+    return RunFolderFile(described.path, described.format, described.compression, described.size,
+                         described.mtime_ns, described.blocks, hashlib.sha256(path.read_bytes()).hexdigest())
+
+
+def corpus_sizes(cfg: Config, corpora: dict, source: tuple[list, list] | None, log=None) -> dict:
+    """Sentences per stream (stage2.mix=size): {(kind, language): count}, the labeled source and its
+    unlabeled remainder included. Start-up reads O(1) of each corpus: a prepared corpus's count is
+    in its manifest; a raw file up to 4 MiB is counted, a larger one estimated from 16 samples
+    (dualner.data.corpus.estimate_records)."""
+    sizes, estimated = {}, []
+    for (kind, language), (sources, key) in corpora.items():
+        total = 0
+        for corpus in sources:
+            if isinstance(corpus, HubSource):
+                raise ConfigError(f"{key}: stage2.mix=size counts every corpus's sentences, which a hub dataset "
+                                  f"({corpus.path}) does not tell in advance; use stage2.mix=equal")
+            if isinstance(corpus, PreparedCorpus):
+                total += corpus.sentences
+                continue
+            count, exact = estimate_records(corpus)
+            total += count
+            if not exact:
+                estimated.append(corpus.path)
+        sizes[(kind, language)] = total
+    if estimated and log is not None:
+        log.info("stage 2: sentence counts of %d large raw file(s) estimated from samples (prepare them for exact "
+                 "counts): %s", len(estimated), ", ".join(estimated[:4]) + (" ..." if len(estimated) > 4 else ""))
+    if source is not None:
+        sizes[(KIND_SOURCE, cfg.data.source_language)] = len(source[0])
+        if source[1]:
+            sizes[(KIND_TARGET, f"{cfg.data.source_language}-remainder")] = len(source[1])
+    return sizes
+
+
+def build_stream(job: Job, folder: RunFolder, windows_of: WindowTokenizer, collate: Collator,
+                 source: tuple[list, list] | None, corpora: dict, sizes: dict | None) -> Stage2Stream:
+    """One stream per (kind, language). stage2.mix=size: each drawn in proportion to its sentences
+    times its kind's weight; mix=equal: the labeled source carries `source_weight`, and
+    `target_weight` / `translation_weight` are shared equally by the target languages (the unlabeled
+    source remainder counts as one) and by the translation languages."""
+    cfg, stage2 = job.cfg, job.cfg.stage2
+    labeled, remainder = write_source_files(folder, source) if source is not None else (None, None)
+    targets = {language: sources for (kind, language), (sources, _) in corpora.items() if kind == KIND_TARGET}
+    if remainder is not None:
+        targets[f"{cfg.data.source_language}-remainder"] = [run_folder_file(remainder)]
+    translations = {language: sources for (kind, language), (sources, _) in corpora.items()
+                    if kind == KIND_TRANSLATION}
+    streams = ([(KIND_SOURCE, cfg.data.source_language, [run_folder_file(labeled)],
+                 stage2.source_weight)] if labeled else [])
+    for kind, group, weight in ((KIND_TARGET, targets, stage2.target_weight),
+                                (KIND_TRANSLATION, translations, stage2.translation_weight)):
+        streams += [(kind, language, sources, weight / len(group)) for language, sources in group.items()]
+    if sizes is not None:  # kind weight x sentences
+        kind_weight = {KIND_SOURCE: stage2.source_weight, KIND_TARGET: stage2.target_weight,
+                       KIND_TRANSLATION: stage2.translation_weight}
+        streams = [(kind, language, sources, kind_weight[kind] * sizes[(kind, language)])
+                   for kind, language, sources, _ in streams]
+    pair_with = str(labeled) if stage2.mse == "parallel" and labeled is not None else ""
+    # the remainder's records name data.train's languages, as the labeled source's do (no one stream language)
+    specs = [StreamSpec(f"{kind}/{language}", kind, "" if language.endswith("-remainder") else language, sources,
+                        weight, pair_with if kind == KIND_TRANSLATION else "")
+             for kind, language, sources, weight in streams]
+    job.log.info("stage 2 streams over %d rank(s) x %d loader worker(s): %s", job.info.world_size,
+                 max(1, job.loader_workers), ", ".join(f"{spec.name} ({len(spec.sources)} file(s), weight "
+                                                       f"{spec.weight:.3g})" for spec in specs))
+    # a translation and its source travel as one unit of the stream (dualner.data.streaming)
+    return Stage2Stream(specs, windows_of, job.layout.micro_batch_size, cfg.run.seed, job.info.rank,
+                        job.info.world_size, collate, pool=stage2.bucket_pool, workers=job.loader_workers,
+                        pin_memory=job.pin_memory, range_bytes=stage2.range_mb << 20, log=job.log)
