@@ -22,10 +22,8 @@ from dualner.checkpoint import load_model_state, read_best, resolve_checkpoint
 from dualner.config import Config, ModelConfig, Stage2Config, validate
 from dualner.data.encoding import WindowTokenizer
 from dualner.data.packing import model_inputs
-from dualner.data.sources import check_same_split, read_source, refuse_shared_files
-from dualner.data.prepared import PreparedCorpus, tokenizer_fingerprint
-from dualner.data.streaming import (KIND_TARGET, KIND_TRANSLATION, STREAM_META, Stage2Stream, check_corpus,
-                                    expand_files, open_sources)
+from dualner.data.sources import check_same_split, read_source
+from dualner.data.streaming import KIND_TRANSLATION, STREAM_META, Stage2Stream
 from dualner.errors import BadRecordsError, CheckpointError, ConfigError, MissingPathError
 from dualner.evaluate import load_eval_sets
 from dualner.job import start_job
@@ -37,7 +35,7 @@ from dualner.run_folder import RunFolder
 from dualner.run_layout import RunLayout
 from dualner.teacher import build_pseudo_labels
 from dualner.stage2_losses import STAGE2_TERMS, Forward, StepPool
-from dualner.data.stage2_inputs import build_stream, check_translation_pairs, corpus_sizes
+from dualner.data.stage2_inputs import build_stream, check_translation_pairs, corpus_sizes, open_corpora
 from dualner.train import Trainer, assemble, train
 
 
@@ -228,23 +226,7 @@ def build_stage2(cfg: Config) -> Trainer:
     test_sets = load_eval_sets(cfg.data.test, "data.test", windows_of, label_set, cfg.data.test_sentence_cap)
     # every language a sentence can carry (the labeled source's records name data.train's languages)
     languages = sorted({cfg.data.source_language, *cfg.data.train, *stage2.target, *stage2.translations})
-    corpora, fingerprint = {}, None  # the tokenizer's fingerprint: computed once, for the prepared corpora
-    groups = ((stage2.target, "stage2.target", KIND_TARGET),
-              (stage2.translations, "stage2.translations", KIND_TRANSLATION))
-    files = {f"{key}.{language}": expand_files(pattern, f"{key}.{language}")
-             for group, key, _ in groups for language, pattern in group.items()}
-    refuse_shared_files({**{f"data.train.{language}": [path] for language, path in cfg.data.train.items()}, **files})
-    for group, key, kind in groups:
-        for language in group:
-            sources = open_sources(files[f"{key}.{language}"], f"{key}.{language}")
-            check_corpus(sources, language, kind, f"{key}.{language}")
-            for source in sources:
-                if isinstance(source, PreparedCorpus):
-                    fingerprint = fingerprint or tokenizer_fingerprint(tokenizer)
-                    source.check_tokenizer(fingerprint, cfg.data.max_length, f"{key}.{language}")
-                    source.check_use(language, getattr(initial.model.encoder.config, "vocab_size", None),
-                                     f"{key}.{language}", job.log)
-            corpora[(kind, language)] = (sources, f"{key}.{language}")
+    corpora = open_corpora(cfg, tokenizer, initial.model.encoder.config, job.log)
     if cfg.data.train:
         check_same_split(cfg, RunLayout.of_checkpoint(initial.checkpoint).config)
     source = read_source(cfg) if cfg.data.train else None

@@ -14,12 +14,37 @@ from dualner.config import Config
 from dualner.data.corpus import CorpusFile, describe_file, estimate_records
 from dualner.data.encoding import WindowTokenizer
 from dualner.data.packing import Collator
-from dualner.data.prepared import PreparedCorpus
+from dualner.data.prepared import PreparedCorpus, tokenizer_fingerprint
+from dualner.data.sources import refuse_shared_files
 from dualner.data.streaming import (KIND_SOURCE, KIND_TARGET, KIND_TRANSLATION, HubSource, Stage2Stream,
-                                    StreamSpec, iter_sentences)
+                                    StreamSpec, check_corpus, expand_files, iter_sentences, open_sources)
 from dualner.errors import ConfigError
 from dualner.job import Job
 from dualner.run_folder import RunFolder
+
+
+def open_corpora(cfg: Config, tokenizer, encoder_config, log) -> dict:
+    """Every corpus stage2.target and stage2.translations name, opened and checked against this
+    job's tokenizer and encoder: {(kind, language): (sources, config key)}."""
+    stage2 = cfg.stage2
+    corpora, fingerprint = {}, None  # the tokenizer's fingerprint: computed once, for the prepared corpora
+    groups = ((stage2.target, "stage2.target", KIND_TARGET),
+              (stage2.translations, "stage2.translations", KIND_TRANSLATION))
+    files = {f"{key}.{language}": expand_files(pattern, f"{key}.{language}")
+             for group, key, _ in groups for language, pattern in group.items()}
+    refuse_shared_files({**{f"data.train.{language}": [path] for language, path in cfg.data.train.items()}, **files})
+    for group, key, kind in groups:
+        for language in group:
+            sources = open_sources(files[f"{key}.{language}"], f"{key}.{language}")
+            check_corpus(sources, language, kind, f"{key}.{language}")
+            for source in sources:
+                if isinstance(source, PreparedCorpus):
+                    fingerprint = fingerprint or tokenizer_fingerprint(tokenizer)
+                    source.check_tokenizer(fingerprint, cfg.data.max_length, f"{key}.{language}")
+                    source.check_use(language, getattr(encoder_config, "vocab_size", None),
+                                     f"{key}.{language}", log)
+            corpora[(kind, language)] = (sources, f"{key}.{language}")
+    return corpora
 
 
 def check_translation_pairs(sources: list, key: str, source, sample: int = 200) -> None:
