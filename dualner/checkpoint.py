@@ -1,5 +1,7 @@
-"""The run folder's checkpoints, owned by one CheckpointManager (the lock, the save interval, keep-last,
-the best model, the COMPLETE marker and its integrity, resume selection); the training loop only asks it.
+"""What a checkpoint is: its files, their COMPLETE record (each file's size and CRC-32) and how it is
+saved, verified, chosen and loaded; a run's CheckpointManager (the save interval, keep-last, the best
+model) and its Checkpointer (what a checkpoint holds). The folder they live in, its lock and the
+choice of the checkpoint a job resumes from: dualner.run_folder.
 
 Where the files are: dualner.run_layout. A step-N folder holds the engine's files and COMPLETE,
 written after every rank finished; it lists each file's size and CRC-32, so a checkpoint damaged
@@ -12,23 +14,18 @@ skipped for the newest one that does, naming the file.
 
 from __future__ import annotations
 
-import errno
-import fcntl
 import json
 import os
 import pickle
 import shutil
-import socket
-import time
 import zlib
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
 import torch
 
 from dualner.backend import comm
-from dualner.errors import CheckpointError, ConfigError, MissingPathError, RunLockedError, describe_os_error
+from dualner.errors import CheckpointError, ConfigError, MissingPathError, describe_os_error
 from dualner.run_layout import BEST_POINTER, COMPLETE_MARKER, STEP_DIR, RunLayout, step_name
 
 _CHUNK = 1 << 24
@@ -195,115 +192,16 @@ def load_model_state(checkpoint: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{checkpoint}: cannot read its weights ({str(error).splitlines()[0][:200]})") from error
 
 
-# -- the run lock ----------------------------------------------------------------------------------
-@dataclass
-class RunLock:
-    """One live run per output folder. Rank 0 holds an exclusive lock on `.dualner.lock` (released by
-    the kernel when the process dies, so a lock left by a killed run is stale and is taken over); the
-    file names the holder (host, pid, start time, job). The ranks of one job are one run."""
-
-    run_dir: Path
-    _handle: object = None
-
-    @property
-    def path(self) -> Path:
-        return RunLayout(self.run_dir).lock
-
-    def acquire(self) -> str | None:
-        """Take the lock; returns a message when a stale one was taken over; RunLockedError when a
-        live run holds it."""
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        handle = open(self.path, "a+", encoding="utf-8")
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as error:
-            if error.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                raise
-            handle.seek(0)
-            holder = handle.read().strip() or "{}"
-            handle.close()
-            raise self._locked(holder) from None
-        handle.seek(0)
-        previous = handle.read().strip()
-        handle.seek(0)
-        handle.truncate()
-        handle.write(json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
-                                 "started": time.strftime("%Y-%m-%d %H:%M:%S"),
-                                 "job": os.environ.get("SLURM_JOB_ID") or os.environ.get("TORCHELASTIC_RUN_ID", "")}))
-        handle.flush()
-        self._handle = handle
-        return f"took over the lock of a run that ended without releasing it ({_describe(previous)})" if previous else None
-
-    def probe(self) -> None:
-        """RunLockedError when a live run holds the folder; reads only (creates nothing)."""
-        try:
-            handle = open(self.path, encoding="utf-8")
-        except OSError:
-            return  # no lock file: no live run
-        with handle:
-            try:
-                fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
-            except OSError as error:
-                if error.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                    raise
-                raise self._locked(handle.read().strip() or "{}") from None
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-    def _locked(self, holder: str) -> RunLockedError:
-        return RunLockedError(f"run.output_dir={self.run_dir} is in use by another run ({_describe(holder)}); "
-                              f"wait for it to finish, stop it, or choose another run.output_dir")
-
-    def release(self) -> None:
-        if self._handle is not None:
-            self.path.unlink(missing_ok=True)
-            self._handle.close()
-            self._handle = None
-
-
-def _describe(holder: str) -> str:
-    try:
-        info = json.loads(holder)
-    except json.JSONDecodeError:
-        return "unknown holder"
-    return f"host {info.get('host')}, pid {info.get('pid')}, started {info.get('started')}" + (
-        f", job {info['job']}" if info.get("job") else "")
-
-
 # -- the manager -----------------------------------------------------------------------------------
 class CheckpointManager:
-    """Every checkpoint decision of a run. Collective methods are called by every rank; rank 0 writes
-    the markers, best.json and the lock, and decides what to resume from."""
+    """When a run saves, what it keeps and which checkpoint is best. Collective methods are called by
+    every rank; rank 0 writes the markers and best.json."""
 
-    def __init__(self, run_dir: Path, keep_last: int, save_every: int, log=None):
-        self.run_dir = Path(run_dir)
-        self.layout = RunLayout(self.run_dir)
+    def __init__(self, run_dir: Path, keep_last: int, save_every: int):
+        self.layout = RunLayout(Path(run_dir))
         self.root = self.layout.checkpoints
         self.keep_last, self.save_every = keep_last, save_every
-        self.lock = RunLock(self.run_dir)
-        self.log = log
         self.info = comm.current()
-
-    # -- the lock ---------------------------------------------------------------------------------
-    def take_lock(self) -> None:
-        """Rank 0 takes the run lock, every rank learns the outcome (and raises the same error)."""
-        outcome = None
-        if self.info.is_main:
-            try:
-                outcome = ("ok", self.lock.acquire())
-            except RunLockedError as error:
-                outcome = ("locked", str(error))
-        outcome = comm.broadcast_object(outcome)
-        if outcome[0] == "locked":
-            raise RunLockedError(outcome[1])
-        if outcome[1] and self.log is not None:
-            self.log.warning("%s: %s", self.lock.path, outcome[1])
-
-    def release_lock(self) -> None:
-        if self.info.is_main:
-            self.lock.release()
-
-    def holds_checkpoints(self) -> bool:
-        return any(is_complete(path) for _, path in step_dirs(self.root)) or self.layout.results.is_file()
 
     # -- policy -----------------------------------------------------------------------------------
     def due(self, step: int, *, last: bool, improved: bool, job_done: bool) -> bool:

@@ -19,14 +19,14 @@ import torch
 from dualner import backend, faults
 from dualner.backend import comm
 from dualner.backend.placement import pin_memory_wanted
-from dualner.checkpoint import CheckpointManager, completion_record
+from dualner.checkpoint import completion_record
 from dualner.config import Config, validate
 from dualner.data.batching import BatchLayout, derive_batch_layout
 from dualner.data.loader import default_workers
 from dualner.data.packing import Collator, packs_by_default
 from dualner.errors import ConfigError
 from dualner.logging import get_logger
-from dualner.run_folder import FolderPlan, decided_on_rank0, plan_folder
+from dualner.run_folder import FolderPlan, decide_plan
 
 
 @dataclass(frozen=True)
@@ -67,22 +67,12 @@ def start_job(cfg: Config, stage: int) -> Job:
     device = comm.accelerator_device(info.local_rank)
     engine_setup = backend.prepare_engine(cfg, layout, device)
     faults.check()
-    folder = _plan_folder(cfg, engine_setup, log)  # refusals: nothing written yet
+    folder = decide_plan(cfg, engine_setup, log)  # refusals: nothing written yet
     if folder.resume_from:  # the engine continues as the checkpoint was trained (its precision)
         checkpoint = Path(folder.resume_from)
         engine_setup = engine_setup.continuing(checkpoint, completion_record(checkpoint))
     workers = default_workers(cfg.data.loader_workers, device, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
     return Job(cfg, f"stage {stage}", info, device, layout, engine_setup, folder, workers, pin_memory_wanted(device), log)
-
-
-def _plan_folder(cfg: Config, engine_setup: backend.EngineSetup, log) -> FolderPlan:
-    """What this job does with its folder (dualner.run_folder), decided by rank 0 reading only;
-    every rank gets the answer, or raises the same refusal."""
-    def decide() -> FolderPlan:
-        reader = CheckpointManager(Path(cfg.run.output_dir), cfg.train.keep_last, 1, log)
-        reader.lock.probe()  # a live run in the folder: say so, rather than judge its files
-        return plan_folder(cfg, reader, engine_setup, log)
-    return decided_on_rank0(decide)
 
 
 def training_collator(cfg: Config, device: torch.device, pad_id: int, position_offset: int | None,

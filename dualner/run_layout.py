@@ -1,8 +1,9 @@
 """Where everything of a run lives, in one place (README "Run folders"). Every module that reads or
-writes a run folder asks `RunLayout` for the path instead of spelling it:
+writes a run folder asks `RunLayout` for the path instead of spelling it; what the folder's files mean
+and who may write them: dualner.run_folder.
 
     <run.output_dir>/
-        .dualner.lock                one live run per folder (dualner.checkpoint.RunLock)
+        .dualner.lock                one live run per folder (dualner.run_folder.lock.RunLock)
         config.yaml                  the resolved configuration the run was started with
         config_history.jsonl         one line per job: its changes to the operational settings
         model/                       tokenizer, encoder config, label set (what inference needs)
@@ -44,6 +45,17 @@ def aside_name(path: Path) -> Path:
     return candidate
 
 
+class Entry:
+    """A file or folder a run writes at the top of its folder: `layout.<attribute>` is its path.
+    `moved_aside`: it belongs to the run, so `run.overwrite` moves it aside with the run."""
+
+    def __init__(self, name: str, moved_aside: bool = True):
+        self.name, self.moved_aside = name, moved_aside
+
+    def __get__(self, layout: "RunLayout | None", owner: type) -> "Path | Entry":
+        return self if layout is None else layout.root / self.name
+
+
 @dataclass(frozen=True)
 class RunLayout:
     root: Path
@@ -56,18 +68,18 @@ class RunLayout:
         """The run a `checkpoints/step-N` folder belongs to."""
         return cls(Path(step_dir).parent.parent)
 
-    lock = property(lambda self: self.root / ".dualner.lock")
-    config = property(lambda self: self.root / "config.yaml")
-    config_history = property(lambda self: self.root / "config_history.jsonl")
-    model = property(lambda self: self.root / "model")
-    checkpoints = property(lambda self: self.root / "checkpoints")
+    lock = Entry(".dualner.lock", moved_aside=False)  # the live job's, released when it ends
+    config = Entry("config.yaml")
+    config_history = Entry("config_history.jsonl")
+    model = Entry("model")
+    checkpoints = Entry("checkpoints")
+    stopped = Entry("stopped.json")
+    tensorboard = Entry("tensorboard")
+    losses = Entry("losses.jsonl")
+    results = Entry("results.json")
+    profile = Entry("profile")
+    stage2_data = Entry("stage2_data")
     best_pointer = property(lambda self: self.checkpoints / BEST_POINTER)
-    stopped = property(lambda self: self.root / "stopped.json")
-    tensorboard = property(lambda self: self.root / "tensorboard")
-    losses = property(lambda self: self.root / "losses.jsonl")
-    results = property(lambda self: self.root / "results.json")
-    profile = property(lambda self: self.root / "profile")
-    stage2_data = property(lambda self: self.root / "stage2_data")
 
     def step(self, step: int) -> Path:
         return self.checkpoints / step_name(step)
@@ -75,7 +87,9 @@ class RunLayout:
     def samples(self, rank: int) -> Path:
         return self.root / f"samples_rank{rank}.jsonl"
 
-    # What a run writes in its folder (besides the lock): what run.overwrite moves aside.
-    ENTRIES = ("config.yaml", "config_history.jsonl", "model", "checkpoints", "tensorboard", "losses.jsonl",
-               "results.json", "stopped.json", "stage2_data")
-    ENTRY_PATTERNS = ("samples_rank*.jsonl",)
+    ENTRY_PATTERNS = ("samples_rank*.jsonl",)  # `samples`: one file per rank
+
+
+# What a run writes in its folder (the lock aside): what run.overwrite moves aside.
+RunLayout.ENTRIES = tuple(entry.name for entry in vars(RunLayout).values()
+                          if isinstance(entry, Entry) and entry.moved_aside)

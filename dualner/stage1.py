@@ -108,8 +108,9 @@ def build_stage1(cfg: Config) -> Trainer:
     total_steps = cfg.train.max_steps or cfg.train.epochs * steps_per_epoch
     engine = job.build_engine(model, total_steps)
     # the encoder's config as trained (model.encoder_dropout included): stage 2 builds from it
-    folder = RunFolder.open(job, lambda run_dir: save_model_assets(run_dir, tokenizer, model.encoder.config,
-                                                                   label_set, cfg.model.variant, cfg.data.max_length))
+    folder = RunFolder.open(job.cfg, job.folder, job.engine_setup, job.log,
+                            lambda run_dir: save_model_assets(run_dir, tokenizer, model.encoder.config,
+                                                              label_set, cfg.model.variant, cfg.data.max_length))
     recipe = Stage1Recipe(engine, windows, plan, collate, weights, dev_sets, test_sets, job.info.rank,
                           job.loader_workers, job.pin_memory, cfg.run.seed, total_steps)
     return assemble(job, engine, folder, recipe, total_steps, label_set, tokenizer.pad_token_id)

@@ -18,7 +18,7 @@ import torch
 import yaml
 
 from dualner.backend import comm
-from dualner.checkpoint import load_model_state, read_best, resolve_checkpoint
+from dualner.checkpoint import read_best, resolve_checkpoint
 from dualner.config import Config, ModelConfig, Stage2Config, validate
 from dualner.data.encoding import WindowTokenizer
 from dualner.data.packing import model_inputs
@@ -28,12 +28,11 @@ from dualner.errors import BadRecordsError, CheckpointError, ConfigError, Missin
 from dualner.evaluate import load_eval_sets
 from dualner.job import start_job
 from dualner.limits import check_max_length
-from dualner.model import DualNERModel
-from dualner.model_io import load_trained_model, load_weights, save_model_assets
+from dualner.model_io import load_trained_model, save_model_assets
 from dualner.recipe import Recipe, resolve_weights
 from dualner.run_folder import RunFolder
 from dualner.run_layout import RunLayout
-from dualner.teacher import build_pseudo_labels
+from dualner.teacher import build_pseudo_labels, build_teacher
 from dualner.stage2_losses import STAGE2_TERMS, Forward, StepPool
 from dualner.data.stage2_inputs import build_stream, check_translation_pairs, corpus_sizes, open_corpora
 from dualner.train import Trainer, assemble, train
@@ -245,21 +244,11 @@ def build_stage2(cfg: Config) -> Trainer:
     student.dropout.p = cfg.model.dropout
     if cfg.model.freeze_word_embeddings:
         student.freeze_word_embeddings()
-    teacher = DualNERModel.from_encoder_config(student.encoder.config, len(label_set.entity_types),
-                                               attention_mode=cfg.model.attention)
-    checkpoints = RunLayout(job.run_dir).checkpoints
-    best = job.folder.best  # a resume: best.json as the job starts (a rewind: as it stood then)
-    if best:  # resuming: the teacher is this run's best model so far
-        teacher_source = checkpoints / best["path"]
-        load_weights(teacher, load_model_state(teacher_source), teacher_source)
-    else:  # the stage-1 model, already in memory
-        teacher_source = initial.checkpoint
-        teacher.load_state_dict(student.state_dict())
-    job.log.info("stage 2: student from %s, teacher from %s", initial.checkpoint, teacher_source)
+    teacher_engine = build_teacher(job, student, initial.checkpoint, len(label_set.entity_types))
     engine = job.build_engine(student, total_steps)
-    teacher_engine = job.engine_setup.build_teacher(teacher, stage2.teacher_placement)
-    folder = RunFolder.open(job, lambda run_dir: save_model_assets(run_dir, tokenizer, student.encoder.config,
-                                                                   label_set, cfg.model.variant, cfg.data.max_length))
+    folder = RunFolder.open(job.cfg, job.folder, job.engine_setup, job.log,
+                            lambda run_dir: save_model_assets(run_dir, tokenizer, student.encoder.config,
+                                                              label_set, cfg.model.variant, cfg.data.max_length))
     stream = build_stream(job, folder, windows_of, collate, source, corpora, sizes)
     sample_log = folder.layout.samples(job.info.rank) if stage2.sample_log else None
     config_key_of = {source.path: key for sources, key in corpora.values() for source in sources}

@@ -5,7 +5,7 @@
                                             batch layout, engine config, folder plan; nothing written
     ... the stage reads its data and builds its model ...
     engine = job.build_engine(model, steps) dualner.backend: the TrainingEngine
-    folder = RunFolder.open(job, assets)    dualner.run_folder: lock, config, model assets (writes)
+    folder = RunFolder.open(cfg, job.folder, ...)  dualner.run_folder: lock, config, model assets
     recipe = StageRecipe(engine, ...)       dualner.recipe: batches, loss terms, the stage's state
     trainer = assemble(job, engine, folder, recipe, ...)    checkpointer, metrics, evaluation
     train(trainer)
@@ -143,10 +143,9 @@ class Trainer:
 
     def resume(self) -> None:
         """Continue from the checkpoint the folder plan chose, if any: every component's state back."""
-        checkpoints = self.folder.checkpoints
-        checkpoints.clear_stopped()
+        self.folder.checkpoints.clear_stopped()
         if self.job.info.is_main:
-            clear_incomplete(checkpoints)
+            clear_incomplete(self.folder.layout)
         resume_from = self.folder.plan.resume_from
         if resume_from is not None:
             self.checkpointer.load(resume_from)

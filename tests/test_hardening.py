@@ -14,7 +14,8 @@ import time
 import pytest
 
 from dualner.backend.deepspeed_engine import load_deepspeed_config
-from dualner.checkpoint import RunLock, resolve_checkpoint
+from dualner.checkpoint import resolve_checkpoint
+from dualner.run_folder import RunLock
 from dualner.config import load_config
 from dualner.data.batching import BatchLayout
 from dualner.errors import (EXIT_STOPPED, EXIT_USER_ERROR, CheckpointError, ConfigError, DataFormatError,
@@ -149,7 +150,7 @@ def test_stage2_with_an_unreadable_target_file_writes_nothing(tmp_path, trained_
 def test_a_live_run_holds_the_folder_and_a_dead_one_is_taken_over(tmp_path):
     holder = subprocess.Popen([sys.executable, "-c", (
         "import sys, time; sys.path.insert(0, %r)\n"
-        "from dualner.checkpoint import RunLock\n"
+        "from dualner.run_folder import RunLock\n"
         "from pathlib import Path\n"
         "lock = RunLock(Path(%r)); lock.acquire(); print('held', flush=True); time.sleep(60)") % (str(REPO), str(tmp_path / "run"))],
         stdout=subprocess.PIPE, text=True)

@@ -82,6 +82,8 @@ def test_keep_last_0_keeps_best_and_newest_and_the_run_exports(tmp_path, tiny_en
 # -- 2-4. run-folder semantics --------------------------------------------------------------------
 def test_overwrite_starts_a_new_run_and_moves_the_old_one_aside(populated, tmp_path, capfd):
     run = copy_of(populated, tmp_path)
+    (run / "profile").mkdir()  # an earlier run's profile.steps: moved with it, not left for the new run
+    (run / "profile" / "summary_rank0.json").write_text("{}")
     before = snapshot(run)
     capfd.readouterr()
     summary = run_stage1(config(run, "run.overwrite=true", "train.max_steps=2", "data.max_length=32"))
@@ -90,6 +92,7 @@ def test_overwrite_starts_a_new_run_and_moves_the_old_one_aside(populated, tmp_p
     assert summary["steps"] == 2
     (aside,) = tmp_path.glob("run.old-*")
     assert snapshot(aside) == before  # the old run, whole, under its new name
+    assert not (run / "profile").exists()
     assert [json.loads(line)["step"] for line in (run / "losses.jsonl").read_text().splitlines()] == [1, 2]
     assert "max_length: 32" in (run / "config.yaml").read_text()
     assert len(RunLayout(run).config_history.read_text().splitlines()) == 1

@@ -13,7 +13,7 @@ import shutil
 import pytest
 
 import dualner.stage1
-from dualner.checkpoint import RunLock
+from dualner.run_folder import RunLock
 from dualner.errors import CheckpointError, ConfigError, RunLockedError, UserError
 from dualner.model_io import export_model
 from dualner.stage1 import build_stage1, run_stage1

@@ -1,57 +1,23 @@
-"""What a training job does with the folder it is given (`run.output_dir`; README "Run folders").
-
-Everything is decided first, reading only (`plan_folder`, rank 0, before anything is written: a
-refusal leaves the folder's bytes as they were), then decided again once the run lock is held
-(`confirm_plan`: another job may have written the folder in between, e.g. two jobs started together;
-a different decision is refused, still writing nothing), then carried out (`apply_plan`):
-
-    folder                                          what the job does
-    fresh (no earlier run in it)                    a new run
-    a run, same settings, run.resume=auto           continues it from its newest complete checkpoint
-    a run, other train/eval/logging settings        continues it; the changes are logged and recorded
-                                                    in config_history.jsonl (config.yaml stays the
-                                                    config the run was started with)
-    a run, other model/data/stage2 settings         refused (run.overwrite=true: a new run)
-    a run, run.resume=none                          refused (run.overwrite=true: a new run)
-    a run, run.resume=step-N                        continues from that checkpoint of the run
-    ... with newer checkpoints or results than N    refused: they would be overwritten. With
-                                                    run.overwrite=true ("rewind"): they are moved to
-                                                    `<output_dir>.old-<time>` with copies of the
-                                                    logs, losses.jsonl is cut back to step N
-    a run, run.resume=<another run's step-N>        refused (run.overwrite=true: the folder's run is
-                                                    moved aside, the job continues the other run's
-                                                    checkpoint there)
-    run.overwrite=true                              a new run: the earlier run's files are moved to
-                                                    `<output_dir>.old-<time>` first, never resumed
-    only leftovers of a start that never            a new run: the leftovers (logs, config) are moved
-    checkpointed                                    aside the same way, so one run per losses.jsonl
-
-Only the files a run writes are moved (RunLayout.ENTRIES); anything else in the folder stays.
-"""
+"""The resume choice: what a training job does with its run folder, decided reading only (the table
+of dualner.run_folder), before anything is written and again once the run lock is held."""
 
 from __future__ import annotations
 
-import atexit
 import json
 import os
-import shutil
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 import yaml
 
 from dualner import backend
 from dualner.backend import comm
-from dualner.checkpoint import (CheckpointManager, completion_record, is_complete, read_best, recorded_best,
-                                step_dirs, verify, write_json_atomic)
-from dualner.config import Config, config_to_dict, save_config
+from dualner.checkpoint import completion_record, is_complete, read_best, recorded_best, step_dirs, verify
+from dualner.config import Config, config_to_dict
 from dualner.errors import CheckpointError, ConfigError, RunLockedError, UserError
-from dualner.run_layout import COMPLETE_MARKER, STEP_DIR, RunLayout, aside_name
-
-if TYPE_CHECKING:
-    from dualner.job import Job
+from dualner.run_folder.lock import RunLock
+from dualner.run_layout import STEP_DIR, RunLayout, aside_name
 
 # Config sections whose change means "a different run", not "the same run continued".
 RUN_IDENTITY = ("model", "data", "stage2")
@@ -81,7 +47,7 @@ class FolderPlan:
     @property
     def start_step(self) -> int:
         """The step this job starts after (0: a new run)."""
-        return _step_of(self.resume_from)
+        return step_of(self.resume_from)
 
     def decision(self) -> tuple:
         """What the job does with the folder (not when, nor the settings it records)."""
@@ -95,6 +61,11 @@ def run_entries(run_dir: Path) -> list[Path]:
     for pattern in RunLayout.ENTRY_PATTERNS:
         found += sorted(run_dir.glob(pattern))
     return found
+
+
+def holds_a_run(layout: RunLayout) -> bool:
+    """A complete checkpoint or the results of a run are in the folder."""
+    return any(is_complete(path) for _, path in step_dirs(layout.checkpoints)) or layout.results.is_file()
 
 
 def flatten(tree: dict, prefix: str = "") -> dict:
@@ -129,21 +100,21 @@ def _history(run_dir: Path) -> list[dict]:
     return entries
 
 
-def _run_summary(run_dir: Path, manager: CheckpointManager) -> str:
-    steps = [path.name for _, path in step_dirs(manager.root) if is_complete(path)]
-    finished = RunLayout(run_dir).results.is_file()
+def _run_summary(layout: RunLayout) -> str:
+    steps = [path.name for _, path in step_dirs(layout.checkpoints) if is_complete(path)]
+    finished = layout.results.is_file()
     return (("a finished run" if finished else "an unfinished run")
             + (f" (checkpoints {', '.join(steps)})" if steps else ""))
 
 
-def resolve_resume(resume: str, manager: CheckpointManager) -> Path:
+def resolve_resume(resume: str, layout: RunLayout) -> Path:
     """`run.resume=step-N` (a checkpoint of this run) or a path to a step-N folder, checked."""
-    path = manager.root / resume if STEP_DIR.match(resume) else Path(resume)
+    path = layout.checkpoints / resume if STEP_DIR.match(resume) else Path(resume)
     if path.is_dir() and not STEP_DIR.match(path.name):
         raise CheckpointError(f"run.resume={resume}: not a checkpoint folder (a checkpoint is a "
                               f"<run>/checkpoints/step-N folder); name one, or use run.resume=auto")
     if not path.is_dir():
-        steps = [p.name for _, p in step_dirs(manager.root) if is_complete(p)]
+        steps = [p.name for _, p in step_dirs(layout.checkpoints) if is_complete(p)]
         raise CheckpointError(f"run.resume={resume}: no such step; the run has "
                               f"{', '.join(steps) if steps else 'no complete checkpoint'}"
                               + ("; use one of them or run.resume=auto" if steps else ""))
@@ -153,11 +124,11 @@ def resolve_resume(resume: str, manager: CheckpointManager) -> Path:
     return path
 
 
-def newer_work(manager: CheckpointManager, step: int) -> list[str]:
+def newer_work(layout: RunLayout, step: int) -> list[str]:
     """What continuing the run from `step` would overwrite: its complete checkpoints after `step`, and
     the results of a run that finished after it."""
-    found = [path.name for number, path in step_dirs(manager.root) if number > step and is_complete(path)]
-    finished = finished_after(manager.run_dir, step)
+    found = [path.name for number, path in step_dirs(layout.checkpoints) if number > step and is_complete(path)]
+    finished = finished_after(layout.root, step)
     return found + ([finished] if finished else [])
 
 
@@ -176,14 +147,14 @@ def finished_after(run_dir: Path, step: int) -> str | None:
     return f"results.json (a run finished at step {finished})" if finished > step else None
 
 
-def _best_after_rewind(resume: str, chosen: Path, manager: CheckpointManager) -> dict | None:
+def _best_after_rewind(resume: str, chosen: Path, layout: RunLayout) -> dict | None:
     """best.json as it stood at checkpoint `chosen` (a rewind puts it back); refused when the
     checkpoint it names is gone, since the final test and stage 2's teacher read it."""
-    best, step = read_best(manager.root), _step_of(str(chosen))
+    best, step = read_best(layout.checkpoints), step_of(str(chosen))
     if best is None or best["step"] <= step:
         return best
     earlier = recorded_best(chosen)
-    if earlier is not None and is_complete(manager.root / earlier["path"]):
+    if earlier is not None and is_complete(layout.checkpoints / earlier["path"]):
         return earlier
     why = (f"it does not record which checkpoint was best at step {step} (written before 2026-12)" if earlier is None
            else f"the checkpoint that was best at step {step}, {earlier['path']}, was removed by train.keep_last")
@@ -192,9 +163,9 @@ def _best_after_rewind(resume: str, chosen: Path, manager: CheckpointManager) ->
                           f"new run (another run.output_dir)")
 
 
-def plan_folder(cfg: Config, manager: CheckpointManager, engine_setup: backend.EngineSetup, log=None) -> FolderPlan:
+def plan_folder(cfg: Config, layout: RunLayout, engine_setup: backend.EngineSetup, log=None) -> FolderPlan:
     """Decide what this job does with its folder, reading only; refusals raise here."""
-    run_dir = manager.run_dir
+    run_dir = layout.root
     entries = run_entries(run_dir)
     current = config_to_dict(cfg)
     overwrite, resume = cfg.run.overwrite, cfg.run.resume
@@ -203,11 +174,11 @@ def plan_folder(cfg: Config, manager: CheckpointManager, engine_setup: backend.E
             return FolderPlan()
         _check_aside_writable(run_dir)
         return FolderPlan(aside=str(aside_name(run_dir)))
-    holds_run = manager.holds_checkpoints()
-    chosen = resolve_resume(resume, manager) if resume not in ("auto", "none") else None
+    holds_run = holds_a_run(layout)
+    chosen = resolve_resume(resume, layout) if resume not in ("auto", "none") else None
     # the run this job continues: the folder's, or the one whose checkpoint run.resume names
-    foreign = chosen is not None and chosen.resolve().parent != manager.root.resolve()
-    continued = RunLayout.of_checkpoint(chosen) if foreign else RunLayout(run_dir)
+    foreign = chosen is not None and chosen.resolve().parent != layout.checkpoints.resolve()
+    continued = RunLayout.of_checkpoint(chosen) if foreign else layout
     saved = continued.config
     if (holds_run or foreign) and saved.is_file():
         previous = _read_yaml(saved)
@@ -226,12 +197,12 @@ def plan_folder(cfg: Config, manager: CheckpointManager, engine_setup: backend.E
     if resume == "none":
         if holds_run:
             raise ConfigError(
-                f"run.resume=none: run.output_dir={run_dir} holds {_run_summary(run_dir, manager)}; a new run "
+                f"run.resume=none: run.output_dir={run_dir} holds {_run_summary(layout)}; a new run "
                 f"would mix with it. Set run.overwrite=true to start a new run (the old one is moved to "
                 f"{run_dir.name}.old-<time>), choose another run.output_dir, or run.resume=auto to continue it")
     elif resume == "auto":
         skipped = []  # newer checkpoints that did not verify, named in a refusal below
-        for _, path in reversed(step_dirs(manager.root)):
+        for _, path in reversed(step_dirs(layout.checkpoints)):
             if not is_complete(path):
                 continue  # half-written: cleared when the job starts
             problem = verify(path)
@@ -242,14 +213,14 @@ def plan_folder(cfg: Config, manager: CheckpointManager, engine_setup: backend.E
             if log is not None:
                 log.warning("skipping a damaged checkpoint: %s", problem)
         if chosen is None and holds_run:
-            damaged = any(is_complete(path) for _, path in step_dirs(manager.root))
+            damaged = any(is_complete(path) for _, path in step_dirs(layout.checkpoints))
             raise CheckpointError(
-                f"run.output_dir={run_dir} holds {_run_summary(run_dir, manager)} but "
+                f"run.output_dir={run_dir} holds {_run_summary(layout)} but "
                 + ("none of its checkpoints verifies (see the warnings above)" if damaged
                    else "no checkpoint to continue from (they were removed)")
                 + "; set run.overwrite=true to start a new run (the old one is moved aside), or choose another "
                   "run.output_dir")
-        finished = finished_after(run_dir, _step_of(str(chosen))) if chosen is not None else None
+        finished = finished_after(run_dir, step_of(str(chosen))) if chosen is not None else None
         if finished:  # its newer checkpoints were removed or damaged: no silent retraining over its results
             raise CheckpointError(
                 f"run.output_dir={run_dir} holds {finished}, but its newest usable checkpoint is {chosen.name}"
@@ -257,24 +228,24 @@ def plan_folder(cfg: Config, manager: CheckpointManager, engine_setup: backend.E
                 f"continuing would train again over those results. Set run.resume={chosen.name} "
                 f"run.overwrite=true to do so (the results and copies of the logs are then moved to "
                 f"{run_dir.name}.old-<time>), or choose another run.output_dir")
-        best = read_best(manager.root) if chosen is not None else None
+        best = read_best(layout.checkpoints) if chosen is not None else None
     elif foreign:
         if entries and not overwrite:
             raise ConfigError(
                 f"run.resume={resume} is a checkpoint of another run, and run.output_dir={run_dir} holds "
-                f"{_run_summary(run_dir, manager) if holds_run else 'files of an earlier start'}; continuing there "
+                f"{_run_summary(layout) if holds_run else 'files of an earlier start'}; continuing there "
                 f"would mix two runs. Choose a fresh run.output_dir, or set run.overwrite=true as well (the folder's "
                 f"run is then moved to {run_dir.name}.old-<time> first)")
         aside = str(aside_name(run_dir)) if entries else None
     else:
-        newer = newer_work(manager, _step_of(str(chosen)))
+        newer = newer_work(layout, step_of(str(chosen)))
         if newer and not overwrite:
             raise CheckpointError(
                 f"run.resume={resume}: run.output_dir={run_dir} holds newer work ({', '.join(newer)}) that continuing "
                 f"from {chosen.name} would overwrite; set run.overwrite=true as well to continue from {chosen.name} "
                 f"anyway (that work and copies of the logs are then moved to {run_dir.name}.old-<time>), or "
                 f"run.resume=auto to continue from the newest checkpoint")
-        best = _best_after_rewind(resume, chosen, manager) if newer else read_best(manager.root)
+        best = _best_after_rewind(resume, chosen, layout) if newer else read_best(layout.checkpoints)
         if newer:
             aside, rewind = str(aside_name(run_dir)), True
     if aside is not None:
@@ -297,16 +268,16 @@ def plan_folder(cfg: Config, manager: CheckpointManager, engine_setup: backend.E
                       job=1 if foreign else (len(history) or 1) + 1)
 
 
-def confirm_plan(first: FolderPlan, cfg: Config, manager: CheckpointManager,
+def confirm_plan(first: FolderPlan, cfg: Config, layout: RunLayout,
                  engine_setup: backend.EngineSetup) -> FolderPlan:
     """Rank 0, holding the run lock: decide again, since another job may have written the folder
     after `first` was decided (two jobs started together). The same decision: the plan, with its
     recorded settings brought up to date; another: refused, nothing written."""
-    again = plan_folder(cfg, manager, engine_setup)
+    again = plan_folder(cfg, layout, engine_setup)
     if again.decision() != first.decision():
         raise RunLockedError(
-            f"run.output_dir={manager.run_dir} changed while this job was starting (another job wrote "
-            f"{_run_summary(manager.run_dir, manager)} there); this job wrote nothing. Run it again to continue "
+            f"run.output_dir={layout.root} changed while this job was starting (another job wrote "
+            f"{_run_summary(layout)} there); this job wrote nothing. Run it again to continue "
             f"that run (run.resume=auto), or choose another run.output_dir")
     return again
 
@@ -325,6 +296,18 @@ def decided_on_rank0(decide: Callable[[], FolderPlan]) -> FolderPlan:
     return outcome[1]
 
 
+def decide_plan(cfg: Config, engine_setup: backend.EngineSetup, log) -> FolderPlan:
+    """What this job does with its folder, decided by rank 0 reading only (a live run holding the
+    folder is refused before its files are judged); every rank gets the answer, or raises the same
+    refusal."""
+    layout = RunLayout(Path(cfg.run.output_dir))
+
+    def decide() -> FolderPlan:
+        RunLock(layout.root).probe()
+        return plan_folder(cfg, layout, engine_setup, log)
+    return decided_on_rank0(decide)
+
+
 def _differing_keys(previous: dict, current: dict, sections: list[str]) -> str:
     old = flatten({name: previous.get(name) or {} for name in sections})
     new = flatten({name: current.get(name) or {} for name in sections})
@@ -341,132 +324,8 @@ def _check_aside_writable(run_dir: Path) -> None:
                           f"choose another run.output_dir")
 
 
-def apply_plan(plan: FolderPlan, cfg: Config, run_dir: Path, log=None) -> None:
-    """Rank 0, holding the run lock: move the earlier run (or a rewind's newer work) aside, save the
-    config, record the job."""
-    if plan.rewind:
-        _set_newer_work_aside(plan, run_dir, log)
-    elif plan.aside:
-        aside = Path(plan.aside)
-        aside.mkdir(parents=True)
-        moved = run_entries(run_dir)
-        for entry in moved:
-            os.replace(entry, aside / entry.name)
-        if log is not None:
-            log.warning("run.output_dir=%s: moved the earlier run's files (%s) to %s; this is a new run",
-                        run_dir, ", ".join(entry.name for entry in moved), aside)
-    config = config_to_dict(cfg)
-    saved = RunLayout(run_dir).config
-    if plan.resume_from is None or not saved.is_file():
-        save_config(cfg, saved)
-    for log_file in (RunLayout(run_dir).losses, RunLayout(run_dir).config_history):
-        _drop_a_cut_last_line(log_file)
-    entry = {"job": plan.job, "started": time.strftime("%Y-%m-%d %H:%M:%S"),
-             "from_step": _step_of(plan.resume_from), "resumed_from": plan.resume_from,
-             "changes": plan.changes, "config": config}
-    with RunLayout(run_dir).config_history.open("a", encoding="utf-8") as handle:
-        handle.write(json.dumps(entry) + "\n")
-    if plan.changes and log is not None:
-        log.warning("resuming %s with other settings than its previous job: %s (recorded in %s; config.yaml "
-                    "keeps the settings the run started with)", run_dir,
-                    ", ".join(f"{key} {old!r} -> {new!r}" for key, (old, new) in plan.changes.items()),
-                    RunLayout(run_dir).config_history)
-
-
-def _set_newer_work_aside(plan: FolderPlan, run_dir: Path, log) -> None:
-    """A rewind to step N: what the continued run will overwrite goes to `plan.aside`, laid out like
-    the run folder (the checkpoints after N and the results are moved, the logs and best.json
-    copied); best.json goes back to its state at N and losses.jsonl is cut back to steps <= N."""
-    layout, aside, step = RunLayout(run_dir), Path(plan.aside), _step_of(plan.resume_from)
-    (aside / "checkpoints").mkdir(parents=True)
-    moved = [path for number, path in step_dirs(layout.checkpoints) if number > step]
-    moved += [path for path in (layout.results, layout.stopped) if path.is_file()]
-    for path in moved:
-        os.replace(path, aside / path.relative_to(run_dir))
-    copied = [path for path in (layout.best_pointer, layout.losses, layout.config_history, layout.config,
-                                *sorted(run_dir.glob(RunLayout.ENTRY_PATTERNS[0]))) if path.is_file()]
-    for path in copied:
-        shutil.copy2(path, aside / path.relative_to(run_dir))
-    if layout.tensorboard.is_dir():  # its events after N are hidden by the resumed job's writer
-        shutil.copytree(layout.tensorboard, aside / layout.tensorboard.name)
-        copied.append(layout.tensorboard)
-    if plan.best is None:
-        layout.best_pointer.unlink(missing_ok=True)
-    else:
-        write_json_atomic(layout.best_pointer, plan.best)
-    if layout.losses.is_file():
-        kept = [line for line in layout.losses.read_text(encoding="utf-8").splitlines(keepends=True)
-                if _logged_step(line) <= step]
-        partial = layout.losses.with_name(f".{layout.losses.name}.partial")
-        partial.write_text("".join(kept), encoding="utf-8")
-        os.replace(partial, layout.losses)
-    if log is not None:
-        log.warning("run.output_dir=%s: continuing from step %d over newer work: moved %s and copied %s to %s; "
-                    "losses.jsonl now ends at step %d", run_dir, step,
-                    ", ".join(str(path.relative_to(run_dir)) for path in moved) or "nothing",
-                    ", ".join(str(path.relative_to(run_dir)) for path in copied) or "nothing", aside, step)
-
-
-def _drop_a_cut_last_line(path: Path) -> None:
-    """A crash while a line was appended leaves it unterminated, and this job's first line would be
-    glued to it (both unreadable). A cut losses.jsonl line is of a step after the checkpoint (a step
-    is logged before it is saved), so this job logs it again."""
-    if not path.is_file():
-        return
-    data = path.read_bytes()
-    if data and not data.endswith(b"\n"):
-        with path.open("rb+") as handle:
-            handle.truncate(data.rfind(b"\n") + 1)
-
-
-def _logged_step(line: str) -> float:
-    """The step of a losses.jsonl line; a line cut short by a crash counts as after every step."""
-    try:
-        return json.loads(line)["step"]
-    except (ValueError, KeyError, TypeError):
-        return float("inf")
-
-
-def _step_of(path: str | None) -> int:
+def step_of(path: str | None) -> int:
     match = STEP_DIR.match(Path(path).name) if path else None
     return int(match.group(1)) if match else 0
 
 
-def clear_incomplete(manager: CheckpointManager) -> None:
-    """Half-written step-N folders (no COMPLETE marker) of a crashed save: never loaded, removed."""
-    for _, path in step_dirs(manager.root):
-        if not (path / COMPLETE_MARKER).is_file():
-            shutil.rmtree(path, ignore_errors=True)
-
-
-class RunFolder:
-    """The run folder once this job holds it (`open`): the run lock taken, the folder plan carried
-    out (an earlier run moved aside, the config saved, the job recorded in config_history.jsonl) and
-    the model assets written. Whatever holds a RunFolder may write in it; its CheckpointManager
-    decides when to save, what to keep and which checkpoint is best."""
-
-    def __init__(self, layout: RunLayout, checkpoints: CheckpointManager, plan: FolderPlan):
-        self.layout, self.checkpoints, self.plan = layout, checkpoints, plan
-
-    @classmethod
-    def open(cls, job: "Job", write_assets: Callable[[Path], None]) -> "RunFolder":
-        """Collective. `write_assets(run_dir)` writes what inference needs (rank 0, a new run)."""
-        cfg, layout = job.cfg, RunLayout(job.run_dir)
-        checkpoints = CheckpointManager(layout.root, cfg.train.keep_last, cfg.train.save_every or cfg.train.eval_every,
-                                        job.log)
-        checkpoints.take_lock()
-        atexit.register(checkpoints.release_lock)
-        try:
-            plan = decided_on_rank0(lambda: confirm_plan(job.folder, cfg, checkpoints, job.engine_setup))
-        except UserError:
-            checkpoints.release_lock()
-            raise
-        if job.info.is_main:
-            apply_plan(plan, cfg, layout.root, job.log)
-            if plan.resume_from is None or not layout.model.is_dir():
-                write_assets(layout.root)
-        comm.barrier()
-        return cls(layout, checkpoints, plan)
-
-    def close(self) -> None:
-        self.checkpoints.release_lock()
