@@ -37,14 +37,6 @@ class LabelSet:
             tags += [f"B-{entity_type}", f"I-{entity_type}"]
         return tags
 
-    @property
-    def num_bio_tags(self) -> int:
-        return 2 * len(self.entity_types) + 1
-
-    @property
-    def num_span_classes(self) -> int:
-        return len(self.entity_types) + 1
-
     def tag_id(self, tag: str) -> int:
         return self.bio_tags.index(tag)
 

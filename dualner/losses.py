@@ -24,16 +24,6 @@ def token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor,
     return total / denominator.clamp(min=1)
 
 
-def supervised_losses(outputs: HeadOutputs, batch: dict[str, torch.Tensor],
-                      variant: str = "mlt") -> dict[str, torch.Tensor]:
-    """L_seq, L_start, L_end for the terms the variant trains, plus their sum under `total`."""
-    logits = {"seq": outputs.seq_logits, "start": outputs.start_logits, "end": outputs.end_logits}
-    terms = {name: token_cross_entropy(logits[name], batch[f"{name}_labels"])
-             for name in VARIANT_TERMS[variant]}
-    terms["total"] = sum(terms.values())
-    return terms
-
-
 def entity_representations(outputs: HeadOutputs, start_labels: torch.Tensor, word_index: torch.Tensor,
                            segment_ids: torch.Tensor, num_segments: int) -> tuple[torch.Tensor, torch.Tensor]:
     """SPEC's entity representation, for every (window, type): the concatenated encoder states of the

@@ -32,7 +32,8 @@ from dualner.model_io import load_trained_model, save_model_assets
 from dualner.recipe import Recipe, resolve_weights
 from dualner.run_folder import RunFolder
 from dualner.run_layout import RunLayout
-from dualner.teacher import build_pseudo_labels, build_teacher
+from dualner.teacher import build_pseudo_labels
+from dualner.stage2_teacher import build_teacher
 from dualner.stage2_losses import STAGE2_TERMS, Forward, StepPool
 from dualner.data.stage2_inputs import build_stream, check_translation_pairs, corpus_sizes, open_corpora
 from dualner.train import Trainer, assemble, train

@@ -37,6 +37,16 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
 
 
+def stage1_losses(outputs, batch: dict, variant: str = "mlt") -> dict:
+    """Stage 1's loss terms as training computes them (dualner.stage1.Stage1Recipe.TERMS, the
+    variant's heads) and their sum under `total`."""
+    from dualner.losses import VARIANT_TERMS
+    from dualner.stage1 import Forward, Stage1Recipe
+    forward = Forward(outputs, batch)
+    terms = {name: Stage1Recipe.TERMS[name](forward) for name in VARIANT_TERMS[variant]}
+    return {**terms, "total": sum(terms.values())}
+
+
 DISTRIBUTED_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT",
                          "DUALNER_FAULT", "DUALNER_TEST_FAULTS")
 

@@ -104,7 +104,8 @@ _WORKER = textwrap.dedent('''
     assert pending.result() == [1.0]
     assert comm.all_gather_objects(info.rank) == [0, 1]
     print("COMM ok", info.rank)
-    comm.shutdown()
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()  # a collective end: at interpreter exit gloo can abort a rank
 ''')
 
 
@@ -133,7 +134,7 @@ _SKIP_WORKER = textwrap.dedent('''
     from dualner.config import TrainConfig
     from dualner.data.batching import derive_batch_layout
     from dualner.encoders import resolve_encoder
-    from dualner.losses import supervised_losses
+    from tests.conftest import stage1_losses
     from dualner.model import DualNERModel
     comm.init_distributed()
     torch.manual_seed(0)
@@ -146,8 +147,8 @@ _SKIP_WORKER = textwrap.dedent('''
     def weights():
         return torch.cat([p.detach().float().reshape(-1).clone() for p in engine.module.parameters()])
     def step(poison):
-        loss = supervised_losses(engine(ids, attention_mask=torch.ones_like(ids)),
-                                 dict(seq_labels=labels, start_labels=labels, end_labels=labels))["total"]
+        loss = stage1_losses(engine(ids, attention_mask=torch.ones_like(ids)),
+                             dict(seq_labels=labels, start_labels=labels, end_labels=labels))["total"]
         bad = engine.backward(loss * float("nan") if poison else loss)
         engine.optimizer_step()
         return bad.item(), engine.last_step_flag.item()

@@ -8,8 +8,7 @@ import torch
 from dualner.config import load_config
 from dualner.data.batching import BatchPlan
 from dualner.data.packing import Collator, first_fit_decreasing, model_inputs
-from dualner.losses import supervised_losses
-from tests.conftest import REPO
+from tests.conftest import REPO, stage1_losses
 from tests.test_packing import by_window, tiny_model, windows_of
 
 SHAPED = ("input_ids", "position_ids", "segment_ids", "word_index", "seq_labels", "start_labels", "end_labels")
@@ -49,7 +48,7 @@ def test_fixed_shape_with_padding_rows_equals_one_window_per_row(tiny_tokenizer)
     for batch in (fixed, unpadded):
         model.zero_grad(set_to_none=True)
         outputs = model(**model_inputs(batch))
-        losses = supervised_losses(outputs, batch)
+        losses = stage1_losses(outputs, batch)
         losses["total"].backward()
         computed.append((outputs, losses, {n: p.grad.clone() for n, p in model.named_parameters()}))
     (out_f, losses_f, grads_f), (out_u, losses_u, grads_u) = computed

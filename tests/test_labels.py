@@ -12,7 +12,6 @@ def test_label_set_from_data_tags():
     label_set = LabelSet.from_tags(["O", "B-PER", "I-PER", "B-MISC"])
     assert label_set.entity_types == ("MISC", "PER")
     assert label_set.bio_tags == ["O", "B-MISC", "I-MISC", "B-PER", "I-PER"]
-    assert label_set.num_span_classes == 3
 
 
 def test_extract_span_basic_and_one_word_entities():

@@ -117,15 +117,14 @@ def test_stage2_keeps_stage1s_encoder_dropout(stage1_half, tmp_path):
 # -- 2: the stream mix and stage 2's length ---------------------------------------------------------------
 
 def test_mix_by_size_draws_every_sentence_equally_and_epochs_set_the_length(stage1_half, tmp_path):
-    from dualner.data.readers import count_sentences
     from dualner.stage2 import build_stage2
     sample = REPO / "data" / "panx-sample"
     trainer = build_stage2(stage2_config(tmp_path / "size", stage1_half, "train.max_steps=null", "stage2.epochs=2"))
     trainer.metrics.close()
     trainer.folder.close()
     sizes = {"source/en": 256, "target/en-remainder": 256,  # the 512 capped English sentences, halved
-             "target/de": count_sentences(sample / "de" / "train.tsv"),
-             "target/zh": count_sentences(sample / "zh" / "train.tsv")}
+             "target/de": sentences_in(sample / "de" / "train.tsv"),
+             "target/zh": sentences_in(sample / "zh" / "train.tsv")}
     assert trainer.recipe.stream.mix == pytest.approx({name: n / sum(sizes.values()) for name, n in sizes.items()})
     assert trainer.total_steps == math.ceil(2 * sum(sizes.values()) / 16)
 
@@ -148,13 +147,21 @@ def test_stage2_length_is_steps_or_epochs(stage1_half, tmp_path, overrides, mess
         build_stage2(stage2_config(tmp_path / "run", stage1_half, *overrides))
 
 
-def test_count_sentences(tmp_path):
-    from dualner.data.readers import count_sentences
+def sentences_in(path):
+    """A small raw file's sentences as stage2.mix=size counts them (dualner.data.stage2_inputs.corpus_sizes):
+    exactly, as the stage-2 reader cuts them."""
+    from dualner.data.corpus import describe_file, estimate_records
+    count, exact = estimate_records(describe_file(path, str(path)))
+    assert exact, path
+    return count
+
+
+def test_small_raw_files_are_counted_exactly(tmp_path):
     conll = tmp_path / "a.tsv"
     conll.write_text("\n\nx\tO\ny\tO\n\n\nz\tB-PER\n")  # leading and doubled blank lines
     text = tmp_path / "a.txt"
     text.write_text("one two\n\nthree\n")
-    assert count_sentences(conll) == 2 and count_sentences(text) == 2
+    assert sentences_in(conll) == 2 and sentences_in(text) == 2
 
 
 # -- 3: one denominator for the gold and pseudo terms ----------------------------------------------------

@@ -2,8 +2,9 @@ import pytest
 import torch
 
 from dualner.labels import IGNORE_INDEX
-from dualner.losses import supervised_losses, token_cross_entropy
+from dualner.losses import token_cross_entropy
 from dualner.model import DualNERModel
+from tests.conftest import stage1_losses
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +36,7 @@ def test_variants_train_their_heads_only(model, variant, terms):
     labels = torch.randint(0, 4, (2, 6))
     batch = {"seq_labels": labels, "start_labels": labels, "end_labels": labels}
     model.zero_grad()
-    losses = supervised_losses(model(ids, torch.ones_like(ids)), batch, variant)
+    losses = stage1_losses(model(ids, torch.ones_like(ids)), batch, variant)
     assert set(losses) == terms | {"total"}
     assert torch.allclose(losses["total"], sum(losses[t] for t in terms))
     losses["total"].backward()

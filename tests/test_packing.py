@@ -18,10 +18,10 @@ from dualner.data.packing import (Collator, cut_micro_batches, first_fit, first_
                                   pack_rows)
 from dualner.evaluate import EvalSet, evaluate_sets
 from dualner.labels import LabelSet
-from dualner.losses import centroid_mse, entity_representations, supervised_losses
+from dualner.losses import centroid_mse, entity_representations
 from dualner.model import DualNERModel
 from dualner.teacher import build_pseudo_labels
-from tests.conftest import REPO, SAMPLE, launch
+from tests.conftest import REPO, SAMPLE, launch, stage1_losses
 
 LABELS = LabelSet(("LOC", "ORG", "PER"))
 TOLERANCE = 1e-5
@@ -229,7 +229,7 @@ def test_stage1_losses_and_gradients_equal_unpacked(tiny_tokenizer):
     results = []
     for batch in both_layouts(tiny_tokenizer, windows, model):
         model.zero_grad()
-        losses = supervised_losses(model(**model_inputs(batch)), batch)
+        losses = stage1_losses(model(**model_inputs(batch)), batch)
         losses["total"].backward()
         results.append((losses, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
     (packed_losses, packed_grads), (padded_losses, padded_grads) = results
@@ -256,9 +256,9 @@ def test_stage2_teacher_pseudo_labels_student_losses_and_mse_equal_unpacked(tiny
         pseudo = build_pseudo_labels(teacher_out, batch["word_index"], batch["segment_ids"],
                                      batch["num_segments"], LABELS)
         student_out = student(**model_inputs(batch))
-        losses = supervised_losses(student_out, {"seq_labels": pseudo.seq_labels,
-                                                 "start_labels": pseudo.start_labels,
-                                                 "end_labels": pseudo.end_labels})
+        losses = stage1_losses(student_out, {"seq_labels": pseudo.seq_labels,
+                                             "start_labels": pseudo.start_labels,
+                                             "end_labels": pseudo.end_labels})
         representations, present = entity_representations(student_out, pseudo.start_labels, batch["word_index"],
                                                            batch["segment_ids"], batch["num_segments"])
         losses["mse"] = centroid_mse(representations, present)

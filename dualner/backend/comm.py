@@ -121,14 +121,6 @@ def is_main_process() -> bool:
     return current().is_main
 
 
-def shutdown() -> None:
-    """A collective end (left to interpreter exit, gloo's threads can abort a rank)."""
-    if dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
-
-
-
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Iterator
 
 from dualner.data.conll import text_lines  # one line reader: BOM, CR/CRLF, NUL, bad bytes' offsets
-from dualner.data.corpus import RecordReader, describe_file, parse_jsonl_line, text_words
+from dualner.data.corpus import parse_jsonl_line, text_words
 
 
 def iter_text(path: Path, language: str = "") -> Iterator[dict]:
@@ -31,10 +31,3 @@ def iter_jsonl(path: Path, language: str = "", keep_empty: bool = False) -> Iter
         parsed = parse_jsonl_line(line, f"{path}:{line_number}")
         if parsed["words"] or keep_empty:
             yield {**parsed, "language": parsed["language"] or language, "sample_id": f"{path}:{line_number}"}
-
-
-def count_sentences(path: Path) -> int:
-    """Sentences (records) in a corpus file, counted exactly as the stage-2 reader cuts them
-    (dualner.data.corpus): blank-line-separated blocks of CoNLL, non-blank lines of text and JSONL."""
-    file = describe_file(path, str(path))
-    return sum(1 for _ in RecordReader(file, 0, file.end))
