@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dualner import backend, faults
+from dualner import backend
 from dualner.backend import comm
 from dualner.backend.placement import pin_memory_wanted
 from dualner.checkpoint import completion_record
@@ -66,7 +66,6 @@ def start_job(cfg: Config, stage: int) -> Job:
     layout = derive_batch_layout(cfg.train, info.world_size)
     device = comm.accelerator_device(info.local_rank)
     engine_setup = backend.prepare_engine(cfg, layout, device)
-    faults.check()
     folder = decide_plan(cfg, engine_setup, log)  # refusals: nothing written yet
     if folder.resume_from:  # the engine continues as the checkpoint was trained (its precision)
         checkpoint = Path(folder.resume_from)

@@ -196,8 +196,8 @@ def is_export(path: str | Path) -> bool:
     one (so that a damaged config.json is named, not taken for "no checkpoint")."""
     path = Path(path)
     layout = RunLayout(path)
-    run_or_checkpoint = (STEP_DIR.match(path.name) or path.name == "checkpoints" or layout.checkpoints.is_dir()
-                         or layout.config.is_file())
+    run_or_checkpoint = (STEP_DIR.match(path.name) or path.name == RunLayout.checkpoints.name
+                         or layout.checkpoints.is_dir() or layout.config.is_file())
     return (path / "config.json").is_file() and not run_or_checkpoint
 
 

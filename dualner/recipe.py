@@ -34,7 +34,7 @@ def resolve_weights(terms: dict[str, LossTerm], defaults: dict[str, float],
 
 class Recipe:
     """Base of the stage recipes; constructed with everything it needs (no attribute set later; only
-    the hardening tests' fault injection wraps a method, dualner.faults)."""
+    the hardening tests' fault injection wraps a method, tests/hooks/fault_injection.py)."""
 
     evaluate_initial_model = False  # stage 2: the model it starts from is the one to beat
     TERMS: dict[str, LossTerm] = {}

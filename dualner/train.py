@@ -10,9 +10,11 @@
     trainer = assemble(job, engine, folder, recipe, ...)    checkpointer, metrics, evaluation
     train(trainer)
 
-Each component exists only once it is usable (a RunFolder only once the lock is held), and the
-checkpointer is told once what to save: the engine's files, the trainer's progress, the recipe's
-state, and per rank its random generators and (stage 2) its stream position.
+Each component exists only once it is usable (a RunFolder, with the run's one CheckpointManager,
+only once the lock is held), and the checkpointer is told once what to save: the engine's files, the
+trainer's progress, the recipe's state, and per rank its random generators and (stage 2) its stream
+position. Stage 2's teacher saves nothing of its own: it is rebuilt from the run's best checkpoint
+(dualner.stage2_teacher).
 
 Nothing in a step waits for the device: loss terms are summed on the device and read once per log
 window (dualner.metrics); a non-finite loss makes the optimizer skip that step on the device on every
@@ -258,12 +260,8 @@ def assemble(job: Job, engine: TrainingEngine, folder: RunFolder, recipe: Recipe
         job.stage_name, total_steps, layout.global_batch_size, layout.unit, layout.micro_batch_size,
         engine.accumulation_steps, job.info.world_size, job.engine_setup.describe(),
         f"packed {eval_collator.row_length}-token" if eval_collator.packed else "padded")
-    trainer = Trainer(job, engine, folder, recipe, total_steps, label_set, eval_collator, progress, checkpointer,
-                      metrics)
-    from dualner import faults
-    if faults.enabled():  # the hardening tests' injected failures (never outside a test)
-        faults.instrument(trainer)
-    return trainer
+    return Trainer(job, engine, folder, recipe, total_steps, label_set, eval_collator, progress, checkpointer,
+                   metrics)
 
 
 class RandomState:

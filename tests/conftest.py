@@ -9,6 +9,13 @@ from dualner.backend.comm import free_port  # noqa: F401  (re-exported to the te
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "data" / "panx-sample"
+# The test hooks the package does not carry (tests/hooks/install.py): in this process now, in every
+# launched job through sitecustomize.py there (child_env puts the folder first on PYTHONPATH).
+HOOKS = REPO / "tests" / "hooks"
+sys.path.insert(0, str(HOOKS))
+from install import install_hooks  # noqa: E402
+
+install_hooks(os.environ)
 
 
 @pytest.fixture(scope="session")
@@ -47,8 +54,7 @@ def stage1_losses(outputs, batch: dict, variant: str = "mlt") -> dict:
     return {**terms, "total": sum(terms.values())}
 
 
-DISTRIBUTED_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT",
-                         "DUALNER_FAULT", "DUALNER_TEST_FAULTS")
+DISTRIBUTED_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "DUALNER_FAULT")
 
 
 def child_env(**extra: str) -> dict[str, str]:
@@ -56,8 +62,10 @@ def child_env(**extra: str) -> dict[str, str]:
     in-process test may have set them, and their port is taken)."""
     env = {key: value for key, value in os.environ.items() if key not in DISTRIBUTED_VARIABLES}
     env.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "torch_extensions"))
-    # Every launched job audits its collectives' devices (dualner.backend.comm, tests/test_backend.py).
-    return {**env, "OMP_NUM_THREADS": "1", "DUALNER_STRICT_COLLECTIVES": "1", **extra}
+    # Every launched job audits its collectives' devices (tests/hooks/collective_audit.py, tests/test_backend.py).
+    launched = {**env, "OMP_NUM_THREADS": "1", "DUALNER_STRICT_COLLECTIVES": "1", **extra}
+    launched["PYTHONPATH"] = os.pathsep.join(filter(None, (str(HOOKS), launched.get("PYTHONPATH"))))
+    return launched
 
 
 def launch(script: str, args: list[str], nproc: int = 1, timeout: int = 600,

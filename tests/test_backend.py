@@ -1,7 +1,7 @@
 """The backend boundary and the collectives' devices.
 
 CI has no GPU, so device mistakes must fail here: the multi-process tests run with
-DUALNER_STRICT_COLLECTIVES=1 (tests/conftest.py), which installs dualner.backend.testing's audit: a
+DUALNER_STRICT_COLLECTIVES=1 (tests/conftest.py), which installs tests/hooks/collective_audit.py: a
 collective issued from project code outside dualner.backend.comm, or with a buffer that module did
 not place, is refused the way NCCL refuses a CPU tensor. The first GPU run failed on exactly that (a CPU tensor sent by a helper that
 did not place it)."""
@@ -81,9 +81,9 @@ _WORKER = textwrap.dedent('''
         "        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)\\n"
         "    return tensor\\n", legacy.__dict__)
     audited = os.environ["DUALNER_STRICT_COLLECTIVES"] == "1"
-    assert ("dualner.backend.testing" in sys.modules) == audited  # a run without the switch never loads it
+    assert ("collective_audit" in sys.modules) == audited  # a run without the switch never loads it
     if audited:
-        from dualner.backend.testing import CollectiveDeviceError
+        from collective_audit import CollectiveDeviceError
     else:
         class CollectiveDeviceError(Exception):
             pass

@@ -21,7 +21,7 @@ KILL_POINTS = [3, 4]
 
 
 def run(script, config, output, *extra, fault=None, check=True):
-    env = child_env(PYTHONPATH=str(REPO), **({"DUALNER_FAULT": fault, "DUALNER_TEST_FAULTS": "1"} if fault else {}))
+    env = child_env(PYTHONPATH=str(REPO), **({"DUALNER_FAULT": fault} if fault else {}))
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
                f"--master_port={free_port()}", str(REPO / script), "--config",
                str(REPO / "configs" / config), f"run.output_dir={output}", *COMMON, *extra]

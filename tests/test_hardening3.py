@@ -10,7 +10,6 @@ import shutil
 
 import pytest
 
-from dualner import faults
 from dualner.checkpoint import (COMPLETE_MARKER, CheckpointManager, checkpoint_choice, prunable, resolve_checkpoint,
                                 write_json_atomic)
 from dualner.config import load_config
@@ -154,7 +153,7 @@ REFUSALS = {  # name: (builder, overrides, where, environment, message)
     "global batch larger than the data": (build_stage1, ["train.global_batch_size=100000"], "run", {},
                                           r"train.global_batch_size=100000 sentences is more than the training data"),
     "malformed fault under the test switch": (build_stage1, [], "run",
-                                              {"DUALNER_FAULT": "garbage", "DUALNER_TEST_FAULTS": "1"},
+                                              {"DUALNER_FAULT": "garbage"},
                                               r"DUALNER_FAULT='garbage': expected KIND:rank=R:step=S"),
     "missing dev file": (build_stage1, ["data.dev.xx=/no/such/dev.tsv"], "fresh", {}, r"data.dev.xx: data file not found"),
     "data file that is a folder": (build_stage1, [f"data.dev.xx={REPO / 'data'}"], "fresh", {}, r"is a folder"),
@@ -191,12 +190,10 @@ def test_every_refusal_leaves_the_folder_untouched(populated, tmp_path, monkeypa
 
 
 # -- 8. raw tracebacks -> one line --------------------------------------------------------------------
-def test_fault_injection_needs_the_test_switch(monkeypatch):
+def test_fault_injection_is_a_test_hook_only(monkeypatch):
+    import fault_injection as faults  # tests/hooks, on the path through tests/conftest.py (the package
+    # never reads DUALNER_FAULT: tests/test_structure.py)
     monkeypatch.setenv("DUALNER_FAULT", "garbage")
-    monkeypatch.delenv("DUALNER_TEST_FAULTS", raising=False)
-    faults.check()  # a user's stray variable: ignored
-    assert faults.planned() is None
-    monkeypatch.setenv("DUALNER_TEST_FAULTS", "1")
     with pytest.raises(ConfigError, match="DUALNER_FAULT='garbage'"):
         faults.check()
     for spec in ("nan:rank=0", "boom:rank=0:step=1", "nan:rank=x:step=1"):
@@ -248,7 +245,7 @@ def test_command_line_one_liners(populated, tmp_path):
                               "--output", str(tmp_path / "no" / "out.jsonl")))
     assert "--output: the folder" in line
     line = one_line_error(cli("stage1", "--config", str(REPO / "configs" / "tiny.yaml"), f"run.output_dir={tmp_path / 'r'}",
-                              env={"DUALNER_FAULT": "garbage", "DUALNER_TEST_FAULTS": "1"}))
+                              env={"DUALNER_FAULT": "garbage"}))
     assert "DUALNER_FAULT='garbage'" in line and not (tmp_path / "r").exists()
 
 

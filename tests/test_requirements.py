@@ -70,7 +70,8 @@ def test_tests_and_benchmarks_imports_are_declared():
     runtime, extras = _declared()
     declared = {_name(requirement) for requirement in [*runtime, *extras["test"], *extras["bench"], *extras["e5"]]}
     optional = {"flash_attn"}  # the GPU baseline uses it where installed (bench/throughput_vs_hf.py)
-    local = {"tests", "bench", "conftest", "reproduce", "common", "slurm_cluster", "teacher_refresh_check"}
+    local = {"tests", "bench", "conftest", "reproduce", "common", "slurm_cluster", "teacher_refresh_check",
+             "install", "after_import", "collective_audit", "fault_injection"}  # the last four: tests/hooks
     for folder in ("tests", "bench"):
         imports = third_party_imports(REPO / folder)
         missing = {name for name in imports if name not in local | optional

@@ -195,3 +195,17 @@ def test_the_checkpointer_saves_the_components_it_was_told_of():
     manager.saved = {"trainer": {"step": 4}, "ranks": [{"stream": {"cursor": 17}}], "teacher_refreshes": 3}
     Checkpointer(manager, None, {"trainer": fresh[0], "recipe": fresh[1]}, {"stream": fresh[2]}).load("step-4")
     assert fresh[1].state["teacher_refreshes"] == 3
+
+
+def test_the_package_carries_no_test_hooks():
+    """Fault injection and the collective audit are installed from tests/hooks (a sitecustomize in
+    every launched job): no module of the package reads their switches or imports test code."""
+    hooks = {path.stem for path in (REPO / "tests" / "hooks").glob("*.py")} | {"tests"}
+    for path in sorted(LIBRARY.rglob("*.py")):
+        text = path.read_text()
+        for switch in ("DUALNER_FAULT", "DUALNER_TEST_FAULTS", "DUALNER_STRICT_COLLECTIVES"):
+            assert switch not in text, f"{path.relative_to(REPO)} reads {switch}"
+        for node in ast.walk(ast.parse(text)):
+            modules = ([alias.name for alias in node.names] if isinstance(node, ast.Import)
+                       else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            assert not {module.split(".")[0] for module in modules} & hooks, f"{path.relative_to(REPO)} imports test code"

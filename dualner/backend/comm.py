@@ -10,8 +10,7 @@ On an accelerator the default process group is therefore opened as "cpu:gloo,cud
 that serves both. Callers never build the tensors a collective sends: they hand over Python numbers
 (host) or device tensors (device) and this module builds the buffer itself (`_host_buffer`,
 `_device_buffer`, `_in_place_buffer`). That is what failed on the first GPU run (a CPU tensor sent to
-an NCCL-only group). The test switch `DUALNER_STRICT_COLLECTIVES=1` (set by the multi-process tests)
-installs dualner.backend.testing's audit, which turns the rule into an error on any machine.
+an NCCL-only group). The multi-process tests audit the rule on any machine (tests/hooks/collective_audit.py).
 """
 
 from __future__ import annotations
@@ -27,7 +26,6 @@ import torch.distributed as dist
 
 from dualner.errors import ConfigError
 
-STRICT_ENV = "DUALNER_STRICT_COLLECTIVES"  # the test switch of the collective audit
 TIMEOUT_ENV = "DUALNER_COLLECTIVE_TIMEOUT_S"  # seconds a collective may wait for the slowest rank
 
 
@@ -89,9 +87,6 @@ def init_distributed() -> DistInfo:
             torch.cuda.set_device(device)  # NCCL and object collectives use the current device
         dist.init_process_group(backend=process_group_backend(device), timeout=collective_timeout(),
                                 rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]))
-        if os.environ.get(STRICT_ENV) == "1":  # tests only (tests/conftest.py)
-            from dualner.backend.testing import install_strict_audit
-            install_strict_audit()
     return current()
 
 

@@ -52,7 +52,7 @@ def _set_newer_work_aside(plan: FolderPlan, run_dir: Path, log) -> None:
     the run folder (the checkpoints after N and the results are moved, the logs and best.json
     copied); best.json goes back to its state at N and losses.jsonl is cut back to steps <= N."""
     layout, aside, step = RunLayout(run_dir), Path(plan.aside), step_of(plan.resume_from)
-    (aside / "checkpoints").mkdir(parents=True)
+    RunLayout(aside).checkpoints.mkdir(parents=True)
     moved = [path for number, path in step_dirs(layout.checkpoints) if number > step]
     moved += [path for path in (layout.results, layout.stopped) if path.is_file()]
     for path in moved:

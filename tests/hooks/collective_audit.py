@@ -1,6 +1,6 @@
-"""Test support: the strict collective audit. Installed only by the test switch
-`DUALNER_STRICT_COLLECTIVES=1` (dualner.backend.comm.init_distributed; tests/conftest.py sets it
-for every launched job); a training run never imports this module.
+"""Test support: the strict collective audit, installed by `DUALNER_STRICT_COLLECTIVES=1`
+(tests/hooks/install.py; tests/conftest.py sets it for every launched job) as dualner.backend.comm is
+imported; the package never imports this module.
 
 CI has no GPU, where NCCL refuses a tensor on the wrong device; the audit refuses the same mistakes on
 any machine. It wraps torch.distributed's tensor collectives: DeepSpeed's and torch's own calls pass
@@ -16,7 +16,6 @@ import weakref
 import torch
 import torch.distributed as dist
 
-from dualner.backend import comm
 
 COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter_tensor",
                "reduce_scatter", "broadcast", "reduce", "all_to_all_single", "gather", "scatter")
@@ -40,7 +39,8 @@ def _was_placed(tensor: torch.Tensor) -> bool:
     return reference is not None and reference() is tensor
 
 
-def install_strict_audit() -> None:
+def install_strict_audit(comm) -> None:
+    """`comm`: the dualner.backend.comm module, just imported."""
     for name in BUFFER_BUILDERS:
         builder = getattr(comm, name)
         if not getattr(builder, "_dualner_audited", False):

@@ -6,10 +6,10 @@
     DUALNER_FAULT=nan:rank=0:step=3            make rank 0's loss NaN in step 3
     DUALNER_FAULT=enospc_in_save:rank=0:step=4 the step-4 checkpoint's write fails: no space left
 
-Only a test reaches it: `DUALNER_FAULT` is read when the test switch `DUALNER_TEST_FAULTS=1` is set as
-well, and then its value is checked before anything is written (`check`, called by every training
-run at start) and the assembled run is instrumented (`instrument`: its engine and recipe wrapped).
-Without the switch nothing is wrapped and `DUALNER_FAULT` is ignored.
+Only a test reaches it (tests/hooks/install.py): the package never reads `DUALNER_FAULT`. Installed,
+its value is checked before the job decides anything about its folder, so before anything is
+written (`check`), and the assembled run is instrumented as it starts (`instrument`: its engine and
+recipe wrapped).
 """
 
 from __future__ import annotations
@@ -22,13 +22,8 @@ from functools import lru_cache
 from dualner.errors import ConfigError
 from dualner.run_layout import step_name
 
-SWITCH = "DUALNER_TEST_FAULTS"
 KINDS = ("kill", "kill_in_save", "nan", "enospc_in_save")
 _SPEC = re.compile(r"^(?P<kind>[a-z_]+):rank=(?P<rank>\d+):step=(?P<step>\d+)$")
-
-
-def enabled() -> bool:
-    return os.environ.get(SWITCH) == "1"
 
 
 def parse(spec: str) -> tuple[str, int, int]:
@@ -36,28 +31,47 @@ def parse(spec: str) -> tuple[str, int, int]:
     match = _SPEC.match(spec.strip())
     if match is None or match["kind"] not in KINDS:
         raise ConfigError(f"DUALNER_FAULT={spec!r}: expected KIND:rank=R:step=S with KIND one of "
-                          f"{', '.join(KINDS)} (a test hook; unset it)")
+                          f"{', '.join(KINDS)} (a test hook)")
     return match["kind"], int(match["rank"]), int(match["step"])
 
 
 @lru_cache(maxsize=1)
 def planned() -> tuple[str, int, int] | None:
     spec = os.environ.get("DUALNER_FAULT", "")
-    if not spec or not enabled():
+    if not spec:
         return None
     return parse(spec)
 
 
 def check() -> None:
-    """At the start of a run, before anything is written: a fault asked for under the test switch
-    must be well formed."""
+    """Before anything is written: a fault asked for must be well formed."""
     planned.cache_clear()
     planned()
 
 
+def check_before_the_folder_plan(plan_module) -> None:
+    """dualner.run_folder.plan: `check` first whenever a job plans its folder."""
+    plan_folder = plan_module.plan_folder
+
+    def checked_plan_folder(*args, **kwargs):
+        check()
+        return plan_folder(*args, **kwargs)
+    plan_module.plan_folder = checked_plan_folder
+
+
+def instrument_on_resume(train_module) -> None:
+    """dualner.train: the assembled run is instrumented as it starts (`Trainer.resume`)."""
+    resume = train_module.Trainer.resume
+
+    def instrumented_resume(trainer) -> None:
+        instrument(trainer)
+        resume(trainer)
+    train_module.Trainer.resume = instrumented_resume
+
+
 def instrument(trainer) -> None:
-    """Under the test switch: wrap the assembled run's engine and recipe so the planned fault
-    happens at its point. The training code itself carries no fault hooks."""
+    """Wrap the assembled run's engine and recipe so the planned fault happens at its point. The
+    training code itself carries no fault hooks."""
     fault = planned()
     if fault is None:
         return
