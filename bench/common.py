@@ -83,6 +83,14 @@ def mixed_stream(root: Path, encoder, batch: int, pool: int, collate=None, worke
                                           pool=pool, workers=workers, pin_memory=pin_memory)
 
 
+def stage1_losses(outputs, batch: dict) -> dict:
+    """Stage 1's loss terms as training computes them (dualner.stage1.Stage1Recipe.TERMS: the mlt
+    variant's three heads) and their sum under `total`."""
+    from dualner.stage1 import Forward, Stage1Recipe
+    terms = {name: term(Forward(outputs, batch)) for name, term in Stage1Recipe.TERMS.items()}
+    return {**terms, "total": sum(terms.values())}
+
+
 def device_facts() -> dict:
     import torch
     if not torch.cuda.is_available():

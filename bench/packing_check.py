@@ -28,7 +28,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.common import SHARED_DATA, device_facts, write_result  # noqa: E402
+from bench.common import SHARED_DATA, device_facts, stage1_losses, write_result  # noqa: E402
 
 FP32_TOLERANCE = 1e-4
 INJECTIONS = ("none", "attention", "positions")
@@ -66,7 +66,6 @@ def main(argv: list[str] | None = None) -> int:
     from dualner.data.packing import Collator, model_inputs
     from dualner.encoders import resolve_encoder
     from dualner.labels import LabelSet
-    from dualner.losses import supervised_losses
     from dualner.model import DualNERModel
     from dualner.teacher import build_pseudo_labels
 
@@ -102,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
               "packed_shape": list(packed["input_ids"].shape), "padded_shape": list(padded["input_ids"].shape),
               "max_abs_difference": {}}
     # first, while the weights are still the fp32 ones (the bf16 pass below rounds them)
-    failures += train_mode_gradients(model, packed, padded, result, torch, supervised_losses, model_inputs)
+    failures += train_mode_gradients(model, packed, padded, result, torch, stage1_losses, model_inputs)
     for dtype in (torch.float32, torch.bfloat16):
         model.to(dtype)
         with torch.no_grad():
@@ -151,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def train_mode_gradients(model, packed, padded, result, torch, supervised_losses, model_inputs) -> list[str]:
+def train_mode_gradients(model, packed, padded, result, torch, stage1_losses, model_inputs) -> list[str]:
     """fp32, train mode, no dropout (the model was built with none): the stage-1 loss terms and the
     gradient of every parameter, packed against unpacked."""
     model.to(torch.float32).train()
@@ -159,7 +158,7 @@ def train_mode_gradients(model, packed, padded, result, torch, supervised_losses
     computed = []
     for batch in (packed, padded):
         model.zero_grad(set_to_none=True)
-        losses = supervised_losses(model(**model_inputs(batch)), batch)
+        losses = stage1_losses(model(**model_inputs(batch)), batch)
         losses["total"].backward()
         computed.append(({name: float(value) for name, value in losses.items()},
                          {name: p.grad.detach().clone() for name, p in model.named_parameters() if p.grad is not None}))

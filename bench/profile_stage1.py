@@ -24,7 +24,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.common import SHARED_DATA, device_facts, write_result  # noqa: E402
+from bench.common import SHARED_DATA, device_facts, stage1_losses, write_result  # noqa: E402
 
 
 def profile(args, freeze: bool) -> dict:
@@ -41,7 +41,6 @@ def profile(args, freeze: bool) -> dict:
     from dualner.data.packing import Collator, model_inputs
     from dualner.encoders import resolve_encoder
     from dualner.labels import LabelSet
-    from dualner.losses import supervised_losses
     from dualner.model import DualNERModel
 
     torch.manual_seed(0)
@@ -75,7 +74,7 @@ def profile(args, freeze: bool) -> dict:
         batch = to_device(collate([rows[i] for i in batch_indices]), device)
         synchronize()
         marks.append(time.perf_counter())
-        loss = supervised_losses(engine(**model_inputs(batch)), batch)["total"]
+        loss = stage1_losses(engine(**model_inputs(batch)), batch)["total"]
         synchronize()
         marks.append(time.perf_counter())
         engine.backward(loss)

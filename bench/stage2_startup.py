@@ -49,7 +49,7 @@ def main() -> None:
     parser.add_argument("--folder", type=Path, default=None, help="where the corpora go (default: a temporary folder)")
     parser.add_argument("--output", type=Path)
     args = parser.parse_args()
-    from dualner.data.readers import count_sentences
+    from dualner.data.corpus import RecordReader, describe_file
     with tempfile.TemporaryDirectory(dir=args.folder) as folder:
         folder = Path(folder)
         stage1 = folder / "stage1"
@@ -69,7 +69,8 @@ def main() -> None:
         full_count = {}
         for size, corpus in corpora.items():
             started = time.perf_counter()
-            count_sentences(corpus)
+            file = describe_file(corpus, str(corpus))  # the replaced start-up: every sentence counted
+            sum(1 for _ in RecordReader(file, 0, file.end))
             full_count[size] = round(time.perf_counter() - started, 2)
     smallest, largest = min(args.sizes), max(args.sizes)
     result = {"command": "python bench/stage2_startup.py " + " ".join(sys.argv[1:]), "date": time.strftime("%Y-%m-%d"),

@@ -66,7 +66,7 @@ def run_hf(args) -> dict:
     folder = resolve_encoder(args.encoder)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     model = AutoModelForTokenClassification.from_pretrained(
-        folder, num_labels=label_set.num_bio_tags, id2label=dict(enumerate(label_set.bio_tags)),
+        folder, num_labels=len(label_set.bio_tags), id2label=dict(enumerate(label_set.bio_tags)),
         label2id={t: i for i, t in enumerate(label_set.bio_tags)})
     if args.freeze_word_embeddings:
         model.get_input_embeddings().weight.requires_grad_(False)
@@ -82,7 +82,7 @@ def run_hf(args) -> dict:
     flatten = tuned and cuda and _flash_attention_installed()
     if tuned:  # what a user tuning Trainer on this device would set (RESULTS: throughput section)
         model = AutoModelForTokenClassification.from_pretrained(
-            folder, num_labels=label_set.num_bio_tags, attn_implementation="flash_attention_2" if flatten else "sdpa")
+            folder, num_labels=len(label_set.bio_tags), attn_implementation="flash_attention_2" if flatten else "sdpa")
         if args.freeze_word_embeddings:
             model.get_input_embeddings().weight.requires_grad_(False)
     # Padding-free batches (one row, position ids restarting per sentence) are only right with

@@ -27,7 +27,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.common import write_result  # noqa: E402
+from bench.common import stage1_losses, write_result  # noqa: E402
 from dualner.backend.comm import free_port  # noqa: E402
 
 CONFIGS = {"bf16": {0: "ds_configs/zero0.json", 2: "ds_configs/zero2.json", 3: "ds_configs/zero3.json"},
@@ -62,12 +62,13 @@ def rss_bytes() -> int:
 
 def worker(args) -> None:
     import torch
-    from dualner.backend.comm import all_gather_objects, init_distributed, shutdown
+    import torch.distributed as dist
+
+    from dualner.backend.comm import all_gather_objects, init_distributed
     from dualner.backend.deepspeed_engine import DeepSpeedTrainingEngine, load_deepspeed_config
     from dualner.config import TrainConfig
     from dualner.data.batching import derive_batch_layout
     from dualner.encoders import resolve_encoder
-    from dualner.losses import supervised_losses
     from dualner.model import DualNERModel
 
     info = init_distributed()
@@ -84,7 +85,7 @@ def worker(args) -> None:
         labels = torch.randint(0, 7, ids.shape, generator=generator)
         spans = torch.randint(0, 4, ids.shape, generator=generator)
         outputs = engine(ids, attention_mask=mask)
-        loss = supervised_losses(outputs, {"seq_labels": labels, "start_labels": spans, "end_labels": spans})["total"]
+        loss = stage1_losses(outputs, {"seq_labels": labels, "start_labels": spans, "end_labels": spans})["total"]
         engine.backward(loss)
         if step == 2:
             break  # measured with this step's gradients in place and the optimizer state of two steps
@@ -100,8 +101,9 @@ def worker(args) -> None:
     everyone = all_gather_objects(mine)
     if info.is_main:
         Path(args.worker_output).write_text(json.dumps(everyone))
-    # An explicit, collective shutdown: left to interpreter exit, gloo's threads can abort a rank.
-    shutdown()
+    # An explicit, collective end: left to interpreter exit, gloo's threads can abort a rank.
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 def main() -> None:
