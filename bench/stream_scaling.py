@@ -38,8 +38,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 from bench.common import write_result  # noqa: E402
 from dualner.data.corpus import RecordReader, describe_file, parse_record  # noqa: E402
 from dualner.data.shares import equal_shares  # noqa: E402
-from dualner.data.streaming import (KIND_TARGET, STREAM_META, Stage2Stream, StreamSpec, open_sources,  # noqa: E402
-                                    read_range)
+from dualner.data.range_reading import read_range  # noqa: E402
+from dualner.data.source_kinds import open_sources  # noqa: E402
+from dualner.data.stream_spec import KIND_TARGET, STREAM_META, StreamSpec  # noqa: E402
+from dualner.data.streaming import Stage2Stream  # noqa: E402
 
 READERS = (1, 8, 64, 256, 1024)
 WORDS = ("Berlin ist die Hauptstadt von Deutschland und hat viele Museen , Parks und Brücken . "
@@ -89,7 +91,7 @@ def ranged_rate(spec: StreamSpec, readers: int, sample: int = 8) -> tuple[float,
     for reader in range(min(sample, readers)):
         started = time.perf_counter()
         for state in owners.get(reader, []):
-            for _, _, unit in read_range(spec, list(state), -1):
+            for _, _, unit in read_range(spec, state.copy(), -1):
                 count += unit is not None
         seconds += time.perf_counter() - started
     return count / max(seconds, 1e-9), len(owners)

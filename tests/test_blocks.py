@@ -20,10 +20,13 @@ from hypothesis import strategies as st
 
 from dualner.cli import dispatch
 from dualner.data.blocks import BlockReader, bgzf_compress, block_index
-from dualner.data.corpus import RecordReader, describe_file, estimate_records
+from dualner.data.corpus import RecordReader, describe_file
+from dualner.data.file_source import estimate_records
 from dualner.data.encoding import WindowTokenizer
 from dualner.data.packing import Collator
-from dualner.data.streaming import KIND_TARGET, STREAM_META, Stage2Stream, StreamSpec, open_sources
+from dualner.data.source_kinds import open_sources
+from dualner.data.stream_spec import KIND_TARGET, STREAM_META, StreamSpec
+from dualner.data.streaming import Stage2Stream
 from dualner.labels import LabelSet
 
 zstandard = pytest.importorskip("zstandard")

@@ -16,7 +16,8 @@ import dualner.data.corpus as corpus_module
 from dualner.data.blocks import bgzf_compress
 from dualner.data.formats import DecompressionError, open_decompressed
 from dualner.data.prepared import prepare
-from dualner.data.streaming import KIND_TARGET, check_corpus, expand_files, open_sources
+from dualner.data.source_kinds import check_corpus, expand_files, open_sources
+from dualner.data.stream_spec import KIND_TARGET
 from dualner.errors import DataFormatError, MissingPathError
 from tests.conftest import REPO
 from tests.test_hardening import cli, one_line_error

@@ -17,9 +17,11 @@ import pytest
 import zstandard
 
 from dualner.data.conll import iter_conll, read_conll
-from dualner.data.corpus import describe_file, estimate_records
+from dualner.data.corpus import describe_file
+from dualner.data.file_source import estimate_records, iter_sentences
 from dualner.data.formats import DecompressionError, checked_stream, open_decompressed
-from dualner.data.streaming import KIND_TARGET, check_corpus, expand_files, iter_sentences, open_sources
+from dualner.data.source_kinds import check_corpus, expand_files, open_sources
+from dualner.data.stream_spec import KIND_TARGET
 from dualner.errors import ConfigError, DataFormatError, MissingPathError, UserError
 from tests.conftest import REPO
 # the helpers of earlier rounds: the tiny run's config, `python -m dualner`, one-line errors, a finished

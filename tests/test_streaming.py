@@ -12,11 +12,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from dualner.data.corpus import BadRecord, RecordReader, describe_file, estimate_records, parse_record
+from dualner.data.corpus import BadRecord, RecordReader, describe_file, parse_record
 from dualner.data.encoding import WindowTokenizer
 from dualner.data.packing import Collator
-from dualner.data.streaming import (KIND_TARGET, STREAM_META, Stage2Stream, StreamSpec, check_corpus,
-                                    expand_files, iter_sentences, open_sources)
+from dualner.data.file_source import estimate_records, iter_sentences
+from dualner.data.source_kinds import check_corpus, expand_files, open_sources
+from dualner.data.stream_spec import KIND_TARGET, STREAM_META, StreamSpec
+from dualner.data.streaming import Stage2Stream
 from dualner.errors import DataFormatError, MissingPathError
 from dualner.labels import LabelSet
 
@@ -281,14 +283,14 @@ def test_bad_records_are_skipped_and_reported_with_file_line_and_byte(tmp_path, 
 
 def test_a_bad_records_line_is_counted_from_the_last_one_counted(tmp_path, monkeypatch):
     """Lines of bad records deep in one file: each counted forward from the one before, not from byte 0."""
-    from dualner.data import streaming
+    from dualner.data import pools
     path = tmp_path / "c.txt"
     path.write_text("".join(f"line {i}\n" for i in range(1000)))
     starts = []
-    original = streaming.skip_to
-    monkeypatch.setattr(streaming, "skip_to", lambda handle, file, position: starts.append(position)
+    original = pools.skip_to
+    monkeypatch.setattr(pools, "skip_to", lambda handle, file, position: starts.append(position)
                         or original(handle, file, position))
-    index = streaming._LineIndex(describe_file(path, "k"))
+    index = pools.LineIndex(describe_file(path, "k"))
     offsets = [sum(len(f"line {i}\n") for i in range(line)) for line in (300, 700, 500)]
     assert [index.line_of(offset) for offset in offsets] == [301, 701, 501]
     assert starts == [0, offsets[0], offsets[0]]  # 500 counted from 300, not from byte 0

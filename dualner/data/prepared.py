@@ -262,8 +262,7 @@ class PreparedCorpus:
                  "language": "", "src_id": "" if src_id < 0 else str(src_id), "sample_id": sample_id}
                 for start, end, offset in rows]
 
-    def read(self, start: int, end: int, pass_: int, cursor: int, counter: list[int] | None,
-             seed_key: int) -> Iterator[tuple[int, int, list[dict]]]:
+    def read(self, start: int, end: int, pass_: int, cursor: int, seed_key: int) -> Iterator[tuple[int, int, list[dict]]]:
         """The sentences at positions [start, end) of the pass's order, from `cursor` (-1: start). The
         order permutes each block of BLOCK sentence ids anew for every pass; a position p is
         sentence block + permutation(block, pass)[p - block], so ranges of positions split and
@@ -274,8 +273,6 @@ class PreparedCorpus:
             if position // BLOCK != block:
                 block = position // BLOCK
                 permutation = self._permutation(seed_key, block, pass_)
-            if counter is not None:
-                counter[0] += 1
             yield position, position + 1, self.windows_of(block * BLOCK + int(permutation[position - block * BLOCK]))
             position += 1
 
