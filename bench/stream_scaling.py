@@ -177,7 +177,7 @@ def resume_cost(tokenizer, repeats: int, folder: Path) -> dict:
 def loader_rates(tokenizer, tokenizer_path: str, folder: Path, sentences: int, repeats: int, batches: int) -> dict:
     from dualner.data.encoding import WindowTokenizer
     from dualner.data.packing import Collator
-    from dualner.data.prepared import prepare
+    from dualner.data.prepare import prepare
     from dualner.labels import LabelSet
     corpus = folder / "loader.txt"
     with corpus.open("w") as handle:
@@ -223,7 +223,7 @@ def main() -> None:
     parser.add_argument("--output", type=Path)
     args = parser.parse_args()
     from transformers import AutoTokenizer
-    from dualner.data.prepared import prepare
+    from dualner.data.prepare import prepare
     from dualner.encoders import resolve_encoder
     tokenizer_path = resolve_encoder(args.encoder)
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)

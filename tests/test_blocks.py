@@ -19,7 +19,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from dualner.cli import dispatch
-from dualner.data.blocks import BlockReader, bgzf_compress, block_index
+from dualner.data.block_index import block_index
+from dualner.data.blocks import BlockReader, bgzf_compress
 from dualner.data.corpus import RecordReader, describe_file
 from dualner.data.file_source import estimate_records
 from dualner.data.encoding import WindowTokenizer
@@ -240,7 +241,7 @@ def test_a_truncated_multi_block_file_is_not_split(tmp_path):
 
 
 def test_many_blocks_are_thinned_to_evenly_spread_entry_points(tmp_path):
-    from dualner.data.blocks import read_block_index
+    from dualner.data.block_index import read_block_index
     path = write(tmp_path, "bgzf", b"".join(corpus_lines(3000)))
     index = read_block_index(str(path), "gzip")
     thin = index.thinned(4)

@@ -361,7 +361,8 @@ def test_mix_holds_when_a_stream_has_fewer_pieces_than_readers(tmp_path, tiny_to
 # -- prepared corpora ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("workers", [1, 2])
 def test_prepared_corpus_gives_the_raw_windows(tmp_path, tiny_tokenizer, tiny_encoder, workers):
-    from dualner.data.prepared import PreparedCorpus, prepare
+    from dualner.data.prepare import prepare
+    from dualner.data.prepared import PreparedCorpus
     plain = tmp_path / "de.txt"
     words = [" ".join(f"wort{j}" for j in range(1 + (i * 7) % 40)) for i in range(120)]
     plain.write_text("\n".join(words) + "\n\n")
@@ -390,7 +391,8 @@ def test_prepared_corpus_gives_the_raw_windows(tmp_path, tiny_tokenizer, tiny_en
 
 
 def test_prepared_corpus_streams_once_per_pass_and_prepare_resumes(tmp_path, tiny_tokenizer, tiny_encoder):
-    from dualner.data.prepared import MANIFEST, prepare
+    from dualner.data.prepare import prepare
+    from dualner.data.prepared import MANIFEST
     plain = tmp_path / "c.txt"
     plain.write_text("".join(f"satz {i} hier\n" for i in range(300)))
     prepare([str(plain)], str(tmp_path / "prep"), tiny_encoder, 32, "xx", workers=1, shard_bytes=1000,

@@ -30,7 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, Iterator
 
-from dualner.data.blocks import BlockIndex, block_index, ends_whole, open_blocks
+from dualner.data.block_index import BlockIndex, block_index, ends_whole
+from dualner.data.blocks import open_blocks
 from dualner.data.conll import DOCSTART, INVISIBLE, _strip_language_prefix, normalize_tag
 from dualner.data.formats import READ_BLOCK as _BLOCK
 from dualner.data.formats import (DecompressionError, accepted_endings, check_content, corpus_format,
