@@ -1,6 +1,9 @@
 """The stage-2 loader: every corpus read once per pass across all ranks and loader workers, mixed
 as configured by one global plan, tokenized on the fly (or read tokenized from a prepared corpus),
-and resumable exactly, in O(1) of the position, on any number of ranks and workers.
+and resumable exactly, in O(1) of the position, on any number of ranks and workers. This module
+plans which reader reads what and runs the readers behind a DataLoader; the streams' sources are
+dualner.data.source (one class per kind: source_kinds), a range is read by range_reading and a
+reader's pools and micro batches are made by pools.
 
 The mix (dualner.data.mix). Which stream (the labeled source, a target language's text, a
 language's translations) supplies global sample k is a pure function of the streams' weights and k,
@@ -18,10 +21,10 @@ number of records of each stream and holds the same amount of it, all ranges go 
 passes at the same rate: every sentence of a stream is drawn equally often, and a stream's pass is
 its ranges' pass.
 
-Pools. A reader reads the records its pool's plan asks for, tokenizes them together, shuffles them
+Pools (dualner.data.pools). A reader reads the records its pool's plan asks for, tokenizes them together, shuffles them
 (padded rows: sorts them by length) with a seed of its own, and cuts them into micro batches of
-whole units. A pool is described by its segments: (stream, file, range, pass, first record,
-records, ...), enough to read it again anywhere.
+whole units. A pool is described by its segments (dualner.data.range_state.Segment), enough to
+read it again anywhere.
 
 Position (dualner.data.position). The main process of each rank sees which micro batches were
 trained (every batch carries its pool's description and its index in the pool) and keeps: each of
