@@ -73,7 +73,9 @@ def mixed_stream(root: Path, encoder, batch: int, pool: int, collate=None, worke
     """The stage-2 loader over labeled English and every target language's train text, weighted as
     stage 2 weights them (source 1, the targets sharing 1)."""
     from dualner.data.packing import Collator
-    from dualner.data.streaming import KIND_SOURCE, KIND_TARGET, STREAM_META, Stage2Stream, StreamSpec, open_sources
+    from dualner.data.source_kinds import open_sources
+    from dualner.data.stream_spec import KIND_SOURCE, KIND_TARGET, STREAM_META, StreamSpec
+    from dualner.data.streaming import Stage2Stream
     targets = [lang for lang in TARGETS if (root / lang / "train.tsv").is_file()]
     specs = [StreamSpec("source/en", KIND_SOURCE, "en", open_sources([str(root / "en" / "train.tsv")], "en"), 1.0)]
     specs += [StreamSpec(f"target/{lang}", KIND_TARGET, lang, open_sources([str(root / lang / "train.tsv")], lang),

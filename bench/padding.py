@@ -64,7 +64,7 @@ def main() -> None:
     from dualner.config import Stage2Config
     from dualner.data.batching import bucketed_micro_batches, token_micro_batches
     from dualner.data.packing import Collator
-    from dualner.data.streaming import STREAM_META
+    from dualner.data.stream_spec import STREAM_META
     from dualner.data.conll import read_conll
     from dualner.data.encoding import WindowTokenizer
     from dualner.encoders import resolve_encoder

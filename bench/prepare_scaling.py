@@ -85,7 +85,7 @@ def run_layout(corpus: Path, output: Path, tokenizer: str, ranks: int, workers: 
 def startup_cpu(tokenizer: str) -> float:
     """CPU-seconds of one process's imports and tokenizer load (what every rank and worker pays once)."""
     cpu = children_cpu()
-    subprocess.run([sys.executable, "-c", "import dualner.data.prepared, transformers; "
+    subprocess.run([sys.executable, "-c", "import dualner.data.prepare, transformers; "
                     f"transformers.AutoTokenizer.from_pretrained({tokenizer!r})"], cwd=REPO, env=environment(),
                    check=True)
     return children_cpu() - cpu
@@ -104,13 +104,13 @@ def ceiling(corpus: Path, tokenizer_path: str) -> float:
 def in_process(corpus: Path, tokenizer_path: str, folder: Path) -> float:
     """prepare's tokenizing path alone, in this process: the whole corpus as one shard (read, parse,
     tokenize, cut windows, write), no process start-up: sentences per CPU-second."""
-    from dualner.data import prepared
+    from dualner.data import prepare_shards
     from dualner.data.corpus import describe_file
     file = describe_file(corpus, "bench")
     folder.mkdir(exist_ok=True)
-    prepared._init_worker(tokenizer_path, 128, "xx", str(folder))
+    prepare_shards.init_worker(tokenizer_path, 128, "xx", str(folder))
     began = time.process_time()
-    counts = prepared._write_shard((file, prepared.Piece(0, 0, 0, file.size), None))
+    counts = prepare_shards.write_shard((file, prepare_shards.Piece(0, 0, 0, file.size), None))
     return counts["sentences"] / (time.process_time() - began)
 
 

@@ -46,7 +46,7 @@ def loader_rate(args, batches: int) -> dict:
     from dualner.data.encoding import WindowTokenizer
     from dualner.data.loader import default_workers
     from dualner.data.packing import Collator
-    from dualner.data.streaming import STREAM_META
+    from dualner.data.stream_spec import STREAM_META
     from dualner.encoders import resolve_encoder
     from dualner.labels import LabelSet
     folder = resolve_encoder(args.encoder)

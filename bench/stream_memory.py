@@ -23,7 +23,9 @@ from transformers import AutoTokenizer  # noqa: E402
 
 from dualner.data.encoding import WindowTokenizer  # noqa: E402
 from dualner.data.packing import Collator  # noqa: E402
-from dualner.data.streaming import KIND_TARGET, STREAM_META, Stage2Stream, StreamSpec, open_sources  # noqa: E402
+from dualner.data.source_kinds import open_sources  # noqa: E402
+from dualner.data.stream_spec import KIND_TARGET, STREAM_META, StreamSpec  # noqa: E402
+from dualner.data.streaming import Stage2Stream  # noqa: E402
 from dualner.encoders import resolve_encoder  # noqa: E402
 from dualner.labels import LabelSet  # noqa: E402
 

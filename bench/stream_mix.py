@@ -18,7 +18,7 @@
    here): pieces dealt round-robin, every reader drawing its own pieces by its own weights.
 2. Even passes across elastic resumes, simulated record by record on the same layout scaled to 1M
    sentences (smallest language ~1,900) with the loader's share and resume code (equal_shares,
-   reshare, the range-state advance of dualner.data.position) and its reading order (lowest pass
+   reshare, the range-state advance of dualner.data.range_state) and its reading order (lowest pass
    first), at 40% of the pass, ranks x loader workers: 2 -> 3 and 3 -> 2 ranks (no workers), 2 x 2
    -> 3 x 2, 3 x 2 -> 2 x 2, 2 x 2 -> 3 x 1, 3 x 1 -> 2 x 2; max/min appearances per eighth over the
    first pass, and the stride leftover cost: the decompressed records each reader reads for the rest
@@ -53,8 +53,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import write_result  # noqa: E402
 from dualner.data.corpus import CorpusFile, RecordReader  # noqa: E402
 from dualner.data.mix import MixPlan  # noqa: E402
-from dualner.data.position import advance, spent  # noqa: E402
-from dualner.data.shares import CURSOR, END, FILE, ONCE, PASS, SKIP, START, STEP, equal_shares, reshare  # noqa: E402
+from dualner.data.range_state import RangeState  # noqa: E402
+from dualner.data.shares import equal_shares, reshare  # noqa: E402
+from dualner.data.source_kinds import source_of_file  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 POOL = 2048
@@ -175,13 +176,13 @@ def layout_results(total: float, reader_counts: list[int], windows: int) -> dict
 
 
 # -- 2. elastic resumes, record by record ---------------------------------------------------------------
-def _take(state: list[int], size: int) -> int | None:
+def _take(state: RangeState, size: int) -> int | None:
     """The next record of a range at plan level (record i at position i), advanced as the loader does."""
-    position = (state[START] if state[CURSOR] < 0 else state[CURSOR]) + (state[SKIP] if state[STEP] > 1 else 0)
-    if position >= (size if state[STEP] > 1 else min(state[END], size)):
-        advance(state, state[PASS], -1, True)
+    position = (state.start if state.cursor < 0 else state.cursor) + (state.skip if state.step > 1 else 0)
+    if position >= (size if state.step > 1 else min(state.end, size)):
+        state.advance(state.pass_, -1, True)
         return None
-    advance(state, state[PASS], position + 1, False)
+    state.advance(state.pass_, position + 1, False)
     return position
 
 
@@ -191,8 +192,8 @@ def stride_leftover_cost(before_states: list, after_states: list, size: int) -> 
     from the file's start (decompressed up to its cursor, then on to the end); a reader goes on with
     its one open stride range, while a new reader reads each of its leftover ranges (one per old
     reader's stride) that way."""
-    uninterrupted = max(size - max(0, state[CURSOR]) for state in before_states if state[ONCE] < 0)
-    resumed = max(sum(size for state in share if state[ONCE] >= 0) for share in after_states)
+    uninterrupted = max(size - max(0, state.cursor) for state in before_states if state.once < 0)
+    resumed = max(sum(size for state in share if state.once >= 0) for share in after_states)
     return {"uninterrupted_records_per_reader": int(uninterrupted), "resumed_records_per_reader": int(resumed),
             "ratio": resumed / uninterrupted, "full_reads_per_reader": resumed / size}
 
@@ -203,8 +204,8 @@ def simulate_resume(sizes: np.ndarray, before_shape: tuple[int, int], after_shap
     the pass on `after_shape`: a reader is (rank, worker), reader index rank x max(1, workers) +
     worker (dualner.data.streaming), so the shares follow from the number of readers."""
     before, after = (ranks * max(1, workers) for ranks, workers in (before_shape, after_shape))
-    sources = [CorpusFile("labeled.jsonl", "jsonl", "", int(sizes[0]), 0)] + [
-        CorpusFile(f"l{d}.txt.xz", "text", "xz", int(size), 0) for d, size in enumerate(sizes[1:])]
+    sources = [source_of_file(CorpusFile("labeled.jsonl", "jsonl", "", int(sizes[0]), 0))] + [
+        source_of_file(CorpusFile(f"l{d}.txt.xz", "text", "xz", int(size), 0)) for d, size in enumerate(sizes[1:])]
     limits = {"bytes": 64 << 20, "sentences": 1 << 16}
     plan = MixPlan(list(sizes.astype(float)), block=POOL)
     samples = int(sizes.sum())
@@ -226,9 +227,9 @@ def simulate_resume(sizes: np.ndarray, before_shape: tuple[int, int], after_shap
                 share = shares[d][reader]
                 for _ in range(int(counts[reader, d])):
                     for _attempt in range(len(share) + 2):
-                        live = [s for s in share if not spent(s)]
-                        state = min(live, key=lambda s: (s[PASS], s[FILE], s[START], s[ONCE], s[SKIP]))
-                        pass_ = state[PASS]
+                        live = [s for s in share if not s.spent]
+                        state = min(live, key=lambda s: (s.pass_, s.file, s.start, s.once, s.skip))
+                        pass_ = state.pass_
                         position = _take(state, int(sizes[d]))
                         if position is not None:
                             first_pass[d][position] += pass_ == 0
@@ -279,10 +280,10 @@ def bytes_read_ratio(readers: int, sentences: int) -> dict:
         original, corpus._BoundedFile = corpus._BoundedFile, Counted
         try:
             records = {"current": 0, "baseline": 0}
-            for share in equal_shares([file], readers, {"bytes": 64 << 20, "sentences": 1 << 16}):
+            for share in equal_shares([source_of_file(file)], readers, {"bytes": 64 << 20, "sentences": 1 << 16}):
                 for state in share:
-                    records["current"] += sum(1 for _ in corpus.RecordReader(file, state[START], state[END]))
-                    records["baseline"] += sum(1 for _ in baseline_records(file, state[START], state[END]))
+                    records["current"] += sum(1 for _ in corpus.RecordReader(file, state.start, state.end))
+                    records["baseline"] += sum(1 for _ in baseline_records(file, state.start, state.end))
         finally:
             corpus._BoundedFile = original
     return {"readers": readers, "file_bytes": file.size, "sentences": sentences, "records": records,

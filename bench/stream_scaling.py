@@ -38,8 +38,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 from bench.common import write_result  # noqa: E402
 from dualner.data.corpus import RecordReader, describe_file, parse_record  # noqa: E402
 from dualner.data.shares import equal_shares  # noqa: E402
-from dualner.data.streaming import (KIND_TARGET, STREAM_META, Stage2Stream, StreamSpec, open_sources,  # noqa: E402
-                                    read_range)
+from dualner.data.range_reading import read_range  # noqa: E402
+from dualner.data.source_kinds import open_sources  # noqa: E402
+from dualner.data.stream_spec import KIND_TARGET, STREAM_META, StreamSpec  # noqa: E402
+from dualner.data.streaming import Stage2Stream  # noqa: E402
 
 READERS = (1, 8, 64, 256, 1024)
 WORDS = ("Berlin ist die Hauptstadt von Deutschland und hat viele Museen , Parks und Brücken . "
@@ -89,7 +91,7 @@ def ranged_rate(spec: StreamSpec, readers: int, sample: int = 8) -> tuple[float,
     for reader in range(min(sample, readers)):
         started = time.perf_counter()
         for state in owners.get(reader, []):
-            for _, _, unit in read_range(spec, list(state), -1):
+            for _, _, unit in read_range(spec, state.copy(), -1):
                 count += unit is not None
         seconds += time.perf_counter() - started
     return count / max(seconds, 1e-9), len(owners)
@@ -175,7 +177,7 @@ def resume_cost(tokenizer, repeats: int, folder: Path) -> dict:
 def loader_rates(tokenizer, tokenizer_path: str, folder: Path, sentences: int, repeats: int, batches: int) -> dict:
     from dualner.data.encoding import WindowTokenizer
     from dualner.data.packing import Collator
-    from dualner.data.prepared import prepare
+    from dualner.data.prepare import prepare
     from dualner.labels import LabelSet
     corpus = folder / "loader.txt"
     with corpus.open("w") as handle:
@@ -221,7 +223,7 @@ def main() -> None:
     parser.add_argument("--output", type=Path)
     args = parser.parse_args()
     from transformers import AutoTokenizer
-    from dualner.data.prepared import prepare
+    from dualner.data.prepare import prepare
     from dualner.encoders import resolve_encoder
     tokenizer_path = resolve_encoder(args.encoder)
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)

@@ -159,7 +159,7 @@ def predict(argv: list[str]) -> int:
 
 
 def prepare(argv: list[str]) -> int:
-    from dualner.data.prepared import main as prepare_main
+    from dualner.data.prepare import main as prepare_main
 
     def launch_ranks() -> dict[str, str]:  # after parsing: --help imports no torch
         from dualner.backend.comm import launch_ranks as ranks

@@ -718,7 +718,7 @@ def check_named_files(cfg: Config, stage: int) -> None:
         print(f"dualner config --check: note: stage2.init_from={cfg.stage2.init_from} does not exist yet; the "
               f"stage-2 job needs it (the stage-1 run's folder or a step-N checkpoint)", file=sys.stderr)
     from dualner.data.sources import refuse_shared_files
-    from dualner.data.streaming import expand_files
+    from dualner.data.source_kinds import expand_files
     files = {f"data.train.{language}": [path] for language, path in cfg.data.train.items()}
     for group in ("target", "translations"):
         for language, pattern in getattr(cfg.stage2, group).items():

@@ -23,7 +23,8 @@ from dualner.config import Config, ModelConfig, Stage2Config, validate
 from dualner.data.encoding import WindowTokenizer
 from dualner.data.packing import model_inputs
 from dualner.data.sources import check_same_split, read_source
-from dualner.data.streaming import KIND_TRANSLATION, STREAM_META, Stage2Stream
+from dualner.data.stream_spec import KIND_TRANSLATION, STREAM_META
+from dualner.data.streaming import Stage2Stream
 from dualner.errors import BadRecordsError, CheckpointError, ConfigError, MissingPathError
 from dualner.evaluate import load_eval_sets
 from dualner.job import start_job

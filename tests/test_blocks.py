@@ -19,11 +19,15 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from dualner.cli import dispatch
-from dualner.data.blocks import BlockReader, bgzf_compress, block_index
-from dualner.data.corpus import RecordReader, describe_file, estimate_records
+from dualner.data.block_index import block_index
+from dualner.data.blocks import BlockReader, bgzf_compress
+from dualner.data.corpus import RecordReader, describe_file
+from dualner.data.file_source import estimate_records
 from dualner.data.encoding import WindowTokenizer
 from dualner.data.packing import Collator
-from dualner.data.streaming import KIND_TARGET, STREAM_META, Stage2Stream, StreamSpec, open_sources
+from dualner.data.source_kinds import open_sources
+from dualner.data.stream_spec import KIND_TARGET, STREAM_META, StreamSpec
+from dualner.data.streaming import Stage2Stream
 from dualner.labels import LabelSet
 
 zstandard = pytest.importorskip("zstandard")
@@ -237,7 +241,7 @@ def test_a_truncated_multi_block_file_is_not_split(tmp_path):
 
 
 def test_many_blocks_are_thinned_to_evenly_spread_entry_points(tmp_path):
-    from dualner.data.blocks import read_block_index
+    from dualner.data.block_index import read_block_index
     path = write(tmp_path, "bgzf", b"".join(corpus_lines(3000)))
     index = read_block_index(str(path), "gzip")
     thin = index.thinned(4)

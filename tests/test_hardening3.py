@@ -371,7 +371,7 @@ def test_stage2_from_an_unfinished_stage1_run_says_so(populated, tmp_path):
 
 def test_translations_without_src_id_are_refused_under_parallel_mse(tmp_path):
     from dualner.data.conll import Sentence
-    from dualner.data.streaming import open_sources
+    from dualner.data.source_kinds import open_sources
     source = ([Sentence(["Paris"], ["B-LOC"], "en", "0"), Sentence(["Bob"], ["B-PER"], "en", "1")], [])
     missing = tmp_path / "de.jsonl"
     missing.write_text(json.dumps({"tokens": ["Paris"]}) + "\n")

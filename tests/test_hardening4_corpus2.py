@@ -15,8 +15,9 @@ import pytest
 import dualner.data.corpus as corpus_module
 from dualner.data.blocks import bgzf_compress
 from dualner.data.formats import DecompressionError, open_decompressed
-from dualner.data.prepared import prepare
-from dualner.data.streaming import KIND_TARGET, check_corpus, expand_files, open_sources
+from dualner.data.prepare import prepare
+from dualner.data.source_kinds import check_corpus, expand_files, open_sources
+from dualner.data.stream_spec import KIND_TARGET
 from dualner.errors import DataFormatError, MissingPathError
 from tests.conftest import REPO
 from tests.test_hardening import cli, one_line_error
@@ -242,7 +243,7 @@ def test_damaged_progress_records_of_an_unfinished_prepare_are_redone(tmp_path, 
 
 
 def test_verify_of_a_folder_without_manifest_names_what_is_missing(tmp_path, tiny_encoder):
-    from dualner.data.prepared import main
+    from dualner.data.prepare import main
     source = tmp_path / "c.txt"
     source.write_text("".join(f"satz {i} hier\n" for i in range(100)))
     folder = tmp_path / "prep"

@@ -17,9 +17,11 @@ import pytest
 import zstandard
 
 from dualner.data.conll import iter_conll, read_conll
-from dualner.data.corpus import describe_file, estimate_records
+from dualner.data.corpus import describe_file
+from dualner.data.file_source import estimate_records, iter_sentences
 from dualner.data.formats import DecompressionError, checked_stream, open_decompressed
-from dualner.data.streaming import KIND_TARGET, check_corpus, expand_files, iter_sentences, open_sources
+from dualner.data.source_kinds import check_corpus, expand_files, open_sources
+from dualner.data.stream_spec import KIND_TARGET
 from dualner.errors import ConfigError, DataFormatError, MissingPathError, UserError
 from tests.conftest import REPO
 # the helpers of earlier rounds: the tiny run's config, `python -m dualner`, one-line errors, a finished
@@ -254,7 +256,7 @@ def test_stage2_refuses_one_file_under_two_languages_before_writing(populated, t
 
 # -- item 9: prepare ------------------------------------------------------------------------------------
 def test_prepare_builds_aside_and_leaves_nothing_on_a_refusal(tmp_path, tiny_encoder):
-    from dualner.data.prepared import prepare
+    from dualner.data.prepare import prepare
     corpus = tmp_path / "c.txt"
     corpus.write_bytes(b"".join(b"satz %d hier\n" % i for i in range(300)))
     output = tmp_path / "prep"
@@ -272,7 +274,7 @@ def test_prepare_builds_aside_and_leaves_nothing_on_a_refusal(tmp_path, tiny_enc
 
 def test_prepare_names_a_bad_record_by_its_real_line_and_keeps_the_shards_done(tmp_path, tiny_encoder):
     """A bad byte in a shard that starts mid-file used to be reported at line `?`."""
-    from dualner.data.prepared import prepare
+    from dualner.data.prepare import prepare
     lines = [b"satz %d hier\n" % i for i in range(300)]
     lines[250] = b"kaputt \xff hier\n"
     corpus = tmp_path / "c.txt"
@@ -294,7 +296,7 @@ def test_prepare_names_a_bad_record_by_its_real_line_and_keeps_the_shards_done(t
 def test_prepare_a_truncated_zstd_corpus_is_not_silently_short(tmp_path, tiny_encoder):
     """It used to report 18,688 of 40,000 sentences prepared, exit 0. Refused before anything is
     made (tests/test_hardening4_corpus2.py: the damage found later, in a larger file)."""
-    from dualner.data.prepared import prepare
+    from dualner.data.prepare import prepare
     corpus = tmp_path / "c.txt.zst"
     corpus.write_bytes(damaged(CODECS[".zst"](corpus_text(8000)), "truncated"))  # cut after its first blocks
     with pytest.raises(DecompressionError, match=r"^prepare: .*c.txt.zst: damaged zstd data: "
@@ -330,7 +332,7 @@ def test_prepare_command_line_alias_offline_and_damage_are_one_line(tmp_path):
 def test_prepare_refuses_what_holds_no_sentence_before_making_anything(tmp_path, content, flags, message):
     """An empty, blank or binary input used to give an empty prepared corpus (exit 0) or a half-made
     folder; a negative --workers a ValueError traceback, --max-bad-records -1 an IndexError."""
-    from dualner.data.prepared import main
+    from dualner.data.prepare import main
     corpus = tmp_path / "c.txt"
     corpus.write_bytes(content)
     with pytest.raises(UserError, match=message):
@@ -342,7 +344,7 @@ def test_prepare_refuses_what_holds_no_sentence_before_making_anything(tmp_path,
 
 
 def test_prepare_refuses_one_file_named_twice(tmp_path):
-    from dualner.data.prepared import main
+    from dualner.data.prepare import main
     corpus = tmp_path / "c.txt"
     corpus.write_text("eins zwei\n")
     (tmp_path / "link.txt").symlink_to(corpus)

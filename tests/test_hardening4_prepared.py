@@ -11,7 +11,8 @@ import os
 import pytest
 
 from dualner.cli import dispatch
-from dualner.data.prepared import MANIFEST, PreparedCorpus, main as prepare_main, prepare
+from dualner.data.prepare import main as prepare_main, prepare
+from dualner.data.prepared import MANIFEST, PreparedCorpus
 import dualner.data.prepared as prepared_module
 from dualner.errors import ConfigError, DataFormatError
 

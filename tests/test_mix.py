@@ -11,8 +11,8 @@ from hypothesis import strategies as st
 
 from dualner.data.corpus import CorpusFile
 from dualner.data.mix import MixPlan
-from dualner.data.position import advance, spent
-from dualner.data.shares import CURSOR, END, FILE, ONCE, PASS, SKIP, START, STEP, equal_shares, reshare
+from dualner.data.shares import equal_shares, reshare
+from dualner.data.source_kinds import source_of_file
 
 QUICK = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 weights = st.lists(st.one_of(st.floats(1e-6, 1e-3), st.floats(0.01, 1.0)), min_size=1, max_size=8)
@@ -44,26 +44,26 @@ def test_any_span_of_the_plan_is_computed_alone_and_near_the_weights(weights, st
 
 # -- shares at plan level: positions stand for records --------------------------------------------------
 def _sources(sizes, compressed):
-    return [CorpusFile(f"f{index}", "text", "gzip" if packed else "", size, 0)
+    return [source_of_file(CorpusFile(f"f{index}", "text", "gzip" if packed else "", size, 0))
             for index, (size, packed) in enumerate(zip(sizes, compressed))]
 
 
 def _take(state, sources):
     """The next record of a range (a plan-level read: record i of a file sits at position i), its state
     advanced as the loader advances it; None when its pass ends."""
-    size = sources[state[FILE]].size
-    position = state[START] if state[CURSOR] < 0 else state[CURSOR]
-    if state[STEP] == 1:
-        if position >= min(state[END], size):
-            advance(state, state[PASS], -1, True)
+    size = sources[state.file].file.size
+    position = state.start if state.cursor < 0 else state.cursor
+    if state.step == 1:
+        if position >= min(state.end, size):
+            state.advance(state.pass_, -1, True)
             return None
-        advance(state, state[PASS], position + 1, False)
+        state.advance(state.pass_, position + 1, False)
         return position
-    position += state[SKIP]
+    position += state.skip
     if position >= size:
-        advance(state, state[PASS], -1, True)
+        state.advance(state.pass_, -1, True)
         return None
-    advance(state, state[PASS], position + 1, False)
+    state.advance(state.pass_, position + 1, False)
     return position
 
 
@@ -71,14 +71,14 @@ def _read(share, sources, records, used):
     """One reader reads `records` records of its share in pass order (the loader's rule)."""
     for _ in range(records):
         for _attempt in range(len(share) + 1):  # a share may hold no record at all (a stride past the end)
-            live = [state for state in share if not spent(state)]
+            live = [state for state in share if not state.spent]
             if not live:  # more readers than records: a share may be empty
                 return
-            state = min(live, key=lambda s: (s[PASS], s[FILE], s[START], s[ONCE]))
-            pass_ = state[PASS]
+            state = min(live, key=lambda s: (s.pass_, s.file, s.start, s.once))
+            pass_ = state.pass_
             position = _take(state, sources)
             if position is not None:
-                used.append((pass_, state[FILE], position))
+                used.append((pass_, state.file, position))
                 break
 
 
@@ -90,7 +90,7 @@ def test_every_record_is_used_once_per_pass_across_resumes_on_other_readers(size
     sources = _sources(sizes, compressed)
     limits = {"bytes": 16, "sentences": 16}
     shares = equal_shares(sources, shapes[0], limits)
-    contiguous = [sum(s[END] - s[START] for s in share if s[STEP] == 1) for share in shares]
+    contiguous = [sum(s.end - s.start for s in share if s.step == 1) for share in shares]
     assert max(contiguous) - min(contiguous) <= 1  # equal spans
     used = []
     for readers in shapes[1:]:
@@ -98,7 +98,7 @@ def test_every_record_is_used_once_per_pass_across_resumes_on_other_readers(size
             _read(share, sources, data.draw(st.integers(0, 2 * sum(sizes) // len(shares) + 2)), used)
         shares = reshare([state for share in shares for state in share], sources, readers, limits)
     for share in shares:  # the last shape reads on until every range is two passes on
-        while min([s[PASS] for s in share if not spent(s)] or [3]) < 3:
+        while min([s.pass_ for s in share if not s.spent] or [3]) < 3:
             _read(share, sources, 1, used)
     everything = [(file, position) for file, size in enumerate(sizes) for position in range(size)]
     for pass_ in (0, 1, 2):

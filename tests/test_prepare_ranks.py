@@ -9,7 +9,7 @@ import re
 import subprocess
 import sys
 
-from dualner.data.prepared import prepare
+from dualner.data.prepare import prepare
 from tests.conftest import REPO, child_env
 from tests.test_blocks import bgzf
 

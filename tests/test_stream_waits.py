@@ -23,19 +23,20 @@ def test_tensorboard_shows_the_steps_wait_for_a_slow_stream(populated, tmp_path,
     step's wait shows under data/wait_seconds/target/de, not under the labeled source's name."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    import dualner.data.streaming as streaming
+    import dualner.data.range_reading as range_reading
+    from dualner.data.stream_spec import KIND_TARGET
     from dualner.stage2 import run_stage2
-    real_read_range = streaming.read_range
+    real_read_range = range_reading.read_range
     slow_records = [0]
 
     def read_range_slowly(spec, *args, **kwargs):
         for item in real_read_range(spec, *args, **kwargs):
-            if spec.kind == streaming.KIND_TARGET:
+            if spec.kind == KIND_TARGET:
                 time.sleep(0.01)
                 slow_records[0] += 1
             yield item
 
-    monkeypatch.setattr(streaming, "read_range", read_range_slowly)
+    monkeypatch.setattr(range_reading, "read_range", read_range_slowly)
     run = tmp_path / "stage2"
     run_stage2(config(run, f"stage2.init_from={populated}", "stage2.target={de: data/panx-sample/de/train.tsv}",
                       "stage2.mix=equal", "train.eval_every=100", "data.loader_workers=0", file="tiny_stage2.yaml"))

@@ -12,11 +12,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from dualner.data.corpus import BadRecord, RecordReader, describe_file, estimate_records, parse_record
+from dualner.data.corpus import BadRecord, RecordReader, describe_file, parse_record
 from dualner.data.encoding import WindowTokenizer
 from dualner.data.packing import Collator
-from dualner.data.streaming import (KIND_TARGET, STREAM_META, Stage2Stream, StreamSpec, check_corpus,
-                                    expand_files, iter_sentences, open_sources)
+from dualner.data.file_source import estimate_records, iter_sentences
+from dualner.data.source_kinds import check_corpus, expand_files, open_sources
+from dualner.data.stream_spec import KIND_TARGET, STREAM_META, StreamSpec
+from dualner.data.streaming import Stage2Stream
 from dualner.errors import DataFormatError, MissingPathError
 from dualner.labels import LabelSet
 
@@ -281,14 +283,14 @@ def test_bad_records_are_skipped_and_reported_with_file_line_and_byte(tmp_path, 
 
 def test_a_bad_records_line_is_counted_from_the_last_one_counted(tmp_path, monkeypatch):
     """Lines of bad records deep in one file: each counted forward from the one before, not from byte 0."""
-    from dualner.data import streaming
+    from dualner.data import pools
     path = tmp_path / "c.txt"
     path.write_text("".join(f"line {i}\n" for i in range(1000)))
     starts = []
-    original = streaming.skip_to
-    monkeypatch.setattr(streaming, "skip_to", lambda handle, file, position: starts.append(position)
+    original = pools.skip_to
+    monkeypatch.setattr(pools, "skip_to", lambda handle, file, position: starts.append(position)
                         or original(handle, file, position))
-    index = streaming._LineIndex(describe_file(path, "k"))
+    index = pools.LineIndex(describe_file(path, "k"))
     offsets = [sum(len(f"line {i}\n") for i in range(line)) for line in (300, 700, 500)]
     assert [index.line_of(offset) for offset in offsets] == [301, 701, 501]
     assert starts == [0, offsets[0], offsets[0]]  # 500 counted from 300, not from byte 0
@@ -359,7 +361,8 @@ def test_mix_holds_when_a_stream_has_fewer_pieces_than_readers(tmp_path, tiny_to
 # -- prepared corpora ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("workers", [1, 2])
 def test_prepared_corpus_gives_the_raw_windows(tmp_path, tiny_tokenizer, tiny_encoder, workers):
-    from dualner.data.prepared import PreparedCorpus, prepare
+    from dualner.data.prepare import prepare
+    from dualner.data.prepared import PreparedCorpus
     plain = tmp_path / "de.txt"
     words = [" ".join(f"wort{j}" for j in range(1 + (i * 7) % 40)) for i in range(120)]
     plain.write_text("\n".join(words) + "\n\n")
@@ -388,7 +391,8 @@ def test_prepared_corpus_gives_the_raw_windows(tmp_path, tiny_tokenizer, tiny_en
 
 
 def test_prepared_corpus_streams_once_per_pass_and_prepare_resumes(tmp_path, tiny_tokenizer, tiny_encoder):
-    from dualner.data.prepared import MANIFEST, prepare
+    from dualner.data.prepare import prepare
+    from dualner.data.prepared import MANIFEST
     plain = tmp_path / "c.txt"
     plain.write_text("".join(f"satz {i} hier\n" for i in range(300)))
     prepare([str(plain)], str(tmp_path / "prep"), tiny_encoder, 32, "xx", workers=1, shard_bytes=1000,

@@ -30,7 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, Iterator
 
-from dualner.data.blocks import BlockIndex, block_index, ends_whole, open_blocks
+from dualner.data.block_index import BlockIndex, block_index, ends_whole
+from dualner.data.blocks import open_blocks
 from dualner.data.conll import DOCSTART, INVISIBLE, _strip_language_prefix, normalize_tag
 from dualner.data.formats import READ_BLOCK as _BLOCK
 from dualner.data.formats import (DecompressionError, accepted_endings, check_content, corpus_format,
@@ -413,42 +414,3 @@ def text_words(line: str) -> list[str]:
     """The words of a plain-text line: tokens that show something; none for a `-DOCSTART-` line."""
     words = [word for word in line.split() if word.strip(INVISIBLE)]
     return [] if words and words[0] == DOCSTART else words
-
-
-# -- sizes without reading everything ---------------------------------------------------------------
-_SAMPLE_POINTS = 16
-_SAMPLE_BYTES = 1 << 16
-EXACT_COUNT_BYTES = 4 << 20  # files up to this size are counted exactly
-
-
-def estimate_records(file: CorpusFile) -> tuple[int, bool]:
-    """(records, exact): counted exactly in a small file; else estimated from records per byte in 16
-    evenly spaced 64 KiB samples (a compressed file: its first 4 MiB decompressed, scaled by the
-    compressed bytes they took) — start-up reads O(1) of a corpus of any size."""
-    if file.splittable and file.size <= EXACT_COUNT_BYTES:
-        return sum(1 for _ in RecordReader(file, 0, file.size)), True
-    if file.splittable:
-        records = sampled = 0
-        for point in range(_SAMPLE_POINTS):
-            start = file.size * point // _SAMPLE_POINTS
-            if file.blocks is not None:  # just past a block's start: no decompressing up to the point
-                start = int(file.blocks.decompressed[file.blocks.entry(start)]) + 1
-            reader = RecordReader(file, start, min(file.size, start + _SAMPLE_BYTES))
-            records += sum(1 for _ in reader)
-            sampled += min(file.size, start + _SAMPLE_BYTES) - start
-        return max(1, round(records * file.size / max(1, sampled))), False
-    chunks, size, more = [], 0, False
-    with open(file.path, "rb") as raw, open_decompressed(file.path, file.compression, raw) as compressed:
-        try:
-            while size < EXACT_COUNT_BYTES and (chunk := compressed.read1(EXACT_COUNT_BYTES - size)):
-                chunks.append(chunk)
-                size += len(chunk)
-            more = size >= EXACT_COUNT_BYTES and bool(compressed.read(1))
-        except DecompressionError:
-            pass  # its sentences end at the damage (a bad record when the stream reads it)
-        taken = raw.tell()
-    data = b"".join(chunks)
-    counted = sum(1 for _ in records_in(io.BytesIO(data), file.format, 0, len(data), 1))
-    if not more:
-        return counted, True
-    return max(1, round(counted * file.size / max(1, taken))), False

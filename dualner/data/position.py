@@ -9,28 +9,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Sequence
 
-from dualner.data.shares import CURSOR, END, FILE, OFFSET, ONCE, PASS, SKIP, START, STEP
+from dualner.data.range_state import RangeState, Segment
 from dualner.errors import DataFormatError
 
+# the layout of `state_dict()`: ranges and segments as lists (RangeState.saved, Segment.saved), as
+# every version-2 position has kept them
 POSITION_VERSION = 2
-
-
-def range_key(state: Sequence[int]) -> tuple:
-    """What names a range for its whole life (its pass and cursor change)."""
-    return state[FILE], state[START], state[END], state[STEP], state[OFFSET], state[ONCE]
-
-
-def spent(state: Sequence[int]) -> bool:
-    """A resume's leftover range that has been read."""
-    return state[ONCE] >= 0 and state[PASS] > state[ONCE]
-
-
-def advance(state: list[int], pass_: int, after: int, done: bool) -> None:
-    """A range's state once its records up to `after` (of pass `pass_`) are taken."""
-    if done:
-        state[PASS], state[CURSOR], state[SKIP] = pass_ + 1, -1, state[OFFSET]
-    else:
-        state[PASS], state[CURSOR], state[SKIP] = pass_, after, state[STEP] - 1
 
 
 def stream_waits(waited: float, read_seconds: Sequence[float]) -> list[float]:
@@ -52,7 +36,7 @@ class RankPosition:
                  chunk_base: int):
         self.rank, self.readers_per_rank, self.readers, self.names = rank, readers_per_rank, readers, names
         self.owned = owned  # reader -> stream name -> [range state, ...] (this rank's readers')
-        self._index = {(reader, name, range_key(r)): r for reader, streams in owned.items()
+        self._index = {(reader, name, r.key()): r for reader, streams in owned.items()
                        for name, states in streams.items() for r in states}
         self.pools = {(p["reader"], p["number"]): dict(p) for p in leftover}
         self.pools_made = dict(pools_made)
@@ -73,10 +57,9 @@ class RankPosition:
         reader = position["reader"]
         if pool is None:  # a new pool: its records are taken from their ranges
             for segment in position["segments"]:
-                stream, file, start, end, pass_, _, _, after, done, step, offset, once = segment
-                state = self._index.get((reader, self.names[stream], (file, start, end, step, offset, once)))
+                state = self._index.get((reader, self.names[segment.stream], segment.range_key()))
                 if state is not None:  # None: a pool handed over on a resume (its ranges are elsewhere)
-                    advance(state, pass_, after, done)
+                    state.advance(segment.pass_, segment.after, segment.done)
             pool = {"reader": reader, "number": position["number"], "segments": position["segments"],
                     "seed": position["seed"], "chunk": position["chunk"]}
             read = position["read_seconds"] or [0.0] * len(self.names)
@@ -99,9 +82,9 @@ class RankPosition:
 
     def state_dict(self) -> dict:
         return {"version": POSITION_VERSION, "rank": self.rank, "readers": self.readers,
-                "ranges": {name: [[reader, *state] for reader, streams in self.owned.items()
-                                  for state in streams.get(name, []) if not spent(state)] for name in self.names},
-                "identity": self.identity, "pools": [dict(p) for p in self.pools.values()],
+                "ranges": {name: [[reader, *state.saved()] for reader, streams in self.owned.items()
+                                  for state in streams.get(name, []) if not state.spent] for name in self.names},
+                "identity": self.identity, "pools": [_saved_pool(p) for p in self.pools.values()],
                 "pools_made": {str(k): v for k, v in self.pools_made.items()},
                 "next_worker": self.next_worker, "chunk_base": self.chunk_base,
                 "bad": sorted((self.new_bad | (self.known_bad if self.rank == 0 else {})).values(),
@@ -128,7 +111,7 @@ class RankPosition:
 class GlobalPosition:
     """Every reader's ranges, the pools seen in part, the pools each reader made, bad records."""
 
-    ranges: dict = field(default_factory=dict)  # stream name -> [[reader, *range state], ...]
+    ranges: dict = field(default_factory=dict)  # stream name -> [(reader, RangeState), ...]
     identity: dict = field(default_factory=dict)  # stream name -> its files' identities
     pools: list = field(default_factory=list)
     pools_made: dict = field(default_factory=dict)  # reader -> pools made
@@ -148,13 +131,13 @@ class GlobalPosition:
             for name, ranges in state["ranges"].items():
                 merged.ranges.setdefault(name, []).extend(ranges)
             merged.identity.update(state["identity"])
-            merged.pools += state["pools"]
+            merged.pools += [_loaded_pool(pool) for pool in state["pools"]]
             merged.pools_made.update({int(k): v for k, v in state["pools_made"].items()})
             merged.readers, merged.chunk_base = state["readers"], state["chunk_base"]
             merged.next_worker[int(state["rank"])] = state["next_worker"]
             merged.bad |= {(entry[0], entry[1]): list(entry) for entry in state["bad"]}
-        for ranges in merged.ranges.values():
-            ranges.sort()
+        for name, ranges in merged.ranges.items():
+            merged.ranges[name] = [(saved[0], RangeState.from_saved(saved[1:])) for saved in sorted(ranges)]
         merged.pools.sort(key=lambda pool: (pool["reader"], pool["number"]))
         return merged
 
@@ -163,3 +146,11 @@ class GlobalPosition:
         made = [self.chunk_base + (count - 1) * self.readers + reader
                 for reader, count in self.pools_made.items() if count > 0]
         return max(made, default=self.chunk_base - 1) + 1
+
+
+def _saved_pool(pool: dict) -> dict:
+    return {**pool, "segments": [segment.saved() for segment in pool["segments"]]}
+
+
+def _loaded_pool(pool: dict) -> dict:
+    return {**pool, "segments": [Segment.from_saved(segment) for segment in pool["segments"]]}

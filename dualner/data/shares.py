@@ -1,18 +1,10 @@
 """Every reader's equal share of every stream of stage 2, and how the shares are cut again when a run
 resumes on another number of readers (ranks x loader workers).
 
-A share is a list of ranges. A range state is a list (saved in checkpoints as is):
-[file, start, end, pass, cursor, step, offset, skip, once]
-- file, start, end: the source's index in its stream and positions in it: bytes of an uncompressed
-  file (Hadoop's rule: the records that start in [start, end); any cut reads each record once),
-  positions of a prepared corpus's pass order, or (end unbounded) a piece that cannot be entered in
-  the middle: a compressed file, a hub dataset's shard;
-- pass, cursor: the range's pass and the next record's position (-1: the start of its pass);
-- step, offset, skip: a piece that cannot be split is shared by stride: the range keeps one record in
-  `step`, from record `offset` of each pass; `skip` records are still to be passed over from the
-  cursor before the next kept one (1, 0, 0 for a contiguous range);
-- once: -1 for a range that starts its next pass when it ends; else a leftover of a resume, read in
-  pass `once` only.
+A share is a list of ranges (dualner.data.range_state.RangeState: a source's positions [start, end),
+and the range's pass, cursor and stride). A contiguous source's range takes the records that start in
+[start, end) (Hadoop's rule: any cut reads each record once); a piece that cannot be split is one
+range per reader, by stride.
 
 Equal shares. The splittable positions of a stream (bytes of its uncompressed files, positions of a
 prepared corpus) are laid end to end and cut into `readers` equal spans, so a share may span files;
@@ -34,63 +26,35 @@ from __future__ import annotations
 
 from typing import Sequence
 
-FILE, START, END, PASS, CURSOR, STEP, OFFSET, SKIP, ONCE = range(9)
+from dualner.data.range_state import RangeState
+from dualner.data.source import Source
 
 
-def is_contiguous(source) -> bool:
-    """Whether a source's positions can be cut anywhere (uncompressed files, prepared corpora)."""
-    from dualner.data.corpus import CorpusFile
-    from dualner.data.prepared import PreparedCorpus
-    return isinstance(source, PreparedCorpus) or (isinstance(source, CorpusFile) and source.splittable)
+def unsplit_pieces(sources: Sequence[Source]) -> list[tuple[int, int, int]]:
+    """(file, start, end) of every piece that cannot be split: a compressed file of one block, a hub shard."""
+    return [(file, start, end) for file, source in enumerate(sources) for start, end in source.unsplit_pieces()]
 
 
-def _extent(source) -> int:
-    from dualner.data.prepared import PreparedCorpus
-    return source.sentences if isinstance(source, PreparedCorpus) else source.size
-
-
-def _unit(source) -> str:
-    from dualner.data.prepared import PreparedCorpus
-    return "sentences" if isinstance(source, PreparedCorpus) else "bytes"
-
-
-def unsplit_pieces(sources: Sequence) -> list[tuple[int, int, int]]:
-    """(file, start, end) of every piece that cannot be split: a compressed file, a hub shard."""
-    from dualner.data.corpus import CorpusFile
-    from dualner.data.streaming import HubSource
-    pieces = []
-    for file, source in enumerate(sources):
-        if isinstance(source, HubSource):
-            pieces += [(file, start, end) for start, end in source.ranges()]
-        elif isinstance(source, CorpusFile) and not source.splittable:
-            pieces.append((file, 0, source.end))
-    return pieces
-
-
-def _range(file: int, start: int, end: int, pass_: int, step: int = 1, offset: int = 0, once: int = -1) -> list[int]:
-    return [file, start, end, pass_, -1, step, offset, offset, once]
-
-
-def equal_shares(sources: Sequence, readers: int, limits: dict[str, int]) -> list[list[list[int]]]:
+def equal_shares(sources: Sequence[Source], readers: int, limits: dict[str, int]) -> list[list[RangeState]]:
     """Each reader's ranges of one stream at the start: equal spans of the splittable positions (at
     most `limits[unit]` long each) and a stride of every piece that cannot be split."""
-    spans = [[file, 0, _extent(source), 0] for file, source in enumerate(sources)
-             if is_contiguous(source) and _extent(source) > 0]
+    spans = [[file, 0, source.extent, 0] for file, source in enumerate(sources)
+             if source.contiguous and source.extent > 0]
     shares = _cut_spans(spans, sources, readers, limits)
     for file, start, end in unsplit_pieces(sources):
         for reader in range(readers):
-            shares[reader].append(_range(file, start, end, 0, readers, reader))
+            shares[reader].append(RangeState.fresh(file, start, end, 0, readers, reader))
     return shares
 
 
-def _cut_spans(spans: list[list[int]], sources: Sequence, readers: int, limits: dict[str, int]
-               ) -> list[list[list[int]]]:
+def _cut_spans(spans: list[list[int]], sources: Sequence[Source], readers: int, limits: dict[str, int]
+               ) -> list[list[RangeState]]:
     """[file, start, end, pass] spans (sorted) laid end to end, those of one unit and pass at a time,
     and cut into `readers` equal shares of fresh ranges."""
-    shares: list[list[list[int]]] = [[] for _ in range(readers)]
+    shares: list[list[RangeState]] = [[] for _ in range(readers)]
     # each pass's part cut equally on its own: every reader has as much left of the pass as the others
-    for unit, pass_ in sorted({(_unit(sources[span[0]]), span[3]) for span in spans}):
-        mine = [span for span in spans if _unit(sources[span[0]]) == unit and span[3] == pass_]
+    for unit, pass_ in sorted({(sources[span[0]].position_unit, span[3]) for span in spans}):
+        mine = [span for span in spans if sources[span[0]].position_unit == unit and span[3] == pass_]
         total = sum(end - start for _, start, end, _ in mine)
         if total == 0:
             continue
@@ -100,25 +64,25 @@ def _cut_spans(spans: list[list[int]], sources: Sequence, readers: int, limits: 
             for reader in range(readers):
                 low, high = max(start, start + bounds[reader] - laid), min(end, start + bounds[reader + 1] - laid)
                 for piece in range(low, high, limits[unit]):
-                    shares[reader].append(_range(file, piece, min(high, piece + limits[unit]), pass_))
+                    shares[reader].append(RangeState.fresh(file, piece, min(high, piece + limits[unit]), pass_))
             laid += end - start
     return shares
 
 
-def reshare(saved: Sequence[list[int]], sources: Sequence, readers: int, limits: dict[str, int]
-            ) -> list[list[list[int]]]:
+def reshare(saved: Sequence[RangeState], sources: Sequence[Source], readers: int, limits: dict[str, int]
+            ) -> list[list[RangeState]]:
     """Each new reader's ranges of one stream from every range of a checkpoint (another number of
     readers): nothing of a pass repeats or goes missing, and every reader holds an equal share."""
     spans: list[list[int]] = []
-    strided: dict[tuple[int, int, int], list[list[int]]] = {}
+    strided: dict[tuple[int, int, int], list[RangeState]] = {}
     for state in saved:
-        if state[STEP] > 1 or not is_contiguous(sources[state[FILE]]):
-            strided.setdefault((state[FILE], state[START], state[END]), []).append(state)
+        if state.strided or not sources[state.file].contiguous:
+            strided.setdefault((state.file, state.start, state.end), []).append(state)
             continue
-        file, start, end, pass_, cursor = state[:5]
-        if state[ONCE] >= 0 and pass_ > state[ONCE]:
+        file, start, end, pass_, cursor = state.file, state.start, state.end, state.pass_, state.cursor
+        if state.spent:
             continue  # a leftover already read
-        later = pass_ + 1 if state[ONCE] < 0 else None  # a leftover has no next pass
+        later = pass_ + 1 if state.once < 0 else None  # a leftover has no next pass
         if cursor < 0 or cursor <= start:
             spans.append([file, start, end, pass_])
             continue
@@ -130,7 +94,7 @@ def reshare(saved: Sequence[list[int]], sources: Sequence, readers: int, limits:
     shares = _cut_spans(_coalesce(spans), sources, readers, limits)
     for (file, start, end), states in strided.items():
         for reader, ranges in enumerate(_restride(states, readers)):
-            shares[reader] += [[file, start, end, *rest] for rest in ranges]
+            shares[reader] += [RangeState(file, start, end, *rest) for rest in ranges]
     return shares
 
 
@@ -145,11 +109,11 @@ def _coalesce(spans: list[list[int]]) -> list[list[int]]:
     return merged
 
 
-def _restride(states: list[list[int]], readers: int) -> list[list[list[int]]]:
+def _restride(states: list[RangeState], readers: int) -> list[list[list[int]]]:
     """The stride ranges of one piece (one per old reader, or leftovers) for `readers` new readers:
     [pass, cursor, step, offset, skip, once] of each new reader's ranges."""
-    clean = [s for s in states if s[ONCE] < 0]
-    furthest = max((s[PASS] for s in clean), default=max(s[ONCE] for s in states))
+    clean = [s for s in states if s.once < 0]
+    furthest = max((s.pass_ for s in clean), default=max(s.once for s in states))
     ranges: list[list[list[int]]] = [[] for _ in range(readers)]
 
     def share_out(pass_: int, cursor: int, step: int, offset: int, skip: int) -> None:
@@ -159,7 +123,7 @@ def _restride(states: list[list[int]], readers: int) -> list[list[list[int]]]:
                                    skip + reader * step, pass_])
 
     for state in states:
-        pass_, cursor, step, offset, skip, once = state[PASS:]
+        pass_, cursor, step, offset, skip, once = state.pass_, state.cursor, state.step, state.offset, state.skip, state.once
         if once >= 0 and pass_ > once:
             continue
         share_out(pass_, cursor, step, offset, skip)

@@ -4,6 +4,7 @@ the streams' specs and the Stage2Stream over them (dualner.data.streaming)."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from dataclasses import dataclass
@@ -11,13 +12,16 @@ from pathlib import Path
 
 from dualner.backend import comm
 from dualner.config import Config
-from dualner.data.corpus import CorpusFile, describe_file, estimate_records
+from dualner.data.corpus import CorpusFile, describe_file
 from dualner.data.encoding import WindowTokenizer
+from dualner.data.file_source import RawFileSource
 from dualner.data.packing import Collator
-from dualner.data.prepared import PreparedCorpus, tokenizer_fingerprint
+from dualner.data.prepared import tokenizer_fingerprint
+from dualner.data.source import Source
+from dualner.data.source_kinds import check_corpus, expand_files, open_sources
 from dualner.data.sources import refuse_shared_files
-from dualner.data.streaming import (KIND_SOURCE, KIND_TARGET, KIND_TRANSLATION, HubSource, Stage2Stream,
-                                    StreamSpec, check_corpus, expand_files, iter_sentences, open_sources)
+from dualner.data.stream_spec import KIND_SOURCE, KIND_TARGET, KIND_TRANSLATION, StreamSpec
+from dualner.data.streaming import Stage2Stream
 from dualner.errors import ConfigError
 from dualner.job import Job
 from dualner.run_folder import RunFolder
@@ -27,7 +31,9 @@ def open_corpora(cfg: Config, tokenizer, encoder_config, log) -> dict:
     """Every corpus stage2.target and stage2.translations name, opened and checked against this
     job's tokenizer and encoder: {(kind, language): (sources, config key)}."""
     stage2 = cfg.stage2
-    corpora, fingerprint = {}, None  # the tokenizer's fingerprint: computed once, for the prepared corpora
+    corpora = {}
+    fingerprint = functools.cache(lambda: tokenizer_fingerprint(tokenizer))  # once, where a source asks for it
+    embeddings = getattr(encoder_config, "vocab_size", None)
     groups = ((stage2.target, "stage2.target", KIND_TARGET),
               (stage2.translations, "stage2.translations", KIND_TRANSLATION))
     files = {f"{key}.{language}": expand_files(pattern, f"{key}.{language}")
@@ -38,31 +44,20 @@ def open_corpora(cfg: Config, tokenizer, encoder_config, log) -> dict:
             sources = open_sources(files[f"{key}.{language}"], f"{key}.{language}")
             check_corpus(sources, language, kind, f"{key}.{language}")
             for source in sources:
-                if isinstance(source, PreparedCorpus):
-                    fingerprint = fingerprint or tokenizer_fingerprint(tokenizer)
-                    source.check_tokenizer(fingerprint, cfg.data.max_length, f"{key}.{language}")
-                    source.check_use(language, getattr(encoder_config, "vocab_size", None),
-                                     f"{key}.{language}", log)
+                source.check_for_model(fingerprint, cfg.data.max_length, embeddings, language, f"{key}.{language}", log)
             corpora[(kind, language)] = (sources, f"{key}.{language}")
     return corpora
 
 
-def check_translation_pairs(sources: list, key: str, source, sample: int = 200) -> None:
+def check_translation_pairs(sources: list[Source], key: str, source, sample: int = 200) -> None:
     """stage2.mse=parallel pairs a translation with its source sentence by `src_id`: a corpus whose
     records carry none (or name no source sentence) would make the MSE term 0 at every step. The
     first `sample` records of each file are checked (start-up reads O(1) of a corpus)."""
     known = {sentence.source for sentence in source[0]} if source is not None else None
     for corpus in sources:
-        if isinstance(corpus, HubSource):
+        records = corpus.translation_records(sample, key)
+        if records is None:
             continue
-        if isinstance(corpus, PreparedCorpus):
-            records = ({"src_id": corpus.windows_of(i)[0]["src_id"], "sample_id": f"{corpus.path}#{i}"}
-                       for i in range(min(sample, corpus.sentences)))
-        elif corpus.format != "jsonl":
-            raise ConfigError(f"{key}: {corpus.path}: stage2.mse=parallel pairs each translation with its source "
-                              f"by `src_id`, which only JSONL records carry; use stage2.mse=centroid")
-        else:
-            records = iter_sentences(corpus, "", False)
         matched, seen = 0, 0
         for record in records:
             if not record["src_id"]:
@@ -111,28 +106,24 @@ class RunFolderFile(CorpusFile):
         return [Path(self.path).name, self.size, self.digest]
 
 
-def run_folder_file(path: Path) -> RunFolderFile:
+def run_folder_file(path: Path) -> RawFileSource:
+    """The labeled source's JSONL in the run folder (uncompressed) as a source."""
     described = describe_file(path, "data.train")
-    return RunFolderFile(described.path, described.format, described.compression, described.size,
-                         described.mtime_ns, described.blocks, hashlib.sha256(path.read_bytes()).hexdigest())
+    return RawFileSource(RunFolderFile(described.path, described.format, described.compression, described.size,
+                                       described.mtime_ns, described.blocks,
+                                       hashlib.sha256(path.read_bytes()).hexdigest()))
 
 
 def corpus_sizes(cfg: Config, corpora: dict, source: tuple[list, list] | None, log=None) -> dict:
     """Sentences per stream (stage2.mix=size): {(kind, language): count}, the labeled source and its
     unlabeled remainder included. Start-up reads O(1) of each corpus: a prepared corpus's count is
     in its manifest; a raw file up to 4 MiB is counted, a larger one estimated from 16 samples
-    (dualner.data.corpus.estimate_records)."""
+    (dualner.data.file_source.estimate_records)."""
     sizes, estimated = {}, []
     for (kind, language), (sources, key) in corpora.items():
         total = 0
         for corpus in sources:
-            if isinstance(corpus, HubSource):
-                raise ConfigError(f"{key}: stage2.mix=size counts every corpus's sentences, which a hub dataset "
-                                  f"({corpus.path}) does not tell in advance; use stage2.mix=equal")
-            if isinstance(corpus, PreparedCorpus):
-                total += corpus.sentences
-                continue
-            count, exact = estimate_records(corpus)
+            count, exact = corpus.count(key)
             total += count
             if not exact:
                 estimated.append(corpus.path)
