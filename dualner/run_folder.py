@@ -457,7 +457,7 @@ class RunFolder:
         checkpoints.take_lock()
         atexit.register(checkpoints.release_lock)
         try:
-            plan = decided_on_rank0(lambda: confirm_plan(job.folder, cfg, checkpoints, job.engine_setup))
+            plan = decided_on_rank0(lambda: confirm_plan(job.folder_plan, cfg, checkpoints, job.engine_setup))
         except UserError:
             checkpoints.release_lock()
             raise
