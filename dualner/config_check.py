@@ -22,15 +22,16 @@ def load_checked(path: str, overrides: list[str], stage: int | None = None, worl
     return load_config(path, overrides, stage=stage, world_size=world_size, engine=backend.ConfigRules(parser=True))
 
 
-def check_as_the_job(cfg: Config, path: str, overrides: list[str], stage: int | None, world_size: int | None) -> str:
+def check_as_the_job(cfg: Config, path: str, overrides: list[str], given_stage: int | None,
+                     given_world_size: int | None) -> str:
     """`config --check`: the rules the job applies, for the stage and world size given, else for those
     the job would take (the stage the config is for; the ranks of a launch from this environment).
     Says what it assumed, in its "ok" line and in a refusal."""
-    given_stage, given_world_size = stage, world_size
     stage, why = (given_stage, "") if given_stage else inferred_stage(cfg)
     world_size = given_world_size or backend.launch_world_size()
     scope = [f"stage {stage}" + (f" inferred: {why}; --stage {3 - stage} for the other" if why else ""),
-             f"{world_size or 'unknown'} rank(s)" + ("" if given_world_size else " assumed: --world-size N for another")]
+             f"{world_size or 'unknown'} rank(s)"
+             + ("" if given_world_size else " assumed: --world-size N for another")]
     if not given_stage or not given_world_size:
         try:
             load_checked(path, overrides, stage, world_size)

@@ -274,8 +274,8 @@ def build_student(job: Job, inputs: Stage2Inputs) -> DualNERModel:
 def build_engines(job: Job, inputs: Stage2Inputs, student: DualNERModel) -> Engines:
     """The student's engine and the frozen teacher's: this run's best model so far on a resume, else
     the stage-1 model."""
-    cfg, stage2, label_set, initial, total_steps = job.cfg, job.cfg.stage2, inputs.label_set, inputs.initial, \
-        inputs.total_steps
+    cfg, stage2 = job.cfg, job.cfg.stage2
+    label_set, initial, total_steps = inputs.label_set, inputs.initial, inputs.total_steps  # as the block below names them
     teacher = DualNERModel.from_encoder_config(student.encoder.config, len(label_set.entity_types),
                                                attention_mode=cfg.model.attention)
     checkpoints = RunLayout(job.run_dir).checkpoints

@@ -289,3 +289,16 @@ def test_the_cycle_finder_finds_a_cycle_through_a_function_level_import(tmp_path
     imports = [node for node in ast.walk(inside_a_function) if isinstance(node, ast.ImportFrom)]
     assert imported_modules(imports[0], "dualner.x", modules) == ["dualner.y"]
     assert imported_modules(imports[1], "dualner.y", modules) == ["dualner.x"]
+
+
+# Modules over the limit in the areas other refactors of issue 26 own (dualner/data/*, run_folder.py)
+LONG_ELSEWHERE = {"data/blocks.py", "data/corpus.py", "data/prepared.py", "data/streaming.py", "run_folder.py"}
+
+
+def test_no_module_is_over_450_lines():
+    """A module over 450 lines holds several concerns: split it by concern."""
+    long = {str(path.relative_to(LIBRARY)): len(path.read_text().splitlines()) for path in LIBRARY.rglob("*.py")
+            if len(path.read_text().splitlines()) > 450}
+    if long and set(long) <= LONG_ELSEWHERE:
+        pytest.xfail(f"split by h26-source/h26-folder: {long}")
+    assert not long, long
