@@ -4,11 +4,15 @@
   on the accelerator).
 - one module per engine kind (the config's `engine.kind`), each with its settings (the rest of the
   `engine:` section), their rules, its checkpoint files and the answer to "can this checkpoint
-  resume here": `deepspeed_config` (DeepSpeed's JSON; the engine in `deepspeed_engine`) and `fsdp2`
+  resume here": `deepspeed_config` (its JSON read by `deepspeed_json`, the engine in
+  `deepspeed_engine`, its checkpoint files outside the engine in `deepspeed_files`) and `fsdp2`
   (torch's fully_shard and distributed checkpoint).
 - `optimizer`: AdamW and the learning-rate schedule, shared by the engines.
 - `teacher`: the frozen teacher as a whole replica on each rank, for any engine.
 - `placement`: host batches to the device (pinned memory, non-blocking copies).
+
+The config knows no engine: the `engine:` section's rules reach dualner.config.validate as
+`ConfigRules`, handed to it by the layers that know both (dualner.build, the CLI).
 
 Outside this package the project names no engine (tests/test_structure.py checks): a job prepares
 its `EngineSetup` here (`prepare_engine`), builds the student and teacher from it and uses them
