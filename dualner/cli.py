@@ -23,8 +23,9 @@ and exits 1. The codes: dualner.errors.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
-from typing import Callable
+from typing import Any, Callable
 
 from dualner.errors import EXIT_STOPPED, ConfigError, run_entry_point
 
@@ -61,32 +62,24 @@ def _positive(flag: str) -> Callable[[str], int]:
     return parse
 
 
-def launch_world_size() -> int | None:
-    """The job's number of ranks as dualner.backend.comm.init_distributed will find it: WORLD_SIZE
-    (torchrun, deepspeed), srun's SLURM_NTASKS, or 1 for a plain `python` (no RANK); None when the
-    environment does not say (comm then refuses it)."""
-    from dualner.backend.comm import launch_ranks  # after parsing: a training command imports torch anyway
-    value = launch_ranks()["WORLD_SIZE"]
-    return int(value) if value.isdigit() and int(value) > 0 else None
-
-
-def parse_training_args(description: str, argv: list[str] | None = None, command: str = "train",
-                        stage: int | None = None):
-    """The command line of a training stage: its config, loaded and validated for `stage` on the
-    launcher's world size. Parsed before anything heavy is imported (`--help` answers at once)."""
+def parse_training_args(description: str, argv: list[str] | None = None, command: str = "train"):
+    """The command line of a training stage: its config, loaded (keys, types and ranges; the stage's
+    build validates it for its stage and world size, once). Parsed before anything heavy is imported
+    (`--help` answers at once)."""
     args = _training_parser(command, description).parse_intermixed_args(argv)  # overrides on both sides of a flag
+    from dualner import backend
     from dualner.config import load_config
-    return load_config(args.config, args.overrides, stage=stage, world_size=launch_world_size())
+    return load_config(args.config, args.overrides, engine=backend.ConfigRules(parser=False))
 
 
 def stage1(argv: list[str]) -> int:
-    cfg = parse_training_args("Stage 1: both heads on labeled source data.", argv, "stage1", stage=1)
+    cfg = parse_training_args("Stage 1: both heads on labeled source data.", argv, "stage1")
     from dualner.stage1 import run_stage1
     return EXIT_STOPPED if run_stage1(cfg).get("stopped_early") else 0
 
 
 def stage2(argv: list[str]) -> int:
-    cfg = parse_training_args("Stage 2: dual teaching from a stage-1 model.", argv, "stage2", stage=2)
+    cfg = parse_training_args("Stage 2: dual teaching from a stage-1 model.", argv, "stage2")
     from dualner.stage2 import run_stage2
     return EXIT_STOPPED if run_stage2(cfg).get("stopped_early") else 0
 
@@ -181,8 +174,43 @@ def report(argv: list[str]) -> int:
 
 
 def config(argv: list[str]) -> int:
-    from dualner.config import main as config_main
-    config_main(argv)
+    """Check a config and print it resolved (or one key, or only "ok"): what job scripts use to find
+    the run folder and to refuse a config before any rank starts."""
+    parser = argparse.ArgumentParser(prog="dualner config", description=config.__doc__.splitlines()[0])
+    parser.add_argument("--config", required=True, action=Once)
+    action = parser.add_mutually_exclusive_group()
+    action.add_argument("--get", metavar="KEY", help="print only this dotted key")
+    action.add_argument("--check", action="store_true",
+                        help="only validate: print one 'ok' line, or the error (exit 2)")
+    parser.add_argument("--stage", type=int, choices=(1, 2),
+                        help="also the rules of training this stage (batch, packing, the engine's config, ...); "
+                             "--check without it: the stage the config is for (2 where it sets stage2.init_from, "
+                             "target or translations)")
+    parser.add_argument("--world-size", type=int, metavar="N",
+                        help="also the rules that depend on the number of ranks (batch divisibility); "
+                             "--check without it: the ranks a launch from here has (1 for plain python)")
+    parser.add_argument("overrides", nargs="*")
+    args = parser.parse_intermixed_args(argv)  # overrides on both sides of a flag
+    if args.world_size is not None and args.world_size < 1:
+        parser.error(f"--world-size must be at least 1, got {args.world_size}")
+    import yaml
+    from dualner.config import config_to_dict
+    from dualner.config_check import check_as_the_job, load_checked
+    with contextlib.redirect_stdout(sys.stderr):  # stdout is the answer (job scripts read it); chatter to stderr
+        cfg = load_checked(args.config, args.overrides, args.stage, args.world_size)
+        scope = check_as_the_job(cfg, args.config, args.overrides, args.stage, args.world_size) if args.check else ""
+    if args.check:
+        print(f"ok: {args.config} ({scope}) passes every config rule")
+        return 0
+    tree: Any = config_to_dict(cfg)
+    for part in (args.get.split(".") if args.get else []):
+        if not isinstance(tree, dict) or part not in tree:
+            raise ConfigError(f"--get {args.get}: no key '{part}'")
+        tree = tree[part]
+    if isinstance(tree, (dict, list)):
+        print(yaml.safe_dump(tree, sort_keys=False), end="")
+    else:
+        print(tree)
     return 0
 
 

@@ -1,8 +1,8 @@
-"""A training job before it builds anything (`start_job`): the config validated for its stage and
-world size (dualner.config.validate), the process group, the device, the batch layout, the engine's
-setup and what the job will do with its run folder, every one checked and nothing written. The
-stages build their data and model from it, then the engine (`Job.build_engine`), then open the
-folder (dualner.run_folder.RunFolder.open); dualner.train assembles the rest.
+"""A training job before it builds anything (`start_job`), from a config already validated and frozen
+(dualner.build): the process group, the device, the batch layout, the engine's setup and what the job
+will do with its run folder, every one checked and nothing written. dualner.build goes on from it:
+the stage's inputs and model, the engine (`Job.build_engine`), the run folder
+(dualner.run_folder.RunFolder.open), the data, the recipe and the trainer (dualner.train).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from dualner import backend
 from dualner.backend import comm
 from dualner.backend.placement import pin_memory_wanted
 from dualner.checkpoint import completion_record
-from dualner.config import Config, validate
+from dualner.config import Config
 from dualner.data.batching import BatchLayout, derive_batch_layout
 from dualner.data.loader import default_workers
 from dualner.data.packing import Collator, packs_by_default
@@ -37,7 +37,7 @@ class Job:
     device: torch.device
     layout: BatchLayout  # global = micro x accumulation x world: the one source of these numbers
     engine_setup: backend.EngineSetup  # the engine's settings, checked for this layout and device
-    folder: FolderPlan  # a new run, or the checkpoint this job continues from (decided again under the lock)
+    folder_plan: FolderPlan  # a new run, or the checkpoint this job continues from (decided again under the lock)
     loader_workers: int
     pin_memory: bool
     log: logging.Logger
@@ -58,26 +58,25 @@ class Job:
 def start_job(cfg: Config, stage: int) -> Job:
     info = comm.init_distributed()
     log = get_logger()
-    # every config rule (the launchers checked them already); the engine's parser runs below, once
-    validate(cfg, stage, info.world_size, engine_parser=False)
     run_dir = Path(cfg.run.output_dir)
     check_output_dir(run_dir)
     seed_everything(cfg.run.seed, info.rank)
     layout = derive_batch_layout(cfg.train, info.world_size)
     device = comm.accelerator_device(info.local_rank)
     engine_setup = backend.prepare_engine(cfg, layout, device)
-    folder = decide_plan(cfg, engine_setup, log)  # refusals: nothing written yet
-    if folder.resume_from:  # the engine continues as the checkpoint was trained (its precision)
-        checkpoint = Path(folder.resume_from)
+    folder_plan = decide_plan(cfg, engine_setup, log)  # refusals: nothing written yet
+    if folder_plan.resume_from:  # the engine continues as the checkpoint was trained (its precision)
+        checkpoint = Path(folder_plan.resume_from)
         engine_setup = engine_setup.continuing(checkpoint, completion_record(checkpoint))
     workers = default_workers(cfg.data.loader_workers, device, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
-    return Job(cfg, f"stage {stage}", info, device, layout, engine_setup, folder, workers, pin_memory_wanted(device), log)
+    return Job(cfg, f"stage {stage}", info, device, layout, engine_setup, folder_plan, workers,
+               pin_memory_wanted(device), log)
 
 
 def training_collator(cfg: Config, device: torch.device, pad_id: int, position_offset: int | None,
                       **extra) -> Collator:
     """Packed rows when the config asks for them and the encoder family allows it (the config's own
-    rules on packing and row lengths: dualner.config.validate)."""
+    rules on packing and row lengths: dualner.config.rules)."""
     packing = cfg.data.packing
     if packing == "auto":
         packing = cfg.train.batch_unit == "tokens" or packs_by_default(device)

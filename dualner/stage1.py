@@ -4,9 +4,11 @@ each head); the variant picks the default weights (mlt: all three, cla: seq, spa
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 from dualner.attention import position_offset
+from dualner.build import Engines, TrainSpec, build
 from dualner.config import Config
 from dualner.data.batching import BatchPlan
 from dualner.data.encoding import WindowTokenizer
@@ -20,11 +22,10 @@ from dualner.limits import check_max_length, check_vocabulary
 from dualner.labels import LabelSet
 from dualner.losses import VARIANT_TERMS, token_cross_entropy
 from dualner.model import DualNERModel, HeadOutputs
-from dualner.model_io import save_model_assets
-from dualner.job import start_job
+from dualner.job import Job
 from dualner.recipe import Recipe, resolve_weights
 from dualner.run_folder import RunFolder
-from dualner.train import Trainer, assemble, train
+from dualner.train import Trainer, train
 
 
 class Forward(NamedTuple):
@@ -74,9 +75,24 @@ def check_batch_fits(cfg: Config, lengths: list[int], sentences: int) -> None:
                           f"{sentences} sentences of data.train); lower it or give more data")
 
 
-def build_stage1(cfg: Config) -> Trainer:
-    """Read and check every input, build the model and engine, then open the run folder."""
-    job = start_job(cfg, 1)
+@dataclass(frozen=True)
+class Stage1Inputs:
+    """Stage 1's inputs, read and checked: the encoder's folder and tokenizer, the labeled windows
+    and their batch plan, the evaluation sets, the loss weights."""
+    encoder_path: str
+    tokenizer: Any
+    label_set: LabelSet
+    windows: list[dict]
+    plan: BatchPlan
+    collate: Collator
+    dev_sets: list
+    test_sets: list
+    weights: dict[str, float]
+    total_steps: int
+
+
+def read_inputs(job: Job) -> Stage1Inputs:
+    cfg = job.cfg
     encoder_path = resolve_encoder(cfg.model.encoder)
     tokenizer_path = resolve_encoder(cfg.model.tokenizer, "model.tokenizer") if cfg.model.tokenizer else encoder_path
     tokenizer, encoder_config = load_encoder_pair(encoder_path, tokenizer_path,
@@ -101,19 +117,40 @@ def build_stage1(cfg: Config) -> Trainer:
                  len(windows), len(sentences), steps_per_epoch, label_set.bio_tags)
     weights = resolve_weights(Stage1Recipe.TERMS, {name: 1.0 for name in VARIANT_TERMS[cfg.model.variant]},
                               cfg.train.loss_weights)
-    model = load_pretrained_encoder(encoder_path, lambda path: DualNERModel.from_pretrained_encoder(
-        path, len(label_set.entity_types), cfg.model.dropout, cfg.model.encoder_dropout, cfg.model.attention))
+    total_steps = cfg.train.max_steps or cfg.train.epochs * steps_per_epoch
+    return Stage1Inputs(encoder_path, tokenizer, label_set, windows, plan, collate, dev_sets, test_sets, weights,
+                        total_steps)
+
+
+def build_model(job: Job, inputs: Stage1Inputs) -> DualNERModel:
+    cfg = job.cfg
+    model = load_pretrained_encoder(inputs.encoder_path, lambda path: DualNERModel.from_pretrained_encoder(
+        path, len(inputs.label_set.entity_types), cfg.model.dropout, cfg.model.encoder_dropout, cfg.model.attention))
     if cfg.model.freeze_word_embeddings:
         model.freeze_word_embeddings()
-    total_steps = cfg.train.max_steps or cfg.train.epochs * steps_per_epoch
-    engine = job.build_engine(model, total_steps)
-    # the encoder's config as trained (model.encoder_dropout included): stage 2 builds from it
-    folder = RunFolder.open(job.cfg, job.folder, job.engine_setup, job.log,
-                            lambda run_dir: save_model_assets(run_dir, tokenizer, model.encoder.config,
-                                                              label_set, cfg.model.variant, cfg.data.max_length))
-    recipe = Stage1Recipe(engine, windows, plan, collate, weights, dev_sets, test_sets, job.info.rank,
-                          job.loader_workers, job.pin_memory, cfg.run.seed, total_steps)
-    return assemble(job, engine, folder, recipe, total_steps, label_set, tokenizer.pad_token_id)
+    return model
+
+
+def training_windows(job: Job, inputs: Stage1Inputs, folder: RunFolder) -> list[dict]:
+    """Stage 1 reads its windows in the order of their batch plan: a pure function of the step, so
+    the run folder holds no data position of its own."""
+    return inputs.windows
+
+
+def build_recipe(job: Job, inputs: Stage1Inputs, engines: Engines, folder: RunFolder,
+                 windows: list[dict]) -> Stage1Recipe:
+    return Stage1Recipe(engines.student, windows, inputs.plan, inputs.collate, inputs.weights, inputs.dev_sets,
+                        inputs.test_sets, job.info.rank, job.loader_workers, job.pin_memory, job.cfg.run.seed,
+                        inputs.total_steps)
+
+
+STAGE1 = TrainSpec(stage=1, read_inputs=read_inputs, build_model=build_model, build_data=training_windows,
+                   build_recipe=build_recipe)
+
+
+def build_stage1(cfg: Config) -> Trainer:
+    """Read and check every input, build the model and engine, then open the run folder."""
+    return build(STAGE1, cfg)
 
 
 def run_stage1(cfg: Config) -> dict:

@@ -12,24 +12,29 @@ import json
 import math
 import re
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import yaml
 
 from dualner.backend import comm
+from dualner.build import Engines, TrainSpec, build
 from dualner.checkpoint import read_best, resolve_checkpoint
-from dualner.config import Config, ModelConfig, Stage2Config, validate
+from dualner.config import Config, ModelConfig, Stage2Config
 from dualner.data.encoding import WindowTokenizer
-from dualner.data.packing import model_inputs
+from dualner.data.packing import Collator, model_inputs
 from dualner.data.sources import check_same_split, read_source
 from dualner.data.stream_spec import KIND_TRANSLATION, STREAM_META
 from dualner.data.streaming import Stage2Stream
 from dualner.errors import BadRecordsError, CheckpointError, ConfigError, MissingPathError
 from dualner.evaluate import load_eval_sets
-from dualner.job import start_job
+from dualner.job import Job
 from dualner.limits import check_max_length
-from dualner.model_io import load_trained_model, save_model_assets
+from dualner.model import DualNERModel
+from dualner.labels import LabelSet
+from dualner.model_io import LoadedModel, load_trained_model
 from dualner.recipe import Recipe, resolve_weights
 from dualner.run_folder import RunFolder
 from dualner.run_layout import RunLayout
@@ -37,7 +42,7 @@ from dualner.teacher import build_pseudo_labels
 from dualner.stage2_teacher import build_teacher
 from dualner.stage2_losses import STAGE2_TERMS, Forward, StepPool
 from dualner.data.stage2_inputs import build_stream, check_translation_pairs, corpus_sizes, open_corpora
-from dualner.train import Trainer, assemble, train
+from dualner.train import Trainer, train
 
 
 class Stage2Recipe(Recipe):
@@ -210,13 +215,27 @@ class Stage2Recipe(Recipe):
             f"and run again")
 
 
-def build_stage2(cfg: Config) -> Trainer:
-    """Read and check every input (the stage-1 model is read once), build the student, the teacher
-    and their engines, then open the run folder and start the streams."""
-    stage2 = cfg.stage2
-    validate(cfg, 2, engine_parser=False)  # the config's own rules before the stage-1 run it names is read
-    adopt_stage1_encoder(cfg)  # before the job compares this config with its run folder's
-    job = start_job(cfg, 2)
+@dataclass(frozen=True)
+class Stage2Inputs:
+    """Stage 2's inputs, read and checked: the stage-1 model (read once: the student's start), the
+    evaluation sets, the corpora and their sizes, the labeled source, the loss weights."""
+    initial: LoadedModel
+    tokenizer: Any
+    label_set: LabelSet
+    windows_of: WindowTokenizer
+    dev_sets: list
+    test_sets: list
+    languages: list[str]  # every language a sentence can carry
+    corpora: dict
+    source: tuple[list, list] | None
+    sizes: dict | None  # sentences per stream (stage2.mix=size)
+    collate: Collator
+    weights: dict[str, float]
+    total_steps: int
+
+
+def read_inputs(job: Job) -> Stage2Inputs:
+    cfg, stage2 = job.cfg, job.cfg.stage2
     initial = load_trained_model(stage2.init_from, cfg.model.encoder_dropout, cfg.model.attention)
     tokenizer, label_set = initial.tokenizer, initial.label_set
     check_max_length(cfg.data.max_length, initial.model.encoder.config,
@@ -241,28 +260,56 @@ def build_stage2(cfg: Config) -> Trainer:
                            languages=tuple(languages), pair_translations=stage2.mse == "parallel")
     weights = resolve_weights(Stage2Recipe.TERMS, {name: stage2.mse_weight if name == "mse" else 1.0
                                                    for name in Stage2Recipe.TERMS}, cfg.train.loss_weights)
+    return Stage2Inputs(initial, tokenizer, label_set, windows_of, dev_sets, test_sets, languages, corpora, source,
+                        sizes, collate, weights, total_steps)
 
-    student = initial.model
-    student.dropout.p = cfg.model.dropout
-    if cfg.model.freeze_word_embeddings:
+
+def build_student(job: Job, inputs: Stage2Inputs) -> DualNERModel:
+    """The stage-1 model, already in memory, with this stage's dropout and frozen embeddings."""
+    student = inputs.initial.model
+    student.dropout.p = job.cfg.model.dropout
+    if job.cfg.model.freeze_word_embeddings:
         student.freeze_word_embeddings()
-    teacher_engine = build_teacher(job, student, initial.checkpoint, len(label_set.entity_types))
-    engine = job.build_engine(student, total_steps)
-    folder = RunFolder.open(job.cfg, job.folder, job.engine_setup, job.log,
-                            lambda run_dir: save_model_assets(run_dir, tokenizer, student.encoder.config,
-                                                              label_set, cfg.model.variant, cfg.data.max_length))
-    stream = build_stream(job, folder, windows_of, collate, source, corpora, sizes)
-    sample_log = folder.layout.samples(job.info.rank) if stage2.sample_log else None
-    config_key_of = {source.path: key for sources, key in corpora.values() for source in sources}
-    recipe = Stage2Recipe(engine, teacher_engine, stream, stage2, label_set, languages, weights, dev_sets, test_sets,
-                          sample_log, cfg.data.max_bad_records, config_key_of)
-    return assemble(job, engine, folder, recipe, total_steps, label_set, tokenizer.pad_token_id)
+    return student
+
+
+def build_engines(job: Job, inputs: Stage2Inputs, student: DualNERModel) -> Engines:
+    """The student's engine and the frozen teacher's: this run's best model so far on a resume, else
+    the stage-1 model."""
+    # the teacher first: an engine may partition the student's weights, which the teacher copies
+    teacher_engine = build_teacher(job, student, inputs.initial.checkpoint, len(inputs.label_set.entity_types))
+    engine = job.build_engine(student, inputs.total_steps)
+    return Engines(engine, teacher_engine)
+
+
+def build_data(job: Job, inputs: Stage2Inputs, folder: RunFolder) -> Stage2Stream:
+    """The streams, from the position of the checkpoint the run folder resumes (its start otherwise)."""
+    return build_stream(job, folder, inputs.windows_of, inputs.collate, inputs.source, inputs.corpora, inputs.sizes)
+
+
+def build_recipe(job: Job, inputs: Stage2Inputs, engines: Engines, folder: RunFolder,
+                 stream: Stage2Stream) -> Stage2Recipe:
+    cfg = job.cfg
+    sample_log = folder.layout.samples(job.info.rank) if cfg.stage2.sample_log else None
+    config_key_of = {source.path: key for sources, key in inputs.corpora.values() for source in sources}
+    return Stage2Recipe(engines.student, engines.teacher, stream, cfg.stage2, inputs.label_set, inputs.languages,
+                        inputs.weights, inputs.dev_sets, inputs.test_sets, sample_log, cfg.data.max_bad_records,
+                        config_key_of)
+
+
+def build_stage2(cfg: Config) -> Trainer:
+    """Read and check every input (the stage-1 model is read once), build the student, the teacher
+    and their engines, then open the run folder and start the streams."""
+    return build(STAGE2, cfg)
 
 
 def adopt_stage1_encoder(cfg: Config) -> None:
     """Stage 2 continues the stage-1 model, so its encoder and tokenizer are the stage-1 run's. A
     `model.encoder` / `model.tokenizer` naming another is refused; one left at its default takes the
-    stage-1 run's value, so config.yaml records what is trained."""
+    stage-1 run's value, so config.yaml records what is trained. Before the config's validation,
+    which reports a missing stage2.init_from."""
+    if not cfg.stage2.init_from:
+        return
     try:
         checkpoint = resolve_checkpoint(cfg.stage2.init_from)
     except (CheckpointError, MissingPathError) as error:  # name the key: the path alone does not say which
@@ -302,6 +349,10 @@ def warn_if_unfinished(init_from: str, checkpoint: Path, log) -> None:
     elif not run.results.is_file():
         log.warning("stage2.init_from=%s: the stage-1 run has not finished (no results.json); starting from "
                     "its best checkpoint so far, %s", init_from, checkpoint.name)
+
+
+STAGE2 = TrainSpec(stage=2, read_inputs=read_inputs, build_model=build_student, build_data=build_data,
+                   build_recipe=build_recipe, build_engines=build_engines, settle=adopt_stage1_encoder)
 
 
 def run_stage2(cfg: Config) -> dict:

@@ -20,7 +20,7 @@ def build_teacher(job: Job, student: DualNERModel, stage1_checkpoint: Path, enti
     student's engine is built: an engine may partition the student's weights."""
     teacher = DualNERModel.from_encoder_config(student.encoder.config, entity_types,
                                                attention_mode=job.cfg.model.attention)
-    best = job.folder.best
+    best = job.folder_plan.best
     if best:
         source = RunLayout(job.run_dir).checkpoints / best["path"]
         load_weights(teacher, load_model_state(source), source)

@@ -109,10 +109,14 @@ def test_empty_sentences_are_skipped_not_errors(tmp_path):
     assert [s.words for s in read_conll(path)] == [["Paris"], ["Bob"]]
 
 
-def test_stage2_without_a_length(tmp_path):
+def test_stage2_without_a_length(finished_run, tmp_path):
+    """Refused by the one validation, after the stage-1 run of stage2.init_from gave its encoder (a
+    stage2.init_from that does not exist is refused first, naming it: test_stage2_needs_a_stage1_model)."""
     with pytest.raises(ConfigError, match=r"stage 2's length: set train.max_steps \(optimizer steps\) or stage2.epochs"):
         build_stage2(load_config(REPO / "configs" / "tiny_stage2.yaml",
-                                  [f"run.output_dir={tmp_path}", "train.max_steps=null"]))
+                                  [f"run.output_dir={tmp_path / 'run'}", f"stage2.init_from={finished_run}",
+                                   "train.max_steps=null"]))
+    assert not (tmp_path / "run").exists()
 
 
 def test_results_of_a_finished_run_are_complete(finished_run):

@@ -2,6 +2,7 @@ import pytest
 import yaml
 
 from dualner.config import ConfigError, load_config, save_config
+from dualner.config_check import load_checked
 from dualner.backend.deepspeed_engine import load_deepspeed_config
 from dualner.data.batching import BatchLayout, derive_batch_layout
 from tests.conftest import REPO
@@ -34,7 +35,7 @@ def test_an_earlier_versions_engine_section_says_what_it_became(tmp_path):
     path.write_text("deepspeed:\n  config: ds_configs/zero0_fp32.json\n")
     with pytest.raises(ConfigError, match=r"unknown config key 'deepspeed'; .*\(a 'deepspeed:' section is now "
                                           r"'engine:' with 'kind: deepspeed' and the same keys\)"):
-        load_config(path)
+        load_checked(path, [])  # the config asks the engines (dualner.backend) which sections were theirs
 
 
 @pytest.mark.parametrize("override, message", [
@@ -90,20 +91,21 @@ def test_every_shipped_deepspeed_config_is_valid():
 
 
 def test_the_engine_section_holds_its_kinds_own_keys():
-    """engine.kind chooses the engine; the other keys are that engine's, checked by the backend."""
+    """engine.kind chooses the engine; the other keys are that engine's, checked by the backend (the
+    config loaded with the engines' rules, as a job and `config --check` load it)."""
     from dualner.backend import engine_settings
     tiny = REPO / "configs" / "tiny.yaml"
     with pytest.raises(ConfigError, match=r"engine.kind: 'fsdp3' is not one of \['deepspeed', 'fsdp2'\]"):
-        load_config(tiny, ["engine.kind=fsdp3"])
+        load_checked(tiny, ["engine.kind=fsdp3"])
     with pytest.raises(ConfigError, match=r"unknown config key 'engine.config'; valid keys under 'engine': precision, "
                                           r"gradient_clipping, reshard_after_forward \(the keys of engine.kind=fsdp2"):
-        load_config(tiny, ["engine.kind=fsdp2"])  # the YAML's deepspeed key stays: replace the section whole
+        load_checked(tiny, ["engine.kind=fsdp2"])  # the YAML's deepspeed key stays: replace the section whole
     with pytest.raises(ConfigError, match=r"engine.precision: 'fp16' is not one of \['fp32', 'bf16'\]"):
-        load_config(tiny, ["engine={kind: fsdp2, precision: fp16}"])
+        load_checked(tiny, ["engine={kind: fsdp2, precision: fp16}"])
     with pytest.raises(ConfigError, match=r"model.compile=true works with engine.kind=deepspeed"):
-        load_config(tiny, ["engine={kind: fsdp2}", "model.compile=true"], stage=1)
-    cfg = load_config(tiny, ["engine={kind: fsdp2, precision: bf16, gradient_clipping: 0}"], stage=1, world_size=2)
+        load_checked(tiny, ["engine={kind: fsdp2}", "model.compile=true"], stage=1)
+    cfg = load_checked(tiny, ["engine={kind: fsdp2, precision: bf16, gradient_clipping: 0}"], stage=1, world_size=2)
     _, settings = engine_settings(cfg.engine)
     assert (settings.precision, settings.gradient_clipping, settings.reshard_after_forward) == ("bf16", 0.0, True)
-    _, default = engine_settings(load_config(tiny, ["engine={}"], stage=1).engine)  # no kind: DeepSpeed's defaults
+    _, default = engine_settings(load_checked(tiny, ["engine={}"], stage=1).engine)  # no kind: DeepSpeed's defaults
     assert default.config == "ds_configs/zero2.json"

@@ -12,7 +12,7 @@ import shutil
 
 import pytest
 
-import dualner.stage1
+import dualner.build
 from dualner.run_folder import RunLock
 from dualner.errors import CheckpointError, ConfigError, RunLockedError, UserError
 from dualner.model_io import export_model
@@ -34,23 +34,23 @@ def test_a_job_whose_folder_changed_before_it_took_the_lock_is_refused(tmp_path,
     start to finish before B takes the lock: B decides again, is refused, and writes nothing."""
     run = tmp_path / "run"
     after_first = {}
-    real_start_job = dualner.stage1.start_job
+    real_start_job = dualner.build.start_job
 
     def start_job_then_another_job_runs(cfg, stage):
         job = real_start_job(cfg, stage)  # B's first decision: a fresh folder, a new run
-        assert job.folder.resume_from is None and job.folder.aside is None
+        assert job.folder_plan.resume_from is None and job.folder_plan.aside is None
         result = cli("stage1", "--config", str(REPO / "configs" / "tiny.yaml"), f"run.output_dir={run}", *TINY)
         assert result.returncode == 0, result.stderr[-3000:]
         after_first["files"] = snapshot(run)
         return job
 
-    monkeypatch.setattr(dualner.stage1, "start_job", start_job_then_another_job_runs)
+    monkeypatch.setattr(dualner.build, "start_job", start_job_then_another_job_runs)
     with pytest.raises(RunLockedError, match=r"changed while this job was starting \(another job wrote a finished "
                                              r"run \(checkpoints step-2, step-4\) there\); this job wrote nothing"):
         build_stage1(config(run))
     assert snapshot(run) == after_first["files"]  # the first job's run, byte for byte; the lock released
     assert not list(tmp_path.glob("run.old-*")) and logged_steps(run) == [1, 2, 3, 4]
-    monkeypatch.setattr(dualner.stage1, "start_job", real_start_job)
+    monkeypatch.setattr(dualner.build, "start_job", real_start_job)
     capfd.readouterr()
     run_stage1(config(run))  # run again, as the message says: continues (re-reports) the first job's run
     assert f"resumed from {run / 'checkpoints' / 'step-4'} at step 4" in capfd.readouterr().out

@@ -2,6 +2,7 @@
 one way in, no copies."""
 
 import ast
+from pathlib import Path
 import json
 import re
 import subprocess
@@ -209,3 +210,96 @@ def test_the_package_carries_no_test_hooks():
             modules = ([alias.name for alias in node.names] if isinstance(node, ast.Import)
                        else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
             assert not {module.split(".")[0] for module in modules} & hooks, f"{path.relative_to(REPO)} imports test code"
+
+
+def module_names() -> dict[str, "Path"]:
+    """dualner's modules by dotted name (a package by its own name)."""
+    names = {}
+    for path in LIBRARY.rglob("*.py"):
+        parts = path.relative_to(REPO).with_suffix("").parts
+        names[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    return names
+
+
+def imported_modules(node: ast.Import | ast.ImportFrom, importer: str, modules: dict) -> list[str]:
+    """The dualner modules one import statement loads (`from package import module` names the module)."""
+    if isinstance(node, ast.Import):
+        return [alias.name for alias in node.names if alias.name in modules]
+    base = node.module or ""
+    if node.level:
+        package = importer.split(".") if modules[importer].name == "__init__.py" else importer.split(".")[:-1]
+        base = ".".join(package[:len(package) - node.level + 1] + ([node.module] if node.module else []))
+    return [f"{base}.{alias.name}" if f"{base}.{alias.name}" in modules else base
+            for alias in node.names if f"{base}.{alias.name}" in modules or base in modules]
+
+
+def import_graph() -> dict[str, set[str]]:
+    """Who imports whom inside dualner: module-level, function-level and TYPE_CHECKING imports alike
+    (a module that imports its own package's __init__ is not an arrow: that runs first anyway)."""
+    modules = module_names()
+    graph = {name: set() for name in modules}
+    for name, path in modules.items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                graph[name] |= {target for target in imported_modules(node, name, modules)
+                                if target != name and not name.startswith(target + ".")}
+    return graph
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components of more than one module (Tarjan), each sorted."""
+    index, low, stack, on_stack, found = {}, {}, [], set(), []
+
+    def visit(module: str) -> None:
+        index[module] = low[module] = len(index)
+        stack.append(module)
+        on_stack.add(module)
+        for target in graph[module]:
+            if target not in index:
+                visit(target)
+                low[module] = min(low[module], low[target])
+            elif target in on_stack:
+                low[module] = min(low[module], index[target])
+        if low[module] == index[module]:
+            component = []
+            while not component or component[-1] != module:
+                component.append(stack.pop())
+                on_stack.discard(component[-1])
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for module in sorted(graph):
+        if module not in index:
+            visit(module)
+    return found
+
+
+def test_the_import_graph_has_no_cycle():
+    """Layers: a module never imports, at any depth and in any place (a function, TYPE_CHECKING), a
+    module that imports it back. The config is a leaf of the package's own layers."""
+    graph = import_graph()
+    assert {"dualner.config.rules", "dualner.config.schema"} <= graph["dualner.config.loading"]
+    config_layer = {module for module in graph if module == "dualner.config" or module.startswith("dualner.config.")}
+    below_config = {target for module in config_layer for target in graph[module]} - config_layer
+    assert below_config <= {"dualner.errors", "dualner.run_layout"}, below_config
+    found = cycles(graph)
+    described = "; ".join(" <-> ".join(cycle) + " (" + ", ".join(
+        f"{module} -> {sorted(graph[module] & set(cycle))}" for module in cycle) + ")" for cycle in found)
+    assert not found, f"import cycles: {described}"
+
+
+def test_the_cycle_finder_finds_a_cycle_through_a_function_level_import(tmp_path):
+    graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}
+    assert cycles(graph) == [["a", "b", "c"]]
+    modules = {"dualner.x": tmp_path / "x.py", "dualner.y": tmp_path / "y.py", "dualner": tmp_path / "__init__.py"}
+    inside_a_function = ast.parse("def f():\n    from dualner.y import thing\n    from . import x\n")
+    imports = [node for node in ast.walk(inside_a_function) if isinstance(node, ast.ImportFrom)]
+    assert imported_modules(imports[0], "dualner.x", modules) == ["dualner.y"]
+    assert imported_modules(imports[1], "dualner.y", modules) == ["dualner.x"]
+
+
+def test_no_module_is_over_450_lines():
+    """A module over 450 lines holds several concerns: split it by concern."""
+    long = {str(path.relative_to(LIBRARY)): len(path.read_text().splitlines()) for path in LIBRARY.rglob("*.py")
+            if len(path.read_text().splitlines()) > 450}
+    assert not long, long

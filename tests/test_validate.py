@@ -1,6 +1,7 @@
 """dualner.config.validate: every cross-field rule the config decides alone, refused by
 `python -m dualner config --check` (what slurm/dualner.sbatch runs before any rank starts) with exit 2
-and one line, and by load_config(stage=..., world_size=...) (what the stage launchers call)."""
+and one line, by load_config(stage=..., world_size=..., engine=...) (dualner.config_check.load_checked), and
+by the stage launchers (the build's one validation)."""
 
 import inspect
 import re
@@ -10,8 +11,8 @@ import sys
 import pytest
 import yaml
 
-from dualner import config as config_module
-from dualner.config import ConfigError, load_config
+from dualner.config import ConfigError, load_config, loading, rules
+from dualner.config_check import load_checked
 from tests.conftest import REPO, child_env
 
 STAGE1, STAGE2 = REPO / "configs" / "tiny.yaml", REPO / "configs" / "tiny_stage2.yaml"
@@ -36,6 +37,8 @@ RULES = {
     "stage 2 epochs with token batches": (STAGE2, 2, None, ["train.max_steps=null", "stage2.epochs=1",
                                                            "train.batch_unit=tokens", "train.micro_batch_size=128"],
                                           None, r"stage2.epochs counts passes .* train.batch_unit=sentences"),
+    "stage 2 mix=size with a hub corpus": (STAGE2, 2, None, ["stage2.target={de: 'hf:wikiann:de@train'}"], None,
+                                           r"stage2.target.de: stage2.mix=size counts every corpus's sentences"),
     "stage 2 of a span model": (STAGE2, 2, None, ["model.variant=span"], None,
                                 r"model.variant=span: dual teaching needs both heads \(mlt\)"),
     "stage 1 with an empty encoder": (STAGE1, 1, None, ["model.encoder=''"], None, r"model.encoder is empty"),
@@ -112,25 +115,40 @@ def test_load_config_with_the_stage_refuses_every_rule(name, tmp_path):
     path, stage, world_size, _, _, message = RULES[name]
     overrides = overrides_of(name, tmp_path)
     with pytest.raises(ConfigError, match=message):
-        load_config(path, overrides, stage=stage, world_size=world_size)
+        load_checked(path, overrides, stage=stage, world_size=world_size)
     if stage is not None:  # a rule of training: loading the config for anything else does not apply it
-        load_config(path, overrides, world_size=world_size)
+        load_checked(path, overrides, world_size=world_size)
     if world_size is not None and stage is None:  # a rule of the world size: not applied without one
-        load_config(path, overrides)
+        load_checked(path, overrides)
 
 
 def test_every_rule_of_validate_has_a_case():
-    """A rule added to validate without a refusal case above fails here (counts its raises)."""
-    from dualner.backend import deepspeed_config
-    functions = [config_module._check_rules, config_module._validate_stage1, config_module._validate_stage2,
-                 config_module._validate_training, config_module.batch_split, deepspeed_config.read_deepspeed_json,
-                 deepspeed_config.check_deepspeed_batch_sizes, deepspeed_config.check_config,
-                 config_module.unique_keys]
-    raises = sum(inspect.getsource(function).count("raise ConfigError(") for function in functions)
-    arguments_checks = 2  # stage and world size themselves (test_stage_and_world_size_arguments)
-    two_ways = 2  # "stage 2's length" (neither / both) and stage2.epochs (mix / batch unit): one raise each
-    assert raises == len(RULES) - DEEPSPEED_PARSER_RULES - two_ways + arguments_checks
-    assert "validate(cfg, stage, world_size)" in inspect.getsource(config_module.load_config)
+    """A rule added to validate without a refusal case above fails here (counts its refusals: the
+    raises of the checks that raise, the problems the config's rules collect)."""
+    from dualner.backend import deepspeed_config, deepspeed_json
+    raising = [rules.batch_split, deepspeed_json.read_deepspeed_json, deepspeed_json.check_deepspeed_batch_sizes,
+               deepspeed_config.check_config, loading.unique_keys]
+    collecting = [rules.config_problems, rules._stage1_problems, rules._stage2_problems, rules._training_problems]
+    refusals = sum(inspect.getsource(function).count("raise ConfigError(") for function in raising)
+    refusals += sum(len(re.findall(r'problems(\.append\(f?"| \+= \[f")', inspect.getsource(function)))
+                    for function in collecting)
+    two_ways = 2  # "stage 2's length" (neither / both) and stage2.epochs (mix / batch unit): one refusal each
+    assert refusals == len(RULES) - DEEPSPEED_PARSER_RULES - two_ways
+    assert "validate(cfg, stage, world_size, engine)" in inspect.getsource(load_config)
+
+
+def test_every_problem_is_reported_at_once():
+    """Three independent mistakes: one ConfigError naming each of them by its key, the engine's too."""
+    overrides = ["model.variant=cla", "eval.head=span", "data.pack_length=32", "engine.config=ds_configs/nothing.json"]
+    with pytest.raises(ConfigError) as refused:
+        load_checked(STAGE1, overrides, stage=1, world_size=1)
+    message = str(refused.value)
+    assert message.startswith("3 problems: (1) eval.head=span reads a head"), message
+    assert "(2) data.pack_length=32 must hold a whole window" in message, message
+    assert "(3) engine.config: file not found: ds_configs/nothing.json" in message, message
+    result = config_check(["--config", str(STAGE1), "--stage", "1", "--world-size", "1", *overrides])
+    lines = [line for line in result.stderr.splitlines() if line.startswith("dualner: error: ")]
+    assert result.returncode == 2 and len(lines) == 1 and "3 problems: " in lines[0], result.stderr[-3000:]
 
 
 def test_config_check_says_ok_and_names_what_it_checked():
@@ -159,12 +177,12 @@ def test_stage_and_world_size_arguments():
 def test_shipped_configs_pass_their_stage():
     for path in (REPO / "configs").glob("*.yaml"):
         stage = 2 if "stage2" in path.name or "dualner" in path.name else 1
-        load_config(path, stage=stage, world_size=2)
+        load_checked(path, [], stage=stage, world_size=2)
 
 
 def test_launchers_validate_for_their_stage_and_world_size(tmp_path):
-    """The stage launchers refuse a config broken for their stage (and world size) before importing
-    the stage: the rule's own line, exit 2, nothing written."""
+    """The stage launchers refuse a config broken for their stage (and world size) before any process
+    group starts (the build's one validation): the rule's own line, exit 2, nothing written."""
     env = child_env(PYTHONPATH=str(REPO))
     result = subprocess.run([sys.executable, "-m", "dualner", "stage2", "--config", str(STAGE1),
                              f"run.output_dir={tmp_path / 'run'}"], cwd=REPO, env=env, capture_output=True, text=True,
@@ -183,7 +201,7 @@ def test_launchers_validate_for_their_stage_and_world_size(tmp_path):
 
 def test_launch_world_size(monkeypatch):
     """What dualner.backend.comm.init_distributed will take as the world size."""
-    from dualner.cli import launch_world_size
+    from dualner.backend import launch_world_size
     for name in ("WORLD_SIZE", "RANK", "SLURM_PROCID", "SLURM_NTASKS"):
         monkeypatch.delenv(name, raising=False)
     assert launch_world_size() == 1  # plain python: a world of one
@@ -200,13 +218,13 @@ def test_a_config_valid_only_on_more_ranks_passes_for_them(tmp_path):
     120 sentences with micro batches of 48 split over 5 ranks (24 each), not over 1; a JSON that spells
     the 5-rank batch keys passes too."""
     overrides = ["train.global_batch_size=120", "train.micro_batch_size=48"]
-    load_config(STAGE1, overrides, stage=1, world_size=5)
+    load_checked(STAGE1, overrides, stage=1, world_size=5)
     with pytest.raises(ConfigError, match=r"train.micro_batch_size=48 does not divide the 120 sentences each of 1"):
-        load_config(STAGE1, overrides, stage=1, world_size=1)
+        load_checked(STAGE1, overrides, stage=1, world_size=1)
     spelled = tmp_path / "zero0_5ranks.json"
     spelled.write_text('{"zero_optimization": {"stage": 0}, "train_batch_size": 120, '
                        '"train_micro_batch_size_per_gpu": 24, "gradient_accumulation_steps": 1}')
-    load_config(STAGE1, [*overrides, f"engine.config={spelled}"], stage=1, world_size=5)
+    load_checked(STAGE1, [*overrides, f"engine.config={spelled}"], stage=1, world_size=5)
     result = subprocess.run([sys.executable, "-m", "dualner", "config", "--check", "--stage", "1", "--world-size", "5",
                              "--config", str(STAGE1), *overrides, f"engine.config={spelled}"], cwd=REPO,
                             capture_output=True, text=True, env=child_env(PYTHONPATH=str(REPO)))
@@ -224,4 +242,4 @@ def test_a_deepspeed_rejection_from_the_yaml_file_names_the_file(tmp_path):
     experiment.write_text(yaml.safe_dump(tree))
     with pytest.raises(ConfigError, match=rf"^{re.escape(str(experiment))}: {re.escape(str(rejected))}: unknown "
                                           r"DeepSpeed key 'no_such_deepspeed_key'"):
-        load_config(experiment, ["train.lr=1e-4"], stage=1, world_size=1)
+        load_checked(experiment, ["train.lr=1e-4"], stage=1, world_size=1)

@@ -4,11 +4,15 @@
   on the accelerator).
 - one module per engine kind (the config's `engine.kind`), each with its settings (the rest of the
   `engine:` section), their rules, its checkpoint files and the answer to "can this checkpoint
-  resume here": `deepspeed_config` (DeepSpeed's JSON; the engine in `deepspeed_engine`) and `fsdp2`
+  resume here": `deepspeed_config` (its JSON read by `deepspeed_json`, the engine in
+  `deepspeed_engine`, its checkpoint files outside the engine in `deepspeed_files`) and `fsdp2`
   (torch's fully_shard and distributed checkpoint).
 - `optimizer`: AdamW and the learning-rate schedule, shared by the engines.
 - `teacher`: the frozen teacher as a whole replica on each rank, for any engine.
 - `placement`: host batches to the device (pinned memory, non-blocking copies).
+
+The config knows no engine: the `engine:` section's rules reach dualner.config.validate as
+`ConfigRules`, handed to it by the layers that know both (dualner.build, the CLI).
 
 Outside this package the project names no engine (tests/test_structure.py checks): a job prepares
 its `EngineSetup` here (`prepare_engine`), builds the student and teacher from it and uses them
@@ -19,11 +23,13 @@ from __future__ import annotations
 
 import importlib
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 import torch
 
+from dualner.backend import comm
 from dualner.errors import CheckpointError, ConfigError
 from dualner.run_layout import COMPLETE_MARKER
 
@@ -107,6 +113,36 @@ def check_engine(cfg: "Config", stage: int | None, world_size: int | None, parse
     module, settings = engine_settings(cfg.engine)
     if stage is not None:
         module.check_config(settings, cfg, world_size, parser)
+
+
+@dataclass(frozen=True)
+class ConfigRules:
+    """The engines' rules as dualner.config asks them (dualner.config.EngineRules): handed to its
+    `load_config` / `validate` by the layers that know both (dualner.build, the CLI)."""
+
+    parser: bool  # run the engine's own parser too (a job runs it later anyway, with the real layout)
+    kinds: tuple[str, ...] = tuple(ENGINE_KINDS)
+
+    def file_mistake(self, tree: dict, path: Path) -> str | None:
+        return config_file_mistake(tree, path)
+
+    def problems(self, cfg: "Config", stage: int | None, world_size: int | None) -> list[str]:
+        try:
+            check_engine(cfg, stage, world_size, self.parser)
+        except ConfigError as error:
+            return [str(error)]
+        return []
+
+
+def launch_world_size() -> int | None:
+    """The job's number of ranks before its process group starts: the process group's where one
+    exists already, else as comm.init_distributed will find it (WORLD_SIZE from torchrun or deepspeed,
+    srun's SLURM_NTASKS, 1 for a plain `python`); None when the environment does not say (comm then
+    refuses it)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_world_size()
+    value = comm.launch_ranks()["WORLD_SIZE"]
+    return int(value) if value.isdigit() and int(value) > 0 else None
 
 
 def prepare_engine(cfg: "Config", layout: "BatchLayout", device: torch.device) -> EngineSetup:

@@ -327,5 +327,3 @@ def _check_aside_writable(run_dir: Path) -> None:
 def step_of(path: str | None) -> int:
     match = STEP_DIR.match(Path(path).name) if path else None
     return int(match.group(1)) if match else 0
-
-
