@@ -284,7 +284,33 @@ def build_engines(job: Job, inputs: Stage2Inputs, student: DualNERModel) -> Engi
 
 def build_data(job: Job, inputs: Stage2Inputs, folder: RunFolder) -> Stage2Stream:
     """The streams, from the position of the checkpoint the run folder resumes (its start otherwise)."""
-    return build_stream(job, folder, inputs.windows_of, inputs.collate, inputs.source, inputs.corpora, inputs.sizes)
+    labeled, remainder = write_source_files(folder, inputs.source) if inputs.source is not None else (None, None)
+    return build_stream(job.cfg, labeled, remainder, inputs.windows_of, inputs.collate, inputs.corpora, inputs.sizes,
+                        rank=job.info.rank, world_size=job.info.world_size,
+                        micro_batch_size=job.layout.micro_batch_size, workers=job.loader_workers,
+                        pin_memory=job.pin_memory, log=job.log)
+
+
+def write_source_files(folder: RunFolder, source: tuple[list, list]) -> tuple[Path, Path | None]:
+    """The labeled source as JSONL in the run folder (with `src_id`); with train_fraction < 1 the
+    remainder goes to a second, unlabeled file."""
+    data = folder.layout.stage2_data
+    labeled, remainder = data / "source_labeled.jsonl", data / "source_remainder.jsonl"
+    if comm.current().is_main:
+        data.mkdir(parents=True, exist_ok=True)
+        kept, rest = source
+        for path, part, with_tags in ((labeled, kept, True), (remainder, rest, False)):
+            text = "".join(json.dumps({"tokens": sentence.words, "lang": sentence.language, "src_id": sentence.source,
+                                       **({"tags": sentence.tags} if with_tags else {})}, ensure_ascii=False) + "\n"
+                           for sentence in part).encode("utf-8")
+            if path.is_file() and path.read_bytes() == text:
+                continue  # a resumed run: unchanged, so the checkpoint's positions in it still hold
+            temporary = path.with_suffix(".tmp")
+            temporary.write_bytes(text)
+            temporary.replace(path)
+    comm.barrier()
+    return labeled, (remainder if remainder.stat().st_size > 0 else None)
+
 
 
 def build_recipe(job: Job, inputs: Stage2Inputs, engines: Engines, folder: RunFolder,

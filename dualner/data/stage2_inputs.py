@@ -6,11 +6,9 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from dualner.backend import comm
 from dualner.config import Config
 from dualner.data.corpus import CorpusFile, describe_file
 from dualner.data.encoding import WindowTokenizer
@@ -23,8 +21,6 @@ from dualner.data.sources import refuse_shared_files
 from dualner.data.stream_spec import KIND_SOURCE, KIND_TARGET, KIND_TRANSLATION, StreamSpec
 from dualner.data.streaming import Stage2Stream
 from dualner.errors import ConfigError
-from dualner.job import Job
-from dualner.run_folder import RunFolder
 
 
 def open_corpora(cfg: Config, tokenizer, encoder_config, log) -> dict:
@@ -73,27 +69,6 @@ def check_translation_pairs(sources: list[Source], key: str, source, sample: int
                               f"stage2.mse=parallel would have no pair to compare")
 
 
-def write_source_files(folder: RunFolder, source: tuple[list, list]) -> tuple[Path, Path | None]:
-    """The labeled source as JSONL in the run folder (with `src_id`); with train_fraction < 1 the
-    remainder goes to a second, unlabeled file."""
-    data = folder.layout.stage2_data
-    labeled, remainder = data / "source_labeled.jsonl", data / "source_remainder.jsonl"
-    if comm.current().is_main:
-        data.mkdir(parents=True, exist_ok=True)
-        kept, rest = source
-        for path, part, with_tags in ((labeled, kept, True), (remainder, rest, False)):
-            text = "".join(json.dumps({"tokens": sentence.words, "lang": sentence.language, "src_id": sentence.source,
-                                       **({"tags": sentence.tags} if with_tags else {})}, ensure_ascii=False) + "\n"
-                           for sentence in part).encode("utf-8")
-            if path.is_file() and path.read_bytes() == text:
-                continue  # a resumed run: unchanged, so the checkpoint's positions in it still hold
-            temporary = path.with_suffix(".tmp")
-            temporary.write_bytes(text)
-            temporary.replace(path)
-    comm.barrier()
-    return labeled, (remainder if remainder.stat().st_size > 0 else None)
-
-
 @dataclass(frozen=True)
 class RunFolderFile(CorpusFile):
     """A file stage 2 writes in its own run folder (the labeled source as JSONL): known by its name
@@ -138,14 +113,15 @@ def corpus_sizes(cfg: Config, corpora: dict, source: tuple[list, list] | None, l
     return sizes
 
 
-def build_stream(job: Job, folder: RunFolder, windows_of: WindowTokenizer, collate: Collator,
-                 source: tuple[list, list] | None, corpora: dict, sizes: dict | None) -> Stage2Stream:
-    """One stream per (kind, language). stage2.mix=size: each drawn in proportion to its sentences
-    times its kind's weight; mix=equal: the labeled source carries `source_weight`, and
-    `target_weight` / `translation_weight` are shared equally by the target languages (the unlabeled
-    source remainder counts as one) and by the translation languages."""
-    cfg, stage2 = job.cfg, job.cfg.stage2
-    labeled, remainder = write_source_files(folder, source) if source is not None else (None, None)
+def build_stream(cfg: Config, labeled: Path | None, remainder: Path | None, windows_of: WindowTokenizer,
+                 collate: Collator, corpora: dict, sizes: dict | None, *, rank: int, world_size: int,
+                 micro_batch_size: int, workers: int, pin_memory: bool, log) -> Stage2Stream:
+    """One stream per (kind, language), read by this rank's `workers` loader workers (`rank` of
+    `world_size`). stage2.mix=size: each drawn in proportion to its sentences times its kind's
+    weight; mix=equal: the labeled source (`labeled`, written in the run folder) carries
+    `source_weight`, and `target_weight` / `translation_weight` are shared equally by the target
+    languages (the unlabeled source `remainder` counts as one) and by the translation languages."""
+    stage2 = cfg.stage2
     targets = {language: sources for (kind, language), (sources, _) in corpora.items() if kind == KIND_TARGET}
     if remainder is not None:
         targets[f"{cfg.data.source_language}-remainder"] = [run_folder_file(remainder)]
@@ -166,10 +142,9 @@ def build_stream(job: Job, folder: RunFolder, windows_of: WindowTokenizer, colla
     specs = [StreamSpec(f"{kind}/{language}", kind, "" if language.endswith("-remainder") else language, sources,
                         weight, pair_with if kind == KIND_TRANSLATION else "")
              for kind, language, sources, weight in streams]
-    job.log.info("stage 2 streams over %d rank(s) x %d loader worker(s): %s", job.info.world_size,
-                 max(1, job.loader_workers), ", ".join(f"{spec.name} ({len(spec.sources)} file(s), weight "
+    log.info("stage 2 streams over %d rank(s) x %d loader worker(s): %s", world_size, max(1, workers), ", ".join(f"{spec.name} ({len(spec.sources)} file(s), weight "
                                                        f"{spec.weight:.3g})" for spec in specs))
     # a translation and its source travel as one unit of the stream (dualner.data.streaming)
-    return Stage2Stream(specs, windows_of, job.layout.micro_batch_size, cfg.run.seed, job.info.rank,
-                        job.info.world_size, collate, pool=stage2.bucket_pool, workers=job.loader_workers,
-                        pin_memory=job.pin_memory, range_bytes=stage2.range_mb << 20, log=job.log)
+    return Stage2Stream(specs, windows_of, micro_batch_size, cfg.run.seed, rank, world_size, collate,
+                        pool=stage2.bucket_pool, workers=workers, pin_memory=pin_memory,
+                        range_bytes=stage2.range_mb << 20, log=log)
