@@ -201,7 +201,10 @@ def test_launchers_validate_for_their_stage_and_world_size(tmp_path):
 
 def test_launch_world_size(monkeypatch):
     """What dualner.backend.comm.init_distributed will take as the world size."""
+    import torch.distributed
     from dualner.backend import launch_world_size
+    # before any process group: an earlier test in this process may have left one (whose size wins)
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: False)
     for name in ("WORLD_SIZE", "RANK", "SLURM_PROCID", "SLURM_NTASKS"):
         monkeypatch.delenv(name, raising=False)
     assert launch_world_size() == 1  # plain python: a world of one
