@@ -25,6 +25,7 @@ import mmap
 import os
 import socket
 import zlib
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -254,25 +255,35 @@ def _is_bgzf(data) -> bool:
     return data[:4] == b"\x1f\x8b\x08\x04" and len(data) >= 16 and data[12:14] == b"BC"
 
 
+@contextmanager
+def _mapped(path: str):
+    """The file's bytes, memory-mapped (None for an empty file, which mmap refuses)."""
+    with open(path, "rb") as handle:
+        if os.fstat(handle.fileno()).st_size == 0:
+            yield None
+            return
+        with mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as data:
+            yield data
+
+
 def ends_whole(path: str, codec: str) -> bool:
     """Whether a compressed file's structure runs to its end, told without decompressing it (O(1),
     or a walk over block headers): xz's index in its footer, zstd's frame and block headers, bgzip's
     member headers, bzip2's end-of-stream marker. A plain gzip stream records no such thing (True:
     its damage is found where it is read)."""
-    with open(path, "rb") as handle:
-        if os.fstat(handle.fileno()).st_size == 0:
+    with _mapped(path) as data:
+        if data is None:
             return True
-        with mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as data:
-            try:
-                if codec == "xz":
-                    return _xz_blocks(data) is not None
-                if codec == "zstd":
-                    return _zstd_ends_whole(data)
-                if codec == "bz2":
-                    return _bz2_ends_whole(data)
-                return not _is_bgzf(data) or _bgzf_blocks(data) is not None
-            except IndexError:  # a header cut off by the file's end
-                return False
+        try:
+            if codec == "xz":
+                return _xz_blocks(data) is not None
+            if codec == "zstd":
+                return _zstd_ends_whole(data)
+            if codec == "bz2":
+                return _bz2_ends_whole(data)
+            return not _is_bgzf(data) or _bgzf_blocks(data) is not None
+        except IndexError:  # a header cut off by the file's end
+            return False
 
 
 def _varint(data, at: int) -> tuple[int, int]:
@@ -325,20 +336,19 @@ def _xz_blocks(data) -> BlockIndex | None:
 def read_block_index(path: str, codec: str, scan: bool = False) -> BlockIndex | None:
     """The file's blocks; None where that needs a full decompression and `scan` is False, or the
     structure is not one we know (a damaged file: its reader reports it)."""
-    with open(path, "rb") as handle:
-        if os.fstat(handle.fileno()).st_size == 0:
+    with _mapped(path) as data:
+        if data is None:
             return None
-        with mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as data:
-            try:
-                if codec == "xz":
-                    return _xz_blocks(data)
-                if codec == "zstd":
-                    return _zstd_seek_table(data) or _zstd_frames(data, path, scan)
-                if codec == "gzip":
-                    found = _bgzf_blocks(data)
-                    return found if found is not None or not scan else _gzip_members_by_decompressing(path)
-            except IndexError:  # a header cut off by the file's end
-                return None
+        try:
+            if codec == "xz":
+                return _xz_blocks(data)
+            if codec == "zstd":
+                return _zstd_seek_table(data) or _zstd_frames(data, path, scan)
+            if codec == "gzip":
+                found = _bgzf_blocks(data)
+                return found if found is not None or not scan else _gzip_members_by_decompressing(path)
+        except IndexError:  # a header cut off by the file's end
+            return None
     return None
 
 
