@@ -85,11 +85,13 @@ def mixed_stream(root: Path, encoder, batch: int, pool: int, collate=None, worke
                                           pool=pool, workers=workers, pin_memory=pin_memory)
 
 
-def stage1_losses(outputs, batch: dict) -> dict:
-    """Stage 1's loss terms as training computes them (dualner.stage1.Stage1Recipe.TERMS: the mlt
-    variant's three heads) and their sum under `total`."""
+def stage1_losses(outputs, batch: dict, variant: str = "mlt") -> dict:
+    """Stage 1's loss terms as training computes them (dualner.stage1.Stage1Recipe.TERMS, the
+    variant's heads) and their sum under `total` (the tests use it too)."""
+    from dualner.losses import VARIANT_TERMS
     from dualner.stage1 import Forward, Stage1Recipe
-    terms = {name: term(Forward(outputs, batch)) for name, term in Stage1Recipe.TERMS.items()}
+    forward = Forward(outputs, batch)
+    terms = {name: Stage1Recipe.TERMS[name](forward) for name in VARIANT_TERMS[variant]}
     return {**terms, "total": sum(terms.values())}
 
 

@@ -19,6 +19,8 @@ import torch
 
 from dualner import backend
 from dualner.config import Config, freeze, thawed_copy, validate
+from dualner.config.loading import attributed
+from dualner.errors import ConfigError
 from dualner.job import Job, start_job
 from dualner.labels import LabelSet
 from dualner.model_io import save_model_assets
@@ -66,7 +68,11 @@ def build(spec: TrainSpec, cfg: Config) -> Trainer:
     job's config is its own copy, validated once and frozen: what was checked is what runs."""
     cfg = thawed_copy(cfg)
     spec.settle(cfg)
-    validate(cfg, spec.stage, backend.launch_world_size(), backend.ConfigRules(parser=False))  # parser: in start_job
+    world_size, rules = backend.launch_world_size(), backend.ConfigRules(parser=False)  # parser: in start_job
+    try:
+        validate(cfg, spec.stage, world_size, rules)
+    except ConfigError as error:  # named as the launcher's loading names its mistakes: the file or an override
+        raise attributed(error, getattr(cfg, "origin", None), spec.stage, world_size, rules) from None
     job = start_job(freeze(cfg), spec.stage)
     inputs = spec.read_inputs(job)
     model = spec.build_model(job, inputs)

@@ -312,7 +312,6 @@ def write_source_files(folder: RunFolder, source: tuple[list, list]) -> tuple[Pa
     return labeled, (remainder if remainder.stat().st_size > 0 else None)
 
 
-
 def build_recipe(job: Job, inputs: Stage2Inputs, engines: Engines, folder: RunFolder,
                  stream: Stage2Stream) -> Stage2Recipe:
     cfg = job.cfg

@@ -1,13 +1,10 @@
 """The training loop of every stage (`train`, below: torchtitan's train(), nanoGPT's loop) over a
 `Trainer`: the components of a run, assembled once in a fixed order by `assemble`.
 
-    job = start_job(cfg, stage)             dualner.job: the config validated; process group, device,
-                                            batch layout, engine config, folder plan; nothing written
-    ... the stage reads its data and builds its model ...
-    engine = job.build_engine(model, steps) dualner.backend: the TrainingEngine
-    folder = RunFolder.open(cfg, job.folder, ...)  dualner.run_folder: lock, config, model assets
-    recipe = StageRecipe(engine, ...)       dualner.recipe: batches, loss terms, the stage's state
-    trainer = assemble(job, engine, folder, recipe, ...)    checkpointer, metrics, evaluation
+    trainer = build(spec, cfg)              dualner.build: the one order in which every stage is built
+                                            (config validated once and frozen, job, inputs, model, engines,
+                                            run folder, data, recipe), ending with assemble(...) below:
+                                            checkpointer, metrics, evaluation
     train(trainer)
 
 Each component exists only once it is usable (a RunFolder, with the run's one CheckpointManager,

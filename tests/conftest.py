@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 
+from bench.common import stage1_losses  # noqa: F401  (re-exported to the tests: the benchmarks' one copy)
 from dualner.backend.comm import free_port  # noqa: F401  (re-exported to the tests)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -42,16 +43,6 @@ LONGEST_FILES_FIRST = ("test_faults.py", "test_elastic.py", "test_stage2_distrib
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     rank = {name: position for position, name in enumerate(LONGEST_FILES_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
-
-
-def stage1_losses(outputs, batch: dict, variant: str = "mlt") -> dict:
-    """Stage 1's loss terms as training computes them (dualner.stage1.Stage1Recipe.TERMS, the
-    variant's heads) and their sum under `total`."""
-    from dualner.losses import VARIANT_TERMS
-    from dualner.stage1 import Forward, Stage1Recipe
-    forward = Forward(outputs, batch)
-    terms = {name: Stage1Recipe.TERMS[name](forward) for name in VARIANT_TERMS[variant]}
-    return {**terms, "total": sum(terms.values())}
 
 
 DISTRIBUTED_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "DUALNER_FAULT")

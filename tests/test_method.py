@@ -150,7 +150,8 @@ def test_stage2_length_is_steps_or_epochs(stage1_half, tmp_path, overrides, mess
 def sentences_in(path):
     """A small raw file's sentences as stage2.mix=size counts them (dualner.data.stage2_inputs.corpus_sizes):
     exactly, as the stage-2 reader cuts them."""
-    from dualner.data.corpus import describe_file, estimate_records
+    from dualner.data.corpus import describe_file
+    from dualner.data.file_source import estimate_records
     count, exact = estimate_records(describe_file(path, str(path)))
     assert exact, path
     return count

@@ -279,13 +279,32 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     engine_kinds = engine.kinds if engine is not None else ()
     try:
         cfg = build_dataclass(Config, tree, engine_kinds=engine_kinds)
+        # where the config came from, so that a later validation (the job's) names it the same way
+        object.__setattr__(cfg, "origin", ConfigOrigin(path, file_tree, tuple(overrides)))
         validate(cfg, stage, world_size, engine)
     except ConfigError as error:
-        # name the YAML file only when the mistake is in it (the file alone fails the same way)
-        alone = path and _fails_alone(file_tree, str(error), stage, world_size, engine)
-        raise ConfigError(f"{path}: {error}" if alone
-                          else f"{error} (command-line override)" if overrides else str(error)) from None
+        raise attributed(error, ConfigOrigin(path, file_tree, tuple(overrides)), stage, world_size, engine) from None
     return cfg
+
+
+@dataclasses.dataclass(frozen=True)
+class ConfigOrigin:
+    """A loaded config's file (its own tree) and command-line overrides."""
+
+    path: Path | None
+    file_tree: dict
+    overrides: tuple[str, ...]
+
+
+def attributed(error: ConfigError, origin: "ConfigOrigin | None", stage: int | None, world_size: int | None,
+               engine: EngineRules | None) -> ConfigError:
+    """`error` naming the YAML file when the mistake is in it (the file alone fails the same way),
+    else saying it comes from a command-line override."""
+    if origin is None:
+        return error
+    alone = origin.path and _fails_alone(origin.file_tree, str(error), stage, world_size, engine)
+    return ConfigError(f"{origin.path}: {error}" if alone
+                       else f"{error} (command-line override)" if origin.overrides else str(error))
 
 
 def _fails_alone(tree: dict, message: str, stage: int | None, world_size: int | None,

@@ -23,7 +23,7 @@ _TRAINED_HEADS = {"mlt": {"span", "seq"}, "cla": {"seq"}, "span": {"span"}}
 
 
 class EngineRules(Protocol):
-    """What the config asks of the engines without knowing them (dualner.backend.engine_rules)."""
+    """What the config asks of the engines without knowing them (dualner.backend.ConfigRules)."""
 
     kinds: Collection[str]  # engine kinds; a top-level section named after one is an old engine section
 
@@ -77,6 +77,7 @@ def validate(cfg: Config, stage: int | None = None, world_size: int | None = Non
     problems = config_problems(cfg, stage, world_size)
     if engine is not None:
         problems += engine.problems(cfg, stage, world_size)
+    problems = list(dict.fromkeys(problems))  # a rule both sides check (the batch split) is one problem
     if len(problems) == 1:
         raise ConfigError(problems[0])
     if problems:

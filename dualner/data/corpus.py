@@ -101,7 +101,7 @@ def check_complete(file: CorpusFile) -> None:
     """Refuse a compressed file that does not decompress to its end, before anything is written
     (DecompressionError: file, codec, byte, remedy). A small one (WHOLE_CHECK_BYTES: 4 MiB of gzip)
     is decompressed whole (its checksums are checked too); a larger one has its end checked where the
-    codec's structure tells it without decompressing (dualner.data.blocks.ends_whole). The damage of
+    codec's structure tells it without decompressing (dualner.data.block_index.ends_whole). The damage of
     a larger single-stream gzip, or corruption inside a larger file, is found where it is read: one
     bad record."""
     if not file.compression:
