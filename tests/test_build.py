@@ -2,8 +2,10 @@
 adopts its stage-1 encoder), validated once and frozen."""
 
 import dataclasses
+import re
 
 import pytest
+import yaml
 
 import dualner.build
 import dualner.config.loading
@@ -88,3 +90,20 @@ def test_both_stages_are_built_by_the_one_build_order():
         for step in ("start_job(", "RunFolder.open(", "assemble(", "validate("):
             assert step not in source, (module.__name__, step)
         assert spec.stage == int(module.__name__[-1])
+
+
+
+def test_a_stage_rule_broken_names_the_override_or_the_file(tmp_path, tiny_encoder):
+    """The stage's one validation (in the build) names where the mistake is, as loading does."""
+    from dualner.stage1 import build_stage1
+    overridden = load_config(STAGE1, ["data.train={}", f"run.output_dir={tmp_path / 'a'}"])
+    with pytest.raises(ConfigError, match=r"^data\.train: no labeled training file.*\(command-line override\)$"):
+        build_stage1(overridden)
+    tree = yaml.safe_load(STAGE1.read_text())
+    tree["data"]["train"] = {}
+    tree.setdefault("run", {})["output_dir"] = str(tmp_path / "b")
+    in_file = tmp_path / "no_train.yaml"
+    in_file.write_text(yaml.safe_dump(tree))
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(in_file))}: data\.train: no labeled training file"):
+        build_stage1(load_config(in_file))
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
