@@ -72,6 +72,16 @@ class Cluster:
         raise TimeoutError(f"job {job_id} not in {states} after {timeout} s: {self.job(job_id)}\n"
                            f"{self.logs()}")
 
+    def wait_for_idle_node(self, timeout: float) -> None:
+        """Until the node has finished with every job it ran (State=IDLE, not COMPLETING): a job
+        released onto a node still tearing down its last run is killed ("Job credential revoked")."""
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if "State=IDLE" in self.command("scontrol", "show", "node", "-o"):
+                return
+            time.sleep(0.5)
+        raise TimeoutError(f"the node is not idle after {timeout} s: {self.command('scontrol', 'show', 'node', '-o')}")
+
     def logs(self) -> str:
         return "\n".join(f"--- {name}\n{(self.folder / name).read_text(errors='replace')[-3000:]}"
                          for name in ("slurmctld.log", "slurmd.log") if (self.folder / name).exists())

@@ -100,7 +100,9 @@ def test_signaled_job_requeues_and_finishes_from_its_checkpoint(cluster, uninter
                          if (p / "COMPLETE").is_file())
     assert checkpoints and 3 <= checkpoints[-1] < STEPS, (checkpoints, log)
     assert not (run_dir / "results.json").exists()
-    # Slurm holds a requeued job for about two minutes (its BeginTime); release it now.
+    # Slurm holds a requeued job for about two minutes (its BeginTime); release it now, once the node
+    # is done with its first run (under load, released earlier it is killed as non-startable).
+    cluster.wait_for_idle_node(timeout=120)
     cluster.command("scontrol", "update", f"JobId={job_id}", "StartTime=now")
     job = cluster.wait_for(job_id, {"COMPLETED", "FAILED", "CANCELLED"}, timeout=300)
     log = job_log(logs, job_id)
