@@ -51,7 +51,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import write_result  # noqa: E402
-from dualner.data.corpus import CorpusFile, RecordReader  # noqa: E402
+from dualner.data.corpus import CorpusFile  # noqa: E402
 from dualner.data.mix import MixPlan  # noqa: E402
 from dualner.data.range_state import RangeState  # noqa: E402
 from dualner.data.shares import equal_shares, reshare  # noqa: E402
